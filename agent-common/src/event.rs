@@ -1,0 +1,71 @@
+//! Events the kernel programs write to the `EVENTS` ring buffer.
+
+use crate::Addr;
+
+/// `EventHeader::kind`.
+pub const KIND_CONNECT: u8 = 1;
+
+/// `EventHeader::verdict`.
+pub const VERDICT_ALLOW: u8 = 1;
+pub const VERDICT_DENY: u8 = 2;
+/// Would have been denied; allowed because the policy is in audit mode.
+pub const VERDICT_AUDIT_DENY: u8 = 3;
+
+/// `EventHeader::reason`.
+pub const REASON_RULE: u8 = 1;
+pub const REASON_DEFAULT: u8 = 2;
+pub const REASON_CHAINING: u8 = 3;
+pub const REASON_GRANT: u8 = 4;
+pub const REASON_NO_POLICY: u8 = 5;
+
+/// `ConnectEvent::hook`: which cgroup sock_addr hook decided.
+pub const HOOK_CONNECT4: u8 = 1;
+pub const HOOK_CONNECT6: u8 = 2;
+pub const HOOK_SENDMSG4: u8 = 3;
+pub const HOOK_SENDMSG6: u8 = 4;
+
+/// Common first part of every event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EventHeader {
+    /// Per-node sequence number, strictly increasing; a gap is a lost event.
+    pub seq: u64,
+    /// CLOCK_BOOTTIME nanoseconds.
+    pub time_ns: u64,
+    pub cgroup_id: u64,
+    /// Thread id and process id (tgid) of the caller.
+    pub tid: u32,
+    pub pid: u32,
+    pub uid: u32,
+    pub principal: u32,
+    pub kind: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub _pad: u8,
+    /// Policy key (generation-qualified slot) that decided, or `NONE`.
+    pub policy: u32,
+    /// Rule index that decided, or `NONE`.
+    pub rule: u32,
+    /// Allow events suppressed by rate limiting since the previous event of this principal.
+    pub suppressed: u32,
+}
+const _: () = assert!(core::mem::size_of::<EventHeader>() == 56);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnectEvent {
+    pub header: EventHeader,
+    pub addr: Addr,
+    /// Zone index, or `NONE`.
+    pub zone: u32,
+    /// Host byte order.
+    pub port: u16,
+    /// AF_INET / AF_INET6 as the caller used it.
+    pub family: u16,
+    pub proto: u8,
+    pub hook: u8,
+    pub _pad: [u8; 6],
+    /// Grant that allowed the call, or 0.
+    pub grant_id: u64,
+}
+const _: () = assert!(core::mem::size_of::<ConnectEvent>() == 96);

@@ -1,0 +1,136 @@
+//! Types and map names shared by Corral's kernel programs (`agent-ebpf`) and its agent.
+//!
+//! Every struct here is `#[repr(C)]`, `Copy`, made of fixed-width integers, with its padding
+//! written out and its size asserted, because the kernel and userspace read the same bytes.
+//! Enumerations travel as `u8`/`u32` constants; userspace decodes them with `TryFrom`.
+//!
+//! Addresses are always 16 bytes in network byte order: IPv4 is stored as the IPv4-mapped IPv6
+//! address `::ffff:a.b.c.d`, so an IPv4-mapped IPv6 destination is decided exactly as IPv4.
+#![no_std]
+
+pub mod event;
+pub mod maps;
+pub mod policy;
+
+pub use event::*;
+pub use policy::*;
+
+/// Placeholder for "none" in u32 index fields (no policy, no zone, no rule).
+pub const NONE: u32 = u32::MAX;
+
+/// Deepest cgroup level the kernel programs look at when resolving a principal (the bounded
+/// ancestor walk). Levels are counted from the cgroup v2 root (level 0).
+pub const MAX_CGROUP_LEVEL: u32 = 31;
+
+/// Global settings the agent writes into the `CONFIG` array (index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Config {
+    /// Which of the two policy generations is live (0 or 1). Flipping it is the atomic policy
+    /// swap: every key in the policy maps carries its generation.
+    pub generation: u32,
+    /// Bit `n` set: some principal's cgroup sits at cgroup level `n`. The ancestor walk only
+    /// looks up those levels.
+    pub level_mask: u32,
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 8);
+
+/// What a principal's cgroup id maps to in `PRINCIPALS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Principal {
+    /// Stable principal index (identity + session), used in events, grants and chaining state.
+    pub index: u32,
+    /// `PRINCIPAL_F_*` bits.
+    pub flags: u32,
+    /// Policy slot per generation, or [`NONE`]: enrolled with no policy, denied everything.
+    pub policy: [u32; 2],
+}
+const _: () = assert!(core::mem::size_of::<Principal>() == 16);
+
+/// Addresses as the kernel sees them: four `u32`s, each holding network-order bytes.
+pub type Addr = [u32; 4];
+
+/// `::ffff:a.b.c.d` for an IPv4 address given as its network-order `u32`.
+#[inline(always)]
+pub const fn v4_mapped(ip4_be: u32) -> Addr {
+    [0, 0, 0xffffu32.to_be(), ip4_be]
+}
+
+/// Whether a 16-byte address is an IPv4-mapped IPv6 address.
+#[inline(always)]
+pub const fn is_v4_mapped(addr: &Addr) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == 0xffffu32.to_be()
+}
+
+/// Key of a policy-generation-qualified slot: every policy map key starts with this.
+#[inline(always)]
+pub const fn policy_key(generation: u32, slot: u32) -> u32 {
+    (generation << 31) | (slot & 0x7fff_ffff)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: each type below is #[repr(C)], Copy, made only of integers, with no implicit
+    // padding (sizes are asserted beside each struct), so every bit pattern is valid.
+    unsafe impl aya::Pod for Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Principal {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ZoneKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ZoneValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RuleKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RuleValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PolicyMeta {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ChainKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for GrantKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for GrantValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ConnectEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for EventHeader {}
+
+    /// Copies a `T` out of possibly unaligned bytes (ring buffer records); `None` if too short.
+    pub fn read_unaligned<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+        if bytes.len() < core::mem::size_of::<T>() {
+            return None;
+        }
+        // SAFETY: the length is checked above, `read_unaligned` has no alignment requirement,
+        // and `T: Pod` means any bit pattern is a valid `T`.
+        Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+    }
+}
+
+#[cfg(feature = "user")]
+pub use pod::read_unaligned;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_mapped_bytes_are_network_order() {
+        let ip = u32::from_ne_bytes([10, 20, 30, 40]);
+        let a = v4_mapped(ip);
+        let mut bytes = [0u8; 16];
+        for (i, w) in a.iter().enumerate() {
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        assert_eq!(bytes, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 20, 30, 40]);
+        assert!(is_v4_mapped(&a));
+    }
+
+    #[test]
+    fn policy_key_separates_generations() {
+        assert_ne!(policy_key(0, 5), policy_key(1, 5));
+        assert_eq!(policy_key(1, 5) & 0x7fff_ffff, 5);
+    }
+}

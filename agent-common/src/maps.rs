@@ -1,0 +1,39 @@
+//! Map names, shared by the `#[map]` statics in `agent-ebpf` and the agent's typed map layer.
+//! At most 15 bytes each: the kernel silently truncates longer names.
+
+/// `Array<Config>`, one entry.
+pub const CONFIG: &str = "CORRAL_CONFIG";
+/// `HashMap<u64 cgroup id, Principal>`.
+pub const PRINCIPALS: &str = "CORRAL_PRINC";
+/// `HashMap<u32 policy key, PolicyMeta>`.
+pub const POLICIES: &str = "CORRAL_POLICY";
+/// `LpmTrie<ZoneKey, ZoneValue>`: destination → zone, per policy.
+pub const ZONES: &str = "CORRAL_ZONES";
+/// `HashMap<RuleKey, RuleValue>`: (policy, zone, port, protocol) → allow/deny rule.
+pub const RULES: &str = "CORRAL_RULES";
+/// `HashMap<ChainKey, u64>`: (policy, target zone) → zones after which the target is denied.
+pub const CHAIN: &str = "CORRAL_CHAIN";
+/// `HashMap<u32 principal, u64>`: zones each principal has contacted (chaining state).
+pub const SEEN: &str = "CORRAL_SEEN";
+/// `HashMap<GrantKey, GrantValue>`: just-in-time grants with absolute expiry.
+pub const GRANTS: &str = "CORRAL_GRANTS";
+/// Ring buffer of events.
+pub const EVENTS: &str = "CORRAL_EVENTS";
+/// `Array<u64>`, one entry: the per-node event sequence counter.
+pub const SEQ: &str = "CORRAL_SEQ";
+/// `PerCpuArray<u64>`, one entry: events lost because the ring buffer was full.
+pub const DROPS: &str = "CORRAL_DROPS";
+
+/// Capacity limits (also the `max_entries` of the maps).
+pub mod limits {
+    pub const PRINCIPALS: u32 = 16_384;
+    pub const POLICIES: u32 = 1_024;
+    pub const ZONES: u32 = 262_144;
+    pub const RULES: u32 = 262_144;
+    pub const CHAIN: u32 = 65_536;
+    pub const GRANTS: u32 = 65_536;
+    /// Default ring buffer size in bytes (a power of two, multiple of the page size).
+    pub const EVENTS_BYTES: u32 = 1 << 20;
+    /// Zones per policy that can take part in chaining (bits of the `SEEN` mask).
+    pub const CHAIN_ZONES: u32 = 64;
+}

@@ -1,0 +1,106 @@
+//! The compiled policy as the kernel reads it: keys and values of the policy maps.
+
+use crate::Addr;
+
+/// `PolicyMeta::default_action` / `RuleValue` actions.
+pub const ACTION_DENY: u8 = 0;
+pub const ACTION_ALLOW: u8 = 1;
+
+/// `PolicyMeta::mode`.
+pub const MODE_ENFORCE: u8 = 0;
+pub const MODE_AUDIT: u8 = 1;
+
+/// Wildcards in `RuleKey` / `GrantKey`.
+pub const ANY_PORT: u16 = 0;
+pub const ANY_PROTO: u8 = 0;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Per policy slot and generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyMeta {
+    /// Revision of the policy set this slot was compiled from (reported in events).
+    pub revision: u64,
+    pub default_action: u8,
+    pub mode: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<PolicyMeta>() == 16);
+
+/// LPM trie key data: the policy key (32 bits, always matched in full) then the address.
+/// The trie's prefix length counts from the first bit of `policy`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ZoneKey {
+    pub policy: u32,
+    pub addr: Addr,
+}
+const _: () = assert!(core::mem::size_of::<ZoneKey>() == 20);
+
+/// Prefix length of an LPM key for an address prefix of `bits` (IPv6 bits; add 96 for IPv4).
+pub const fn zone_prefix_len(addr_bits: u32) -> u32 {
+    32 + addr_bits
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ZoneValue {
+    /// Zone index within the policy (< `limits::CHAIN_ZONES` to take part in chaining).
+    pub zone: u32,
+}
+const _: () = assert!(core::mem::size_of::<ZoneValue>() == 4);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RuleKey {
+    pub policy: u32,
+    pub zone: u32,
+    /// Host byte order; [`ANY_PORT`] for any.
+    pub port: u16,
+    /// IP protocol number; [`ANY_PROTO`] for any.
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<RuleKey>() == 12);
+
+/// Both actions may be present for one key: deny beats allow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RuleValue {
+    /// Index of the first allow rule for this key, or `NONE`.
+    pub allow_rule: u32,
+    /// Index of the first deny rule for this key, or `NONE`.
+    pub deny_rule: u32,
+}
+const _: () = assert!(core::mem::size_of::<RuleValue>() == 8);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ChainKey {
+    pub policy: u32,
+    /// The zone being connected to.
+    pub zone: u32,
+}
+const _: () = assert!(core::mem::size_of::<ChainKey>() == 8);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GrantKey {
+    pub principal: u32,
+    pub zone: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<GrantKey>() == 12);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GrantValue {
+    /// Absolute expiry on CLOCK_BOOTTIME, nanoseconds. The kernel treats `now >= expires_ns` as
+    /// no grant at all.
+    pub expires_ns: u64,
+    pub grant_id: u64,
+}
+const _: () = assert!(core::mem::size_of::<GrantValue>() == 16);

@@ -1,0 +1,318 @@
+//! cgroup sock_addr programs: connect4/6 and sendmsg4/6 (unconnected UDP, TCP fast open).
+//!
+//! Minimum kernel: 4.17 (connect hooks), 4.18 (sendmsg hooks); attached at the cgroup v2 root.
+//! Returning 0 fails the call with EPERM; 1 lets it proceed.
+
+use core::intrinsics::{AtomicOrdering, atomic_or};
+
+use agent_common::{
+    ACTION_ALLOW, ANY_PORT, ANY_PROTO, Addr, ChainKey, ConnectEvent, GrantKey, HOOK_CONNECT4,
+    HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, KIND_CONNECT, MODE_AUDIT, NONE, REASON_CHAINING,
+    REASON_DEFAULT, REASON_GRANT, REASON_NO_POLICY, REASON_RULE, RuleKey, VERDICT_ALLOW,
+    VERDICT_AUDIT_DENY, VERDICT_DENY, ZoneKey, maps::limits, policy_key, v4_mapped,
+    zone_prefix_len,
+};
+use aya_ebpf::{
+    helpers::generated::bpf_ktime_get_boot_ns,
+    macros::cgroup_sock_addr,
+    maps::lpm_trie::Key,
+    programs::SockAddrContext,
+};
+
+use crate::{
+    events,
+    maps::{CHAIN, GRANTS, POLICIES, RULES, SEEN, ZONES},
+    principal,
+};
+
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    match try_decide(&ctx, HOOK_CONNECT4) {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    match try_decide(&ctx, HOOK_CONNECT6) {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    match try_decide(&ctx, HOOK_SENDMSG4) {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    match try_decide(&ctx, HOOK_SENDMSG6) {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+/// The outcome of a decision before it is turned into a return code and an event.
+struct Decision {
+    verdict: u8,
+    reason: u8,
+    rule: u32,
+    grant_id: u64,
+}
+
+/// The destination of the call as the kernel hands it to us.
+struct Dest {
+    addr: Addr,
+    port: u16,
+    family: u16,
+    proto: u8,
+}
+
+#[inline(always)]
+fn dest(ctx: &SockAddrContext, hook: u8) -> Dest {
+    let sa = ctx.sock_addr;
+    // SAFETY: `sock_addr` is the program's context pointer; these fields are readable for
+    // cgroup sock_addr programs of the matching family (checked by the verifier).
+    unsafe {
+        let family = (*sa).user_family as u16;
+        let port = u16::from_be((*sa).user_port as u16);
+        let proto = (*sa).protocol as u8;
+        let addr = if hook == HOOK_CONNECT4 || hook == HOOK_SENDMSG4 {
+            v4_mapped((*sa).user_ip4)
+        } else {
+            [
+                (*sa).user_ip6[0],
+                (*sa).user_ip6[1],
+                (*sa).user_ip6[2],
+                (*sa).user_ip6[3],
+            ]
+        };
+        Dest {
+            addr,
+            port,
+            family,
+            proto,
+        }
+    }
+}
+
+#[inline(always)]
+fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
+    let cfg = principal::config();
+    let Some(caller) = principal::resolve(&cfg) else {
+        return Ok(ALLOW);
+    };
+    let d = dest(ctx, hook);
+    let pol_slot = if cfg.generation & 1 == 0 {
+        caller.principal.policy[0]
+    } else {
+        caller.principal.policy[1]
+    };
+
+    let mut zone = NONE;
+    let mut policy = NONE;
+    let decision = if pol_slot == NONE {
+        Decision {
+            verdict: VERDICT_DENY,
+            reason: REASON_NO_POLICY,
+            rule: NONE,
+            grant_id: 0,
+        }
+    } else {
+        policy = policy_key(cfg.generation & 1, pol_slot);
+        match POLICIES.get_ptr(&policy) {
+            // Slot announced but not (yet) filled: fail closed.
+            None => Decision {
+                verdict: VERDICT_DENY,
+                reason: REASON_NO_POLICY,
+                rule: NONE,
+                grant_id: 0,
+            },
+            Some(meta) => {
+                // SAFETY: map value pointer, valid for this run.
+                let meta = unsafe { *meta };
+                zone = lookup_zone(policy, &d.addr);
+                let mut dec = decide(policy, caller.principal.index, zone, &d, meta.default_action);
+                if dec.verdict == VERDICT_DENY && meta.mode == MODE_AUDIT {
+                    dec.verdict = VERDICT_AUDIT_DENY;
+                }
+                dec
+            }
+        }
+    };
+
+    if decision.verdict != VERDICT_DENY && zone < limits::CHAIN_ZONES {
+        mark_seen(caller.principal.index, zone);
+    }
+
+    let mut header = events::header(KIND_CONNECT, caller.cgroup_id, caller.principal.index);
+    header.verdict = decision.verdict;
+    header.reason = decision.reason;
+    header.policy = policy;
+    header.rule = decision.rule;
+    events::emit(&ConnectEvent {
+        header,
+        addr: d.addr,
+        zone,
+        port: d.port,
+        family: d.family,
+        proto: d.proto,
+        hook,
+        _pad: [0; 6],
+        grant_id: decision.grant_id,
+    });
+
+    Ok(if decision.verdict == VERDICT_DENY {
+        DENY
+    } else {
+        ALLOW
+    })
+}
+
+#[inline(always)]
+fn lookup_zone(policy: u32, addr: &Addr) -> u32 {
+    let key = Key::new(
+        zone_prefix_len(128),
+        ZoneKey {
+            policy,
+            addr: *addr,
+        },
+    );
+    match ZONES.get(&key) {
+        Some(v) => v.zone,
+        None => NONE,
+    }
+}
+
+/// Rules (deny beats allow), then chaining (beats everything), then grants (override a deny),
+/// then the policy default.
+#[inline(always)]
+fn decide(policy: u32, principal: u32, zone: u32, d: &Dest, default_action: u8) -> Decision {
+    let mut allow_rule = NONE;
+    let mut deny_rule = NONE;
+    if zone != NONE {
+        for (port, proto) in [
+            (d.port, d.proto),
+            (d.port, ANY_PROTO),
+            (ANY_PORT, d.proto),
+            (ANY_PORT, ANY_PROTO),
+        ] {
+            let key = RuleKey {
+                policy,
+                zone,
+                port,
+                proto,
+                _pad: 0,
+            };
+            if let Some(v) = RULES.get_ptr(&key) {
+                // SAFETY: map value pointer, valid for this run.
+                let v = unsafe { *v };
+                if v.deny_rule < deny_rule {
+                    deny_rule = v.deny_rule;
+                }
+                if v.allow_rule < allow_rule {
+                    allow_rule = v.allow_rule;
+                }
+            }
+        }
+        if chained(policy, principal, zone) {
+            return Decision {
+                verdict: VERDICT_DENY,
+                reason: REASON_CHAINING,
+                rule: NONE,
+                grant_id: 0,
+            };
+        }
+    }
+
+    let base = if deny_rule != NONE {
+        Decision {
+            verdict: VERDICT_DENY,
+            reason: REASON_RULE,
+            rule: deny_rule,
+            grant_id: 0,
+        }
+    } else if allow_rule != NONE {
+        Decision {
+            verdict: VERDICT_ALLOW,
+            reason: REASON_RULE,
+            rule: allow_rule,
+            grant_id: 0,
+        }
+    } else {
+        Decision {
+            verdict: if default_action == ACTION_ALLOW {
+                VERDICT_ALLOW
+            } else {
+                VERDICT_DENY
+            },
+            reason: REASON_DEFAULT,
+            rule: NONE,
+            grant_id: 0,
+        }
+    };
+    if base.verdict == VERDICT_DENY && zone != NONE {
+        if let Some(grant_id) = active_grant(principal, zone, d) {
+            return Decision {
+                verdict: VERDICT_ALLOW,
+                reason: REASON_GRANT,
+                rule: NONE,
+                grant_id,
+            };
+        }
+    }
+    base
+}
+
+#[inline(always)]
+fn chained(policy: u32, principal: u32, zone: u32) -> bool {
+    let Some(forbidden_after) = CHAIN.get_ptr(&ChainKey { policy, zone }) else {
+        return false;
+    };
+    let Some(seen) = SEEN.get_ptr(&principal) else {
+        return false;
+    };
+    // SAFETY: map value pointers, valid for this run.
+    unsafe { *forbidden_after & *seen != 0 }
+}
+
+#[inline(always)]
+fn mark_seen(principal: u32, zone: u32) {
+    if let Some(p) = SEEN.get_ptr_mut(&principal) {
+        // SAFETY: 8-byte aligned map value; concurrent updaters use the same atomic op.
+        unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(p, 1u64 << zone) };
+    }
+}
+
+/// A grant counts only while `now < expires_ns`: expiry needs no userspace action.
+#[inline(always)]
+fn active_grant(principal: u32, zone: u32, d: &Dest) -> Option<u64> {
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    for (port, proto) in [
+        (d.port, d.proto),
+        (d.port, ANY_PROTO),
+        (ANY_PORT, d.proto),
+        (ANY_PORT, ANY_PROTO),
+    ] {
+        let key = GrantKey {
+            principal,
+            zone,
+            port,
+            proto,
+            _pad: 0,
+        };
+        if let Some(g) = GRANTS.get_ptr(&key) {
+            // SAFETY: map value pointer, valid for this run.
+            let g = unsafe { *g };
+            if now < g.expires_ns {
+                return Some(g.grant_id);
+            }
+        }
+    }
+    None
+}

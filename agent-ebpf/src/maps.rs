@@ -1,0 +1,53 @@
+//! The map definitions. Names come from `agent_common::maps` so userspace finds the same ones.
+
+use agent_common::{
+    ChainKey, Config, GrantKey, GrantValue, PolicyMeta, Principal, RuleKey, RuleValue, ZoneKey,
+    ZoneValue,
+    maps::limits,
+};
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+};
+
+#[map(name = "CORRAL_CONFIG")]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map(name = "CORRAL_PRINC")]
+pub static PRINCIPALS: HashMap<u64, Principal> =
+    HashMap::with_max_entries(limits::PRINCIPALS, BPF_F_NO_PREALLOC);
+
+// Policy maps are not preallocated: a removed element is freed after an RCU grace period, so a
+// program that still holds a pointer into the old generation never reads a reused element.
+#[map(name = "CORRAL_POLICY")]
+pub static POLICIES: HashMap<u32, PolicyMeta> =
+    HashMap::with_max_entries(limits::POLICIES, BPF_F_NO_PREALLOC);
+
+#[map(name = "CORRAL_ZONES")]
+pub static ZONES: LpmTrie<ZoneKey, ZoneValue> = LpmTrie::with_max_entries(limits::ZONES, 0);
+
+#[map(name = "CORRAL_RULES")]
+pub static RULES: HashMap<RuleKey, RuleValue> =
+    HashMap::with_max_entries(limits::RULES, BPF_F_NO_PREALLOC);
+
+#[map(name = "CORRAL_CHAIN")]
+pub static CHAIN: HashMap<ChainKey, u64> =
+    HashMap::with_max_entries(limits::CHAIN, BPF_F_NO_PREALLOC);
+
+#[map(name = "CORRAL_SEEN")]
+pub static SEEN: HashMap<u32, u64> =
+    HashMap::with_max_entries(limits::PRINCIPALS, BPF_F_NO_PREALLOC);
+
+#[map(name = "CORRAL_GRANTS")]
+pub static GRANTS: HashMap<GrantKey, GrantValue> =
+    HashMap::with_max_entries(limits::GRANTS, BPF_F_NO_PREALLOC);
+
+#[map(name = "CORRAL_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(limits::EVENTS_BYTES, 0);
+
+#[map(name = "CORRAL_SEQ")]
+pub static SEQ: Array<u64> = Array::with_max_entries(1, 0);
+
+#[map(name = "CORRAL_DROPS")]
+pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

@@ -1,0 +1,10 @@
+//! The kernel side as userspace sees it: the embedded object, loading and attaching, the typed
+//! map layer and the event reader. No module outside this one touches raw aya maps.
+
+pub mod events;
+pub mod loader;
+pub mod maps;
+pub mod object;
+
+pub use loader::{Enforcer, LoadError};
+pub use maps::{MapError, PolicyMaps};

@@ -1,0 +1,17 @@
+//! Corral's node agent: loads the kernel programs, keeps their maps filled with compiled
+//! policy and enrolled principals, and reads the decisions they record.
+//!
+//! Module map:
+//! - [`paths`]: every host path (cgroup2 mount, bpffs, sockets, state), discovered once.
+//! - [`ebpf`]: the embedded kernel object, loading/attaching, and the typed map layer
+//!   (no other module touches raw aya maps).
+//! - [`compiled`]: the compiled policy form the kernel maps are filled from.
+//! - [`identity`]: SPIFFE ID patterns and matching.
+//! - [`cgroup`]: creating, joining and removing cgroup v2 directories.
+#![forbid(unsafe_code)]
+
+pub mod cgroup;
+pub mod compiled;
+pub mod ebpf;
+pub mod identity;
+pub mod paths;

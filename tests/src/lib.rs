@@ -1,0 +1,140 @@
+//! Helpers for Corral's privileged integration tests: real programs in the real kernel, real
+//! processes in real cgroups.
+//!
+//! A test that cannot run because the kernel lacks a feature prints `SKIP: <reason>` and
+//! returns; under `CI=true` a skip is a failure unless the feature is listed as absent on the
+//! CI machine kind (see [`skip`]).
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::Context as _;
+use corral_agent::{cgroup, paths};
+
+/// Features CI machines are known to lack (BPF LSM / trampolines: EPERM on the CI VM).
+pub const ABSENT_IN_CI: &[&str] = &["bpf-lsm", "fentry"];
+
+/// Skips the current test with a reason, or fails it when running in CI and `feature` is one
+/// this machine kind has.
+pub fn skip(feature: &str, reason: &str) {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    if ci && !ABSENT_IN_CI.contains(&feature) {
+        panic!("CI=true: refusing to skip `{feature}`, which CI machines support: {reason}");
+    }
+    println!("SKIP: {feature}: {reason}");
+}
+
+/// `true` if privileged tests can run here; otherwise prints the skip (or fails under CI).
+pub fn privileged() -> bool {
+    let euid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(str::to_owned))
+        })
+        .unwrap_or_default();
+    if euid != "0" {
+        skip("root", "privileged tests need root (run them with `cargo xtask test`)");
+        return false;
+    }
+    true
+}
+
+/// A cgroup v2 directory of the test's own, removed on drop (after its processes are gone).
+pub struct TestCgroup {
+    pub path: PathBuf,
+    pub root: PathBuf,
+}
+
+impl TestCgroup {
+    /// Creates `<cgroup2 root>/corral-test/<name>-<pid>`.
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        let root = paths::cgroup2_root()?;
+        let path = root
+            .join("corral-test")
+            .join(format!("{name}-{}", std::process::id()));
+        cgroup::create(&path)?;
+        Ok(Self { path, root })
+    }
+
+    pub fn id(&self) -> anyhow::Result<u64> {
+        Ok(cgroup::id(&self.path)?)
+    }
+
+    pub fn level(&self) -> u32 {
+        cgroup::level(&self.root, &self.path).unwrap_or(0)
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // Processes started by the tests have exited (they are waited for); remove the dirs.
+        let _ = cgroup::remove(&self.path);
+    }
+}
+
+/// What the probe printed for one operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Errno(String),
+}
+
+/// Path of the `corral-probe` helper binary: cargo builds it beside the test executables'
+/// `deps/` directory when it builds this package's integration tests.
+pub fn probe_bin() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow::anyhow!("test executable {} has no grandparent", exe.display()))?;
+    Ok(dir.join("corral-probe"))
+}
+
+/// Runs `corral-probe` inside `cgroup` (it joins the cgroup itself before acting) and returns
+/// the outcome of each operation.
+pub fn probe_in(cgroup: &Path, ops: &[&str]) -> anyhow::Result<Vec<Outcome>> {
+    let out = Command::new(probe_bin()?)
+        .arg("--cgroup")
+        .arg(cgroup)
+        .args(ops)
+        .output()
+        .context("run corral-probe")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "corral-probe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| match l.trim() {
+            "ok" => Outcome::Ok,
+            other => Outcome::Errno(other.to_owned()),
+        })
+        .collect())
+}
+
+/// A loopback TCP listener that accepts in the background; its port is ephemeral.
+pub struct Listener {
+    pub port: u16,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+impl Listener {
+    pub fn tcp(addr: &str) -> anyhow::Result<Self> {
+        let l = std::net::TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
+        let port = l.local_addr()?.port();
+        let thread = std::thread::spawn(move || {
+            for s in l.incoming() {
+                drop(s);
+            }
+        });
+        Ok(Self {
+            port,
+            _thread: thread,
+        })
+    }
+}
