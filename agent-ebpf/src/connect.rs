@@ -13,9 +13,7 @@ use agent_common::{
     zone_prefix_len,
 };
 use aya_ebpf::{
-    helpers::generated::bpf_ktime_get_boot_ns,
-    macros::cgroup_sock_addr,
-    maps::lpm_trie::Key,
+    helpers::generated::bpf_ktime_get_boot_ns, macros::cgroup_sock_addr, maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 
@@ -124,7 +122,7 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
         }
     } else {
         policy = policy_key(cfg.generation & 1, pol_slot);
-        match POLICIES.get_ptr(&policy) {
+        match POLICIES.get_ptr(policy) {
             // Slot announced but not (yet) filled: fail closed.
             None => Decision {
                 verdict: VERDICT_DENY,
@@ -136,7 +134,13 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
                 // SAFETY: map value pointer, valid for this run.
                 let meta = unsafe { *meta };
                 zone = lookup_zone(policy, &d.addr);
-                let mut dec = decide(policy, caller.principal.index, zone, &d, meta.default_action);
+                let mut dec = decide(
+                    policy,
+                    caller.principal.index,
+                    zone,
+                    &d,
+                    meta.default_action,
+                );
                 if dec.verdict == VERDICT_DENY && meta.mode == MODE_AUDIT {
                     dec.verdict = VERDICT_AUDIT_DENY;
                 }
@@ -208,7 +212,7 @@ fn decide(policy: u32, principal: u32, zone: u32, d: &Dest, default_action: u8) 
                 proto,
                 _pad: 0,
             };
-            if let Some(v) = RULES.get_ptr(&key) {
+            if let Some(v) = RULES.get_ptr(key) {
                 // SAFETY: map value pointer, valid for this run.
                 let v = unsafe { *v };
                 if v.deny_rule < deny_rule {
@@ -255,25 +259,26 @@ fn decide(policy: u32, principal: u32, zone: u32, d: &Dest, default_action: u8) 
             grant_id: 0,
         }
     };
-    if base.verdict == VERDICT_DENY && zone != NONE {
-        if let Some(grant_id) = active_grant(principal, zone, d) {
-            return Decision {
-                verdict: VERDICT_ALLOW,
-                reason: REASON_GRANT,
-                rule: NONE,
-                grant_id,
-            };
-        }
+    if base.verdict == VERDICT_DENY
+        && zone != NONE
+        && let Some(grant_id) = active_grant(principal, zone, d)
+    {
+        return Decision {
+            verdict: VERDICT_ALLOW,
+            reason: REASON_GRANT,
+            rule: NONE,
+            grant_id,
+        };
     }
     base
 }
 
 #[inline(always)]
 fn chained(policy: u32, principal: u32, zone: u32) -> bool {
-    let Some(forbidden_after) = CHAIN.get_ptr(&ChainKey { policy, zone }) else {
+    let Some(forbidden_after) = CHAIN.get_ptr(ChainKey { policy, zone }) else {
         return false;
     };
-    let Some(seen) = SEEN.get_ptr(&principal) else {
+    let Some(seen) = SEEN.get_ptr(principal) else {
         return false;
     };
     // SAFETY: map value pointers, valid for this run.
@@ -282,7 +287,7 @@ fn chained(policy: u32, principal: u32, zone: u32) -> bool {
 
 #[inline(always)]
 fn mark_seen(principal: u32, zone: u32) {
-    if let Some(p) = SEEN.get_ptr_mut(&principal) {
+    if let Some(p) = SEEN.get_ptr_mut(principal) {
         // SAFETY: 8-byte aligned map value; concurrent updaters use the same atomic op.
         unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(p, 1u64 << zone) };
     }
@@ -306,7 +311,7 @@ fn active_grant(principal: u32, zone: u32, d: &Dest) -> Option<u64> {
             proto,
             _pad: 0,
         };
-        if let Some(g) = GRANTS.get_ptr(&key) {
+        if let Some(g) = GRANTS.get_ptr(key) {
             // SAFETY: map value pointer, valid for this run.
             let g = unsafe { *g };
             if now < g.expires_ns {

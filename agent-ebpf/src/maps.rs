@@ -2,8 +2,7 @@
 
 use agent_common::{
     ChainKey, Config, GrantKey, GrantValue, PolicyMeta, Principal, RuleKey, RuleValue, ZoneKey,
-    ZoneValue,
-    maps::limits,
+    ZoneValue, maps::limits,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,

@@ -27,15 +27,15 @@ pub fn resolve(cfg: &Config) -> Option<Caller> {
         if cfg.level_mask & (1u32 << level) != 0 {
             // SAFETY: helper call with a plain integer argument.
             let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
-            if id != 0 {
-                if let Some(p) = PRINCIPALS.get_ptr(&id) {
-                    // SAFETY: pointer returned by a map lookup, valid for this program run.
-                    let principal = unsafe { *p };
-                    return Some(Caller {
-                        principal,
-                        cgroup_id: id,
-                    });
-                }
+            if id != 0
+                && let Some(p) = PRINCIPALS.get_ptr(id)
+            {
+                // SAFETY: pointer returned by a map lookup, valid for this program run.
+                let principal = unsafe { *p };
+                return Some(Caller {
+                    principal,
+                    cgroup_id: id,
+                });
             }
         }
         if level == 0 {

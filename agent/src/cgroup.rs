@@ -58,12 +58,10 @@ pub fn create(path: &Path) -> Result<(), CgroupError> {
 
 /// Moves `pid` (0 = the caller) into the cgroup.
 pub fn join(path: &Path, pid: u32) -> Result<(), CgroupError> {
-    std::fs::write(path.join("cgroup.procs"), pid.to_string()).map_err(|source| {
-        CgroupError::Join {
-            pid,
-            path: path.into(),
-            source,
-        }
+    std::fs::write(path.join("cgroup.procs"), pid.to_string()).map_err(|source| CgroupError::Join {
+        pid,
+        path: path.into(),
+        source,
     })
 }
 

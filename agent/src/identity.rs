@@ -20,9 +20,13 @@ enum Segment {
 pub enum IdentityError {
     #[error("`{0}` is not a SPIFFE ID: it must start with spiffe://")]
     Scheme(String),
-    #[error("`{0}` has an empty or invalid trust domain (lowercase letters, digits, `.`, `-`, `_`)")]
+    #[error(
+        "`{0}` has an empty or invalid trust domain (lowercase letters, digits, `.`, `-`, `_`)"
+    )]
     Domain(String),
-    #[error("`{0}` has an empty or invalid path segment (letters, digits, `.`, `-`, `_`; not `.` or `..`)")]
+    #[error(
+        "`{0}` has an empty or invalid path segment (letters, digits, `.`, `-`, `_`; not `.` or `..`)"
+    )]
     Segment(String),
     #[error("`{0}`: `**` may only be the last segment")]
     RestNotLast(String),

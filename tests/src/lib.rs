@@ -37,7 +37,10 @@ pub fn privileged() -> bool {
         })
         .unwrap_or_default();
     if euid != "0" {
-        skip("root", "privileged tests need root (run them with `cargo xtask test`)");
+        skip(
+            "root",
+            "privileged tests need root (run them with `cargo xtask test`)",
+        );
         return false;
     }
     true

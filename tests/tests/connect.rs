@@ -96,13 +96,19 @@ fn connect4_denies_with_eperm_inside_the_cgroup_only() -> anyhow::Result<()> {
             _ => None,
         })
         .ok_or_else(|| anyhow::anyhow!("no event for the allowed connect"))?;
-    assert_eq!((allow.verdict, allow.reason, allow.rule), (Verdict::Allow, Reason::Rule, Some(0)));
+    assert_eq!(
+        (allow.verdict, allow.reason, allow.rule),
+        (Verdict::Allow, Reason::Rule, Some(0))
+    );
     assert!(
         events.iter().all(|e| match e {
             KernelEvent::Connect(c) => c.principal == 7,
         }),
         "un-enrolled connects must not produce events"
     );
-    println!("ran: denied connect got EPERM, allowed connected, outside cgroup unaffected; {} events", events.len());
+    println!(
+        "ran: denied connect got EPERM, allowed connected, outside cgroup unaffected; {} events",
+        events.len()
+    );
     Ok(())
 }

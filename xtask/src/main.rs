@@ -1,1 +1,46 @@
-fn main() {}
+//! `cargo xtask`: what cargo alone cannot do. Toolchain setup (nightly rust-src, bpf-linker
+//! against the nightly libLLVM), privileged test runs, lint of the eBPF crate, running Corral,
+//! and benchmarks. Every command runs `setup` first, so a fresh machine needs only rustup.
+#![forbid(unsafe_code)]
+
+mod bench;
+mod cmd;
+mod lint;
+mod setup;
+mod test;
+mod up;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "Corral's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what the build needs (idempotent; quiet when all is present).
+    Setup,
+    /// Build Corral and run it in the foreground.
+    Up(up::Args),
+    /// Run every test: unit, privileged integration (real kernel), end-to-end.
+    Test(test::Args),
+    /// rustfmt check and clippy (workspace, then the eBPF crate for its own target).
+    Lint,
+    /// Benchmarks, reported as ratios against a baseline measured in the same run.
+    Bench(bench::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    setup::ensure()?;
+    match cli.command {
+        Command::Setup => Ok(()),
+        Command::Up(a) => up::run(&a),
+        Command::Test(a) => test::run(&a),
+        Command::Lint => lint::run(),
+        Command::Bench(a) => bench::run(&a),
+    }
+}

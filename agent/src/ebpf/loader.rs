@@ -1,7 +1,7 @@
 //! Loading the object and attaching its programs.
 //!
 //! The cgroup sock_addr programs (connect4/6, sendmsg4/6) are attached as bpf_links (kernel
-//! >= 5.7). Cgroup links always coexist with other programs on the same hook (the kernel treats
+//! 5.7 or later). Cgroup links always coexist with other programs on the same hook (the kernel treats
 //! them as `BPF_F_ALLOW_MULTI`, and rejects explicit flags), so an upgrading agent can attach
 //! its programs before the old ones go away, and other cgroup programs on the node keep
 //! working.

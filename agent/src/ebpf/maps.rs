@@ -85,10 +85,9 @@ impl PolicyMaps {
             seen: take(ebpf, names::SEEN)?,
             grants: take(ebpf, names::GRANTS)?,
             drops: take(ebpf, names::DROPS)?,
-            events: Some(
-                ebpf.take_map(names::EVENTS)
-                    .ok_or(MapError::Missing { name: names::EVENTS })?,
-            ),
+            events: Some(ebpf.take_map(names::EVENTS).ok_or(MapError::Missing {
+                name: names::EVENTS,
+            })?),
         })
     }
 
@@ -181,10 +180,7 @@ impl PolicyMaps {
 
     /// Events lost because the ring buffer was full, summed over CPUs.
     pub fn kernel_drops(&self) -> Result<u64, MapError> {
-        let v = self
-            .drops
-            .get(&0, 0)
-            .map_err(op("read", names::DROPS))?;
+        let v = self.drops.get(&0, 0).map_err(op("read", names::DROPS))?;
         Ok(v.iter().sum())
     }
 

@@ -28,7 +28,11 @@ fn run(op: &str) -> Result<(), std::io::Error> {
     let addr: SocketAddr = addr
         .parse()
         .map_err(|e| std::io::Error::other(format!("bad address {addr}: {e}")))?;
-    let any = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let any = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
     match kind {
         "tcp" => TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map(drop),
         "udp" => UdpSocket::bind(any)?.connect(addr),
@@ -41,7 +45,9 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1).peekable();
     if args.peek().map(String::as_str) == Some("--cgroup") {
         args.next();
-        let dir = args.next().ok_or_else(|| anyhow::anyhow!("--cgroup needs a directory"))?;
+        let dir = args
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("--cgroup needs a directory"))?;
         std::fs::write(format!("{dir}/cgroup.procs"), "0")
             .map_err(|e| anyhow::anyhow!("join cgroup {dir}: {e}"))?;
     }

@@ -1,0 +1,22 @@
+//! Compiles `proto/corral/v1/*.proto` with protox (pure Rust, no system `protoc`) and generates
+//! the prost messages and tonic clients/servers.
+use anyhow::Context as _;
+
+fn main() -> anyhow::Result<()> {
+    let files = [
+        "proto/corral/v1/common.proto",
+        "proto/corral/v1/agent.proto",
+        "proto/corral/v1/policy.proto",
+        "proto/corral/v1/sync.proto",
+        "proto/corral/v1/grant.proto",
+        "proto/corral/v1/events.proto",
+    ];
+    for f in files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["proto"]).context("compile .proto files")?;
+    tonic_prost_build::configure()
+        .compile_fds(fds)
+        .context("generate Rust code")?;
+    Ok(())
+}
