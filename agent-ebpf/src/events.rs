@@ -14,14 +14,17 @@ use crate::maps::{DROPS, EVENTS, SEQ};
 #[inline(always)]
 fn next_seq() -> u64 {
     match SEQ.get_ptr_mut(0) {
+        // SeqCst, not Relaxed: LLVM's BPF backend lowers a relaxed `atomicrmw add` to the
+        // non-fetching XADD even when the result is used, so every event would get the same
+        // number (caught by the accounting test).
         // SAFETY: array element pointer from the kernel, 8-byte aligned, valid for this run.
-        Some(p) => (unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, 1) }) + 1,
+        Some(p) => (unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(p, 1) }) + 1,
         None => 0,
     }
 }
 
 #[inline(always)]
-fn count_drop() {
+pub fn count_drop() {
     if let Some(p) = DROPS.get_ptr_mut(0) {
         // SAFETY: per-CPU element, no other writer on this CPU while we run.
         unsafe { *p += 1 };

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cgroup;
+pub mod clock;
 pub mod compiled;
 pub mod ebpf;
 pub mod identity;

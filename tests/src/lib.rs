@@ -141,3 +141,101 @@ impl Listener {
         })
     }
 }
+
+/// Builds compiled policies for tests, without YAML.
+pub mod build {
+    use std::net::IpAddr;
+
+    use corral_agent::{
+        compiled::{Action, ChainRule, CompiledPolicy, CompiledSet, ConnectRule, Mode, Net, Zone},
+        identity::IdentityPattern,
+    };
+
+    pub struct PolicyBuilder(CompiledPolicy);
+
+    /// A policy governing `spiffe://test.corral/**` with default deny, enforce mode.
+    pub fn policy(name: &str) -> PolicyBuilder {
+        PolicyBuilder(CompiledPolicy {
+            name: name.into(),
+            identities: vec![
+                IdentityPattern::parse("spiffe://test.corral/**").expect("valid test pattern"),
+            ],
+            mode: Mode::Enforce,
+            default_action: Action::Deny,
+            zones: vec![],
+            connect: vec![],
+            chaining: vec![],
+        })
+    }
+
+    fn net(cidr: &str) -> Net {
+        let (a, b) = cidr.split_once('/').expect("cidr has a /");
+        let addr: IpAddr = a.parse().expect("cidr address");
+        Net::new(addr, b.parse().expect("cidr bits")).expect("valid cidr")
+    }
+
+    impl PolicyBuilder {
+        pub fn zone(mut self, name: &str, cidrs: &[&str]) -> Self {
+            self.0.zones.push(Zone {
+                name: name.into(),
+                nets: cidrs.iter().map(|c| net(c)).collect(),
+            });
+            self
+        }
+
+        fn zone_index(&self, name: &str) -> u32 {
+            self.0
+                .zones
+                .iter()
+                .position(|z| z.name == name)
+                .and_then(|i| u32::try_from(i).ok())
+                .unwrap_or_else(|| panic!("test policy has no zone {name}"))
+        }
+
+        fn rule(mut self, action: Action, zones: &[&str], ports: &[u16], protos: &[u8]) -> Self {
+            let index = u32::try_from(self.0.connect.len()).expect("few rules");
+            let zones = zones.iter().map(|z| self.zone_index(z)).collect();
+            self.0.connect.push(ConnectRule {
+                index,
+                action,
+                zones,
+                ports: ports.to_vec(),
+                protocols: protos.to_vec(),
+            });
+            self
+        }
+
+        pub fn allow(self, zones: &[&str], ports: &[u16], protos: &[u8]) -> Self {
+            self.rule(Action::Allow, zones, ports, protos)
+        }
+
+        pub fn deny(self, zones: &[&str], ports: &[u16], protos: &[u8]) -> Self {
+            self.rule(Action::Deny, zones, ports, protos)
+        }
+
+        pub fn chain(mut self, after: &[&str], deny: &[&str]) -> Self {
+            let after = after.iter().map(|z| self.zone_index(z)).collect();
+            let deny = deny.iter().map(|z| self.zone_index(z)).collect();
+            self.0.chaining.push(ChainRule { after, deny });
+            self
+        }
+
+        pub fn audit(mut self) -> Self {
+            self.0.mode = Mode::Audit;
+            self
+        }
+
+        pub fn default_allow(mut self) -> Self {
+            self.0.default_action = Action::Allow;
+            self
+        }
+
+        pub fn build(self) -> CompiledPolicy {
+            self.0
+        }
+    }
+
+    pub fn set(revision: u64, policies: Vec<CompiledPolicy>) -> CompiledSet {
+        CompiledSet { revision, policies }
+    }
+}

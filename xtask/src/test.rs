@@ -18,7 +18,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     c.current_dir(cmd::root())
         .args(["test", "--workspace", "--exclude", "agent-ebpf"]);
     sudo_runner_if_needed(&mut c);
-    c.arg("--").args(&args.harness);
+    // Show what passing privileged tests printed (what they loaded and ran, case counts), so
+    // the log proves they ran rather than skipped.
+    c.arg("--").arg("--show-output").args(&args.harness);
     cmd::run(&mut c)
 }
 

@@ -17,7 +17,10 @@ use aya::{
 };
 use tracing::info;
 
-use super::maps::{MapError, PolicyMaps};
+use super::{
+    maps::{MapError, PolicyMaps},
+    pins::{PinDir, PinError},
+};
 
 /// The sock_addr programs, by the names of their functions in `agent-ebpf`.
 pub const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
@@ -55,24 +58,53 @@ pub enum LoadError {
     },
     #[error(transparent)]
     Maps(#[from] MapError),
+    #[error(transparent)]
+    Pins(#[from] PinError),
 }
 
-/// Loaded programs, their links, and the typed maps. Dropping it detaches the programs
-/// (pinning keeps them in force beyond the process; see the pinning work).
+/// Loaded programs, their links, and the typed maps. Without pins, dropping it detaches the
+/// programs; with pins, enforcement stays in force after the process is gone.
 pub struct Enforcer {
     // Field order matters: links drop before the object.
     links: Vec<FdLink>,
     maps: PolicyMaps,
+    pinned: bool,
+    adopted: bool,
     _ebpf: Ebpf,
 }
 
 impl Enforcer {
     /// Loads the embedded object and attaches the sock_addr programs to `cgroup`
-    /// (normally the cgroup v2 root).
+    /// (normally the cgroup v2 root). Nothing is pinned: for tests and one-shot tools.
     pub fn load_and_attach(cgroup: &Path) -> Result<Self, LoadError> {
-        let mut ebpf = EbpfLoader::new()
-            .load(super::object::bytes())
-            .map_err(LoadError::Object)?;
+        Self::start(cgroup, None)
+    }
+
+    /// Loads and attaches; with `pins`, maps are pinned (or, if an earlier agent pinned them,
+    /// reused: principals, policy and chaining state carry over) and each new link replaces
+    /// the pinned link of the previous agent only after it is attached (see `pins`).
+    pub fn start(cgroup: &Path, pins: Option<&PinDir>) -> Result<Self, LoadError> {
+        let object = super::object::bytes();
+        let mut loader = EbpfLoader::new();
+        let mut adopted = false;
+        let map_paths: Vec<(String, PathBuf)> = match pins {
+            Some(p) => {
+                adopted = p.has_state();
+                p.create()?;
+                super::pins::map_names(object)?
+                    .into_iter()
+                    .map(|n| {
+                        let path = p.map_path(&n);
+                        (n, path)
+                    })
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(object).map_err(LoadError::Object)?;
         let cg = File::open(cgroup).map_err(|source| LoadError::Cgroup {
             path: cgroup.into(),
             source,
@@ -97,22 +129,40 @@ impl Enforcer {
                 .take_link(id)
                 .map_err(|source| LoadError::Program { name, source })?;
             let link = FdLink::try_from(link).map_err(|source| LoadError::Link { name, source })?;
-            links.push(link);
-            info!(program = name, cgroup = %cgroup.display(), "attached");
+            match pins {
+                Some(p) => p.install_link(name, link)?,
+                None => links.push(link),
+            }
+            info!(program = name, cgroup = %cgroup.display(), pinned = pins.is_some(), "attached");
         }
         let maps = PolicyMaps::take(&mut ebpf)?;
+        if adopted {
+            info!("adopted the pinned state of a previous agent");
+        }
         Ok(Self {
             links,
             maps,
+            pinned: pins.is_some(),
+            adopted,
             _ebpf: ebpf,
         })
+    }
+
+    /// Whether this start reused pinned maps of an earlier agent.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Whether links and maps are pinned (enforcement outlives this process).
+    pub fn pinned(&self) -> bool {
+        self.pinned
     }
 
     pub fn maps(&mut self) -> &mut PolicyMaps {
         &mut self.maps
     }
 
-    /// Number of attached program links.
+    /// Number of program links this process holds unpinned (pinned links live in bpffs).
     pub fn attached(&self) -> usize {
         self.links.len()
     }

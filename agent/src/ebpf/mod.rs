@@ -5,6 +5,8 @@ pub mod events;
 pub mod loader;
 pub mod maps;
 pub mod object;
+pub mod pins;
 
 pub use loader::{Enforcer, LoadError};
 pub use maps::{MapError, PolicyMaps};
+pub use pins::PinDir;

@@ -1,13 +1,27 @@
-//! `corral-probe`: joins a cgroup, then performs network operations and prints one line per
-//! operation: `ok` or the errno name (`EPERM`, `ECONNREFUSED`, ...).
+//! `corral-probe`: a real process for the privileged tests. It optionally joins a cgroup, then
+//! performs operations and prints one line per operation: `ok` or the errno name (`EPERM`, ...).
 //!
-//! Usage: `corral-probe [--cgroup DIR] OP...` where OP is
-//! `tcp:ADDR:PORT` (connect), `udp:ADDR:PORT` (connect), `sendto:ADDR:PORT` (unconnected UDP).
+//! Usage: `corral-probe [--cgroup DIR] [--out FILE] OP...`; OP is one of
+//! - `tcp:ADDR:PORT`: TCP connect; `udp:ADDR:PORT`: UDP connect;
+//! - `sendto:ADDR:PORT`: unconnected UDP sendto;
+//! - `tfo:ADDR:PORT`: TCP fast open (sendto with MSG_FASTOPEN on an unconnected socket);
+//! - `subcg:NAME`: create a sub-cgroup of the current cgroup and move into it;
+//! - `daemon`: double-fork and setsid (via `setsid -f`), the grandchild runs the remaining
+//!   operations and writes its lines to `--out` (required);
+//! - `repeat:N:OP`: run OP N times, print `ok=<n> <ERR>=<n>...` counts;
+//! - `until:FILE:OP`: run OP in a loop until FILE exists, print counts as for `repeat`.
+//!
+//! ADDR is `1.2.3.4` or `[::1]`.
 use std::{
+    collections::BTreeMap,
     io::ErrorKind,
     net::{SocketAddr, TcpStream, UdpSocket},
+    path::Path,
     time::Duration,
 };
+
+use anyhow::{Context as _, bail};
+use socket2::{Domain, SockAddr, Socket, Type};
 
 fn errno_name(e: &std::io::Error) -> String {
     match e.raw_os_error() {
@@ -15,19 +29,20 @@ fn errno_name(e: &std::io::Error) -> String {
         Some(libc::EACCES) => "EACCES".into(),
         Some(libc::ECONNREFUSED) => "ECONNREFUSED".into(),
         Some(libc::ENETUNREACH) => "ENETUNREACH".into(),
+        Some(libc::EINPROGRESS) => "EINPROGRESS".into(),
         Some(n) => format!("errno{n}"),
         None if e.kind() == ErrorKind::TimedOut => "ETIMEDOUT".into(),
         None => format!("{e}"),
     }
 }
 
-fn run(op: &str) -> Result<(), std::io::Error> {
-    let (kind, addr) = op
-        .split_once(':')
-        .ok_or_else(|| std::io::Error::other(format!("bad op {op}")))?;
-    let addr: SocketAddr = addr
-        .parse()
-        .map_err(|e| std::io::Error::other(format!("bad address {addr}: {e}")))?;
+fn parse_addr(s: &str) -> std::io::Result<SocketAddr> {
+    s.parse()
+        .map_err(|e| std::io::Error::other(format!("bad address {s}: {e}")))
+}
+
+fn net_op(kind: &str, addr: &str) -> std::io::Result<()> {
+    let addr = parse_addr(addr)?;
     let any = if addr.is_ipv4() {
         "0.0.0.0:0"
     } else {
@@ -37,25 +52,121 @@ fn run(op: &str) -> Result<(), std::io::Error> {
         "tcp" => TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map(drop),
         "udp" => UdpSocket::bind(any)?.connect(addr),
         "sendto" => UdpSocket::bind(any)?.send_to(b"corral", addr).map(drop),
+        "tfo" => {
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+            s.send_to_with_flags(b"corral", &SockAddr::from(addr), libc::MSG_FASTOPEN)
+                .map(drop)
+        }
         _ => Err(std::io::Error::other(format!("unknown op kind {kind}"))),
     }
 }
 
-fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1).peekable();
-    if args.peek().map(String::as_str) == Some("--cgroup") {
-        args.next();
-        let dir = args
-            .next()
-            .ok_or_else(|| anyhow::anyhow!("--cgroup needs a directory"))?;
-        std::fs::write(format!("{dir}/cgroup.procs"), "0")
-            .map_err(|e| anyhow::anyhow!("join cgroup {dir}: {e}"))?;
+fn one(op: &str) -> String {
+    let Some((kind, rest)) = op.split_once(':') else {
+        return format!("bad op {op}");
+    };
+    match net_op(kind, rest) {
+        Ok(()) => "ok".into(),
+        Err(e) => errno_name(&e),
     }
-    for op in args {
-        match run(&op) {
-            Ok(()) => println!("ok"),
-            Err(e) => println!("{}", errno_name(&e)),
+}
+
+fn counts(results: impl Iterator<Item = String>) -> String {
+    let mut m: BTreeMap<String, u64> = BTreeMap::new();
+    for r in results {
+        *m.entry(r).or_default() += 1;
+    }
+    m.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn current_cgroup() -> anyhow::Result<std::path::PathBuf> {
+    let rel = std::fs::read_to_string("/proc/self/cgroup")?
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+        .context("no cgroup v2 entry in /proc/self/cgroup")?;
+    let root = corral_agent::paths::cgroup2_root()?;
+    Ok(root.join(rel.trim_start_matches('/')))
+}
+
+fn run(ops: &[String], out: &mut dyn std::io::Write, out_path: Option<&str>) -> anyhow::Result<()> {
+    let mut i = 0;
+    while i < ops.len() {
+        let op = &ops[i];
+        i += 1;
+        if let Some(name) = op.strip_prefix("subcg:") {
+            let sub = current_cgroup()?.join(name);
+            std::fs::create_dir_all(&sub).with_context(|| format!("create {}", sub.display()))?;
+            std::fs::write(sub.join("cgroup.procs"), "0")
+                .with_context(|| format!("join {}", sub.display()))?;
+            writeln!(out, "ok")?;
+        } else if op == "daemon" {
+            let Some(path) = out_path else {
+                bail!("daemon needs --out FILE");
+            };
+            let status = std::process::Command::new("setsid")
+                .arg("-f")
+                .arg(std::env::current_exe()?)
+                .arg("--out")
+                .arg(path)
+                .args(&ops[i..])
+                .status()
+                .context("run setsid -f")?;
+            if !status.success() {
+                bail!("setsid -f failed: {status}");
+            }
+            return Ok(());
+        } else if let Some(rest) = op.strip_prefix("repeat:") {
+            let (n, inner) = rest.split_once(':').context("repeat:N:OP")?;
+            let n: u64 = n.parse().context("repeat count")?;
+            writeln!(out, "{}", counts((0..n).map(|_| one(inner))))?;
+        } else if let Some(rest) = op.strip_prefix("until:") {
+            let (file, inner) = rest.split_once(':').context("until:FILE:OP")?;
+            let stop = Path::new(file);
+            let results = std::iter::from_fn(|| (!stop.exists()).then(|| one(inner)));
+            writeln!(out, "{}", counts(results))?;
+        } else {
+            writeln!(out, "{}", one(op))?;
         }
     }
     Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut out_path = None;
+    loop {
+        match args.first().map(String::as_str) {
+            Some("--cgroup") if args.len() >= 2 => {
+                let dir = args[1].clone();
+                std::fs::write(format!("{dir}/cgroup.procs"), "0")
+                    .with_context(|| format!("join cgroup {dir}"))?;
+                args.drain(..2);
+            }
+            Some("--out") if args.len() >= 2 => {
+                out_path = Some(args[1].clone());
+                args.drain(..2);
+            }
+            _ => break,
+        }
+    }
+    match out_path.as_deref() {
+        // The daemonised grandchild: write to a temp file, then rename, so the reader never
+        // sees a partial result.
+        Some(path) if !args.iter().any(|a| a == "daemon") => {
+            let tmp = format!("{path}.tmp");
+            let mut f = std::fs::File::create(&tmp)?;
+            run(&args, &mut f, None)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            Ok(())
+        }
+        other => {
+            let stdout = std::io::stdout();
+            let mut lock = stdout.lock();
+            run(&args, &mut lock, other)
+        }
+    }
 }

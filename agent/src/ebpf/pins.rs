@@ -1,0 +1,168 @@
+//! Pins under bpffs (`/sys/fs/bpf/corral` by default): maps in `maps/`, program links in
+//! `links/`. Pinned links keep enforcement in force when the agent is killed or upgrading;
+//! pinned maps carry principals, policy and chaining state across agent restarts.
+//!
+//! Adoption without a window: a new agent loads its programs against the pinned maps (same
+//! state), attaches new links next to the old ones (cgroup links coexist), pins each new link
+//! at `<name>-new` (bpffs refuses names with a dot), then removes the old pin (detaching the old link) and renames the new pin
+//! into place. At every instant at least one set of programs reading the same maps is attached.
+
+use std::path::{Path, PathBuf};
+
+use aya::programs::links::{FdLink, PinnedLink};
+use tracing::{debug, info};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error("create pin directory {path} (is bpffs mounted at its parent?)")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pin link at {path}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("replace pinned link {path}")]
+    Replace {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("remove pin {path}")]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("read the kernel object's map names")]
+    Object(#[source] aya_obj::ParseError),
+}
+
+/// The pin directory layout.
+#[derive(Debug, Clone)]
+pub struct PinDir {
+    root: PathBuf,
+}
+
+impl PinDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn maps_dir(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    pub fn map_path(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    pub fn link_path(&self, program: &str) -> PathBuf {
+        self.links_dir().join(program)
+    }
+
+    /// Whether an earlier agent left pinned state here (this start adopts it).
+    pub fn has_state(&self) -> bool {
+        std::fs::read_dir(self.maps_dir()).is_ok_and(|mut d| d.next().is_some())
+    }
+
+    pub fn create(&self) -> Result<(), PinError> {
+        for dir in [self.maps_dir(), self.links_dir()] {
+            std::fs::create_dir_all(&dir).map_err(|source| PinError::Dir { path: dir, source })?;
+        }
+        Ok(())
+    }
+
+    /// Pins `link` as the link of `program`, replacing (and thereby detaching) an older pinned
+    /// link only once the new one is pinned.
+    pub fn install_link(&self, program: &str, link: FdLink) -> Result<(), PinError> {
+        let path = self.link_path(program);
+        let staged = self.link_path(&format!("{program}-new"));
+        // A stale staging pin from an interrupted start: detach it (the old link at `path`,
+        // if any, still enforces).
+        remove_pin(&staged)?;
+        let pinned = link.pin(&staged).map_err(|source| PinError::Pin {
+            path: staged.clone(),
+            source,
+        })?;
+        if path.exists() {
+            match PinnedLink::from_pin(&path) {
+                Ok(old) => {
+                    let _old_fd = old.unpin().map_err(|source| PinError::Replace {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    debug!(program, "detached the previous agent's link");
+                }
+                Err(_) => remove_pin(&path)?,
+            }
+        }
+        std::fs::rename(&staged, &path).map_err(|source| PinError::Replace {
+            path: path.clone(),
+            source,
+        })?;
+        // The rename moved the pin; the fd in `pinned` now refers to the link at `path`.
+        drop(pinned);
+        Ok(())
+    }
+
+    /// Removes every pin: links first (detaching the programs), then maps.
+    pub fn uninstall(&self) -> Result<(), PinError> {
+        for dir in [self.links_dir(), self.maps_dir()] {
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for e in entries.flatten() {
+                    remove_pin(&e.path())?;
+                }
+            }
+            remove_dir(&dir)?;
+        }
+        remove_dir(&self.root)?;
+        info!(pins = %self.root.display(), "uninstalled: programs detached, maps unpinned");
+        Ok(())
+    }
+}
+
+fn remove_pin(path: &Path) -> Result<(), PinError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(PinError::Remove {
+            path: path.into(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn remove_dir(path: &Path) -> Result<(), PinError> {
+    match std::fs::remove_dir(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(PinError::Remove {
+            path: path.into(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Names of Corral's own maps in the kernel object (not aya's internal ones).
+pub fn map_names(object: &[u8]) -> Result<Vec<String>, PinError> {
+    let obj = aya_obj::Object::parse(object).map_err(PinError::Object)?;
+    let mut names: Vec<String> = obj
+        .maps
+        .keys()
+        .filter(|n| n.starts_with("CORRAL_"))
+        .cloned()
+        .collect();
+    names.sort();
+    Ok(names)
+}

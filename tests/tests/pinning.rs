@@ -1,0 +1,120 @@
+//! Pinned enforcement outlives the agent: kill -9 the process that loaded the programs, and a
+//! process in an enrolled cgroup is still denied; a new process adopts the pins with no window.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use corral_tests::{Outcome, TestCgroup, privileged, probe_bin, probe_in};
+
+fn fixture_bin() -> anyhow::Result<PathBuf> {
+    Ok(probe_bin()?.with_file_name("corral-enforcer-fixture"))
+}
+
+/// Starts the fixture and waits for its `ready` line.
+fn start_fixture(pins: &Path, enrol: Option<&Path>) -> anyhow::Result<(Child, String)> {
+    let mut c = Command::new(fixture_bin()?);
+    c.arg("--pins").arg(pins).stdout(Stdio::piped());
+    if let Some(cg) = enrol {
+        c.arg("--enrol").arg(cg);
+    }
+    let mut child = c.spawn().context("spawn fixture")?;
+    let out = child.stdout.take().context("fixture stdout")?;
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line)?;
+    anyhow::ensure!(
+        line.starts_with("ready"),
+        "fixture did not become ready: {line:?}"
+    );
+    Ok((child, line.trim().to_owned()))
+}
+
+fn bpffs_dir() -> Option<PathBuf> {
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()?
+        .lines()
+        .find(|l| l.contains(" - bpf "))?
+        .split_whitespace()
+        .nth(4)?
+        .to_owned();
+    Some(PathBuf::from(mounted))
+}
+
+#[test]
+fn kill_9_keeps_enforcing_and_a_new_agent_adopts_without_a_window() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let Some(bpffs) = bpffs_dir() else {
+        corral_tests::skip("bpffs", "no bpffs mounted (cargo xtask setup mounts it)");
+        return Ok(());
+    };
+    let pins = bpffs.join(format!("corral-test-{}", std::process::id()));
+    let cg = TestCgroup::new("pinning")?;
+    let denied = "udp:127.0.0.1:9";
+
+    let (mut a, ready) = start_fixture(&pins, Some(&cg.path))?;
+    assert_eq!(ready, "ready adopted=false");
+    assert_eq!(
+        probe_in(&cg.path, &[denied])?,
+        vec![Outcome::Errno("EPERM".into())]
+    );
+
+    // A loop of connects inside the cgroup that runs across the kill and the restart.
+    let stop = std::env::temp_dir().join(format!("corral-pinning-stop-{}", std::process::id()));
+    let _ = std::fs::remove_file(&stop);
+    let looper = Command::new(probe_bin()?)
+        .arg("--cgroup")
+        .arg(&cg.path)
+        .arg(format!("until:{}:{denied}", stop.display()))
+        .stdout(Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(200));
+
+    a.kill()?; // SIGKILL to the process we started
+    a.wait()?;
+    std::thread::sleep(Duration::from_millis(200));
+    // Nobody holds the programs but the pins: still enforced.
+    assert_eq!(
+        probe_in(&cg.path, &[denied])?,
+        vec![Outcome::Errno("EPERM".into())]
+    );
+
+    let (mut b, ready) = start_fixture(&pins, None)?;
+    assert_eq!(
+        ready, "ready adopted=true",
+        "the new process must adopt the pinned state"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        probe_in(&cg.path, &[denied])?,
+        vec![Outcome::Errno("EPERM".into())]
+    );
+
+    std::fs::write(&stop, b"")?;
+    let out = looper.wait_with_output()?;
+    let counts = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let _ = std::fs::remove_file(&stop);
+    println!("connect loop across kill -9 and adoption: {counts}");
+    assert!(
+        counts.starts_with("EPERM=") && !counts.contains("ok="),
+        "every connect during kill and restart must be denied: {counts}"
+    );
+
+    b.kill()?;
+    b.wait()?;
+    // Uninstall removes the pins and with them the enforcement.
+    let status = Command::new(fixture_bin()?)
+        .arg("--pins")
+        .arg(&pins)
+        .arg("--uninstall")
+        .status()?;
+    anyhow::ensure!(status.success(), "uninstall failed");
+    assert!(!pins.exists(), "pins removed");
+    assert_eq!(probe_in(&cg.path, &[denied])?, vec![Outcome::Ok]);
+    Ok(())
+}
