@@ -86,14 +86,16 @@ pub enum Outcome {
     Errno(String),
 }
 
-/// Path of the `corral-probe` helper binary: cargo builds it beside the test executables'
-/// `deps/` directory when it builds this package's integration tests.
+/// Path of the `corral-probe` helper binary, beside the running executable: cargo puts test
+/// executables in `target/<profile>/deps/` and binaries in `target/<profile>/`.
 pub fn probe_bin() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let dir = exe
+    let mut dir = exe
         .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow::anyhow!("test executable {} has no grandparent", exe.display()))?;
+        .ok_or_else(|| anyhow::anyhow!("executable {} has no parent", exe.display()))?;
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().unwrap_or(dir);
+    }
     Ok(dir.join("corral-probe"))
 }
 

@@ -1,9 +1,48 @@
 //! `cargo xtask bench`: benchmarks reported as ratios against a baseline measured in the same
 //! run (this machine is small and noisy; absolute numbers mean little).
+//!
+//! Sections: `enforce` (connect/exec overhead of the kernel programs: enrolled vs un-enrolled vs no
+//! programs at all, with 10 and 10k rules).
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Which sections to run (default: all).
+    #[arg(value_enum)]
+    sections: Vec<Section>,
+}
 
-pub fn run(_args: &Args) -> anyhow::Result<()> {
-    anyhow::bail!("no benchmarks yet: they arrive with the kernel enforcement issue")
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    Enforce,
+}
+
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    let all = args.sections.is_empty();
+    if all || args.sections.contains(&Section::Enforce) {
+        enforce_bench()?;
+    }
+    Ok(())
+}
+
+/// Builds the test binaries (the bench and the probe it times) and runs `corral-bench` as root.
+pub fn enforce_bench() -> anyhow::Result<()> {
+    let root = crate::cmd::root();
+    crate::cmd::run(crate::cmd::cargo().current_dir(&root).args([
+        "build",
+        "--package",
+        "corral-tests",
+        "--bins",
+    ]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let bench = target.join("debug").join("corral-bench");
+    let mut c = if crate::cmd::is_root() {
+        std::process::Command::new(&bench)
+    } else {
+        let mut c = std::process::Command::new("sudo");
+        c.arg("-E").arg(&bench);
+        c
+    };
+    crate::cmd::run(&mut c)
 }

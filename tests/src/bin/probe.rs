@@ -9,7 +9,9 @@
 //! - `daemon`: double-fork and setsid (via `setsid -f`), the grandchild runs the remaining
 //!   operations and writes its lines to `--out` (required);
 //! - `repeat:N:OP`: run OP N times, print `ok=<n> <ERR>=<n>...` counts;
-//! - `until:FILE:OP`: run OP in a loop until FILE exists, print counts as for `repeat`.
+//! - `until:FILE:OP`: run OP in a loop until FILE exists, print counts as for `repeat`;
+//! - `spawn:PATH`: fork+exec PATH (no arguments) and wait for it;
+//! - `time:N:OP`: run OP N times, print `ns=<mean nanoseconds per op> ok=<n>` (benchmarks).
 //!
 //! ADDR is `1.2.3.4` or `[::1]`.
 use std::{
@@ -49,7 +51,11 @@ fn net_op(kind: &str, addr: &str) -> std::io::Result<()> {
         "[::]:0"
     };
     match kind {
-        "tcp" => TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map(drop),
+        "tcp" => {
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            // Close with RST: no TIME_WAIT, so loops of connects do not exhaust local ports.
+            Socket::from(s).set_linger(Some(Duration::ZERO))
+        }
         "udp" => UdpSocket::bind(any)?.connect(addr),
         "sendto" => UdpSocket::bind(any)?.send_to(b"corral", addr).map(drop),
         "tfo" => {
@@ -65,6 +71,13 @@ fn one(op: &str) -> String {
     let Some((kind, rest)) = op.split_once(':') else {
         return format!("bad op {op}");
     };
+    if kind == "spawn" {
+        return match std::process::Command::new(rest).status() {
+            Ok(s) if s.success() => "ok".into(),
+            Ok(s) => format!("status:{s}"),
+            Err(e) => errno_name(&e),
+        };
+    }
     match net_op(kind, rest) {
         Ok(()) => "ok".into(),
         Err(e) => errno_name(&e),
@@ -122,6 +135,13 @@ fn run(ops: &[String], out: &mut dyn std::io::Write, out_path: Option<&str>) -> 
             let (n, inner) = rest.split_once(':').context("repeat:N:OP")?;
             let n: u64 = n.parse().context("repeat count")?;
             writeln!(out, "{}", counts((0..n).map(|_| one(inner))))?;
+        } else if let Some(rest) = op.strip_prefix("time:") {
+            let (n, inner) = rest.split_once(':').context("time:N:OP")?;
+            let n: u32 = n.parse().context("time count")?;
+            let start = std::time::Instant::now();
+            let oks = (0..n).filter(|_| one(inner) == "ok").count();
+            let ns = start.elapsed().as_nanos() / u128::from(n.max(1));
+            writeln!(out, "ns={ns} ok={oks}")?;
         } else if let Some(rest) = op.strip_prefix("until:") {
             let (file, inner) = rest.split_once(':').context("until:FILE:OP")?;
             let stop = Path::new(file);
