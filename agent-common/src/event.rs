@@ -1,9 +1,14 @@
 //! Events the kernel programs write to the `EVENTS` ring buffer.
 
-use crate::Addr;
+use crate::{
+    Addr,
+    exec::{ARGV_BYTES, EXEC_PATH_BYTES},
+};
 
 /// `EventHeader::kind`.
 pub const KIND_CONNECT: u8 = 1;
+/// [`ExecEvent`].
+pub const KIND_EXEC: u8 = 2;
 
 /// `EventHeader::verdict`.
 pub const VERDICT_ALLOW: u8 = 1;
@@ -69,3 +74,34 @@ pub struct ConnectEvent {
     pub grant_id: u64,
 }
 const _: () = assert!(core::mem::size_of::<ConnectEvent>() == 96);
+
+/// An exec decision (see [`crate::exec`]). Written in place in the ring buffer (it is larger
+/// than the BPF stack).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExecEvent {
+    pub header: EventHeader,
+    /// Exec id of the new image (equal to `header.seq`: the exec's own event); 0 when the
+    /// exec never happened (denied by the LSM).
+    pub exec_id: u64,
+    /// Exec id of the image that exec'd (or forked the process that exec'd); 0 if unknown.
+    pub parent_exec_id: u64,
+    /// Identity of the executed file (the final image: for a `#!` script on the tracepoint
+    /// path, its interpreter); 0/0 when it could not be read (`EXEC_F_NO_IDENTITY`).
+    pub ino: u64,
+    pub dev: u32,
+    /// Bytes used in `argv` (NUL-terminated arguments; see `EXEC_F_ARGV_TRUNCATED`).
+    pub argv_len: u16,
+    pub _pad2: u16,
+    /// `EXEC_HOOK_*`.
+    pub hook: u8,
+    /// `EXEC_F_*`.
+    pub flags: u8,
+    /// Bytes of `path` before its NUL.
+    pub path_len: u16,
+    pub _pad: [u8; 4],
+    /// The path as passed to execve (possibly relative), NUL-terminated; best effort.
+    pub path: [u8; EXEC_PATH_BYTES],
+    pub argv: [u8; ARGV_BYTES],
+}
+const _: () = assert!(core::mem::size_of::<ExecEvent>() == 96 + EXEC_PATH_BYTES + ARGV_BYTES);

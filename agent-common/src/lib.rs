@@ -9,10 +9,12 @@
 #![no_std]
 
 pub mod event;
+pub mod exec;
 pub mod maps;
 pub mod policy;
 
 pub use event::*;
+pub use exec::*;
 pub use policy::*;
 
 /// Placeholder for "none" in u32 index fields (no policy, no zone, no rule).
@@ -97,6 +99,14 @@ mod pod {
     unsafe impl aya::Pod for ConnectEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for EventHeader {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ExecEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ExecConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ExecKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for TaskInfo {}
 
     /// Copies a `T` out of possibly unaligned bytes (ring buffer records); `None` if too short.
     pub fn read_unaligned<T: aya::Pod>(bytes: &[u8]) -> Option<T> {

@@ -23,6 +23,14 @@ pub const EVENTS: &str = "CORRAL_EVENTS";
 pub const SEQ: &str = "CORRAL_SEQ";
 /// `PerCpuArray<u64>`, one entry: events lost because the ring buffer was full.
 pub const DROPS: &str = "CORRAL_DROPS";
+/// `Array<ExecConfig>`, one entry: kernel offsets from BTF, syscall numbers.
+pub const EXEC_CFG: &str = "CORRAL_EXECCFG";
+/// `HashMap<ExecKey, RuleValue>`: exact executable files by (device, inode), per policy.
+pub const EXEC_FILES: &str = "CORRAL_EXFILES";
+/// `HashMap<ExecKey, RuleValue>`: prefix-rule directories by (device, inode), per policy.
+pub const EXEC_DIRS: &str = "CORRAL_EXDIRS";
+/// `LruHashMap<u32 tgid, TaskInfo>`: exec ids per process (lineage).
+pub const EXEC_TASKS: &str = "CORRAL_EXTASKS";
 
 /// Capacity limits (also the `max_entries` of the maps).
 pub mod limits {
@@ -36,4 +44,8 @@ pub mod limits {
     pub const EVENTS_BYTES: u32 = 1 << 20;
     /// Zones per policy that can take part in chaining (bits of the `SEEN` mask).
     pub const CHAIN_ZONES: u32 = 64;
+    /// Exact exec files and prefix directories (each, over both generations).
+    pub const EXEC_FILES: u32 = 65_536;
+    /// Processes tracked for exec lineage (LRU: the least recently used entry is evicted).
+    pub const EXEC_TASKS: u32 = 65_536;
 }

@@ -11,6 +11,7 @@
 
 mod connect;
 mod events;
+mod exec;
 mod maps;
 mod principal;
 

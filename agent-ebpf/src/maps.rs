@@ -1,13 +1,13 @@
 //! The map definitions. Names come from `agent_common::maps` so userspace finds the same ones.
 
 use agent_common::{
-    ChainKey, Config, GrantKey, GrantValue, PolicyMeta, Principal, RuleKey, RuleValue, ZoneKey,
-    ZoneValue, maps::limits,
+    ChainKey, Config, ExecConfig, ExecKey, GrantKey, GrantValue, PolicyMeta, Principal, RuleKey,
+    RuleValue, TaskInfo, ZoneKey, ZoneValue, maps::limits,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 
 #[map(name = "CORRAL_CONFIG")]
@@ -50,3 +50,20 @@ pub static SEQ: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map(name = "CORRAL_DROPS")]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+// Exec enforcement (see exec.rs).
+
+#[map(name = "CORRAL_EXECCFG")]
+pub static EXEC_CFG: Array<ExecConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "CORRAL_EXFILES")]
+pub static EXEC_FILES: HashMap<ExecKey, RuleValue> =
+    HashMap::with_max_entries(limits::EXEC_FILES, BPF_F_NO_PREALLOC);
+
+#[map(name = "CORRAL_EXDIRS")]
+pub static EXEC_DIRS: HashMap<ExecKey, RuleValue> =
+    HashMap::with_max_entries(limits::EXEC_FILES, BPF_F_NO_PREALLOC);
+
+#[map(name = "CORRAL_EXTASKS")]
+pub static EXEC_TASKS: LruHashMap<u32, TaskInfo> =
+    LruHashMap::with_max_entries(limits::EXEC_TASKS, 0);

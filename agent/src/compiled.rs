@@ -1,9 +1,17 @@
 //! The compiled policy: a plain Rust value, produced from YAML by the policy compiler and
 //! written into the kernel maps by [`crate::ebpf::maps::PolicyMaps::apply`].
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv6Addr},
+    time::Duration,
+};
 
-use agent_common::{ACTION_ALLOW, ACTION_DENY, Addr, MODE_AUDIT, MODE_ENFORCE};
+use agent_common::{
+    ACTION_ALLOW, ACTION_DENY, ANY_PORT, ANY_PROTO, Addr, ChainKey, GrantKey, MODE_AUDIT,
+    MODE_ENFORCE, NONE, PolicyMeta, RuleKey, RuleValue, ZoneKey, ZoneValue, maps::limits,
+    zone_prefix_len,
+};
 
 use crate::identity::IdentityPattern;
 
@@ -164,6 +172,194 @@ impl CompiledSet {
     }
 }
 
+/// Whether a grant needs a person's approval before it is issued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Approval {
+    /// A person approves each request.
+    Required,
+    /// Issued at once, still audited.
+    Auto,
+}
+
+/// One exec rule. Paths are plain data for the exec side: exact paths, and directory prefixes
+/// (each ending in `/`, written `/dir/**` in the policy) that match everything below them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecRule {
+    /// Stable index within the policy's exec list, reported in events.
+    pub index: u32,
+    pub action: Action,
+    pub exact: Vec<String>,
+    pub prefixes: Vec<String>,
+}
+
+impl ExecRule {
+    pub fn matches(&self, path: &str) -> bool {
+        self.exact.iter().any(|p| p == path) || self.prefixes.iter().any(|p| path.starts_with(p))
+    }
+}
+
+/// A grant that may be requested at run time; issuing it installs [`grant_keys`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantTemplate {
+    pub name: String,
+    /// Indices into [`CompiledPolicy::zones`].
+    pub zones: Vec<u32>,
+    /// Empty: any.
+    pub ports: Vec<u16>,
+    /// Empty: any.
+    pub protocols: Vec<u8>,
+    pub max_ttl: Duration,
+    pub approval: Approval,
+}
+
+/// A unix-socket destination of a zone (abstract names start with `@`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixDest {
+    /// Index into [`CompiledPolicy::zones`].
+    pub zone: u32,
+    pub path: String,
+}
+
+/// The parts of a policy the connect maps do not carry, kept beside [`CompiledSet::policies`]
+/// (same order) so the connect form stays as the map layer knows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyAddenda {
+    pub exec: Vec<ExecRule>,
+    pub grants: Vec<GrantTemplate>,
+    pub unix: Vec<UnixDest>,
+}
+
+/// The kernel map entries of one policy slot: the single expansion used both to fill the
+/// kernel maps and by the userspace model of the kernel lookups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelPolicy {
+    pub meta: PolicyMeta,
+    /// LPM entries: (prefix length of the whole key, key, value).
+    pub zones: Vec<(u32, ZoneKey, ZoneValue)>,
+    pub rules: HashMap<RuleKey, RuleValue>,
+    pub chain: HashMap<ChainKey, u64>,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ExpandError {
+    #[error(
+        "policy {policy}: zone index {zone} cannot take part in chaining (at most {max} zones)"
+    )]
+    ChainZone { policy: String, zone: u32, max: u32 },
+    #[error("policy {policy}: too many zones")]
+    ZoneCount { policy: String },
+}
+
+fn any_or<T: Copy>(v: &[T], any: T) -> Vec<T> {
+    if v.is_empty() { vec![any] } else { v.to_vec() }
+}
+
+/// Expands `policy` into the entries of policy slot `key` (generation-qualified), at `revision`.
+/// Rules become one entry per (zone, port, protocol), holding the lowest allow and the lowest
+/// deny rule index; chaining becomes, per denied zone, the bitmask of zones that trigger it.
+pub fn expand(
+    key: u32,
+    policy: &CompiledPolicy,
+    revision: u64,
+) -> Result<KernelPolicy, ExpandError> {
+    let mut zones = Vec::new();
+    for (zi, zone) in policy.zones.iter().enumerate() {
+        let z = u32::try_from(zi)
+            .ok()
+            .filter(|z| *z != NONE)
+            .ok_or_else(|| ExpandError::ZoneCount {
+                policy: policy.name.clone(),
+            })?;
+        for net in &zone.nets {
+            zones.push((
+                zone_prefix_len(u32::from(net.bits())),
+                ZoneKey {
+                    policy: key,
+                    addr: net.kernel_addr(),
+                },
+                ZoneValue { zone: z },
+            ));
+        }
+    }
+    let mut rules: HashMap<RuleKey, RuleValue> = HashMap::new();
+    for r in &policy.connect {
+        let ports = any_or(&r.ports, ANY_PORT);
+        let protos = any_or(&r.protocols, ANY_PROTO);
+        for &zone in &r.zones {
+            for &port in &ports {
+                for &proto in &protos {
+                    let e = rules
+                        .entry(RuleKey {
+                            policy: key,
+                            zone,
+                            port,
+                            proto,
+                            _pad: 0,
+                        })
+                        .or_insert(RuleValue {
+                            allow_rule: NONE,
+                            deny_rule: NONE,
+                        });
+                    let slot = match r.action {
+                        Action::Allow => &mut e.allow_rule,
+                        Action::Deny => &mut e.deny_rule,
+                    };
+                    *slot = (*slot).min(r.index);
+                }
+            }
+        }
+    }
+    let mut chain: HashMap<ChainKey, u64> = HashMap::new();
+    for c in &policy.chaining {
+        let mut after = 0u64;
+        for &z in &c.after {
+            if z >= limits::CHAIN_ZONES {
+                return Err(ExpandError::ChainZone {
+                    policy: policy.name.clone(),
+                    zone: z,
+                    max: limits::CHAIN_ZONES,
+                });
+            }
+            after |= 1u64 << z;
+        }
+        for &zone in &c.deny {
+            *chain.entry(ChainKey { policy: key, zone }).or_default() |= after;
+        }
+    }
+    Ok(KernelPolicy {
+        meta: PolicyMeta {
+            revision,
+            default_action: policy.default_action.to_kernel(),
+            mode: policy.mode.to_kernel(),
+            _pad: [0; 6],
+        },
+        zones,
+        rules,
+        chain,
+    })
+}
+
+/// The `GRANTS` keys that issuing `grant` to `principal` installs (each with the same expiry).
+pub fn grant_keys(principal: u32, grant: &GrantTemplate) -> Vec<GrantKey> {
+    let ports = any_or(&grant.ports, ANY_PORT);
+    let protos = any_or(&grant.protocols, ANY_PROTO);
+    let mut keys = Vec::with_capacity(grant.zones.len() * ports.len() * protos.len());
+    for &zone in &grant.zones {
+        for &port in &ports {
+            for &proto in &protos {
+                keys.push(GrantKey {
+                    principal,
+                    zone,
+                    port,
+                    proto,
+                    _pad: 0,
+                });
+            }
+        }
+    }
+    keys
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +373,144 @@ mod tests {
         assert!(n.contains(IpAddr::V6(Ipv4Addr::new(10, 20, 3, 3).to_ipv6_mapped())));
         assert!(!n.contains(IpAddr::V4(Ipv4Addr::new(10, 21, 0, 7))));
         assert!(Net::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 33).is_none());
+    }
+
+    fn policy(chaining: Vec<ChainRule>) -> CompiledPolicy {
+        CompiledPolicy {
+            name: "p".into(),
+            identities: vec![],
+            mode: Mode::Audit,
+            default_action: Action::Allow,
+            zones: vec![Zone {
+                name: "z".into(),
+                nets: vec![Net::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 0)), 8).expect("net")],
+            }],
+            connect: vec![
+                ConnectRule {
+                    index: 0,
+                    action: Action::Allow,
+                    zones: vec![0],
+                    ports: vec![443],
+                    protocols: vec![],
+                },
+                ConnectRule {
+                    index: 1,
+                    action: Action::Deny,
+                    zones: vec![0],
+                    ports: vec![443, 80],
+                    protocols: vec![agent_common::PROTO_TCP],
+                },
+                ConnectRule {
+                    index: 2,
+                    action: Action::Allow,
+                    zones: vec![0],
+                    ports: vec![443],
+                    protocols: vec![],
+                },
+            ],
+            chaining,
+        }
+    }
+
+    #[test]
+    fn expand_keeps_lowest_index_per_action_and_key() {
+        let kp = expand(5, &policy(vec![]), 9).expect("expands");
+        assert_eq!(
+            (kp.meta.revision, kp.meta.mode, kp.meta.default_action),
+            (9, MODE_AUDIT, ACTION_ALLOW)
+        );
+        assert_eq!(kp.zones.len(), 1);
+        assert_eq!(kp.zones[0].0, zone_prefix_len(96 + 8));
+        let key = |port, proto| RuleKey {
+            policy: 5,
+            zone: 0,
+            port,
+            proto,
+            _pad: 0,
+        };
+        assert_eq!(kp.rules.len(), 3);
+        assert_eq!(
+            kp.rules[&key(443, ANY_PROTO)],
+            RuleValue {
+                allow_rule: 0,
+                deny_rule: NONE
+            }
+        );
+        assert_eq!(
+            kp.rules[&key(443, agent_common::PROTO_TCP)],
+            RuleValue {
+                allow_rule: NONE,
+                deny_rule: 1
+            }
+        );
+        assert!(kp.chain.is_empty());
+    }
+
+    #[test]
+    fn expand_chaining_bitmask_and_limit() {
+        let kp = expand(
+            1,
+            &policy(vec![ChainRule {
+                after: vec![0, 3],
+                deny: vec![0],
+            }]),
+            1,
+        )
+        .expect("expands");
+        assert_eq!(kp.chain[&ChainKey { policy: 1, zone: 0 }], 0b1001);
+        let err = expand(
+            1,
+            &policy(vec![ChainRule {
+                after: vec![64],
+                deny: vec![0],
+            }]),
+            1,
+        );
+        assert!(matches!(
+            err,
+            Err(ExpandError::ChainZone {
+                zone: 64,
+                max: 64,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn grant_keys_cover_every_combination() {
+        let g = GrantTemplate {
+            name: "g".into(),
+            zones: vec![1, 2],
+            ports: vec![],
+            protocols: vec![agent_common::PROTO_TCP, agent_common::PROTO_UDP],
+            max_ttl: Duration::from_secs(60),
+            approval: Approval::Auto,
+        };
+        let keys = grant_keys(7, &g);
+        assert_eq!(keys.len(), 4);
+        assert!(keys.iter().all(|k| k.principal == 7 && k.port == ANY_PORT));
+        assert!(keys.contains(&GrantKey {
+            principal: 7,
+            zone: 2,
+            port: 0,
+            proto: agent_common::PROTO_UDP,
+            _pad: 0
+        }));
+    }
+
+    #[test]
+    fn exec_rule_matching() {
+        let r = ExecRule {
+            index: 0,
+            action: Action::Deny,
+            exact: vec!["/usr/bin/curl".into()],
+            prefixes: vec!["/opt/agent/".into()],
+        };
+        assert!(r.matches("/usr/bin/curl"));
+        assert!(!r.matches("/usr/bin/curl2"));
+        assert!(r.matches("/opt/agent/bin/x"));
+        assert!(!r.matches("/opt/agent"));
+        assert!(!r.matches("/opt/agentx/y"));
     }
 
     #[test]

@@ -123,6 +123,35 @@ impl IdentityPattern {
         i == segs.len()
     }
 
+    /// Whether some SPIFFE ID matches both patterns.
+    pub fn overlaps(&self, other: &Self) -> bool {
+        if self.domain != other.domain {
+            return false;
+        }
+        let fixed = |p: &Self| -> (usize, bool) {
+            let rest = matches!(p.segments.last(), Some(Segment::Rest));
+            (p.segments.len() - usize::from(rest), rest)
+        };
+        let (na, ra) = fixed(self);
+        let (nb, rb) = fixed(other);
+        // Lengths some ID could have for both: `**` stands for one or more segments.
+        let lengths_meet = match (ra, rb) {
+            (false, false) => na == nb,
+            (true, false) => nb > na,
+            (false, true) => na > nb,
+            (true, true) => true,
+        };
+        lengths_meet
+            && self
+                .segments
+                .iter()
+                .zip(&other.segments)
+                .all(|pair| match pair {
+                    (Segment::Literal(a), Segment::Literal(b)) => a == b,
+                    _ => true,
+                })
+    }
+
     /// Ordering key for "most specific": more literal segments first, then fewer wildcards
     /// (`*` before `**`), then longer patterns. Equal keys are a tie.
     pub fn specificity(&self) -> (usize, bool, usize) {
@@ -168,6 +197,19 @@ mod tests {
         let rest = p("spiffe://example.org/agent/**");
         assert!(exact.specificity() > one.specificity());
         assert!(one.specificity() > rest.specificity());
+    }
+
+    #[test]
+    fn overlap() {
+        let o = |a: &str, b: &str| p(a).overlaps(&p(b)) && p(b).overlaps(&p(a));
+        assert!(o("spiffe://e/a/*", "spiffe://e/*/b"));
+        assert!(!o("spiffe://e/a/*", "spiffe://e/b/*"));
+        assert!(!o("spiffe://e/a/*", "spiffe://f/a/*"));
+        assert!(!o("spiffe://e/a/*", "spiffe://e/a/*/c"));
+        assert!(o("spiffe://e/a/**", "spiffe://e/a/b/c"));
+        assert!(!o("spiffe://e/a/**", "spiffe://e/a"));
+        assert!(o("spiffe://e/a/**", "spiffe://e/*/b/**"));
+        assert!(!o("spiffe://e/a/**", "spiffe://e/b/**"));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`compiled`]: the compiled policy form the kernel maps are filled from.
 //! - [`identity`]: SPIFFE ID patterns and matching.
 //! - [`cgroup`]: creating, joining and removing cgroup v2 directories.
+//! - [`policy`]: the policy language: parse, validate, compile, evaluate, explain.
 #![forbid(unsafe_code)]
 
 pub mod cgroup;
@@ -16,3 +17,4 @@ pub mod compiled;
 pub mod ebpf;
 pub mod identity;
 pub mod paths;
+pub mod policy;

@@ -1,19 +1,33 @@
-//! `corral`: the command line for people and scripts (run, events, policy, grant, status).
+//! `corral`: the command line for people and scripts.
 //!
-//! Status: not implemented yet (issue 5 and later); exits with an error saying so.
+//! Implemented so far: `corral policy check FILE` and `corral policy explain`. The other
+//! commands of DESIGN.md (run, events, status, grant, policy apply/list/get/delete) arrive with
+//! the agent API and the server.
 #![forbid(unsafe_code)]
 
-use clap::Parser;
+mod policy;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Corral command line")]
 struct Args {
-    #[arg(trailing_var_arg = true)]
-    rest: Vec<String>,
+    #[command(subcommand)]
+    command: Command,
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate and explain policies.
+    #[command(subcommand)]
+    Policy(policy::Command),
+}
+
+fn main() -> ExitCode {
     let args = Args::parse();
-    let _ = corral_proto::v1::StatusRequest::default();
-    anyhow::bail!("`corral {}` is not implemented yet", args.rest.join(" "))
+    match args.command {
+        Command::Policy(c) => policy::run(c),
+    }
 }

@@ -241,3 +241,23 @@ pub mod build {
         CompiledSet { revision, policies }
     }
 }
+
+/// Exec rules for tests that are not about exec: under default deny, an enrolled process may
+/// exec nothing that no rule allows (e.g. `setsid` or a helper binary).
+pub mod exec_rules {
+    use corral_agent::compiled::{Action, ExecRule, PolicyAddenda};
+
+    /// Addenda allowing every exec: the prefix `/` (the agent adds every filesystem mounted
+    /// below it). Pass one per policy to `PolicyMaps::apply_with_addenda`.
+    pub fn allow_all() -> PolicyAddenda {
+        PolicyAddenda {
+            exec: vec![ExecRule {
+                index: 0,
+                action: Action::Allow,
+                exact: vec![],
+                prefixes: vec!["/".into()],
+            }],
+            ..PolicyAddenda::default()
+        }
+    }
+}

@@ -136,11 +136,14 @@ fn daemonised_and_nested_cgroup_children_stay_attributed() -> anyhow::Result<()>
     let l = Listener::tcp("127.0.0.1:0")?;
     let cg = TestCgroup::new("net-lineage")?;
     let mut e = enforcer_with(&cg, 2)?;
-    e.maps().apply(
+    // The daemon op execs `setsid` and the probe inside the cgroup: allow exec (default deny
+    // applies to exec too).
+    e.maps().apply_with_addenda(
         &set(
             1,
             vec![policy("lineage").zone("local", &["127.0.0.0/8"]).build()],
         ),
+        &[corral_tests::exec_rules::allow_all()],
         |_, _| Some(0),
     )?;
     let target = format!("tcp:127.0.0.1:{}", l.port);

@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: benchmarks reported as ratios against a baseline measured in the same
 //! run (this machine is small and noisy; absolute numbers mean little).
 //!
-//! Sections: `enforce` (connect/exec overhead of the kernel programs: enrolled vs un-enrolled vs no
+//! Sections: `compile` (policy compile time, and load into the kernel maps when root),
+//! `enforce` (connect/exec overhead of the kernel programs: enrolled vs un-enrolled vs no
 //! programs at all, with 10 and 10k rules).
 
 #[derive(Debug, clap::Args)]
@@ -13,11 +14,15 @@ pub struct Args {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Section {
+    Compile,
     Enforce,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let all = args.sections.is_empty();
+    if all || args.sections.contains(&Section::Compile) {
+        compile_bench()?;
+    }
     if all || args.sections.contains(&Section::Enforce) {
         enforce_bench()?;
     }
@@ -44,5 +49,17 @@ pub fn enforce_bench() -> anyhow::Result<()> {
         c.arg("-E").arg(&bench);
         c
     };
+    crate::cmd::run(&mut c)
+}
+
+/// Policy compile (parse + validate + compile + expand) for 1, 100 and 10k rules, and load
+/// into the real kernel maps (through `sudo -E` when not root). The table is printed by the
+/// agent's `compile` bench target (`agent/benches/compile.rs`), which uses the agent library;
+/// xtask stays free of it.
+pub fn compile_bench() -> anyhow::Result<()> {
+    let mut c = crate::cmd::cargo();
+    c.current_dir(crate::cmd::root())
+        .args(["bench", "-p", "corral-agent", "--bench", "compile"]);
+    crate::test::sudo_runner_if_needed(&mut c);
     crate::cmd::run(&mut c)
 }

@@ -60,6 +60,8 @@ pub enum LoadError {
     Maps(#[from] MapError),
     #[error(transparent)]
     Pins(#[from] PinError),
+    #[error("attach the exec programs")]
+    Exec(#[source] Box<super::exec::ExecError>),
 }
 
 /// Loaded programs, their links, and the typed maps. Without pins, dropping it detaches the
@@ -70,6 +72,8 @@ pub struct Enforcer {
     maps: PolicyMaps,
     pinned: bool,
     adopted: bool,
+    exec_mode: super::exec::ExecMode,
+    exec_lsm_error: Option<String>,
     _ebpf: Ebpf,
 }
 
@@ -135,7 +139,11 @@ impl Enforcer {
             }
             info!(program = name, cgroup = %cgroup.display(), pinned = pins.is_some(), "attached");
         }
-        let maps = PolicyMaps::take(&mut ebpf)?;
+        let mut maps = PolicyMaps::take(&mut ebpf)?;
+        // Exec: offsets first, then the LSM probe and the tracepoints.
+        let exec = super::exec::attach(&mut ebpf, maps.exec(), pins)
+            .map_err(|e| LoadError::Exec(Box::new(e)))?;
+        links.extend(exec.links);
         if adopted {
             info!("adopted the pinned state of a previous agent");
         }
@@ -144,8 +152,20 @@ impl Enforcer {
             maps,
             pinned: pins.is_some(),
             adopted,
+            exec_mode: exec.mode,
+            exec_lsm_error: exec.lsm_error,
             _ebpf: ebpf,
         })
+    }
+
+    /// Where exec decisions are enforced: BPF LSM, or the tracepoint + SIGKILL fallback.
+    pub fn exec_mode(&self) -> super::exec::ExecMode {
+        self.exec_mode
+    }
+
+    /// Why the BPF LSM was not used (`None` in LSM mode).
+    pub fn exec_lsm_error(&self) -> Option<&str> {
+        self.exec_lsm_error.as_deref()
     }
 
     /// Whether this start reused pinned maps of an earlier agent.

@@ -5,8 +5,6 @@
 //! generation, then one write to `CONFIG.generation` makes it live, and the old generation is
 //! deleted. A program run sees either the old or the new policy, never a mix.
 
-use std::collections::HashMap as StdHashMap;
-
 use agent_common::{
     ChainKey, Config, GrantKey, GrantValue, NONE, PolicyMeta, Principal, RuleKey, RuleValue,
     ZoneKey, ZoneValue, maps as names, policy_key,
@@ -71,6 +69,7 @@ pub struct PolicyMaps {
     grants: HashMap<MapData, GrantKey, GrantValue>,
     drops: PerCpuArray<MapData, u64>,
     pub(super) events: Option<aya::maps::Map>,
+    exec: super::exec::ExecMaps,
 }
 
 impl PolicyMaps {
@@ -85,6 +84,7 @@ impl PolicyMaps {
             seen: take(ebpf, names::SEEN)?,
             grants: take(ebpf, names::GRANTS)?,
             drops: take(ebpf, names::DROPS)?,
+            exec: super::exec::ExecMaps::take(ebpf)?,
             events: Some(ebpf.take_map(names::EVENTS).ok_or(MapError::Missing {
                 name: names::EVENTS,
             })?),
@@ -184,11 +184,28 @@ impl PolicyMaps {
         Ok(v.iter().sum())
     }
 
+    /// The exec maps (rules are written by [`Self::apply_with_addenda`]).
+    pub fn exec(&mut self) -> &mut super::exec::ExecMaps {
+        &mut self.exec
+    }
+
     /// Atomically replaces the enforced policy set. `slot_of` gives each enrolled principal
     /// (by cgroup id) its policy slot in `set`, or `None` for no policy.
+    /// No exec rules: every exec takes the default action (see [`Self::apply_with_addenda`]).
     pub fn apply(
         &mut self,
         set: &CompiledSet,
+        slot_of: impl FnMut(u64, &Principal) -> Option<u32>,
+    ) -> Result<(), MapError> {
+        self.apply_with_addenda(set, &[], slot_of)
+    }
+
+    /// [`Self::apply`], with each policy's addenda (same order as `set.policies`; missing
+    /// entries mean none): their exec rules are written under the same generation flip.
+    pub fn apply_with_addenda(
+        &mut self,
+        set: &CompiledSet,
+        addenda: &[crate::compiled::PolicyAddenda],
         mut slot_of: impl FnMut(u64, &Principal) -> Option<u32>,
     ) -> Result<(), MapError> {
         let cfg = self.config()?;
@@ -196,8 +213,12 @@ impl PolicyMaps {
         let new = old ^ 1;
         // Leftovers of an interrupted apply.
         self.clear_generation(new)?;
-        for (slot, policy) in set.policies.iter().enumerate() {
-            let slot = u32::try_from(slot).unwrap_or(NONE);
+        for (i, policy) in set.policies.iter().enumerate() {
+            let slot = u32::try_from(i).unwrap_or(NONE);
+            // Exec entries before the policy's meta (written last by write_policy).
+            if let Some(a) = addenda.get(i) {
+                self.exec.write(policy_key(new, slot), &a.exec)?;
+            }
             self.write_policy(policy_key(new, slot), policy, set.revision)?;
         }
         let principals: Vec<(u64, Principal)> =
@@ -221,100 +242,38 @@ impl PolicyMaps {
         policy: &CompiledPolicy,
         revision: u64,
     ) -> Result<(), MapError> {
-        for (zi, zone) in policy.zones.iter().enumerate() {
-            let z = u32::try_from(zi).map_err(|_| MapError::TooManyZones {
-                policy: policy.name.clone(),
-                zone: zi,
-                max: u32::MAX,
-            })?;
-            for net in &zone.nets {
-                let k = Key::new(
-                    agent_common::zone_prefix_len(u32::from(net.bits())),
-                    ZoneKey {
-                        policy: key,
-                        addr: net.kernel_addr(),
-                    },
-                );
-                self.zones
-                    .insert(&k, ZoneValue { zone: z }, 0)
-                    .map_err(op("insert", names::ZONES))?;
-            }
-        }
-        let mut rules: StdHashMap<RuleKey, RuleValue> = StdHashMap::new();
-        for r in &policy.connect {
-            let ports: Vec<u16> = if r.ports.is_empty() {
-                vec![agent_common::ANY_PORT]
-            } else {
-                r.ports.clone()
-            };
-            let protos: Vec<u8> = if r.protocols.is_empty() {
-                vec![agent_common::ANY_PROTO]
-            } else {
-                r.protocols.clone()
-            };
-            for &zone in &r.zones {
-                for &port in &ports {
-                    for &proto in &protos {
-                        let e = rules
-                            .entry(RuleKey {
-                                policy: key,
-                                zone,
-                                port,
-                                proto,
-                                _pad: 0,
-                            })
-                            .or_insert(RuleValue {
-                                allow_rule: NONE,
-                                deny_rule: NONE,
-                            });
-                        let slot = match r.action {
-                            crate::compiled::Action::Allow => &mut e.allow_rule,
-                            crate::compiled::Action::Deny => &mut e.deny_rule,
-                        };
-                        *slot = (*slot).min(r.index);
-                    }
+        let kp = crate::compiled::expand(key, policy, revision).map_err(|e| match e {
+            crate::compiled::ExpandError::ChainZone { policy, zone, max } => {
+                MapError::TooManyZones {
+                    policy,
+                    zone: zone as usize,
+                    max,
                 }
             }
+            crate::compiled::ExpandError::ZoneCount { policy } => MapError::TooManyZones {
+                policy,
+                zone: usize::MAX,
+                max: u32::MAX,
+            },
+        })?;
+        for (len, k, v) in &kp.zones {
+            self.zones
+                .insert(&Key::new(*len, *k), *v, 0)
+                .map_err(op("insert", names::ZONES))?;
         }
-        for (k, v) in rules {
+        for (k, v) in kp.rules {
             self.rules
                 .insert(k, v, 0)
                 .map_err(op("insert", names::RULES))?;
         }
-        let mut chain: StdHashMap<ChainKey, u64> = StdHashMap::new();
-        for c in &policy.chaining {
-            let mut after = 0u64;
-            for &z in &c.after {
-                if z >= agent_common::maps::limits::CHAIN_ZONES {
-                    return Err(MapError::TooManyZones {
-                        policy: policy.name.clone(),
-                        zone: z as usize,
-                        max: agent_common::maps::limits::CHAIN_ZONES,
-                    });
-                }
-                after |= 1u64 << z;
-            }
-            for &zone in &c.deny {
-                *chain.entry(ChainKey { policy: key, zone }).or_default() |= after;
-            }
-        }
-        for (k, v) in chain {
+        for (k, v) in kp.chain {
             self.chain
                 .insert(k, v, 0)
                 .map_err(op("insert", names::CHAIN))?;
         }
         // Meta last: a slot without meta is "no policy" (denied), never half a policy.
         self.policies
-            .insert(
-                key,
-                PolicyMeta {
-                    revision,
-                    default_action: policy.default_action.to_kernel(),
-                    mode: policy.mode.to_kernel(),
-                    _pad: [0; 6],
-                },
-                0,
-            )
+            .insert(key, kp.meta, 0)
             .map_err(op("insert", names::POLICIES))
     }
 
@@ -357,6 +316,7 @@ impl PolicyMaps {
         for k in keys {
             let _ = self.chain.remove(&k);
         }
+        self.exec.clear_generation(generation);
         Ok(())
     }
 }

@@ -1,12 +1,15 @@
 //! The kernel side as userspace sees it: the embedded object, loading and attaching, the typed
 //! map layer and the event reader. No module outside this one touches raw aya maps.
 
+pub mod btf;
 pub mod events;
+pub mod exec;
 pub mod loader;
 pub mod maps;
 pub mod object;
 pub mod pins;
 
+pub use exec::ExecMode;
 pub use loader::{Enforcer, LoadError};
 pub use maps::{MapError, PolicyMaps};
 pub use pins::PinDir;

@@ -18,7 +18,11 @@ use std::{
 };
 
 use anyhow::Context as _;
-use corral_agent::{compiled::CompiledPolicy, ebpf::Enforcer, ebpf::events::EventReader};
+use corral_agent::{
+    compiled::{Action, CompiledPolicy, ExecRule, PolicyAddenda},
+    ebpf::Enforcer,
+    ebpf::events::EventReader,
+};
 use corral_tests::{TestCgroup, build, probe_bin};
 
 const ROUNDS: usize = 5;
@@ -123,8 +127,21 @@ fn main() -> anyhow::Result<()> {
             .add_principal(small_id, small.level(), 1, Some(0))?;
         e.maps().add_principal(big_id, big.level(), 2, Some(1))?;
         let t = std::time::Instant::now();
+        // The exec workload runs /bin/true in the enrolled cgroups: allowed by an exact rule
+        // (default deny applies to exec too).
+        let allow_true = PolicyAddenda {
+            exec: vec![ExecRule {
+                index: 0,
+                action: Action::Allow,
+                exact: vec!["/bin/true".into()],
+                prefixes: vec![],
+            }],
+            ..PolicyAddenda::default()
+        };
         e.maps()
-            .apply(&set, |cg, _| Some(if cg == small_id { 0 } else { 1 }))?;
+            .apply_with_addenda(&set, &[allow_true.clone(), allow_true], |cg, _| {
+                Some(if cg == small_id { 0 } else { 1 })
+            })?;
         apply_ms.push(t.elapsed().as_secs_f64() * 1e3);
         let mut reader = EventReader::take(e.maps())?;
         let stop = Arc::new(AtomicBool::new(false));

@@ -1,0 +1,168 @@
+//! `corral policy check` and `corral policy explain`.
+//!
+//! `explain` in DESIGN.md asks the running agent; the agent daemon and its local API are not
+//! built yet, so `explain` takes the policy file itself with `--policy FILE` and evaluates it
+//! locally with the same reference evaluator the kernel is tested against. It explains a call
+//! from a fresh session (nothing contacted yet, no grants).
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use clap::{Args, Subcommand};
+use corral_agent::{
+    identity,
+    policy::{
+        self, PolicyError,
+        eval::ConnectCall,
+        explain::{Call, explain},
+    },
+};
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate a policy file locally: exit 0, or print `file:line:col: message` per problem.
+    Check {
+        /// The policy file (YAML, one or more AgentPolicy documents).
+        file: PathBuf,
+    },
+    /// Show which rule decides a call by an identity, and why.
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The policy file to evaluate (until the agent's API exists, explain works on a file).
+    #[arg(long)]
+    policy: PathBuf,
+    /// The caller's SPIFFE ID, e.g. spiffe://example.org/agent/research/r1.
+    #[arg(long)]
+    identity: String,
+    /// A connect: ADDR:PORT[/tcp|udp] (IPv6 as [ADDR]:PORT; protocol defaults to tcp).
+    #[arg(long, conflicts_with = "exec", required_unless_present = "exec")]
+    connect: Option<String>,
+    /// An exec of PATH (symlinks are resolved when the file exists here).
+    #[arg(long)]
+    exec: Option<String>,
+}
+
+pub fn run(c: Command) -> ExitCode {
+    match c {
+        Command::Check { file } => check(&file),
+        Command::Explain(a) => match explain_cmd(&a) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(msg) => {
+                eprintln!("{msg}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn report(e: &PolicyError) {
+    match e {
+        PolicyError::Read { file, source } => eprintln!("cannot read policy file {file}: {source}"),
+        PolicyError::Invalid(d) => {
+            for d in d {
+                eprintln!("{d}");
+            }
+        }
+    }
+}
+
+fn check(file: &Path) -> ExitCode {
+    match policy::compile_file(file, 0) {
+        Ok(c) => {
+            let rules: usize = c.set.policies.iter().map(|p| p.connect.len()).sum();
+            let exec: usize = c.addenda.iter().map(|a| a.exec.len()).sum();
+            println!(
+                "{}: ok: {} polic{}, {rules} connect and {exec} exec rules",
+                file.display(),
+                c.set.policies.len(),
+                if c.set.policies.len() == 1 {
+                    "y"
+                } else {
+                    "ies"
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            report(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `ADDR:PORT[/tcp|udp]`.
+pub fn parse_connect(s: &str) -> Result<ConnectCall, String> {
+    let (addr, proto) = match s.rsplit_once('/') {
+        Some((a, "tcp")) => (a, agent_common::PROTO_TCP),
+        Some((a, "udp")) => (a, agent_common::PROTO_UDP),
+        Some((_, p)) => {
+            return Err(format!(
+                "--connect {s}: protocol `{p}` is not supported; write /tcp or /udp"
+            ));
+        }
+        None => (s, agent_common::PROTO_TCP),
+    };
+    let sa: SocketAddr = addr.parse().map_err(|_| {
+        format!("--connect {s}: write ADDR:PORT[/tcp|udp], e.g. 10.0.0.1:443/tcp or [::1]:53/udp")
+    })?;
+    let addr = match sa.ip() {
+        IpAddr::V6(a) => a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4),
+        v4 => v4,
+    };
+    Ok(ConnectCall {
+        addr,
+        port: sa.port(),
+        proto,
+    })
+}
+
+fn explain_cmd(a: &ExplainArgs) -> Result<(), String> {
+    identity::validate_id(&a.identity).map_err(|e| format!("--identity: {e}"))?;
+    let call = match (&a.connect, &a.exec) {
+        (Some(c), _) => Call::Connect(parse_connect(c)?),
+        (None, Some(p)) => {
+            let resolved = match std::fs::canonicalize(p) {
+                Ok(r) => r.display().to_string(),
+                Err(_) if p.starts_with('/') => p.clone(),
+                Err(e) => {
+                    return Err(format!(
+                        "--exec {p}: {e}; give an absolute path (it need not exist here)"
+                    ));
+                }
+            };
+            Call::Exec {
+                given: p.clone(),
+                resolved,
+            }
+        }
+        (None, None) => return Err("give --connect ADDR:PORT[/tcp|udp] or --exec PATH".into()),
+    };
+    let compiled = policy::compile_file(&a.policy, 0).map_err(|e| match &e {
+        PolicyError::Read { file, source } => format!("cannot read policy file {file}: {source}"),
+        PolicyError::Invalid(_) => format!("the policy file is invalid:\n{e}"),
+    })?;
+    println!("{}", explain(&compiled, &a.identity, call));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_syntax() {
+        let c = parse_connect("127.0.0.1:80/udp").expect("valid");
+        assert_eq!((c.port, c.proto), (80, agent_common::PROTO_UDP));
+        let c = parse_connect("[::ffff:10.0.0.1]:443").expect("valid");
+        assert_eq!(c.addr, "10.0.0.1".parse::<IpAddr>().expect("ip"));
+        assert_eq!(c.proto, agent_common::PROTO_TCP);
+        assert!(parse_connect("127.0.0.1:80/icmp").is_err());
+        assert!(parse_connect("127.0.0.1").is_err());
+    }
+}
