@@ -10,7 +10,7 @@ use std::{
 use agent_common::{GrantKey, GrantValue, PROTO_TCP, PROTO_UDP};
 use corral_agent::ebpf::{
     Enforcer,
-    events::{ConnectDecision, EventReader, KernelEvent, Reason, Verdict},
+    events::{EventReader, Reason, Verdict},
 };
 use corral_tests::{
     Listener, Outcome, TestCgroup,
@@ -31,16 +31,6 @@ fn enforcer_with(cg: &TestCgroup, index: u32) -> anyhow::Result<Enforcer> {
     e.maps()
         .add_principal(cg.id()?, cg.level(), index, Some(0))?;
     Ok(e)
-}
-
-fn connects(reader: &mut EventReader) -> Vec<ConnectDecision> {
-    let mut v = Vec::new();
-    reader.drain(&mut v);
-    v.into_iter()
-        .map(|e| match e {
-            KernelEvent::Connect(c) => c,
-        })
-        .collect()
 }
 
 #[test]
@@ -117,7 +107,7 @@ fn tcp_udp_sendto_ipv6_mapped_and_fast_open() -> anyhow::Result<()> {
     }
     assert_eq!(got.len(), want.len());
 
-    let events = connects(&mut EventReader::take(e.maps())?);
+    let events = EventReader::take(e.maps())?.drain_connects();
     let mapped = events
         .iter()
         .find(|c| c.port == p4 ^ 1 && c.proto == PROTO_TCP && c.hook == agent_common::HOOK_CONNECT6)
@@ -229,7 +219,7 @@ fn chaining_blocks_after_internal_zone_per_session() -> anyhow::Result<()> {
         "another session of the same identity is unaffected"
     );
 
-    let events = connects(&mut EventReader::take(e.maps())?);
+    let events = EventReader::take(e.maps())?.drain_connects();
     let chained = events
         .iter()
         .find(|c| c.reason == Reason::Chaining)
@@ -261,7 +251,7 @@ fn audit_mode_allows_and_records_audit_deny() -> anyhow::Result<()> {
     )?;
     let got = probe_in(&cg.path, &["udp:127.0.0.1:9", "udp:127.0.0.1:10"])?;
     assert_eq!(got, vec![ok(), ok()], "audit mode blocks nothing");
-    let events = connects(&mut EventReader::take(e.maps())?);
+    let events = EventReader::take(e.maps())?.drain_connects();
     let by_port = |p: u16| events.iter().find(|c| c.port == p).cloned();
     let rule = by_port(9).ok_or_else(|| anyhow::anyhow!("no event for port 9"))?;
     assert_eq!(
@@ -295,7 +285,7 @@ fn enrolled_without_policy_is_denied_and_default_allow_works() -> anyhow::Result
     )?;
     assert_eq!(probe_in(&none.path, &["udp:127.0.0.1:9"])?, vec![eperm()]);
     assert_eq!(probe_in(&open.path, &["udp:127.0.0.1:9"])?, vec![ok()]);
-    let events = connects(&mut EventReader::take(e.maps())?);
+    let events = EventReader::take(e.maps())?.drain_connects();
     assert!(
         events.iter().any(|c| c.principal == 5
             && c.reason == Reason::NoPolicy
@@ -343,7 +333,7 @@ fn expired_grant_denies_without_userspace_action() -> anyhow::Result<()> {
     std::thread::sleep(ttl + Duration::from_millis(100));
     // No userspace action since: the kernel itself stops honouring the grant.
     assert_eq!(probe_in(&cg.path, &["udp:127.0.3.1:5433"])?, vec![eperm()]);
-    let events = connects(&mut EventReader::take(e.maps())?);
+    let events = EventReader::take(e.maps())?.drain_connects();
     assert!(
         events
             .iter()

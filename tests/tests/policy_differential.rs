@@ -13,7 +13,7 @@ use agent_common::{GrantKey, GrantValue, PROTO_TCP, PROTO_UDP};
 use corral_agent::{
     ebpf::{
         Enforcer,
-        events::{ConnectDecision, EventReader, KernelEvent},
+        events::{ConnectDecision, EventReader},
     },
     policy::{
         compile_str,
@@ -177,16 +177,6 @@ fn random_case(r: &mut Rng, n: usize) -> Case {
     }
 }
 
-fn connects(reader: &mut EventReader) -> Vec<ConnectDecision> {
-    let mut v = Vec::new();
-    reader.drain(&mut v);
-    v.into_iter()
-        .map(|e| match e {
-            KernelEvent::Connect(c) => c,
-        })
-        .collect()
-}
-
 #[test]
 fn kernel_decides_random_policies_like_the_reference_evaluator() -> anyhow::Result<()> {
     if !privileged() {
@@ -255,7 +245,7 @@ fn kernel_decides_random_policies_like_the_reference_evaluator() -> anyhow::Resu
                 ActiveGrant { id, expires_ns },
             );
         }
-        let _ = connects(&mut reader);
+        let _ = reader.drain_connects();
 
         let mut ops = Vec::new();
         let mut calls = Vec::new();
@@ -283,7 +273,8 @@ fn kernel_decides_random_policies_like_the_reference_evaluator() -> anyhow::Resu
         let op_refs: Vec<&str> = ops.iter().map(String::as_str).collect();
         let outcomes = probe_in(&cg.path, &op_refs)?;
         assert_eq!(outcomes.len(), calls.len(), "probe printed one line per op");
-        let events: Vec<ConnectDecision> = connects(&mut reader)
+        let events: Vec<ConnectDecision> = reader
+            .drain_connects()
             .into_iter()
             .filter(|e| e.principal == principal)
             .collect();

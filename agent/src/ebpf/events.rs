@@ -286,6 +286,18 @@ impl EventReader {
         }
     }
 
+    /// Drains the ring and returns its connect decisions (other kinds are counted in
+    /// `exec_skipped` as by [`Self::drain`]).
+    pub fn drain_connects(&mut self) -> Vec<ConnectDecision> {
+        let mut v = Vec::new();
+        self.drain(&mut v);
+        v.into_iter()
+            .map(|e| match e {
+                KernelEvent::Connect(c) => c,
+            })
+            .collect()
+    }
+
     pub fn ring(&self) -> &RingBuf<MapData> {
         &self.ring
     }

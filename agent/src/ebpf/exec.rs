@@ -25,7 +25,11 @@ use aya::{
 };
 use tracing::{info, warn};
 
-use super::{btf::KernelBtf, maps::MapError, pins::PinDir};
+use super::{
+    btf::KernelBtf,
+    maps::{MapError, op, take},
+    pins::PinDir,
+};
 use crate::compiled::{Action, ExecRule};
 
 /// The LSM program and the hook it attaches to.
@@ -320,18 +324,6 @@ pub struct ExecMaps {
     files: HashMap<MapData, ExecKey, RuleValue>,
     dirs: HashMap<MapData, ExecKey, RuleValue>,
     tasks: HashMap<MapData, u32, TaskInfo>,
-}
-
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapError>
-where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf.take_map(name).ok_or(MapError::Missing { name })?;
-    T::try_from(map).map_err(|source| MapError::Type { name, source })
-}
-
-fn op(op: &'static str, name: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapError {
-    move |source| MapError::Op { op, name, source }
 }
 
 impl ExecMaps {

@@ -41,7 +41,8 @@ pub enum MapError {
     },
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapError>
+/// Takes map `name` out of the loaded object as its typed wrapper.
+pub(super) fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
@@ -49,7 +50,11 @@ where
     T::try_from(map).map_err(|source| MapError::Type { name, source })
 }
 
-fn op(op: &'static str, name: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapError {
+/// Names the failed map operation in the error.
+pub(super) fn op(
+    op: &'static str,
+    name: &'static str,
+) -> impl FnOnce(aya::maps::MapError) -> MapError {
     move |source| MapError::Op { op, name, source }
 }
 
