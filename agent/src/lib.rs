@@ -9,11 +9,13 @@
 //! - [`identity`]: SPIFFE ID patterns and matching.
 //! - [`cgroup`]: creating, joining and removing cgroup v2 directories.
 //! - [`policy`]: the policy language: parse, validate, compile, evaluate, explain.
+//! - [`daemon`]: `corral-agent`: registry, policy reload, event pipeline, local API.
 #![forbid(unsafe_code)]
 
 pub mod cgroup;
 pub mod clock;
 pub mod compiled;
+pub mod daemon;
 pub mod ebpf;
 pub mod identity;
 pub mod paths;

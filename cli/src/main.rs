@@ -1,11 +1,15 @@
 //! `corral`: the command line for people and scripts.
 //!
-//! Implemented so far: `corral policy check FILE` and `corral policy explain`. The other
-//! commands of DESIGN.md (run, events, status, grant, policy apply/list/get/delete) arrive with
-//! the agent API and the server.
+//! Implemented: `run`, `events`, `status` (local agent), `policy check` and `policy explain`
+//! (locally with `--policy FILE`, else through the agent). Not yet: `grant ...` and
+//! `policy apply/list/get/delete` and `--server`, which need the central server.
 #![forbid(unsafe_code)]
 
+mod client;
+mod events;
 mod policy;
+mod run;
+mod status;
 
 use std::process::ExitCode;
 
@@ -23,11 +27,20 @@ enum Command {
     /// Validate and explain policies.
     #[command(subcommand)]
     Policy(policy::Command),
+    /// Enrol a principal through the local agent and run CMD inside it (exit status is CMD's).
+    Run(run::Args),
+    /// Decisions and process events from the local agent.
+    Events(events::Args),
+    /// What the local agent enforces: exec mode, hooks, policy revision, principals, counters.
+    Status(status::Args),
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     match args.command {
         Command::Policy(c) => policy::run(c),
+        Command::Run(a) => run::run(&a),
+        Command::Events(a) => events::run(&a),
+        Command::Status(a) => status::run(&a),
     }
 }

@@ -1,9 +1,9 @@
 //! `corral policy check` and `corral policy explain`.
 //!
-//! `explain` in DESIGN.md asks the running agent; the agent daemon and its local API are not
-//! built yet, so `explain` takes the policy file itself with `--policy FILE` and evaluates it
-//! locally with the same reference evaluator the kernel is tested against. It explains a call
-//! from a fresh session (nothing contacted yet, no grants).
+//! `explain` asks the running agent (its `Explain` call evaluates the policy it enforces), or,
+//! with `--policy FILE`, evaluates that file locally with the same reference evaluator the
+//! kernel is tested against. Either way it explains a call from a fresh session (nothing
+//! contacted yet, no grants).
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -34,9 +34,11 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct ExplainArgs {
-    /// The policy file to evaluate (until the agent's API exists, explain works on a file).
+    /// Evaluate this policy file locally instead of asking the agent.
     #[arg(long)]
-    policy: PathBuf,
+    policy: Option<PathBuf>,
+    #[command(flatten)]
+    socket: crate::client::SocketArgs,
     /// The caller's SPIFFE ID, e.g. spiffe://example.org/agent/research/r1.
     #[arg(long)]
     identity: String,
@@ -143,11 +145,41 @@ fn explain_cmd(a: &ExplainArgs) -> Result<(), String> {
         }
         (None, None) => return Err("give --connect ADDR:PORT[/tcp|udp] or --exec PATH".into()),
     };
-    let compiled = policy::compile_file(&a.policy, 0).map_err(|e| match &e {
+    let Some(file) = &a.policy else {
+        return explain_by_agent(a);
+    };
+    let compiled = policy::compile_file(file, 0).map_err(|e| match &e {
         PolicyError::Read { file, source } => format!("cannot read policy file {file}: {source}"),
         PolicyError::Invalid(_) => format!("the policy file is invalid:\n{e}"),
     })?;
     println!("{}", explain(&compiled, &a.identity, call));
+    Ok(())
+}
+
+/// Asks the agent, which explains against the policy it enforces now.
+fn explain_by_agent(a: &ExplainArgs) -> Result<(), String> {
+    use corral_proto::v1 as pb;
+    let call = match (&a.connect, &a.exec) {
+        (Some(c), _) => pb::explain_request::Call::Connect(c.clone()),
+        (None, Some(p)) => pb::explain_request::Call::Exec(p.clone()),
+        (None, None) => return Err("give --connect ADDR:PORT[/tcp|udp] or --exec PATH".into()),
+    };
+    let rt = crate::client::runtime()?;
+    let resp = rt.block_on(async {
+        let mut client = crate::client::connect(&a.socket.socket).await?;
+        client
+            .explain(pb::ExplainRequest {
+                identity: a.identity.clone(),
+                call: Some(call),
+            })
+            .await
+            .map_err(|s| crate::client::status_text(&s))
+    })?;
+    let r = resp.into_inner();
+    println!("{}", r.explanation);
+    if let Some(d) = r.decision {
+        println!("(agent policy revision {})", d.revision);
+    }
     Ok(())
 }
 

@@ -3,7 +3,8 @@
 //!
 //! Sections: `compile` (policy compile time, and load into the kernel maps when root),
 //! `enforce` (connect/exec overhead of the kernel programs: enrolled vs un-enrolled vs no
-//! programs at all, with 10 and 10k rules).
+//! programs at all, with 10 and 10k rules), `events` (kernel → agent → gRPC subscriber events/s
+//! with drop accounting, agent RSS).
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -16,6 +17,7 @@ pub struct Args {
 enum Section {
     Compile,
     Enforce,
+    Events,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
@@ -25,6 +27,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     if all || args.sections.contains(&Section::Enforce) {
         enforce_bench()?;
+    }
+    if all || args.sections.contains(&Section::Events) {
+        events_bench()?;
     }
     Ok(())
 }
@@ -61,5 +66,41 @@ pub fn compile_bench() -> anyhow::Result<()> {
     c.current_dir(crate::cmd::root())
         .args(["bench", "-p", "corral-agent", "--bench", "compile"]);
     crate::test::sudo_runner_if_needed(&mut c);
+    crate::cmd::run(&mut c)
+}
+
+/// Event pipeline: events/s from the kernel to a gRPC subscriber with drop accounting
+/// (delivered + dropped == generated at each stage), and the agent's RSS idle and under load.
+/// Release binaries (agent, CLI, `corral-event-bench` from `tests/src/bin/event_bench.rs`), run
+/// as root (through `sudo -E` when not).
+pub fn events_bench() -> anyhow::Result<()> {
+    let root = crate::cmd::root();
+    crate::cmd::run(crate::cmd::cargo().current_dir(&root).args([
+        "build",
+        "--release",
+        "--package",
+        "corral-agent",
+        "--package",
+        "corral-cli",
+        "--package",
+        "corral-tests",
+        "--bin",
+        "corral-agent",
+        "--bin",
+        "corral",
+        "--bin",
+        "corral-event-bench",
+    ]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let bench = target.join("release").join("corral-event-bench");
+    let mut c = if crate::cmd::is_root() {
+        std::process::Command::new(&bench)
+    } else {
+        let mut c = std::process::Command::new("sudo");
+        c.arg("-E").arg(&bench);
+        c
+    };
     crate::cmd::run(&mut c)
 }

@@ -3,6 +3,8 @@
 //! invocation, one target dir: nothing is built twice.
 //!
 //! Not root: the test binaries are run through `sudo -E` (cargo's target runner).
+//!
+//! The agent and CLI binaries are built first: the end-to-end tests run them as processes.
 
 use crate::cmd;
 
@@ -14,6 +16,7 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
+    build_binaries()?;
     let mut c = cmd::cargo();
     c.current_dir(cmd::root())
         .args(["test", "--workspace", "--exclude", "agent-ebpf"]);
@@ -22,6 +25,19 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     // the log proves they ran rather than skipped.
     c.arg("--").arg("--show-output").args(&args.harness);
     cmd::run(&mut c)
+}
+
+/// The end-to-end tests (`tests/tests/e2e_agent.rs`) run the real `corral-agent` and `corral`
+/// binaries; cargo builds only the tested package's own binaries for its tests, so build these
+/// first, into the same target dir.
+pub fn build_binaries() -> anyhow::Result<()> {
+    cmd::run(cmd::cargo().current_dir(cmd::root()).args([
+        "build",
+        "--package",
+        "corral-agent",
+        "--package",
+        "corral-cli",
+    ]))
 }
 
 /// Privileged tests need root: when we are not root, run test binaries through `sudo -E`.

@@ -1,0 +1,326 @@
+//! The local API: `AgentService` over the unix socket, authorized by the socket's peer
+//! credentials. Only root (or the configured group) may enrol; a caller whose cgroup is a
+//! principal's (or inside one) is refused everything that changes state.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::{Arc, atomic::Ordering},
+};
+
+use corral_proto::v1::{self as pb, agent_service_server::AgentService};
+use tokio_stream::{Stream, StreamExt as _};
+use tonic::{Request, Response, Status, transport::server::UdsConnectInfo};
+use tracing::{info, instrument};
+
+use super::{
+    Shared,
+    hub::{Filter, FilterError},
+    registry::{RegistryError, random_session},
+    status,
+};
+use crate::policy::{
+    eval::{ConnectCall, Reason, Verdict},
+    explain::{Call, explain},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("permission denied: {0}")]
+    Denied(String),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Filter(#[from] FilterError),
+    #[error("bad --connect value `{0}`: write ADDR:PORT[/tcp|udp], IPv6 as [ADDR]:PORT")]
+    Connect(String),
+    #[error("explain needs a connect or an exec")]
+    NoCall,
+    #[error("no policy is enforced yet")]
+    NoPolicy,
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        let msg = super::policy::error_chain(&e);
+        match e {
+            ApiError::Denied(_) => Status::permission_denied(msg),
+            ApiError::Registry(RegistryError::Identity(_) | RegistryError::Session(_))
+            | ApiError::Filter(_)
+            | ApiError::Connect(_)
+            | ApiError::NoCall => Status::invalid_argument(msg),
+            ApiError::Registry(RegistryError::Full) => Status::resource_exhausted(msg),
+            ApiError::NoPolicy => Status::failed_precondition(msg),
+            ApiError::Registry(_) => Status::internal(msg),
+        }
+    }
+}
+
+/// Who is calling, from the socket's peer credentials.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    uid: u32,
+    gid: u32,
+    pid: Option<i32>,
+}
+
+fn peer<T>(req: &Request<T>) -> Result<Peer, ApiError> {
+    let cred = req
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+        .ok_or_else(|| ApiError::Denied("the caller's credentials are unknown".into()))?;
+    Ok(Peer {
+        uid: cred.uid(),
+        gid: cred.gid(),
+        pid: cred.pid(),
+    })
+}
+
+/// The cgroup v2 directory of `pid` (absolute, under `root`).
+fn cgroup_of(root: &Path, pid: i32) -> Option<PathBuf> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let rel = s.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(root.join(rel.trim().trim_start_matches('/')))
+}
+
+/// Supplementary groups of `pid`.
+fn groups_of(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+pub struct Api {
+    pub shared: Arc<Shared>,
+}
+
+impl Api {
+    /// A state-changing call: the caller must be root or in the enrol group, and must not
+    /// run inside a principal.
+    fn authorize_change(&self, p: Peer) -> Result<(), ApiError> {
+        let pid = p
+            .pid
+            .ok_or_else(|| ApiError::Denied("the caller's pid is unknown".into()))?;
+        let cg = cgroup_of(&self.shared.resolved.cgroup_root, pid).ok_or_else(|| {
+            ApiError::Denied(format!("the cgroup of caller pid {pid} cannot be read"))
+        })?;
+        if self.shared.registry.is_inside_principal(&cg) {
+            return Err(ApiError::Denied(format!(
+                "pid {pid} runs inside an enrolled principal ({}) and may not change agent state",
+                cg.display()
+            )));
+        }
+        let group_ok = self
+            .shared
+            .resolved
+            .config
+            .enroll_gid
+            .is_some_and(|g| p.gid == g || groups_of(pid).contains(&g));
+        if p.uid != 0 && !group_ok {
+            return Err(ApiError::Denied(format!(
+                "uid {} may not enrol: only root or the agent's enrol group may",
+                p.uid
+            )));
+        }
+        Ok(())
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>>;
+
+fn parse_connect(s: &str) -> Result<ConnectCall, ApiError> {
+    let bad = || ApiError::Connect(s.into());
+    let (addr, proto) = match s.rsplit_once('/') {
+        Some((a, "tcp")) => (a, agent_common::PROTO_TCP),
+        Some((a, "udp")) => (a, agent_common::PROTO_UDP),
+        Some(_) => return Err(bad()),
+        None => (s, agent_common::PROTO_TCP),
+    };
+    let sa: SocketAddr = addr.parse().map_err(|_| bad())?;
+    let ip = match sa.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    Ok(ConnectCall {
+        addr: ip,
+        port: sa.port(),
+        proto,
+    })
+}
+
+fn verdict_pb(v: Verdict) -> pb::Verdict {
+    match v {
+        Verdict::Allow => pb::Verdict::Allow,
+        Verdict::Deny => pb::Verdict::Deny,
+        Verdict::AuditDeny => pb::Verdict::AuditDeny,
+    }
+}
+
+fn reason_pb(r: Reason) -> pb::Reason {
+    match r {
+        Reason::Rule => pb::Reason::Rule,
+        Reason::Default => pb::Reason::Default,
+        Reason::Chaining => pb::Reason::Chaining,
+        Reason::Grant => pb::Reason::Grant,
+        Reason::NoPolicy => pb::Reason::NoPolicy,
+    }
+}
+
+#[tonic::async_trait]
+impl AgentService for Api {
+    #[instrument(skip_all, fields(identity = %req.get_ref().identity, session = %req.get_ref().session))]
+    async fn enroll(
+        &self,
+        req: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let p = peer(&req)?;
+        if let Err(e) = self.authorize_change(p) {
+            info!(uid = p.uid, pid = ?p.pid, "enrol refused: {e}");
+            return Err(e.into());
+        }
+        let r = req.into_inner();
+        let session = if r.session.is_empty() {
+            random_session()
+        } else {
+            r.session
+        };
+        let rec = {
+            let mut enf = self.shared.enforcer();
+            let slot = self
+                .shared
+                .policy_state()
+                .current()
+                .and_then(|g| g.compiled.set.policy_for(&r.identity));
+            self.shared
+                .registry
+                .enroll(&r.identity, &session, slot, enf.maps())
+                .map_err(ApiError::from)?
+        };
+        Ok(Response::new(pb::EnrollResponse {
+            principal: Some(pb::Principal {
+                identity: rec.identity.clone(),
+                session: rec.session.clone(),
+                cgroup_id: rec.cgroup_id,
+            }),
+            cgroup_path: rec.cgroup.display().to_string(),
+        }))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    #[instrument(skip_all, fields(follow = req.get_ref().follow))]
+    async fn watch_events(
+        &self,
+        req: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let r = req.into_inner();
+        let filter = Filter::new(r.filter).map_err(ApiError::from)?;
+        let sub = self.shared.hub.subscribe(filter, r.follow);
+        let history = tokio_stream::iter(sub.history.into_iter().map(|e| {
+            Ok(pb::WatchEventsResponse {
+                event: Some((*e).clone()),
+                subscriber_dropped: 0,
+            })
+        }));
+        let stream: EventStream = match sub.rx {
+            Some(rx) => {
+                let dropped = sub.dropped;
+                let live = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |e| {
+                    Ok(pb::WatchEventsResponse {
+                        event: Some((*e).clone()),
+                        subscriber_dropped: dropped.load(Ordering::Relaxed),
+                    })
+                });
+                Box::pin(history.chain(live))
+            }
+            None => Box::pin(history),
+        };
+        Ok(Response::new(stream))
+    }
+
+    #[instrument(skip_all)]
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::AgentStatus>, Status> {
+        Ok(Response::new(status::build(&self.shared)))
+    }
+
+    #[instrument(skip_all, fields(identity = %req.get_ref().identity))]
+    async fn explain(
+        &self,
+        req: Request<pb::ExplainRequest>,
+    ) -> Result<Response<pb::ExplainResponse>, Status> {
+        let r = req.into_inner();
+        crate::identity::validate_id(&r.identity)
+            .map_err(|e| ApiError::Registry(RegistryError::Identity(e)))?;
+        let call = match r.call {
+            Some(pb::explain_request::Call::Connect(c)) => Call::Connect(parse_connect(&c)?),
+            Some(pb::explain_request::Call::Exec(p)) => {
+                let resolved = std::fs::canonicalize(&p)
+                    .map(|x| x.display().to_string())
+                    .unwrap_or_else(|_| p.clone());
+                Call::Exec { given: p, resolved }
+            }
+            None => return Err(ApiError::NoCall.into()),
+        };
+        let generation = self
+            .shared
+            .policy_state()
+            .current()
+            .cloned()
+            .ok_or(ApiError::NoPolicy)?;
+        let x = explain(&generation.compiled, &r.identity, call);
+        Ok(Response::new(pb::ExplainResponse {
+            decision: Some(pb::Decision {
+                verdict: verdict_pb(x.decision.verdict) as i32,
+                reason: reason_pb(x.decision.reason) as i32,
+                policy: x.policy.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
+                revision: generation.revision,
+                rule_index: x.decision.rule,
+                grant_id: String::new(),
+                grant_available: String::new(),
+            }),
+            zone: x.zone.clone().unwrap_or_default(),
+            rule_location: x.rule_at.clone().unwrap_or_default(),
+            explanation: x.to_string(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_values_parse_like_the_cli_documents() -> Result<(), ApiError> {
+        let c = parse_connect("127.0.0.1:9090")?;
+        assert_eq!(c.port, 9090);
+        assert_eq!(c.proto, agent_common::PROTO_TCP);
+        let c = parse_connect("[::ffff:10.0.0.1]:53/udp")?;
+        assert_eq!(c.addr, "10.0.0.1".parse::<IpAddr>().expect("ip"));
+        assert_eq!(c.proto, agent_common::PROTO_UDP);
+        assert!(parse_connect("1.2.3.4:1/sctp").is_err());
+        assert!(parse_connect("1.2.3.4").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn errors_map_to_real_codes() {
+        let s: Status = ApiError::Denied("x".into()).into();
+        assert_eq!(s.code(), tonic::Code::PermissionDenied);
+        let s: Status = ApiError::Registry(RegistryError::Session("a/b".into())).into();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        let s: Status = ApiError::NoPolicy.into();
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+    }
+}

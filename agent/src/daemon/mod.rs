@@ -1,0 +1,371 @@
+//! `corral-agent --policy FILE`: the standalone node daemon.
+//!
+//! - [`config`]: the one configuration struct (flags, `CORRAL_*` env, defaults).
+//! - [`shutdown`]: SIGTERM/SIGINT → one signal broadcast to every task.
+//! - [`registry`]: principals (identity + session + cgroup), persisted in the state dir.
+//! - [`policy`]: compile, apply atomically, keep the previous policy on rejection.
+//! - [`pipeline`] and [`hub`]: ring buffer → enrichment → subscribers; [`render`]: JSON/lines.
+//! - [`api`]: `AgentService` on the unix socket; [`status`] and [`metrics`].
+//!
+//! Start: load (or adopt) the pinned programs, read the principals the previous agent left,
+//! apply the policy (or the last-known-good one), then serve. Stop: the tasks drain, and the
+//! pins stay (enforcement continues) unless `--uninstall`.
+
+pub mod api;
+pub mod config;
+pub mod hub;
+pub mod metrics;
+pub mod pipeline;
+pub mod policy;
+pub mod registry;
+pub mod render;
+pub mod shutdown;
+pub mod status;
+
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::Path,
+    sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    time::Duration,
+};
+
+use corral_proto::v1::agent_service_server::AgentServiceServer;
+use tokio::net::UnixListener;
+use tracing::{error, info, warn};
+
+use self::{
+    config::Resolved,
+    hub::Hub,
+    pipeline::{AuditLog, Counters},
+    policy::{ApplyError, LastKnownGood, PolicyState},
+    registry::{Registry, RegistryError},
+    shutdown::{Shutdown, ShutdownSignal},
+};
+use crate::{
+    ebpf::{Enforcer, ExecMode, LoadError, MapError, PinDir, events::EventReader, pins::PinError},
+    policy::Compiled,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("create state directory {path}")]
+    StateDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("load principals")]
+    Registry(#[from] RegistryError),
+    #[error("load and attach the kernel programs")]
+    Load(#[from] LoadError),
+    #[error("take the event ring buffer")]
+    Events(#[source] MapError),
+    #[error("socket {path}: another agent is serving it")]
+    SocketInUse { path: std::path::PathBuf },
+    #[error("bind the local API socket {path}")]
+    Bind {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bind the metrics address {addr}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("open the audit log {path}")]
+    Audit {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("install signal handlers")]
+    Signals(#[source] std::io::Error),
+    #[error("serve the local API")]
+    Serve(#[source] tonic::transport::Error),
+    #[error("uninstall pins")]
+    Uninstall(#[from] PinError),
+}
+
+/// State every task shares.
+pub struct Shared {
+    pub resolved: Resolved,
+    enforcer: Mutex<Enforcer>,
+    pub registry: Registry,
+    policy: RwLock<PolicyState>,
+    pub lkg: LastKnownGood,
+    pub hub: Hub,
+    pub counters: Counters,
+    pub exec_mode: ExecMode,
+}
+
+impl Shared {
+    /// The enforcer (lock order: enforcer, then policy state, then registry).
+    pub fn enforcer(&self) -> MutexGuard<'_, Enforcer> {
+        self.enforcer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn policy_state(&self) -> RwLockReadGuard<'_, PolicyState> {
+        self.policy.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn policy_state_mut(&self) -> RwLockWriteGuard<'_, PolicyState> {
+        self.policy.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Re-reads the policy file; applies it if its text changed since the last attempt.
+    fn reload(&self) {
+        let path = self.resolved.policy_path();
+        let source = match policy::read_source(path) {
+            Ok(s) => s,
+            Err(e) => {
+                let mut st = self.policy_state_mut();
+                let msg = e.to_string();
+                if st.last_error.as_deref() != Some(msg.as_str()) {
+                    policy::record_error(&mut st, &ApplyError::Invalid(e));
+                    st.last_source = None;
+                }
+                return;
+            }
+        };
+        if self.policy_state().last_source.as_deref() == Some(source.as_str()) {
+            return;
+        }
+        let mut enf = self.enforcer();
+        let mut st = self.policy_state_mut();
+        let file = path.display().to_string();
+        if let Err(e) = policy::apply_source(
+            &file,
+            &source,
+            &mut st,
+            &self.lkg,
+            enf.maps(),
+            &self.registry,
+            &self.resolved.cgroup_root,
+        ) {
+            policy::record_error(&mut st, &e);
+        }
+        st.last_source = Some(source);
+    }
+
+    /// First apply at start: the file, else the last-known-good policy, else (fresh pins)
+    /// the empty set, under which enrolled principals are denied everything.
+    fn initial_apply(&self, adopted: bool) {
+        self.reload();
+        if self.policy_state().current().is_some() {
+            return;
+        }
+        let file = self.resolved.policy_path().display().to_string();
+        let mut enf = self.enforcer();
+        let mut st = self.policy_state_mut();
+        let fallback = match self.lkg.compiled(&file) {
+            Some((revision, _, c)) => {
+                warn!(
+                    revision,
+                    "enforcing the last-known-good policy until the file is fixed"
+                );
+                Some(c)
+            }
+            None if adopted => {
+                warn!("no valid policy: the pinned policy of the previous agent stays in force");
+                None
+            }
+            None => Some(Compiled {
+                set: crate::compiled::CompiledSet::default(),
+                addenda: Vec::new(),
+                sources: Vec::new(),
+            }),
+        };
+        if let Some(c) = fallback {
+            let err = st.last_error.clone();
+            if let Err(e) = policy::apply_compiled(
+                c,
+                &mut st,
+                enf.maps(),
+                &self.registry,
+                &self.resolved.cgroup_root,
+            ) {
+                policy::record_error(&mut st, &ApplyError::Maps(e));
+            } else {
+                // Still report why the file itself was not applied.
+                st.last_error = err;
+            }
+        }
+    }
+}
+
+fn bind_socket(path: &Path, gid: Option<u32>) -> Result<UnixListener, DaemonError> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::SocketInUse { path: path.into() });
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let bind_err = |source| DaemonError::Bind {
+        path: path.into(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(bind_err)?;
+    }
+    let l = UnixListener::bind(path).map_err(bind_err)?;
+    let mode = if gid.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(bind_err)?;
+    if let Some(g) = gid {
+        std::os::unix::fs::chown(path, None, Some(g)).map_err(bind_err)?;
+    }
+    Ok(l)
+}
+
+async fn watch_policy(shared: Arc<Shared>, mut stop: ShutdownSignal) {
+    let mut tick = tokio::time::interval(Duration::from_millis(
+        shared.resolved.config.policy_poll_ms.max(10),
+    ));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.wait() => return,
+            _ = tick.tick() => {
+                let s = shared.clone();
+                // Map writes and file reads are blocking syscalls: off the async workers.
+                if let Err(e) = tokio::task::spawn_blocking(move || s.reload()).await {
+                    error!(error = %e, "policy reload task failed");
+                }
+            }
+        }
+    }
+}
+
+/// How often principals whose processes all exited are looked for.
+const SWEEP: Duration = Duration::from_millis(250);
+
+async fn sweep_principals(shared: Arc<Shared>, mut stop: ShutdownSignal) {
+    let mut tick = tokio::time::interval(SWEEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.wait() => return,
+            _ = tick.tick() => {
+                let s = shared.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    let mut enf = s.enforcer();
+                    s.registry.sweep(enf.maps());
+                })
+                .await;
+            }
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
+    let cfg = &resolved.config;
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| DaemonError::StateDir {
+        path: cfg.state_dir.clone(),
+        source,
+    })?;
+    let registry = Registry::load(
+        &resolved.cgroup_root,
+        &resolved.cgroup_dir,
+        &resolved.state_file("principals.json"),
+    )?;
+    let pins = PinDir::new(&resolved.pin_dir);
+    let mut enforcer = Enforcer::start(&resolved.cgroup_root, Some(&pins))?;
+    let adopted = enforcer.adopted();
+    let exec_mode = enforcer.exec_mode();
+    info!(
+        pins = %resolved.pin_dir.display(),
+        adopted,
+        exec = status::exec_enforcement(exec_mode),
+        lsm_unavailable = enforcer.exec_lsm_error().unwrap_or(""),
+        "kernel programs attached"
+    );
+    let reader = EventReader::take(enforcer.maps()).map_err(DaemonError::Events)?;
+    let audit =
+        match &cfg.audit_log {
+            Some(p) => Some(AuditLog::open(p.clone(), cfg.audit_log_max_bytes).map_err(
+                |source| DaemonError::Audit {
+                    path: p.clone(),
+                    source,
+                },
+            )?),
+            None => None,
+        };
+    let listener = bind_socket(&cfg.socket, cfg.enroll_gid)?;
+    let metrics = match cfg.metrics_addr {
+        Some(addr) => Some(
+            metrics::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Metrics { addr, source })?,
+        ),
+        None => None,
+    };
+    let shared = Arc::new(Shared {
+        lkg: LastKnownGood::new(&cfg.state_dir),
+        hub: Hub::new(cfg.event_history, cfg.subscriber_queue),
+        counters: Counters::default(),
+        enforcer: Mutex::new(enforcer),
+        registry,
+        policy: RwLock::new(PolicyState::default()),
+        exec_mode,
+        resolved: resolved.clone(),
+    });
+    {
+        let s = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || s.initial_apply(adopted)).await;
+    }
+
+    let shutdown = Shutdown::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(pipeline::run(
+        shared.clone(),
+        reader,
+        audit,
+        shutdown.subscribe(),
+    ));
+    tasks.spawn(watch_policy(shared.clone(), shutdown.subscribe()));
+    tasks.spawn(sweep_principals(shared.clone(), shutdown.subscribe()));
+    if let Some(l) = metrics {
+        tasks.spawn(metrics::serve(l, shared.clone(), shutdown.subscribe()));
+    }
+    let mut api_stop = shutdown.subscribe();
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let server = tonic::transport::Server::builder()
+        .add_service(AgentServiceServer::new(api::Api {
+            shared: shared.clone(),
+        }))
+        .serve_with_incoming_shutdown(incoming, async move { api_stop.wait().await });
+    let server = tokio::spawn(server);
+    info!(socket = %cfg.socket.display(), policy = %cfg.policy.display(), node = %resolved.node, "corral-agent ready");
+
+    let signal = shutdown::signal();
+    tokio::pin!(signal);
+    let sig = tokio::select! {
+        s = &mut signal => s.map_err(DaemonError::Signals)?,
+        r = tasks.join_next() => {
+            warn!(?r, "a daemon task ended early");
+            "task-exit"
+        }
+    };
+    info!(signal = sig, "shutting down");
+    shutdown.trigger();
+    shared.hub.close();
+    // Streams to followers end when the hub's senders go; do not wait on them forever.
+    let served = tokio::time::timeout(Duration::from_secs(5), server).await;
+    while tasks.join_next().await.is_some() {}
+    let _ = std::fs::remove_file(&cfg.socket);
+    match served {
+        Ok(Ok(Err(e))) => error!(error = %policy::error_chain(&e), "local API"),
+        Err(_) => warn!("local API did not drain in 5 s"),
+        _ => {}
+    }
+    drop(shared);
+    if cfg.uninstall {
+        pins.uninstall()?;
+        info!("uninstalled: enforcement removed");
+    } else {
+        info!(pins = %resolved.pin_dir.display(), "stopped; enforcement stays in force through the pins");
+    }
+    Ok(())
+}

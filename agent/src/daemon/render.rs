@@ -1,0 +1,179 @@
+//! Events for people and scripts: one JSON object per event (`corral events --json`, the audit
+//! log) and one readable line (`corral events`).
+
+use corral_proto::v1 as pb;
+use serde_json::{Value, json};
+
+pub fn verdict_name(v: i32) -> &'static str {
+    match pb::Verdict::try_from(v) {
+        Ok(pb::Verdict::Allow) => "allow",
+        Ok(pb::Verdict::Deny) => "deny",
+        Ok(pb::Verdict::AuditDeny) => "audit-deny",
+        _ => "unspecified",
+    }
+}
+
+pub fn reason_name(r: i32) -> &'static str {
+    match pb::Reason::try_from(r) {
+        Ok(pb::Reason::Rule) => "rule",
+        Ok(pb::Reason::Default) => "default",
+        Ok(pb::Reason::Chaining) => "chaining",
+        Ok(pb::Reason::Grant) => "grant",
+        Ok(pb::Reason::NoPolicy) => "no-policy",
+        _ => "unspecified",
+    }
+}
+
+/// One JSON object (field names as in the proto, enums as words).
+pub fn event_json(e: &pb::Event, subscriber_dropped: Option<u64>) -> Value {
+    let principal = e
+        .principal
+        .as_ref()
+        .map(|p| json!({"identity": p.identity, "session": p.session, "cgroup_id": p.cgroup_id}));
+    let process = e.process.as_ref().map(|p| {
+        json!({
+            "pid": p.pid, "ppid": p.ppid, "uid": p.uid, "binary": p.binary, "argv": p.argv,
+            "exec_id": p.exec_id, "parent_exec_id": p.parent_exec_id,
+        })
+    });
+    let decision = e.decision.as_ref().map(|d| {
+        json!({
+            "verdict": verdict_name(d.verdict), "reason": reason_name(d.reason),
+            "policy": d.policy, "revision": d.revision, "rule_index": d.rule_index,
+            "grant_id": d.grant_id,
+        })
+    });
+    let mut v = json!({
+        "seq": e.seq,
+        "time_unix_nano": e.time_unix_nano,
+        "node": e.node,
+        "kind": super::hub::kind(e),
+        "principal": principal,
+        "process": process,
+        "decision": decision,
+        "suppressed": e.suppressed,
+    });
+    match &e.call {
+        Some(pb::event::Call::Connect(c)) => {
+            v["connect"] = json!({
+                "family": c.family, "protocol": c.protocol, "destination": c.destination,
+                "port": c.port, "zone": c.zone, "hook": c.hook,
+            });
+        }
+        Some(pb::event::Call::Exec(x)) => v["exec"] = json!({"path": x.path}),
+        None => {}
+    }
+    if let Some(d) = subscriber_dropped {
+        v["subscriber_dropped"] = json!(d);
+    }
+    v
+}
+
+/// The call in a few words: `connect tcp 127.0.0.1:9090 (zone local)` or `exec /usr/bin/curl`.
+pub fn call_text(e: &pb::Event) -> String {
+    match &e.call {
+        Some(pb::event::Call::Connect(c)) => {
+            let dest = if c.family == "ipv6" {
+                format!("[{}]:{}", c.destination, c.port)
+            } else {
+                format!("{}:{}", c.destination, c.port)
+            };
+            let verb = if c.hook.starts_with("sendmsg") {
+                "sendmsg"
+            } else {
+                "connect"
+            };
+            let zone = if c.zone.is_empty() {
+                String::new()
+            } else {
+                format!(" (zone {})", c.zone)
+            };
+            format!("{verb} {} {dest}{zone}", c.protocol)
+        }
+        Some(pb::event::Call::Exec(x)) => format!("exec {}", x.path),
+        None => "process".into(),
+    }
+}
+
+/// The rule in a few words: `quickstart#1 rev 3`, `quickstart default rev 3`.
+pub fn rule_text(d: &pb::Decision) -> String {
+    let policy = if d.policy.is_empty() {
+        "-"
+    } else {
+        d.policy.as_str()
+    };
+    match (d.rule_index, reason_name(d.reason)) {
+        (Some(i), "rule") => format!("{policy}#{i} rev {}", d.revision),
+        (_, reason) => format!("{policy} {reason} rev {}", d.revision),
+    }
+}
+
+/// One readable line: time, identity, pid, binary, call, verdict, rule.
+pub fn event_line(e: &pb::Event) -> String {
+    let secs = e.time_unix_nano / 1_000_000_000;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    let ms = (e.time_unix_nano / 1_000_000) % 1000;
+    let identity = e.principal.as_ref().map_or("-", |p| p.identity.as_str());
+    let (pid, binary) = e
+        .process
+        .as_ref()
+        .map_or((0, "-"), |p| (p.pid, p.binary.as_str()));
+    let (verdict, rule) = e.decision.as_ref().map_or(("-", String::new()), |d| {
+        (verdict_name(d.verdict), rule_text(d))
+    });
+    format!(
+        "{h:02}:{m:02}:{s:02}.{ms:03}Z {identity} pid={pid} {binary} {} {verdict} {rule}",
+        call_text(e)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_and_json_carry_who_what_and_which_rule() {
+        let e = pb::Event {
+            seq: 7,
+            time_unix_nano: 3_723_004_000_000,
+            principal: Some(pb::Principal {
+                identity: "spiffe://t/a".into(),
+                session: "s1".into(),
+                cgroup_id: 9,
+            }),
+            process: Some(pb::Process {
+                pid: 42,
+                binary: "/usr/bin/curl".into(),
+                argv: vec!["curl".into(), "x".into()],
+                ..Default::default()
+            }),
+            call: Some(pb::event::Call::Connect(pb::ConnectCall {
+                family: "ipv4".into(),
+                protocol: "tcp".into(),
+                destination: "127.0.0.1".into(),
+                port: 9090,
+                zone: "local".into(),
+                hook: "connect4".into(),
+            })),
+            decision: Some(pb::Decision {
+                verdict: pb::Verdict::Deny as i32,
+                reason: pb::Reason::Rule as i32,
+                policy: "quickstart".into(),
+                revision: 3,
+                rule_index: Some(1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            event_line(&e),
+            "01:02:03.004Z spiffe://t/a pid=42 /usr/bin/curl connect tcp 127.0.0.1:9090 (zone local) deny quickstart#1 rev 3"
+        );
+        let j = event_json(&e, Some(0));
+        assert_eq!(j["principal"]["session"], "s1");
+        assert_eq!(j["decision"]["verdict"], "deny");
+        assert_eq!(j["decision"]["rule_index"], 1);
+        assert_eq!(j["process"]["argv"][1], "x");
+        assert_eq!(j["connect"]["port"], 9090);
+    }
+}

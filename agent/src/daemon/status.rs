@@ -1,0 +1,168 @@
+//! `AgentStatus`: what the agent enforces and how its event path is doing, and the same
+//! numbers as Prometheus text.
+
+use std::{fmt::Write as _, sync::atomic::Ordering};
+
+use corral_proto::v1 as pb;
+
+use super::{
+    Shared,
+    pipeline::{REASONS, VERDICTS},
+    registry::process_count,
+};
+use crate::ebpf::{ExecMode, loader::SOCK_ADDR_PROGRAMS};
+
+pub fn exec_enforcement(mode: ExecMode) -> &'static str {
+    match mode {
+        ExecMode::Lsm => "lsm",
+        ExecMode::Tracepoint => "tracepoint+sigkill",
+    }
+}
+
+pub fn kernel_drops(shared: &Shared) -> u64 {
+    shared.enforcer().maps().kernel_drops().unwrap_or(0)
+}
+
+pub fn build(shared: &Shared) -> pb::AgentStatus {
+    let (revision, policies, last_error, current) = {
+        let st = shared.policy_state();
+        let current = st.current().cloned();
+        let names = current
+            .as_ref()
+            .map(|g| {
+                g.compiled
+                    .set
+                    .policies
+                    .iter()
+                    .map(|p| p.name.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        (
+            st.revision(),
+            names,
+            st.last_error.clone().unwrap_or_default(),
+            current,
+        )
+    };
+    let principals = shared
+        .registry
+        .list()
+        .into_iter()
+        .map(|r| {
+            let policy = current
+                .as_ref()
+                .and_then(|g| {
+                    let slot = g.compiled.set.policy_for(&r.identity)?;
+                    g.policy_name(slot).map(str::to_owned)
+                })
+                .unwrap_or_default();
+            pb::PrincipalStatus {
+                principal: Some(pb::Principal {
+                    identity: r.identity.clone(),
+                    session: r.session.clone(),
+                    cgroup_id: r.cgroup_id,
+                }),
+                policy,
+                processes: process_count(&r.cgroup),
+            }
+        })
+        .collect();
+    pb::AgentStatus {
+        node: shared.resolved.node.clone(),
+        exec_enforcement: exec_enforcement(shared.exec_mode).into(),
+        sock_addr_hooks: SOCK_ADDR_PROGRAMS.iter().map(|s| (*s).into()).collect(),
+        policy_revision: revision,
+        policies,
+        last_error,
+        principals,
+        events_delivered: shared.hub.published.load(Ordering::Relaxed),
+        events_dropped_kernel: kernel_drops(shared),
+        events_dropped_subscribers: shared.hub.subscriber_dropped.load(Ordering::Relaxed),
+        server_state: "standalone".into(),
+    }
+}
+
+/// Prometheus text exposition format.
+pub fn metrics(shared: &Shared) -> String {
+    let mut s = String::new();
+    let mut gauge = |name: &str, help: &str, kind: &str, v: u64| {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    };
+    let st = {
+        let p = shared.policy_state();
+        (
+            p.revision(),
+            p.apply_errors,
+            u64::from(p.last_error.is_some()),
+        )
+    };
+    gauge(
+        "corral_policy_revision",
+        "Policy revision enforced.",
+        "gauge",
+        st.0,
+    );
+    gauge(
+        "corral_policy_apply_errors_total",
+        "Policy inputs rejected (the previous policy stayed in force).",
+        "counter",
+        st.1,
+    );
+    gauge(
+        "corral_policy_last_apply_failed",
+        "1 if the latest policy input was rejected.",
+        "gauge",
+        st.2,
+    );
+    gauge(
+        "corral_principals",
+        "Enrolled principals.",
+        "gauge",
+        shared.registry.len() as u64,
+    );
+    gauge(
+        "corral_events_delivered_total",
+        "Events read from the kernel and published to subscribers.",
+        "counter",
+        shared.hub.published.load(Ordering::Relaxed),
+    );
+    gauge(
+        "corral_events_dropped_kernel_total",
+        "Events lost in the kernel because the ring buffer was full.",
+        "counter",
+        kernel_drops(shared),
+    );
+    gauge(
+        "corral_events_dropped_subscribers_total",
+        "Events dropped for subscribers that read too slowly.",
+        "counter",
+        shared.hub.subscriber_dropped.load(Ordering::Relaxed),
+    );
+    gauge(
+        "corral_events_undecodable_total",
+        "Events the agent could not decode (kernel/agent version skew).",
+        "counter",
+        shared.counters.undecodable.load(Ordering::Relaxed),
+    );
+    gauge(
+        "corral_audit_log_errors_total",
+        "Failed audit log writes.",
+        "counter",
+        shared.counters.audit_errors.load(Ordering::Relaxed),
+    );
+    let _ = writeln!(
+        s,
+        "# HELP corral_decisions_total Decisions by verdict and reason.\n# TYPE corral_decisions_total counter"
+    );
+    for (vi, v) in VERDICTS.iter().enumerate() {
+        for (ri, r) in REASONS.iter().enumerate() {
+            let n = shared.counters.decisions[vi][ri].load(Ordering::Relaxed);
+            let _ = writeln!(
+                s,
+                "corral_decisions_total{{verdict=\"{v}\",reason=\"{r}\"}} {n}"
+            );
+        }
+    }
+    s
+}

@@ -1,0 +1,119 @@
+//! `corral events [--follow] [--identity P] [--verdict allow|deny] [--kind K] [--json]`.
+
+use std::{io::Write as _, process::ExitCode};
+
+use corral_agent::daemon::render;
+use corral_proto::v1 as pb;
+use tokio_stream::StreamExt as _;
+
+use crate::client::{self, SocketArgs};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum VerdictArg {
+    Allow,
+    Deny,
+    AuditDeny,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Keep streaming new events after the recent ones.
+    #[arg(short, long)]
+    follow: bool,
+    /// Only this identity (a SPIFFE ID, or a pattern with `*` / `**`).
+    #[arg(long)]
+    identity: Option<String>,
+    /// Only this verdict.
+    #[arg(long, value_enum)]
+    verdict: Option<VerdictArg>,
+    /// Only this kind: connect or exec.
+    #[arg(long)]
+    kind: Option<String>,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    socket: SocketArgs,
+}
+
+async fn watch(a: &Args) -> Result<(), String> {
+    let mut c = client::connect(&a.socket.socket).await?;
+    let verdicts = match a.verdict {
+        None => vec![],
+        Some(VerdictArg::Allow) => vec![pb::Verdict::Allow as i32],
+        Some(VerdictArg::Deny) => vec![pb::Verdict::Deny as i32],
+        Some(VerdictArg::AuditDeny) => vec![pb::Verdict::AuditDeny as i32],
+    };
+    let req = pb::WatchEventsRequest {
+        filter: Some(pb::EventFilter {
+            identity: a.identity.clone().unwrap_or_default(),
+            verdicts,
+            kinds: a.kind.iter().cloned().collect(),
+        }),
+        follow: a.follow,
+    };
+    let mut stream = c
+        .watch_events(req)
+        .await
+        .map_err(|s| client::status_text(&s))?
+        .into_inner();
+    // Buffered; flushed whenever no further event is ready, so a follower sees each event at
+    // once and a burst costs one write per buffer, not one per event.
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
+    let mut reported_drops = 0;
+    loop {
+        let next = match tokio::time::timeout(std::time::Duration::ZERO, stream.next()).await {
+            Ok(n) => n,
+            Err(_) => {
+                if let Err(e) = out.flush() {
+                    return write_error(&e);
+                }
+                stream.next().await
+            }
+        };
+        let Some(item) = next else { break };
+        let r = item.map_err(|s| client::status_text(&s))?;
+        let Some(e) = r.event else { continue };
+        let res = if a.json {
+            serde_json::to_writer(
+                &mut out,
+                &render::event_json(&e, Some(r.subscriber_dropped)),
+            )
+            .map_err(std::io::Error::from)
+            .and_then(|()| out.write_all(b"\n"))
+        } else {
+            writeln!(out, "{}", render::event_line(&e))
+        };
+        if let Err(e) = res {
+            return write_error(&e);
+        }
+        if !a.json && r.subscriber_dropped > reported_drops {
+            eprintln!(
+                "corral events: {} events lost so far because this reader was too slow",
+                r.subscriber_dropped
+            );
+            reported_drops = r.subscriber_dropped;
+        }
+    }
+    out.flush().or_else(|e| write_error(&e))
+}
+
+/// A closed pipe (`| head`) ends the command quietly; other write errors are reported.
+fn write_error(e: &std::io::Error) -> Result<(), String> {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        Ok(())
+    } else {
+        Err(format!("cannot write events: {e}"))
+    }
+}
+
+pub fn run(a: &Args) -> ExitCode {
+    let res = client::runtime().and_then(|rt| rt.block_on(watch(a)));
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("corral events: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
