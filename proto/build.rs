@@ -16,6 +16,12 @@ fn main() -> anyhow::Result<()> {
     }
     let fds = protox::compile(files, ["proto"]).context("compile .proto files")?;
     tonic_prost_build::configure()
+        // Hand-written (src/shared.rs): same wire format, plus a pre-encoded event that a
+        // server shares among subscribers.
+        .extern_path(
+            ".corral.v1.WatchEventsResponse",
+            "crate::v1::WatchEventsResponse",
+        )
         .compile_fds(fds)
         .context("generate Rust code")?;
     Ok(())

@@ -105,3 +105,16 @@ pub struct ExecEvent {
     pub argv: [u8; ARGV_BYTES],
 }
 const _: () = assert!(core::mem::size_of::<ExecEvent>() == 96 + EXEC_PATH_BYTES + ARGV_BYTES);
+
+/// Per-principal allow-event rate limiter (`RATE` map), a GCRA token bucket: one word that
+/// only moves forward, updated with compare-and-swap, so CPUs share one budget per principal.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RateState {
+    /// Theoretical arrival time (CLOCK_BOOTTIME ns): an allow event at `now` is emitted when
+    /// `tat_ns - now <= (burst - 1) * interval`, and then moves it to `max(tat_ns, now) + interval`.
+    pub tat_ns: u64,
+    /// Allow events suppressed and not yet carried on an emitted event of this principal.
+    pub suppressed: u64,
+}
+const _: () = assert!(core::mem::size_of::<RateState>() == 16);

@@ -34,8 +34,16 @@ pub struct Config {
     /// Bit `n` set: some principal's cgroup sits at cgroup level `n`. The ancestor walk only
     /// looks up those levels.
     pub level_mask: u32,
+    /// Allow events per second and principal that reach the ring buffer; 0: unlimited. Deny
+    /// and audit-deny events are never limited; exec events are not limited either. Suppressed
+    /// allow events are counted per principal ([`RateState::suppressed`]) and carried on that
+    /// principal's next connect/sendmsg event (`EventHeader::suppressed`) that reaches the ring.
+    pub allow_rate: u32,
+    /// Allow events a principal may emit back to back before `allow_rate` applies; 0: equal to
+    /// `allow_rate` (one second's worth).
+    pub allow_burst: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 8);
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
 
 /// What a principal's cgroup id maps to in `PRINCIPALS`.
 #[repr(C)]
@@ -107,6 +115,8 @@ mod pod {
     unsafe impl aya::Pod for ExecKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for TaskInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RateState {}
 
     /// Copies a `T` out of possibly unaligned bytes (ring buffer records); `None` if too short.
     pub fn read_unaligned<T: aya::Pod>(bytes: &[u8]) -> Option<T> {

@@ -23,6 +23,8 @@ pub const EVENTS: &str = "CORRAL_EVENTS";
 pub const SEQ: &str = "CORRAL_SEQ";
 /// `PerCpuArray<u64>`, one entry: events lost because the ring buffer was full.
 pub const DROPS: &str = "CORRAL_DROPS";
+/// `HashMap<u32 principal, RateState>`: allow-event rate limiting and suppressed counts.
+pub const RATE: &str = "CORRAL_RATE";
 /// `Array<ExecConfig>`, one entry: kernel offsets from BTF, syscall numbers.
 pub const EXEC_CFG: &str = "CORRAL_EXECCFG";
 /// `HashMap<ExecKey, RuleValue>`: exact executable files by (device, inode), per policy.

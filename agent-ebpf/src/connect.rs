@@ -153,12 +153,23 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
         mark_seen(caller.principal.index, zone);
     }
 
-    let mut header = events::header(KIND_CONNECT, caller.cgroup_id, caller.principal.index);
+    let index = caller.principal.index;
+    let ret = if decision.verdict == VERDICT_DENY {
+        DENY
+    } else {
+        ALLOW
+    };
+    // Only allow events are rate-limited; deny and audit-deny always go out.
+    if decision.verdict == VERDICT_ALLOW && !events::allow_event_permitted(&cfg, index) {
+        return Ok(ret);
+    }
+    let mut header = events::header(KIND_CONNECT, caller.cgroup_id, index);
     header.verdict = decision.verdict;
     header.reason = decision.reason;
     header.policy = policy;
     header.rule = decision.rule;
-    events::emit(&ConnectEvent {
+    header.suppressed = events::take_suppressed(index);
+    let written = events::emit(&ConnectEvent {
         header,
         addr: d.addr,
         zone,
@@ -169,12 +180,10 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
         _pad: [0; 6],
         grant_id: decision.grant_id,
     });
-
-    Ok(if decision.verdict == VERDICT_DENY {
-        DENY
-    } else {
-        ALLOW
-    })
+    if !written {
+        events::restore_suppressed(index, header.suppressed);
+    }
+    Ok(ret)
 }
 
 #[inline(always)]

@@ -1,13 +1,14 @@
 //! Event emission: per-node sequence numbers and counted drops.
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
+use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns;
 use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid};
 
-use agent_common::EventHeader;
+use agent_common::{Config, EventHeader, RateState};
 
-use crate::maps::{DROPS, EVENTS, SEQ};
+use crate::maps::{DROPS, EVENTS, RATE, SEQ};
 
 /// Next per-node sequence number. Taken before the reserve, so a failed reserve leaves a gap
 /// that the counted drop explains.
@@ -49,14 +50,124 @@ pub fn header(kind: u8, cgroup_id: u64, principal: u32) -> EventHeader {
     }
 }
 
-/// Writes `event` to the ring buffer or counts it as dropped.
+/// Writes `event` to the ring buffer or counts it as dropped; true if written.
 #[inline(always)]
-pub fn emit<T: Copy + 'static>(event: &T) {
+pub fn emit<T: Copy + 'static>(event: &T) -> bool {
     match EVENTS.reserve::<T>(0) {
         Some(mut entry) => {
             entry.write(*event);
             entry.submit(0);
+            true
         }
-        None => count_drop(),
+        None => {
+            count_drop();
+            false
+        }
+    }
+}
+
+/// The principal's rate-limiter entry, created on first use (principals adopted from an older
+/// agent have none yet).
+#[inline(always)]
+fn rate_state(principal: u32) -> Option<*mut RateState> {
+    if let Some(p) = RATE.get_ptr_mut(principal) {
+        return Some(p);
+    }
+    // Another CPU may create it first: BPF_NOEXIST fails then, and the lookup finds theirs.
+    let _ = RATE.insert(principal, RateState::default(), u64::from(BPF_NOEXIST));
+    RATE.get_ptr_mut(principal)
+}
+
+/// Whether an allow event of `principal` may be emitted under `cfg.allow_rate` (GCRA: a token
+/// bucket kept in one word). A suppressed event is counted in the principal's `RATE` entry.
+/// Deny and audit-deny events must not come here: they are never limited.
+/// Minimum kernel: 5.12 (BPF atomic compare-and-exchange); without a rate configured (the
+/// default) nothing here runs.
+#[inline(always)]
+pub fn allow_event_permitted(cfg: &Config, principal: u32) -> bool {
+    if cfg.allow_rate == 0 {
+        return true;
+    }
+    let Some(state) = rate_state(principal) else {
+        // The map is full: not limited (never silently lost).
+        return true;
+    };
+    let rate = u64::from(cfg.allow_rate);
+    let burst = if cfg.allow_burst == 0 {
+        rate
+    } else {
+        u64::from(cfg.allow_burst)
+    };
+    let interval = 1_000_000_000 / rate;
+    let tolerance = interval * (burst - 1);
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    // SAFETY: map value pointer, 8-byte aligned, valid for this run; every writer of these
+    // fields uses atomic operations.
+    unsafe {
+        let tat_ptr = core::ptr::addr_of_mut!((*state).tat_ns);
+        // Bounded retries under contention; if they all lose, emit (counted as delivered).
+        for _ in 0..4 {
+            let tat = core::ptr::read_volatile(tat_ptr);
+            let base = if tat > now { tat } else { now };
+            if base - now > tolerance {
+                atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(
+                    core::ptr::addr_of_mut!((*state).suppressed),
+                    1,
+                );
+                return false;
+            }
+            let (_, swapped) = atomic_cxchg::<
+                u64,
+                { AtomicOrdering::SeqCst },
+                { AtomicOrdering::SeqCst },
+            >(tat_ptr, tat, base + interval);
+            if swapped {
+                return true;
+            }
+        }
+    }
+    true
+}
+
+/// Takes the principal's count of suppressed allow events, to be carried on the event about to
+/// be emitted. If that event is then lost, give the count back with [`restore_suppressed`].
+#[inline(always)]
+pub fn take_suppressed(principal: u32) -> u32 {
+    let Some(state) = RATE.get_ptr_mut(principal) else {
+        return 0;
+    };
+    // SAFETY: map value pointer, 8-byte aligned, valid for this run.
+    unsafe {
+        let p = core::ptr::addr_of_mut!((*state).suppressed);
+        let pending = core::ptr::read_volatile(p);
+        if pending == 0 {
+            return 0;
+        }
+        let take = if pending > u64::from(u32::MAX) {
+            u64::from(u32::MAX)
+        } else {
+            pending
+        };
+        // Subtract exactly what is taken: increments racing with us stay counted.
+        atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(p, take.wrapping_neg());
+        take as u32
+    }
+}
+
+/// Gives back a count taken by [`take_suppressed`] whose event was dropped.
+#[inline(always)]
+pub fn restore_suppressed(principal: u32, count: u32) {
+    if count == 0 {
+        return;
+    }
+    if let Some(state) = RATE.get_ptr_mut(principal) {
+        // SAFETY: as in `take_suppressed`.
+        unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(
+                core::ptr::addr_of_mut!((*state).suppressed),
+                u64::from(count),
+            )
+        };
     }
 }

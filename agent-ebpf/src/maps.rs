@@ -1,8 +1,8 @@
 //! The map definitions. Names come from `agent_common::maps` so userspace finds the same ones.
 
 use agent_common::{
-    ChainKey, Config, ExecConfig, ExecKey, GrantKey, GrantValue, PolicyMeta, Principal, RuleKey,
-    RuleValue, TaskInfo, ZoneKey, ZoneValue, maps::limits,
+    ChainKey, Config, ExecConfig, ExecKey, GrantKey, GrantValue, PolicyMeta, Principal, RateState,
+    RuleKey, RuleValue, TaskInfo, ZoneKey, ZoneValue, maps::limits,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -50,6 +50,10 @@ pub static SEQ: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map(name = "CORRAL_DROPS")]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+// Preallocated: the rate words are updated with atomics in place.
+#[map(name = "CORRAL_RATE")]
+pub static RATE: HashMap<u32, RateState> = HashMap::with_max_entries(limits::PRINCIPALS, 0);
 
 // Exec enforcement (see exec.rs).
 

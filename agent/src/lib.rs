@@ -8,6 +8,7 @@
 //! - [`compiled`]: the compiled policy form the kernel maps are filled from.
 //! - [`identity`]: SPIFFE ID patterns and matching.
 //! - [`cgroup`]: creating, joining and removing cgroup v2 directories.
+//! - [`k8s`]: pods on this node as principals: cgroup layouts, pod → identity, opt-in.
 //! - [`policy`]: the policy language: parse, validate, compile, evaluate, explain.
 //! - [`daemon`]: `corral-agent`: registry, policy reload, event pipeline, local API.
 #![forbid(unsafe_code)]
@@ -18,5 +19,6 @@ pub mod compiled;
 pub mod daemon;
 pub mod ebpf;
 pub mod identity;
+pub mod k8s;
 pub mod paths;
 pub mod policy;

@@ -34,22 +34,42 @@ pub struct Args {
     json: bool,
     #[command(flatten)]
     socket: SocketArgs,
+    /// The fleet's events from this corral-server instead of the local agent (always
+    /// follows: the server keeps no history).
+    #[arg(long, env = "CORRAL_SERVER")]
+    server: Option<String>,
+    #[command(flatten)]
+    tls: corral_agent::daemon::tls::TlsFiles,
+    /// With --server: only this node's events.
+    #[arg(long, requires = "server")]
+    node: Option<String>,
 }
 
-async fn watch(a: &Args) -> Result<(), String> {
-    let mut c = client::connect(&a.socket.socket).await?;
+fn filter(a: &Args) -> pb::EventFilter {
     let verdicts = match a.verdict {
         None => vec![],
         Some(VerdictArg::Allow) => vec![pb::Verdict::Allow as i32],
         Some(VerdictArg::Deny) => vec![pb::Verdict::Deny as i32],
         Some(VerdictArg::AuditDeny) => vec![pb::Verdict::AuditDeny as i32],
     };
+    pb::EventFilter {
+        identity: a.identity.clone().unwrap_or_default(),
+        verdicts,
+        kinds: a.kind.iter().cloned().collect(),
+    }
+}
+
+async fn watch(a: &Args) -> Result<(), String> {
+    if let Some(url) = &a.server {
+        let server = crate::server_client::ServerArgs {
+            server: url.clone(),
+            tls: a.tls.clone(),
+        };
+        return crate::fleet::watch_events(&server, filter(a), a.node.clone(), a.json).await;
+    }
+    let mut c = client::connect(&a.socket.socket).await?;
     let req = pb::WatchEventsRequest {
-        filter: Some(pb::EventFilter {
-            identity: a.identity.clone().unwrap_or_default(),
-            verdicts,
-            kinds: a.kind.iter().cloned().collect(),
-        }),
+        filter: Some(filter(a)),
         follow: a.follow,
     };
     let mut stream = c

@@ -1,14 +1,17 @@
 //! `corral`: the command line for people and scripts.
 //!
 //! Implemented: `run`, `events`, `status` (local agent), `policy check` and `policy explain`
-//! (locally with `--policy FILE`, else through the agent). Not yet: `grant ...` and
-//! `policy apply/list/get/delete` and `--server`, which need the central server.
+//! (locally with `--policy FILE`, else through the agent), and against the central server
+//! (`--server URL`): `policy apply/list/get/delete/status` and `events --server`. Not yet:
+//! `grant ...`.
 #![forbid(unsafe_code)]
 
 mod client;
 mod events;
+mod fleet;
 mod policy;
 mod run;
+mod server_client;
 mod status;
 
 use std::process::ExitCode;

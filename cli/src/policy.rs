@@ -30,6 +30,17 @@ pub enum Command {
     },
     /// Show which rule decides a call by an identity, and why.
     Explain(ExplainArgs),
+    /// Store the policies of a file on the server (one new revision) and wait until every
+    /// connected node has ACKed or NACKed it.
+    Apply(crate::fleet::ApplyArgs),
+    /// The policies on the server.
+    List(crate::fleet::ListArgs),
+    /// One policy's YAML from the server.
+    Get(crate::fleet::GetArgs),
+    /// Delete a policy on the server (one new revision).
+    Delete(crate::fleet::NameArgs),
+    /// The server's nodes: connected or not, acknowledged revision, last NACK.
+    Status(crate::fleet::StatusArgs),
 }
 
 #[derive(Debug, Args)]
@@ -53,6 +64,11 @@ pub struct ExplainArgs {
 pub fn run(c: Command) -> ExitCode {
     match c {
         Command::Check { file } => check(&file),
+        Command::Apply(a) => crate::fleet::apply(&a),
+        Command::List(a) => crate::fleet::list(&a),
+        Command::Get(a) => crate::fleet::get(&a),
+        Command::Delete(a) => crate::fleet::delete(&a),
+        Command::Status(a) => crate::fleet::status(&a),
         Command::Explain(a) => match explain_cmd(&a) {
             Ok(()) => ExitCode::SUCCESS,
             Err(msg) => {

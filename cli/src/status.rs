@@ -39,6 +39,7 @@ fn to_json(s: &pb::AgentStatus) -> serde_json::Value {
         "events_delivered": s.events_delivered,
         "events_dropped_kernel": s.events_dropped_kernel,
         "events_dropped_subscribers": s.events_dropped_subscribers,
+        "events_suppressed": s.events_suppressed,
         "server_state": s.server_state,
     })
 }

@@ -6,4 +6,8 @@
 pub mod v1 {
     #![allow(clippy::all, missing_docs, reason = "generated code")]
     tonic::include_proto!("corral.v1");
+
+    pub use crate::shared::WatchEventsResponse;
 }
+
+mod shared;

@@ -1,31 +1,32 @@
-//! `corral-server`: the central policy server. Stores policies in embedded SQLite with
-//! monotonic revisions, pushes them to nodes over `NodeSync`, runs grants and approvals, and
-//! serves the fleet event stream.
-//!
-//! Status: not implemented yet (issue 6). The binary parses its documented flags and exits with
-//! an error saying so, rather than pretending to serve.
+//! `corral-server --listen ADDR --db PATH`: the central policy server.
 #![forbid(unsafe_code)]
 
-use clap::Parser;
+use anyhow::Context as _;
+use clap::Parser as _;
+use corral_server::config::{Config, LogFormat};
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
-#[derive(Debug, Parser)]
-#[command(version, about = "Corral central policy server")]
-struct Args {
-    /// Address to listen on, e.g. 127.0.0.1:7443.
-    #[arg(long, default_value = "127.0.0.1:7443")]
-    listen: String,
-    /// SQLite database path.
-    #[arg(long, default_value = "/var/lib/corral/server.db")]
-    db: std::path::PathBuf,
+fn init_logs(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("CORRAL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    match format {
+        LogFormat::Plain => registry
+            .with(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr))
+            .init(),
+        LogFormat::Json => registry
+            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .init(),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    // The API types are generated and linked; the service implementations are issue 6.
-    let _ = corral_proto::v1::PolicyStatusResponse::default();
-    anyhow::bail!(
-        "corral-server is not implemented yet (would listen on {} with db {})",
-        args.listen,
-        args.db.display()
-    )
+    let config = Config::parse();
+    init_logs(config.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    rt.block_on(corral_server::run(config))
+        .map_err(|e| anyhow::anyhow!(corral_agent::daemon::policy::error_chain(&e)))
 }

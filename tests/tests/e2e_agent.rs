@@ -878,3 +878,42 @@ fn explain_over_the_socket_names_the_deciding_rule() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn allow_event_rate_limit_shows_in_events_and_status() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let Some(spec) = Spec::new("ratelimit")? else {
+        return Ok(());
+    };
+    spec.write_policy(&policy(ALLOWED, DENIED)?)?;
+    let _agent = Agent::start(
+        &spec,
+        true,
+        &["--allow-event-rate", "20", "--allow-event-burst", "2"],
+    )?;
+    let id = "spiffe://e2e.corral/agent/ratelimit";
+    let calls: u64 = 3_000;
+    let flood = format!("repeat:{calls}:{}", udp(ALLOWED));
+    let lines = probe_cmd(&spec, id, "sess-rl", &[&flood, &udp(DENIED)])?;
+    assert_eq!(lines, [format!("ok={calls}"), "EPERM".to_owned()]);
+
+    // The deny after the flood is never limited, and carries what was still suppressed.
+    let all = wait_for(5, "the deny event", || {
+        let ev = events(&spec, &["--identity", id, "--kind", "connect"])?;
+        Ok(ev.iter().any(|e| is_deny_to(e, DENIED)).then_some(ev))
+    })?;
+    let allow = all
+        .iter()
+        .filter(|e| e["decision"]["verdict"] == "allow")
+        .count() as u64;
+    let suppressed: u64 = all.iter().filter_map(|e| e["suppressed"].as_u64()).sum();
+    println!("{calls} allowed calls: {allow} allow events, {suppressed} suppressed");
+    assert!(allow * 10 < calls, "{allow} allow events for {calls} calls");
+    assert_eq!(allow + suppressed, calls, "every allowed call is accounted");
+    let s = status(&spec)?;
+    assert_eq!(s["events_suppressed"], suppressed, "{s}");
+    assert_eq!(s["events_dropped_kernel"], 0, "{s}");
+    Ok(())
+}

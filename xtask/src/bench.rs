@@ -4,13 +4,17 @@
 //! Sections: `compile` (policy compile time, and load into the kernel maps when root),
 //! `enforce` (connect/exec overhead of the kernel programs: enrolled vs un-enrolled vs no
 //! programs at all, with 10 and 10k rules), `events` (kernel → agent → gRPC subscriber events/s
-//! with drop accounting, agent RSS).
+//! with drop accounting, agent RSS), `fleet` (policy server: apply → every simulated node
+//! ACKed, p50/p99 with 1, 100 and 1000 nodes; server RSS).
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Which sections to run (default: all).
     #[arg(value_enum)]
     sections: Vec<Section>,
+    /// Passed to `corral-event-bench` (after `--`), e.g. `-- --procs 2 --grpc-only`.
+    #[arg(last = true)]
+    events_args: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -18,6 +22,7 @@ enum Section {
     Compile,
     Enforce,
     Events,
+    Fleet,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
@@ -29,7 +34,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         enforce_bench()?;
     }
     if all || args.sections.contains(&Section::Events) {
-        events_bench()?;
+        events_bench(&args.events_args)?;
+    }
+    if all || args.sections.contains(&Section::Fleet) {
+        fleet_bench()?;
     }
     Ok(())
 }
@@ -73,7 +81,7 @@ pub fn compile_bench() -> anyhow::Result<()> {
 /// (delivered + dropped == generated at each stage), and the agent's RSS idle and under load.
 /// Release binaries (agent, CLI, `corral-event-bench` from `tests/src/bin/event_bench.rs`), run
 /// as root (through `sudo -E` when not).
-pub fn events_bench() -> anyhow::Result<()> {
+pub fn events_bench(extra: &[String]) -> anyhow::Result<()> {
     let root = crate::cmd::root();
     crate::cmd::run(crate::cmd::cargo().current_dir(&root).args([
         "build",
@@ -95,12 +103,47 @@ pub fn events_bench() -> anyhow::Result<()> {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
     let bench = target.join("release").join("corral-event-bench");
-    let mut c = if crate::cmd::is_root() {
-        std::process::Command::new(&bench)
-    } else {
-        let mut c = std::process::Command::new("sudo");
-        c.arg("-E").arg(&bench);
-        c
+    let command = || {
+        if crate::cmd::is_root() {
+            std::process::Command::new(&bench)
+        } else {
+            let mut c = std::process::Command::new("sudo");
+            c.arg("-E").arg(&bench);
+            c
+        }
     };
-    crate::cmd::run(&mut c)
+    if extra.is_empty() {
+        // The figure (kernel → one gRPC subscriber), then with `corral events --json`
+        // as a second, slower subscriber on the same two cores.
+        crate::cmd::run(command().arg("--grpc-only"))?;
+        return crate::cmd::run(&mut command());
+    }
+    crate::cmd::run(command().args(extra))
+}
+
+/// Policy distribution: apply → all nodes ACKed (p50/p99) with 1, 100 and 1000 simulated nodes
+/// (`corral-simnode`: the agent's sync client, compiling and ACKing, no kernel), and the
+/// server's RSS. Release binaries; no root needed.
+pub fn fleet_bench() -> anyhow::Result<()> {
+    let root = crate::cmd::root();
+    crate::cmd::run(crate::cmd::cargo().current_dir(&root).args([
+        "build",
+        "--release",
+        "--package",
+        "corral-server",
+        "--package",
+        "corral-tests",
+        "--bin",
+        "corral-server",
+        "--bin",
+        "corral-simnode",
+        "--bin",
+        "corral-fleet-bench",
+    ]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    crate::cmd::run(&mut std::process::Command::new(
+        target.join("release").join("corral-fleet-bench"),
+    ))
 }

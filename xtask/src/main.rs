@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod certs;
 mod cmd;
 mod lint;
 mod setup;
@@ -31,16 +32,22 @@ enum Command {
     Lint,
     /// Benchmarks, reported as ratios against a baseline measured in the same run.
     Bench(bench::Args),
+    /// Write a development CA and mTLS certificates (server, clients) as PEM files.
+    Certs(certs::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    setup::ensure()?;
+    // Certificates need no toolchain.
+    if !matches!(cli.command, Command::Certs(_)) {
+        setup::ensure()?;
+    }
     match cli.command {
         Command::Setup => Ok(()),
         Command::Up(a) => up::run(&a),
         Command::Test(a) => test::run(&a),
         Command::Lint => lint::run(),
         Command::Bench(a) => bench::run(&a),
+        Command::Certs(a) => certs::run(&a),
     }
 }

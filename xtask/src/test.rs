@@ -27,8 +27,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     cmd::run(&mut c)
 }
 
-/// The end-to-end tests (`tests/tests/e2e_agent.rs`) run the real `corral-agent` and `corral`
-/// binaries; cargo builds only the tested package's own binaries for its tests, so build these
+/// The end-to-end tests (`tests/tests/e2e_agent.rs`, `e2e_server.rs`) run the real
+/// `corral-agent`, `corral` and `corral-server` binaries; cargo builds only the tested package's own binaries for its tests, so build these
 /// first, into the same target dir.
 pub fn build_binaries() -> anyhow::Result<()> {
     cmd::run(cmd::cargo().current_dir(cmd::root()).args([
@@ -37,6 +37,8 @@ pub fn build_binaries() -> anyhow::Result<()> {
         "corral-agent",
         "--package",
         "corral-cli",
+        "--package",
+        "corral-server",
     ]))
 }
 

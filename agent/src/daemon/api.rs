@@ -225,20 +225,20 @@ impl AgentService for Api {
         let r = req.into_inner();
         let filter = Filter::new(r.filter).map_err(ApiError::from)?;
         let sub = self.shared.hub.subscribe(filter, r.follow);
-        let history = tokio_stream::iter(sub.history.into_iter().map(|e| {
-            Ok(pb::WatchEventsResponse {
-                event: Some((*e).clone()),
-                subscriber_dropped: 0,
-            })
-        }));
+        // The hub's events are encoded once; each subscriber sends the shared bytes.
+        let history = tokio_stream::iter(
+            sub.history
+                .into_iter()
+                .map(|e| Ok(pb::WatchEventsResponse::shared(e.encoded.clone(), 0))),
+        );
         let stream: EventStream = match sub.rx {
             Some(rx) => {
                 let dropped = sub.dropped;
                 let live = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |e| {
-                    Ok(pb::WatchEventsResponse {
-                        event: Some((*e).clone()),
-                        subscriber_dropped: dropped.load(Ordering::Relaxed),
-                    })
+                    Ok(pb::WatchEventsResponse::shared(
+                        e.encoded.clone(),
+                        dropped.load(Ordering::Relaxed),
+                    ))
                 });
                 Box::pin(history.chain(live))
             }

@@ -24,8 +24,27 @@ pub enum LogFormat {
 #[command(name = "corral-agent", version, about = "Corral node agent")]
 pub struct Config {
     /// Standalone mode: enforce the policies in this YAML file, reloaded when it changes.
-    #[arg(long, env = "CORRAL_POLICY")]
-    pub policy: PathBuf,
+    #[arg(
+        long,
+        env = "CORRAL_POLICY",
+        required_unless_present = "server",
+        conflicts_with = "server"
+    )]
+    pub policy: Option<PathBuf>,
+
+    /// Managed mode: take policy from this corral-server (NodeSync), e.g.
+    /// http://127.0.0.1:7443 (plaintext is accepted for loopback servers only).
+    #[arg(long, env = "CORRAL_SERVER")]
+    pub server: Option<String>,
+
+    /// Node limit: a policy set with more connect and exec rules than this is rejected on
+    /// this node (a server snapshot over it is NACKed) [default: no limit beyond the maps'].
+    #[arg(long, env = "CORRAL_MAX_RULES")]
+    pub max_rules: Option<usize>,
+
+    /// mTLS to the server (required for an `https://` --server).
+    #[command(flatten)]
+    pub tls: super::tls::TlsFiles,
 
     /// Local API socket (gRPC over a unix socket).
     #[arg(long, env = "CORRAL_SOCKET", default_value = paths::AGENT_SOCKET)]
@@ -84,6 +103,21 @@ pub struct Config {
     /// events (counted and reported to it), never slowing anyone else.
     #[arg(long, env = "CORRAL_SUBSCRIBER_QUEUE", default_value_t = 16_384)]
     pub subscriber_queue: usize,
+
+    /// In-kernel limit on allow events per second per principal (0: unlimited). Deny and
+    /// audit-deny events are never limited; suppressed allow events are counted and carried
+    /// on the principal's next event (`suppressed`), and summed in status and metrics.
+    #[arg(long, env = "CORRAL_ALLOW_EVENT_RATE", default_value_t = 0)]
+    pub allow_event_rate: u32,
+
+    /// Allow events a principal may emit back to back before the rate applies (0: one
+    /// second's worth).
+    #[arg(long, env = "CORRAL_ALLOW_EVENT_BURST", default_value_t = 0)]
+    pub allow_event_burst: u32,
+
+    /// `--kubernetes` and its settings.
+    #[command(flatten)]
+    pub k8s: super::k8s::K8sArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +126,13 @@ pub enum ConfigError {
     Paths(#[from] paths::PathError),
     #[error("--metrics-addr {addr} is not a loopback address")]
     MetricsNotLoopback { addr: SocketAddr },
+    #[error(
+        "--server {url}: use https:// with --tls-cert, --tls-key and --tls-ca (plaintext \
+         http:// only to a loopback address)"
+    )]
+    ServerUrl { url: String },
+    #[error(transparent)]
+    K8s(#[from] super::k8s::K8sError),
 }
 
 /// The configuration with discovered paths filled in.
@@ -111,6 +152,12 @@ impl Config {
         {
             return Err(ConfigError::MetricsNotLoopback { addr });
         }
+        if let Some(url) = &self.server
+            && !(super::tls::plaintext_loopback(url)
+                || (url.starts_with("https://") && self.tls.is_set()))
+        {
+            return Err(ConfigError::ServerUrl { url: url.clone() });
+        }
         let cgroup_root = paths::cgroup2_root()?;
         let cgroup_dir = match &self.cgroup_dir {
             Some(d) => d.clone(),
@@ -124,6 +171,7 @@ impl Config {
             Some(n) => n.clone(),
             None => hostname(),
         };
+        self.k8s.mapping(&node)?;
         Ok(Resolved {
             config: self,
             cgroup_root,
@@ -145,8 +193,9 @@ impl Resolved {
         self.config.state_dir.join(name)
     }
 
-    pub fn policy_path(&self) -> &Path {
-        &self.config.policy
+    /// The policy file (standalone mode only).
+    pub fn policy_path(&self) -> Option<&Path> {
+        self.config.policy.as_deref()
     }
 }
 
@@ -164,6 +213,27 @@ mod tests {
         assert_eq!(c.log_format, LogFormat::Plain);
         assert_eq!(c.policy_poll_ms, 200);
         assert!(!c.uninstall);
+    }
+
+    #[test]
+    fn server_mode_excludes_the_policy_file_and_needs_loopback_plaintext() {
+        let c = Config::try_parse_from(["corral-agent", "--server", "http://127.0.0.1:7443"])
+            .expect("parse");
+        assert!(c.policy.is_none());
+        assert!(
+            Config::try_parse_from(["corral-agent", "--server", "http://x", "--policy", "p"])
+                .is_err()
+        );
+        assert!(Config::try_parse_from(["corral-agent"]).is_err());
+        let c = Config::try_parse_from(["corral-agent", "--server", "http://192.0.2.1:1"])
+            .expect("parse");
+        assert!(matches!(c.resolve(), Err(ConfigError::ServerUrl { .. })));
+        let c = Config::try_parse_from(["corral-agent", "--server", "https://192.0.2.1:1"])
+            .expect("parse");
+        assert!(
+            matches!(c.resolve(), Err(ConfigError::ServerUrl { .. })),
+            "https needs the TLS files"
+        );
     }
 
     #[test]

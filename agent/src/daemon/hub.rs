@@ -2,6 +2,10 @@
 //! publisher never waits: when a queue is full the event is dropped for that subscriber only,
 //! and counted (reported to it in `WatchEventsResponse.subscriber_dropped`, and in status).
 //! A bounded history serves `corral events` without `--follow`.
+//!
+//! What travels is a [`HubEvent`]: the event's protobuf encoding, made once by the pipeline,
+//! plus the few fields filters look at. Fan-out is a reference count per subscriber; the gRPC
+//! layer sends the shared bytes as they are (`pb::WatchEventsResponse::shared`).
 
 use std::{
     collections::VecDeque,
@@ -11,10 +15,47 @@ use std::{
     },
 };
 
+use bytes::Bytes;
 use corral_proto::v1 as pb;
+use prost::Message as _;
 use tokio::sync::mpsc;
 
 use crate::identity::{IdentityError, IdentityPattern};
+
+/// One published event: its encoding and what filters need.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HubEvent {
+    pub seq: u64,
+    /// The principal's identity (shared among that principal's events), empty if unknown.
+    pub identity: Arc<str>,
+    /// `pb::Verdict` as i32.
+    pub verdict: i32,
+    /// As [`kind`] names it.
+    pub kind: &'static str,
+    /// Protobuf encoding of the `pb::Event`.
+    pub encoded: Bytes,
+}
+
+impl HubEvent {
+    /// Encodes `e` (tests, and producers that have a `pb::Event` at hand).
+    pub fn from_pb(e: &pb::Event) -> Self {
+        Self {
+            seq: e.seq,
+            identity: e
+                .principal
+                .as_ref()
+                .map_or_else(|| Arc::from(""), |p| Arc::from(p.identity.as_str())),
+            verdict: e.decision.as_ref().map_or(0, |d| d.verdict),
+            kind: kind(e),
+            encoded: Bytes::from(e.encode_to_vec()),
+        }
+    }
+
+    /// The event as a message (decodes; for consumers that need its fields).
+    pub fn to_pb(&self) -> Result<pb::Event, prost::DecodeError> {
+        pb::Event::decode(self.encoded.as_ref())
+    }
+}
 
 /// Which events a subscriber wants.
 #[derive(Debug, Clone, Default)]
@@ -63,38 +104,65 @@ impl Filter {
         })
     }
 
-    pub fn matches(&self, e: &pb::Event) -> bool {
-        if let Some(p) = &self.identity {
-            let id = e.principal.as_ref().map_or("", |p| p.identity.as_str());
-            if !p.matches(id) {
-                return false;
-            }
+    pub fn matches(&self, e: &HubEvent) -> bool {
+        if let Some(p) = &self.identity
+            && !p.matches(&e.identity)
+        {
+            return false;
         }
-        if !self.verdicts.is_empty() {
-            let v = e.decision.as_ref().map_or(0, |d| d.verdict);
-            if !self.verdicts.contains(&v) {
-                return false;
-            }
+        self.matches_call(e)
+    }
+
+    /// Verdict and kind (everything but the identity).
+    fn matches_call(&self, e: &HubEvent) -> bool {
+        if !self.verdicts.is_empty() && !self.verdicts.contains(&e.verdict) {
+            return false;
         }
-        self.kinds.is_empty() || self.kinds.iter().any(|k| k == kind(e))
+        self.kinds.is_empty() || self.kinds.iter().any(|k| k == e.kind)
     }
 }
 
 struct Sub {
     filter: Filter,
-    tx: mpsc::Sender<Arc<pb::Event>>,
+    tx: mpsc::Sender<Arc<HubEvent>>,
     dropped: Arc<AtomicU64>,
+    /// The last identity matched against the filter, and the answer: events of one principal
+    /// share their identity `Arc`, so a burst is matched once.
+    last_identity: Option<(Arc<str>, bool)>,
+}
+
+impl Sub {
+    fn wants(&mut self, e: &HubEvent) -> bool {
+        if self.filter.identity.is_some() {
+            let ok = match &self.last_identity {
+                Some((id, ok)) if Arc::ptr_eq(id, &e.identity) => *ok,
+                _ => {
+                    let ok = self
+                        .filter
+                        .identity
+                        .as_ref()
+                        .is_none_or(|p| p.matches(&e.identity));
+                    self.last_identity = Some((e.identity.clone(), ok));
+                    ok
+                }
+            };
+            if !ok {
+                return false;
+            }
+        }
+        self.filter.matches_call(e)
+    }
 }
 
 struct Inner {
-    history: VecDeque<Arc<pb::Event>>,
+    history: VecDeque<Arc<HubEvent>>,
     subs: Vec<Sub>,
 }
 
 /// A live subscription.
 pub struct Subscription {
-    pub history: Vec<Arc<pb::Event>>,
-    pub rx: Option<mpsc::Receiver<Arc<pb::Event>>>,
+    pub history: Vec<Arc<HubEvent>>,
+    pub rx: Option<mpsc::Receiver<Arc<HubEvent>>>,
     pub dropped: Arc<AtomicU64>,
 }
 
@@ -127,7 +195,7 @@ impl Hub {
     }
 
     /// Publishes a batch; never blocks on a subscriber.
-    pub fn publish(&self, batch: &[Arc<pb::Event>]) {
+    pub fn publish(&self, batch: &[Arc<HubEvent>]) {
         if batch.is_empty() {
             return;
         }
@@ -140,8 +208,8 @@ impl Hub {
                 }
                 inner.history.push_back(e.clone());
             }
-            inner.subs.retain(|s| {
-                if !s.filter.matches(e) {
+            inner.subs.retain_mut(|s| {
+                if !s.wants(e) {
                     return !s.tx.is_closed();
                 }
                 match s.tx.try_send(e.clone()) {
@@ -180,6 +248,7 @@ impl Hub {
                 filter,
                 tx,
                 dropped: dropped.clone(),
+                last_identity: None,
             });
             rx
         });
@@ -204,8 +273,8 @@ impl Hub {
 mod tests {
     use super::*;
 
-    fn ev(seq: u64, identity: &str, verdict: pb::Verdict) -> Arc<pb::Event> {
-        Arc::new(pb::Event {
+    fn ev(seq: u64, identity: &str, verdict: pb::Verdict) -> Arc<HubEvent> {
+        Arc::new(HubEvent::from_pb(&pb::Event {
             seq,
             principal: Some(pb::Principal {
                 identity: identity.into(),
@@ -217,7 +286,7 @@ mod tests {
             }),
             call: Some(pb::event::Call::Connect(pb::ConnectCall::default())),
             ..Default::default()
-        })
+        }))
     }
 
     #[test]
@@ -244,6 +313,66 @@ mod tests {
         assert_eq!(slow.dropped.load(Ordering::Relaxed), 8);
         assert_eq!(hub.subscriber_dropped.load(Ordering::Relaxed), 8);
         assert_eq!(hub.published.load(Ordering::Relaxed), 10);
+    }
+
+    #[test]
+    fn fan_out_shares_one_encoding_that_decodes_to_the_event() -> Result<(), prost::DecodeError> {
+        let hub = Hub::new(4, 4);
+        let mut a = hub.subscribe(Filter::default(), true);
+        let mut b = hub.subscribe(Filter::default(), true);
+        let e = ev(5, "spiffe://t/a", pb::Verdict::Allow);
+        hub.publish(std::slice::from_ref(&e));
+        let ga =
+            a.rx.as_mut()
+                .and_then(|r| r.try_recv().ok())
+                .expect("a got it");
+        let gb =
+            b.rx.as_mut()
+                .and_then(|r| r.try_recv().ok())
+                .expect("b got it");
+        assert!(
+            Arc::ptr_eq(&ga, &e) && Arc::ptr_eq(&gb, &e),
+            "no copy per subscriber"
+        );
+        let back = ga.to_pb()?;
+        assert_eq!(back.seq, 5);
+        assert_eq!(
+            back.principal.map(|p| p.identity).as_deref(),
+            Some("spiffe://t/a")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn followers_filter_by_identity_across_alternating_principals() -> Result<(), FilterError> {
+        let hub = Hub::new(0, 64);
+        let f = Filter::new(Some(pb::EventFilter {
+            identity: "spiffe://t/a/*".into(),
+            ..Default::default()
+        }))?;
+        let mut s = hub.subscribe(f, true);
+        let a = ev(0, "spiffe://t/a/x", pb::Verdict::Allow);
+        let b = ev(0, "spiffe://t/b/x", pb::Verdict::Allow);
+        let mut batch = Vec::new();
+        for i in 0..20u64 {
+            // Shared identity Arcs within a principal's burst, fresh ones in between.
+            let src = if i % 3 == 0 { &b } else { &a };
+            let mut e = (**src).clone();
+            e.seq = i;
+            if i % 5 == 0 {
+                e.identity = Arc::from(&*src.identity);
+            }
+            batch.push(Arc::new(e));
+        }
+        hub.publish(&batch);
+        let rx = s.rx.as_mut().expect("follow");
+        let mut got = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            got.push(e.seq);
+        }
+        let want: Vec<u64> = (0..20).filter(|i| i % 3 != 0).collect();
+        assert_eq!(got, want);
+        Ok(())
     }
 
     #[test]

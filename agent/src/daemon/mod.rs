@@ -1,4 +1,4 @@
-//! `corral-agent --policy FILE`: the standalone node daemon.
+//! `corral-agent --policy FILE` (standalone) or `--server URL` (managed): the node daemon.
 //!
 //! - [`config`]: the one configuration struct (flags, `CORRAL_*` env, defaults).
 //! - [`shutdown`]: SIGTERM/SIGINT → one signal broadcast to every task.
@@ -6,6 +6,8 @@
 //! - [`policy`]: compile, apply atomically, keep the previous policy on rejection.
 //! - [`pipeline`] and [`hub`]: ring buffer → enrichment → subscribers; [`render`]: JSON/lines.
 //! - [`api`]: `AgentService` on the unix socket; [`status`] and [`metrics`].
+//! - [`k8s`]: `--kubernetes`: the pods on this node that opt in, enrolled as principals.
+//! - [`sync`]: with `--server`, the node side of `NodeSync` (snapshots, ACK/NACK, events).
 //!
 //! Start: load (or adopt) the pinned programs, read the principals the previous agent left,
 //! apply the policy (or the last-known-good one), then serve. Stop: the tasks drain, and the
@@ -14,6 +16,7 @@
 pub mod api;
 pub mod config;
 pub mod hub;
+pub mod k8s;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;
@@ -21,6 +24,8 @@ pub mod registry;
 pub mod render;
 pub mod shutdown;
 pub mod status;
+pub mod sync;
+pub mod tls;
 
 use std::{
     os::unix::fs::PermissionsExt as _,
@@ -84,6 +89,8 @@ pub enum DaemonError {
     Signals(#[source] std::io::Error),
     #[error("serve the local API")]
     Serve(#[source] tonic::transport::Error),
+    #[error("load the TLS files")]
+    Tls(#[source] tls::TlsError),
     #[error("uninstall pins")]
     Uninstall(#[from] PinError),
 }
@@ -98,6 +105,8 @@ pub struct Shared {
     pub hub: Hub,
     pub counters: Counters,
     pub exec_mode: ExecMode,
+    /// The link to the policy server (`--server`); unused in standalone mode.
+    pub sync: Arc<sync::SyncStatus>,
 }
 
 impl Shared {
@@ -116,7 +125,9 @@ impl Shared {
 
     /// Re-reads the policy file; applies it if its text changed since the last attempt.
     fn reload(&self) {
-        let path = self.resolved.policy_path();
+        let Some(path) = self.resolved.policy_path() else {
+            return;
+        };
         let source = match policy::read_source(path) {
             Ok(s) => s,
             Err(e) => {
@@ -156,7 +167,10 @@ impl Shared {
         if self.policy_state().current().is_some() {
             return;
         }
-        let file = self.resolved.policy_path().display().to_string();
+        let file = self
+            .resolved
+            .policy_path()
+            .map_or_else(|| "last-known-good".into(), |p| p.display().to_string());
         let mut enf = self.enforcer();
         let mut st = self.policy_state_mut();
         let fallback = match self.lkg.compiled(&file) {
@@ -309,6 +323,7 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
         registry,
         policy: RwLock::new(PolicyState::default()),
         exec_mode,
+        sync: Arc::default(),
         resolved: resolved.clone(),
     });
     {
@@ -324,10 +339,44 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
         audit,
         shutdown.subscribe(),
     ));
-    tasks.spawn(watch_policy(shared.clone(), shutdown.subscribe()));
+    if cfg.policy.is_some() {
+        tasks.spawn(watch_policy(shared.clone(), shutdown.subscribe()));
+    }
+    if let Some(url) = &cfg.server {
+        // Subscribed before the sync task starts, so no event is missed while connecting;
+        // the hub's bounded queue is the forwarding buffer (its drops are counted).
+        let events = shared.hub.subscribe(hub::Filter::default(), true).rx;
+        let mut client = sync::ClientConfig::new(url, &resolved.node);
+        if cfg.tls.is_set() {
+            client.tls = Some(cfg.tls.client_config().map_err(DaemonError::Tls)?);
+        }
+        tasks.spawn(sync::run(
+            client,
+            Arc::new(sync::AgentSink {
+                shared: shared.clone(),
+            }),
+            events,
+            shared.sync.clone(),
+            shutdown.subscribe(),
+        ));
+    }
     tasks.spawn(sweep_principals(shared.clone(), shutdown.subscribe()));
     if let Some(l) = metrics {
         tasks.spawn(metrics::serve(l, shared.clone(), shutdown.subscribe()));
+    }
+    if let Ok(Some(mapping)) = cfg.k8s.mapping(&resolved.node) {
+        // Not ready (no local API, which the readiness probe asks) until the pods on this
+        // node are synced.
+        let (ready, synced) = tokio::sync::oneshot::channel();
+        let ns = cfg.k8s.namespace_opt_in;
+        tasks.spawn(k8s::run(
+            shared.clone(),
+            mapping,
+            ns,
+            ready,
+            shutdown.subscribe(),
+        ));
+        let _ = synced.await;
     }
     let mut api_stop = shutdown.subscribe();
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
@@ -337,7 +386,7 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
         }))
         .serve_with_incoming_shutdown(incoming, async move { api_stop.wait().await });
     let server = tokio::spawn(server);
-    info!(socket = %cfg.socket.display(), policy = %cfg.policy.display(), node = %resolved.node, "corral-agent ready");
+    info!(socket = %cfg.socket.display(), policy = ?cfg.policy, server = ?cfg.server, node = %resolved.node, "corral-agent ready");
 
     let signal = shutdown::signal();
     tokio::pin!(signal);

@@ -5,11 +5,13 @@
 //! Nothing here panics or blocks on a consumer. Lost events are counted: in the kernel
 //! (`DROPS` map, ring full), undecodable ones here, and per subscriber in the hub.
 
+mod audit;
+mod procs;
+
 use std::{
     collections::HashMap,
-    io::Write as _,
+    fmt::Write as _,
     os::fd::{AsRawFd, RawFd},
-    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -20,11 +22,20 @@ use std::{
 use agent_common::{
     HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, PROTO_TCP, PROTO_UDP,
 };
+use bytes::BytesMut;
 use corral_proto::v1 as pb;
+use prost::Message as _;
 use tokio::io::{Interest, unix::AsyncFd};
 use tracing::{debug, warn};
 
-use super::{Shared, hub::Hub, shutdown::ShutdownSignal};
+pub use self::audit::AuditLog;
+use self::procs::{ExecInfo, ExecTable, ProcCache};
+use super::{
+    Shared,
+    hub::{Hub, HubEvent},
+    policy::Generation,
+    shutdown::ShutdownSignal,
+};
 use crate::ebpf::events::{ConnectDecision, Event, EventReader, ExecDecision, Reason, Verdict};
 
 /// Decisions by verdict and reason, for metrics.
@@ -34,6 +45,9 @@ pub struct Counters {
     pub decisions: [[AtomicU64; 5]; 3],
     pub undecodable: AtomicU64,
     pub audit_errors: AtomicU64,
+    /// Allow events the kernel's per-principal rate limit suppressed, as reported by the events
+    /// that carried the counts (`EventHeader::suppressed`).
+    pub suppressed: AtomicU64,
 }
 
 pub const VERDICTS: [&str; 3] = ["allow", "deny", "audit-deny"];
@@ -93,141 +107,146 @@ fn proto_name(p: u8) -> &'static str {
     }
 }
 
-/// What `/proc` says about a process (cached briefly: events come in bursts per process).
-#[derive(Debug, Clone, Default)]
-struct ProcInfo {
-    ppid: u32,
-    binary: String,
-    argv: Vec<String>,
-}
-
 const PROC_TTL: Duration = Duration::from_secs(1);
 const PROC_CACHE_MAX: usize = 4096;
-
-fn read_proc(pid: u32) -> ProcInfo {
-    let base = PathBuf::from(format!("/proc/{pid}"));
-    let binary = std::fs::read_link(base.join("exe"))
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
-    let argv = std::fs::read(base.join("cmdline"))
-        .map(|b| {
-            b.split(|&c| c == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    // `pid (comm) state ppid ...`: comm may hold spaces and parentheses; split after the last `)`.
-    let ppid = std::fs::read_to_string(base.join("stat"))
-        .ok()
-        .and_then(|s| {
-            let rest = &s[s.rfind(')')? + 1..];
-            rest.split_whitespace().nth(1)?.parse().ok()
-        })
-        .unwrap_or(0);
-    ProcInfo { ppid, binary, argv }
-}
-
-/// The image a pid last exec'd, from exec events: processes that exit before their events are
-/// read still get their binary and argv.
-#[derive(Debug, Clone)]
-struct ExecInfo {
-    binary: String,
-    argv: Vec<String>,
-    exec_id: u64,
-    parent_exec_id: u64,
-    ppid: u32,
-}
-
 const EXEC_TABLE_MAX: usize = 16_384;
+/// Principals whose identity is cached (cleared when full: a re-read is one registry lookup).
+const PRINCIPAL_CACHE_MAX: usize = 16_384;
+/// Encoded events are carved out of blocks of this size: one allocation per block, freed when
+/// the last event in it has left every queue and the history.
+const ENCODE_BLOCK: usize = 64 * 1024;
 
+/// A principal as events name it, cached by kernel index.
+struct PrincipalNames {
+    identity: Arc<str>,
+    session: Arc<str>,
+}
+
+fn set(s: &mut String, v: &str) {
+    s.clear();
+    s.push_str(v);
+}
+
+fn set_argv(dst: &mut Vec<String>, src: &[String]) {
+    dst.truncate(src.len());
+    for (i, a) in src.iter().enumerate() {
+        match dst.get_mut(i) {
+            Some(d) => set(d, a),
+            None => dst.push(a.clone()),
+        }
+    }
+}
+
+/// Turns decoded kernel events into [`HubEvent`]s. Allocation-free per event in the steady
+/// state apart from the `Arc<HubEvent>`: one scratch `pb::Event` is refilled in place (its
+/// strings keep their capacity) and encoded into a shared block; identities are interned per
+/// principal; `/proc` and exec lookups are cached `Arc`s.
 struct Enricher {
     shared: Arc<Shared>,
-    procs: HashMap<u32, (Instant, ProcInfo)>,
-    execs: HashMap<u32, ExecInfo>,
-    exec_order: std::collections::VecDeque<u32>,
-    batch: Vec<Arc<pb::Event>>,
+    procs: ProcCache,
+    execs: ExecTable,
+    principals: HashMap<u32, PrincipalNames>,
+    /// Policy generations, refreshed once per batch.
+    generations: [Option<Arc<Generation>>; 2],
+    scratch: pb::Event,
+    buf: BytesMut,
+    batch: Vec<Arc<HubEvent>>,
+    empty: Arc<str>,
+    /// The address `scratch`'s connect call holds as its destination text.
+    destination_of: Option<std::net::IpAddr>,
 }
 
 impl Enricher {
-    fn proc(&mut self, pid: u32) -> ProcInfo {
-        let now = Instant::now();
-        if let Some((at, p)) = self.procs.get(&pid)
-            && now.duration_since(*at) < PROC_TTL
-        {
-            return p.clone();
+    fn new(shared: Arc<Shared>) -> Self {
+        let scratch = pb::Event {
+            node: shared.resolved.node.clone(),
+            ..Default::default()
+        };
+        Self {
+            shared,
+            procs: ProcCache::new(PROC_TTL, PROC_CACHE_MAX),
+            execs: ExecTable::new(EXEC_TABLE_MAX),
+            principals: HashMap::new(),
+            generations: [None, None],
+            scratch,
+            buf: BytesMut::new(),
+            batch: Vec::with_capacity(PUBLISH_BATCH),
+            empty: Arc::from(""),
+            destination_of: None,
         }
-        if self.procs.len() >= PROC_CACHE_MAX {
-            self.procs
-                .retain(|_, (at, _)| now.duration_since(*at) < PROC_TTL);
-        }
-        let p = read_proc(pid);
-        self.procs.insert(pid, (now, p.clone()));
-        p
     }
 
-    fn remember_exec(&mut self, pid: u32, info: ExecInfo) {
-        if self.execs.insert(pid, info).is_none() {
-            self.exec_order.push_back(pid);
+    fn refresh_policy(&mut self) {
+        let st = self.shared.policy_state();
+        self.generations = st.generations.clone();
+    }
+
+    /// Fills `scratch.principal`; returns the identity for filters.
+    fn principal(&mut self, index: u32, cgroup_id: u64) -> Arc<str> {
+        if !self.principals.contains_key(&index)
+            && let Some(r) = self.shared.registry.get(index)
+        {
+            if self.principals.len() >= PRINCIPAL_CACHE_MAX {
+                self.principals.clear();
+            }
+            self.principals.insert(
+                index,
+                PrincipalNames {
+                    identity: Arc::from(r.identity.as_str()),
+                    session: Arc::from(r.session.as_str()),
+                },
+            );
         }
-        while self.execs.len() > EXEC_TABLE_MAX {
-            match self.exec_order.pop_front() {
-                Some(old) => {
-                    self.execs.remove(&old);
-                }
-                None => break,
+        let p = self.scratch.principal.get_or_insert_with(Default::default);
+        p.cgroup_id = cgroup_id;
+        match self.principals.get(&index) {
+            Some(n) => {
+                set(&mut p.identity, &n.identity);
+                set(&mut p.session, &n.session);
+                n.identity.clone()
+            }
+            None => {
+                p.identity.clear();
+                p.session.clear();
+                self.empty.clone()
             }
         }
     }
 
-    fn principal(&self, index: u32, cgroup_id: u64) -> pb::Principal {
-        match self.shared.registry.get(index) {
-            Some(r) => pb::Principal {
-                identity: r.identity.clone(),
-                session: r.session.clone(),
-                cgroup_id,
-            },
-            None => pb::Principal {
-                cgroup_id,
-                ..Default::default()
-            },
-        }
-    }
-
+    /// Fills `scratch.decision`; returns the zone name's owner generation for the caller.
+    #[expect(clippy::too_many_arguments, reason = "the decision's fields, unpacked")]
     fn decision(
-        &self,
+        &mut self,
         verdict: Verdict,
         reason: Reason,
         policy: Option<u32>,
         rule: Option<u32>,
         zone: Option<u32>,
         grant_id: u64,
-    ) -> (pb::Decision, String) {
-        let state = self.shared.policy_state();
-        let generation = policy.and_then(|k| state.by_key(k).cloned());
+        zone_out: Option<&mut String>,
+    ) {
+        let generation = policy.and_then(|k| self.generations[(k >> 31) as usize].as_ref());
         let slot = policy.map(|k| k & 0x7fff_ffff);
-        let name = match (&generation, slot) {
-            (Some(g), Some(s)) => g.policy_name(s).unwrap_or_default().to_owned(),
-            _ => String::new(),
-        };
-        let zone_name = match (&generation, slot, zone) {
-            (Some(g), Some(s), Some(z)) => g.zone_name(s, z).unwrap_or_default().to_owned(),
-            _ => String::new(),
-        };
-        let d = pb::Decision {
-            verdict: verdict_pb(verdict) as i32,
-            reason: reason_pb(reason) as i32,
-            policy: name,
-            revision: generation.map_or(0, |g| g.revision),
-            rule_index: rule,
-            grant_id: if grant_id == 0 {
-                String::new()
-            } else {
-                grant_id.to_string()
-            },
-            grant_available: String::new(),
-        };
-        (d, zone_name)
+        let d = self.scratch.decision.get_or_insert_with(Default::default);
+        d.verdict = verdict_pb(verdict) as i32;
+        d.reason = reason_pb(reason) as i32;
+        d.policy.clear();
+        if let (Some(g), Some(s)) = (generation, slot) {
+            d.policy.push_str(g.policy_name(s).unwrap_or_default());
+        }
+        d.revision = generation.map_or(0, |g| g.revision);
+        d.rule_index = rule;
+        d.grant_id.clear();
+        if grant_id != 0 {
+            let _ = write!(d.grant_id, "{grant_id}");
+        }
+        d.grant_available.clear();
+        if let Some(z) = zone_out {
+            z.clear();
+            if let (Some(g), Some(s), Some(zone)) = (generation, slot, zone) {
+                z.push_str(g.zone_name(s, zone).unwrap_or_default());
+            }
+        }
     }
 
     fn count(&self, v: Verdict, r: Reason) {
@@ -235,64 +254,109 @@ impl Enricher {
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    fn connect(&mut self, c: &ConnectDecision, boot_to_unix: i128) -> pb::Event {
-        self.count(c.verdict, c.reason);
-        let (decision, zone) =
-            self.decision(c.verdict, c.reason, c.policy, c.rule, c.zone, c.grant_id);
-        let (ppid, binary, argv, exec_id, parent_exec_id) = match self.execs.get(&c.pid) {
-            Some(x) => (
-                x.ppid,
-                x.binary.clone(),
-                x.argv.clone(),
-                x.exec_id,
-                x.parent_exec_id,
-            ),
-            None => {
-                let p = self.proc(c.pid);
-                (p.ppid, p.binary, p.argv, 0, 0)
-            }
-        };
-        pb::Event {
-            seq: c.seq,
-            time_unix_nano: to_unix(c.time_ns, boot_to_unix),
-            node: self.shared.resolved.node.clone(),
-            principal: Some(self.principal(c.principal, c.cgroup_id)),
-            process: Some(pb::Process {
-                pid: c.pid,
-                ppid,
-                uid: c.uid,
-                binary,
-                argv,
-                exec_id,
-                parent_exec_id,
-            }),
-            call: Some(pb::event::Call::Connect(pb::ConnectCall {
-                family: if c.addr.is_ipv4() { "ipv4" } else { "ipv6" }.into(),
-                protocol: proto_name(c.proto).into(),
-                destination: c.addr.to_string(),
-                port: u32::from(c.port),
-                zone,
-                hook: hook_name(c.hook).into(),
-            })),
-            decision: Some(decision),
-            suppressed: c.suppressed,
+    /// Encodes the scratch event into the shared block.
+    fn finish(
+        &mut self,
+        seq: u64,
+        identity: Arc<str>,
+        verdict: Verdict,
+        kind: &'static str,
+    ) -> Arc<HubEvent> {
+        let len = self.scratch.encoded_len();
+        if self.buf.capacity() - self.buf.len() < len {
+            self.buf = BytesMut::with_capacity(ENCODE_BLOCK.max(len));
         }
+        self.scratch.encode_raw(&mut self.buf);
+        Arc::new(HubEvent {
+            seq,
+            identity,
+            verdict: verdict_pb(verdict) as i32,
+            kind,
+            encoded: self.buf.split().freeze(),
+        })
     }
 
-    fn exec(&mut self, x: &ExecDecision, boot_to_unix: i128) -> pb::Event {
+    fn connect(&mut self, c: &ConnectDecision, boot_to_unix: i128, now: Instant) -> Arc<HubEvent> {
+        self.count(c.verdict, c.reason);
+        if c.suppressed != 0 {
+            self.shared
+                .counters
+                .suppressed
+                .fetch_add(u64::from(c.suppressed), Ordering::Relaxed);
+        }
+        let identity = self.principal(c.principal, c.cgroup_id);
+        let mut call = match self.scratch.call.take() {
+            Some(pb::event::Call::Connect(call)) => call,
+            _ => {
+                self.destination_of = None;
+                pb::ConnectCall::default()
+            }
+        };
+        self.decision(
+            c.verdict,
+            c.reason,
+            c.policy,
+            c.rule,
+            c.zone,
+            c.grant_id,
+            Some(&mut call.zone),
+        );
+        set(
+            &mut call.family,
+            if c.addr.is_ipv4() { "ipv4" } else { "ipv6" },
+        );
+        set(&mut call.protocol, proto_name(c.proto));
+        // Bursts go to the same destination: format the address only when it changes.
+        if self.destination_of != Some(c.addr) {
+            call.destination.clear();
+            let _ = write!(call.destination, "{}", c.addr);
+            self.destination_of = Some(c.addr);
+        }
+        call.port = u32::from(c.port);
+        set(&mut call.hook, hook_name(c.hook));
+        self.scratch.call = Some(pb::event::Call::Connect(call));
+
+        let p = self.scratch.process.get_or_insert_with(Default::default);
+        p.pid = c.pid;
+        p.uid = c.uid;
+        match self.execs.get(c.pid) {
+            Some(x) => {
+                p.ppid = x.ppid;
+                set(&mut p.binary, &x.binary);
+                set_argv(&mut p.argv, &x.argv);
+                p.exec_id = x.exec_id;
+                p.parent_exec_id = x.parent_exec_id;
+            }
+            None => {
+                let info = self.procs.get(c.pid, now);
+                p.ppid = info.ppid;
+                set(&mut p.binary, &info.binary);
+                set_argv(&mut p.argv, &info.argv);
+                p.exec_id = 0;
+                p.parent_exec_id = 0;
+            }
+        }
+        self.scratch.seq = c.seq;
+        self.scratch.time_unix_nano = to_unix(c.time_ns, boot_to_unix);
+        self.scratch.suppressed = c.suppressed;
+        self.finish(c.seq, identity, c.verdict, "connect")
+    }
+
+    fn exec(&mut self, x: &ExecDecision, boot_to_unix: i128) -> Arc<HubEvent> {
         self.count(x.verdict, x.reason);
         // A new image: whatever was cached for the pid is stale.
-        self.procs.remove(&x.pid);
-        let (decision, _) = self.decision(x.verdict, x.reason, x.policy, x.rule, None, 0);
+        self.procs.forget(x.pid);
+        self.decision(x.verdict, x.reason, x.policy, x.rule, None, 0, None);
+        let identity = self.principal(x.principal, x.cgroup_id);
         let ppid = self
             .execs
-            .get(&x.pid)
+            .get(x.pid)
             .map(|e| e.ppid)
             .filter(|p| *p != 0)
-            .unwrap_or_else(|| read_proc(x.pid).ppid);
+            .unwrap_or_else(|| procs::read_ppid(x.pid));
         // An exec that happened (exec_id != 0) is the pid's image from now on.
         if x.exec_id != 0 && x.verdict != Verdict::Deny {
-            self.remember_exec(
+            self.execs.insert(
                 x.pid,
                 ExecInfo {
                     binary: x.path.clone(),
@@ -303,26 +367,21 @@ impl Enricher {
                 },
             );
         }
-        pb::Event {
-            seq: x.seq,
-            time_unix_nano: to_unix(x.time_ns, boot_to_unix),
-            node: self.shared.resolved.node.clone(),
-            principal: Some(self.principal(x.principal, x.cgroup_id)),
-            process: Some(pb::Process {
-                pid: x.pid,
-                ppid,
-                uid: x.uid,
-                binary: x.path.clone(),
-                argv: x.argv.clone(),
-                exec_id: x.exec_id,
-                parent_exec_id: x.parent_exec_id,
-            }),
-            call: Some(pb::event::Call::Exec(pb::ExecCall {
-                path: x.path.clone(),
-            })),
-            decision: Some(decision),
-            suppressed: 0,
-        }
+        let p = self.scratch.process.get_or_insert_with(Default::default);
+        p.pid = x.pid;
+        p.ppid = ppid;
+        p.uid = x.uid;
+        set(&mut p.binary, &x.path);
+        set_argv(&mut p.argv, &x.argv);
+        p.exec_id = x.exec_id;
+        p.parent_exec_id = x.parent_exec_id;
+        self.scratch.call = Some(pb::event::Call::Exec(pb::ExecCall {
+            path: x.path.clone(),
+        }));
+        self.scratch.seq = x.seq;
+        self.scratch.time_unix_nano = to_unix(x.time_ns, boot_to_unix);
+        self.scratch.suppressed = 0;
+        self.finish(x.seq, identity, x.verdict, "exec")
     }
 }
 
@@ -338,71 +397,6 @@ fn boot_to_unix() -> i128 {
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     i128::try_from(unix).unwrap_or(0) - i128::from(boot)
-}
-
-/// JSON-lines audit log with size-based rotation (`FILE` → `FILE.1`).
-pub struct AuditLog {
-    path: PathBuf,
-    max: u64,
-    out: Option<std::io::BufWriter<std::fs::File>>,
-    size: u64,
-}
-
-impl AuditLog {
-    pub fn open(path: PathBuf, max: u64) -> std::io::Result<Self> {
-        let mut a = Self {
-            path,
-            max: max.max(4096),
-            out: None,
-            size: 0,
-        };
-        a.reopen()?;
-        Ok(a)
-    }
-
-    fn reopen(&mut self) -> std::io::Result<()> {
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
-        self.size = f.metadata()?.len();
-        self.out = Some(std::io::BufWriter::new(f));
-        Ok(())
-    }
-
-    pub fn write(&mut self, events: &[Arc<pb::Event>]) -> std::io::Result<()> {
-        for e in events {
-            if self.size >= self.max {
-                if let Some(mut o) = self.out.take() {
-                    o.flush()?;
-                }
-                let mut rotated = self.path.clone().into_os_string();
-                rotated.push(".1");
-                std::fs::rename(&self.path, rotated)?;
-                self.reopen()?;
-            }
-            let mut line = super::render::event_json(e, None).to_string();
-            line.push('\n');
-            let out = match self.out.as_mut() {
-                Some(o) => o,
-                None => {
-                    self.reopen()?;
-                    self.out
-                        .as_mut()
-                        .ok_or_else(|| std::io::Error::other("audit log not open"))?
-                }
-            };
-            out.write_all(line.as_bytes())?;
-            self.size += line.len() as u64;
-        }
-        match self.out.as_mut() {
-            Some(o) => o.flush(),
-            None => Ok(()),
-        }
-    }
 }
 
 struct ReaderFd(EventReader);
@@ -423,44 +417,51 @@ fn drain(
     audit: &mut Option<AuditLog>,
     raw: &mut Vec<Event>,
 ) {
-    raw.clear();
-    let before = reader.undecodable;
-    reader.drain_all(raw);
-    let bad = reader.undecodable - before;
-    if bad > 0 {
-        enricher
-            .shared
-            .counters
-            .undecodable
-            .fetch_add(bad, Ordering::Relaxed);
-    }
-    if raw.is_empty() {
-        return;
-    }
-    let offset = boot_to_unix();
-    // Bounded batches into a reused buffer: no large allocation is freed per drain (with glibc
-    // that triggers heap consolidation, which dominated the profile at high event rates).
-    let mut batch = std::mem::take(&mut enricher.batch);
-    for chunk in raw.chunks(PUBLISH_BATCH) {
-        batch.clear();
-        batch.extend(chunk.iter().map(|e| {
-            Arc::new(match e {
-                Event::Connect(c) => enricher.connect(c, offset),
-                Event::Exec(x) => enricher.exec(x, offset),
-            })
-        }));
-        if let Some(a) = audit.as_mut()
-            && let Err(e) = a.write(&batch)
-        {
+    // Bounded batches: a full ring is drained in several rounds, each published under one hub
+    // lock, so subscribers see events while the ring is still being read.
+    loop {
+        raw.clear();
+        let before = reader.undecodable;
+        reader.drain_some(raw, PUBLISH_BATCH);
+        let bad = reader.undecodable - before;
+        if bad > 0 {
             enricher
                 .shared
                 .counters
-                .audit_errors
-                .fetch_add(1, Ordering::Relaxed);
-            warn!(error = %e, "write the audit log");
+                .undecodable
+                .fetch_add(bad, Ordering::Relaxed);
         }
-        hub.publish(&batch);
+        if raw.is_empty() {
+            return;
+        }
+        publish(enricher, hub, audit, raw);
+        if raw.len() < PUBLISH_BATCH {
+            return;
+        }
     }
+}
+
+fn publish(enricher: &mut Enricher, hub: &Hub, audit: &mut Option<AuditLog>, raw: &[Event]) {
+    let offset = boot_to_unix();
+    let now = Instant::now();
+    enricher.refresh_policy();
+    let mut batch = std::mem::take(&mut enricher.batch);
+    batch.clear();
+    batch.extend(raw.iter().map(|e| match e {
+        Event::Connect(c) => enricher.connect(c, offset, now),
+        Event::Exec(x) => enricher.exec(x, offset),
+    }));
+    if let Some(a) = audit.as_mut()
+        && let Err(e) = a.write(&batch)
+    {
+        enricher
+            .shared
+            .counters
+            .audit_errors
+            .fetch_add(1, Ordering::Relaxed);
+        warn!(error = %e, "write the audit log");
+    }
+    hub.publish(&batch);
     batch.clear();
     enricher.batch = batch;
 }
@@ -475,14 +476,16 @@ pub async fn run(
     mut audit: Option<AuditLog>,
     mut stop: ShutdownSignal,
 ) {
-    let mut enricher = Enricher {
-        shared: shared.clone(),
-        procs: HashMap::new(),
-        execs: HashMap::new(),
-        exec_order: std::collections::VecDeque::new(),
-        batch: Vec::with_capacity(PUBLISH_BATCH),
-    };
-    let mut raw = Vec::with_capacity(1024);
+    {
+        // Written on every start (also when adopting pins), so the flag is what is in force.
+        let cfg = &shared.resolved.config;
+        let (rate, burst) = (cfg.allow_event_rate, cfg.allow_event_burst);
+        if let Err(e) = shared.enforcer().maps().set_allow_rate(rate, burst) {
+            warn!(error = %super::policy::error_chain(&e), "set the allow-event rate limit");
+        }
+    }
+    let mut enricher = Enricher::new(shared.clone());
+    let mut raw = Vec::with_capacity(PUBLISH_BATCH);
     // `register_with_interest` is `unsafe`; this crate forbids unsafe code. The I/O-safety
     // concern (the fd closed while registered) cannot arise: `ReaderFd` owns the ring buffer,
     // and the AsyncFd owns `ReaderFd`, so the fd lives exactly as long as the registration.
@@ -527,43 +530,4 @@ pub async fn run(
         &mut raw,
     );
     debug!("event pipeline stopped");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_this_process_from_proc() {
-        let p = read_proc(std::process::id());
-        assert!(!p.binary.is_empty());
-        assert!(!p.argv.is_empty());
-        assert!(p.ppid > 0);
-    }
-
-    #[test]
-    fn audit_log_rotates_by_size() -> std::io::Result<()> {
-        let dir = std::env::temp_dir().join(format!("corral-audit-{}", std::process::id()));
-        let path = dir.join("audit.jsonl");
-        let mut a = AuditLog::open(path.clone(), 4096)?;
-        let e = Arc::new(pb::Event {
-            seq: 1,
-            ..Default::default()
-        });
-        let len = super::super::render::event_json(&e, None).to_string().len() + 1;
-        let n = 4096 / len + 3;
-        let batch: Vec<_> = (0..n).map(|_| e.clone()).collect();
-        a.write(&batch)?;
-        let rotated = dir.join("audit.jsonl.1");
-        assert!(rotated.exists(), "rotated once past 4096 bytes");
-        let cur = std::fs::read_to_string(&path)?;
-        let old = std::fs::read_to_string(&rotated)?;
-        assert_eq!(cur.lines().count() + old.lines().count(), n);
-        assert!(old.len() as u64 >= 4096);
-        for l in cur.lines() {
-            assert!(serde_json::from_str::<serde_json::Value>(l).is_ok());
-        }
-        std::fs::remove_dir_all(&dir)?;
-        Ok(())
-    }
 }

@@ -76,6 +76,16 @@ pub struct PrincipalRecord {
     pub session: String,
     pub cgroup: PathBuf,
     pub cgroup_id: u64,
+    /// The cgroup is someone else's (a Kubernetes pod's, made by the kubelet): the agent
+    /// neither creates nor removes it, and keeps the principal while the cgroup is empty (a
+    /// pod between container restarts). It goes when the cgroup does, or when the pod is
+    /// deleted ([`Registry::remove_cgroup`]).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub external: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Debug)]
@@ -290,17 +300,7 @@ impl Registry {
         {
             return Ok(e.rec.clone());
         }
-        // Round-robin from the last index given out; 0 and NONE are never used, so a zeroed
-        // or unset field is never a principal.
-        let mut retired = self.retired();
-        let start = retired.next.clamp(1, agent_common::NONE - 1);
-        let index = (start..agent_common::NONE)
-            .chain(1..start)
-            .find(|i| !inner.contains_key(i))
-            .ok_or(RegistryError::Full)?;
-        retired.next = index.saturating_add(1);
-        retired.by_index.remove(&index);
-        drop(retired);
+        let index = self.allocate(&inner)?;
         let path = self.dir.join(format!("{session}-{index}"));
         cgroup::create(&path)?;
         let level = cgroup::level(&self.root, &path)
@@ -324,6 +324,7 @@ impl Registry {
             session: session.into(),
             cgroup: path,
             cgroup_id,
+            external: false,
         });
         inner.insert(
             index,
@@ -338,6 +339,101 @@ impl Registry {
         Ok(rec)
     }
 
+    /// A free kernel index: round-robin from the last one given out; 0 and NONE are never
+    /// used, so a zeroed or unset field is never a principal.
+    fn allocate(&self, inner: &BTreeMap<u32, Entry>) -> Result<u32, RegistryError> {
+        let mut retired = self.retired();
+        let start = retired.next.clamp(1, agent_common::NONE - 1);
+        let index = (start..agent_common::NONE)
+            .chain(1..start)
+            .find(|i| !inner.contains_key(i))
+            .ok_or(RegistryError::Full)?;
+        retired.next = index.saturating_add(1);
+        retired.by_index.remove(&index);
+        Ok(index)
+    }
+
+    /// Enrols an existing cgroup that the agent does not own (a pod's) as the principal
+    /// (identity, session), or returns the principal already enrolled for that cgroup.
+    pub fn enroll_cgroup(
+        &self,
+        identity: &str,
+        session: &str,
+        cgroup: &Path,
+        slot: Option<u32>,
+        maps: &mut PolicyMaps,
+    ) -> Result<Arc<PrincipalRecord>, RegistryError> {
+        identity::validate_id(identity)?;
+        if !valid_session(session) {
+            return Err(RegistryError::Session(session.into()));
+        }
+        let mut inner = self.lock();
+        if let Some(e) = inner.values().find(|e| e.rec.cgroup == cgroup) {
+            return Ok(e.rec.clone());
+        }
+        let level =
+            cgroup::level(&self.root, cgroup).ok_or_else(|| RegistryError::OutsideRoot {
+                path: cgroup.into(),
+            })?;
+        let cgroup_id = cgroup::id(cgroup)?;
+        let index = self.allocate(&inner)?;
+        maps.add_principal(cgroup_id, level, index, slot)?;
+        let rec = Arc::new(PrincipalRecord {
+            index,
+            identity: identity.into(),
+            session: session.into(),
+            cgroup: cgroup.into(),
+            cgroup_id,
+            external: true,
+        });
+        inner.insert(
+            index,
+            Entry {
+                rec: rec.clone(),
+                seen_populated: populated(cgroup).unwrap_or(false),
+                created: Instant::now(),
+            },
+        );
+        self.persist(&inner)?;
+        info!(identity, session, index, cgroup = %cgroup.display(), "enrolled existing cgroup");
+        Ok(rec)
+    }
+
+    /// Removes the principal of an external cgroup (its pod was deleted): kernel entry,
+    /// chaining state and grants. The cgroup itself is left to its owner.
+    pub fn remove_cgroup(
+        &self,
+        cgroup: &Path,
+        maps: &mut PolicyMaps,
+    ) -> Option<Arc<PrincipalRecord>> {
+        let mut inner = self.lock();
+        let index = inner.values().find(|e| e.rec.cgroup == cgroup)?.rec.index;
+        let rec = inner.remove(&index)?.rec;
+        if let Err(err) = maps.remove_principal(rec.cgroup_id) {
+            warn!(identity = %rec.identity, error = %err, "remove principal from the kernel maps");
+        }
+        self.retire(rec.clone());
+        if let Err(e) = self.persist(&inner) {
+            warn!(error = %e, "persist principals");
+        }
+        info!(identity = %rec.identity, session = %rec.session, index, "principal removed");
+        Some(rec)
+    }
+
+    /// Remembers a removed principal for its late events.
+    fn retire(&self, rec: Arc<PrincipalRecord>) {
+        let index = rec.index;
+        let mut retired = self.retired();
+        if retired.by_index.insert(index, rec).is_none() {
+            retired.order.push_back(index);
+        }
+        while retired.order.len() > RETIRED_MAX {
+            if let Some(old) = retired.order.pop_front() {
+                retired.by_index.remove(&old);
+            }
+        }
+    }
+
     /// Removes principals whose processes have all exited (and those never joined within
     /// [`JOIN_GRACE`]): kernel entry, chaining state and grants, cgroup. Returns the removed.
     pub fn sweep(&self, maps: &mut PolicyMaps) -> Vec<Arc<PrincipalRecord>> {
@@ -346,6 +442,8 @@ impl Registry {
         for e in inner.values_mut() {
             match populated(&e.rec.cgroup) {
                 None => gone.push(e.rec.index),
+                // An external (pod) cgroup stays enrolled while it exists, empty or not.
+                Some(_) if e.rec.external => {}
                 Some(true) => e.seen_populated = true,
                 Some(false)
                     if e.seen_populated
@@ -362,8 +460,11 @@ impl Registry {
             let Some(e) = inner.get(&index) else { continue };
             let rec = e.rec.clone();
             // The cgroup first: rmdir fails while anything runs in it, and once it is gone
-            // nothing can be attributed to the kernel entry any more.
-            if let Err(err) = cgroup::remove(&rec.cgroup) {
+            // nothing can be attributed to the kernel entry any more. (An external cgroup is
+            // already gone: it is only swept then.)
+            if !rec.external
+                && let Err(err) = cgroup::remove(&rec.cgroup)
+            {
                 warn!(identity = %rec.identity, error = %err, "remove principal cgroup; retrying later");
                 continue;
             }
@@ -372,16 +473,7 @@ impl Registry {
             }
             info!(identity = %rec.identity, session = %rec.session, index, "principal's last process exited: removed");
             inner.remove(&index);
-            let mut retired = self.retired();
-            if retired.by_index.insert(index, rec.clone()).is_none() {
-                retired.order.push_back(index);
-            }
-            while retired.order.len() > RETIRED_MAX {
-                if let Some(old) = retired.order.pop_front() {
-                    retired.by_index.remove(&old);
-                }
-            }
-            drop(retired);
+            self.retire(rec.clone());
             removed.push(rec);
         }
         if !removed.is_empty()
@@ -436,6 +528,24 @@ mod tests {
     }
 
     #[test]
+    fn external_flag_is_optional_in_persisted_state() {
+        // State written before pod principals existed has no `external` field.
+        let old =
+            r#"[{"index":3,"identity":"spiffe://t/a","session":"s","cgroup":"/x","cgroup_id":42}]"#;
+        let recs: Vec<PrincipalRecord> = serde_json::from_str(old).expect("parse");
+        assert!(!recs[0].external);
+        let own = serde_json::to_string(&recs[0]).expect("json");
+        assert!(!own.contains("external"), "{own}");
+        let pod = PrincipalRecord {
+            external: true,
+            ..recs[0].clone()
+        };
+        let back: PrincipalRecord =
+            serde_json::from_str(&serde_json::to_string(&pod).expect("json")).expect("parse");
+        assert!(back.external);
+    }
+
+    #[test]
     fn load_forgets_principals_whose_cgroup_is_gone() -> Result<(), RegistryError> {
         let dir = std::env::temp_dir().join(format!("corral-registry-{}", std::process::id()));
         let state = dir.join("principals.json");
@@ -445,6 +555,7 @@ mod tests {
             session: "s".into(),
             cgroup: dir.join("no-such-cgroup"),
             cgroup_id: 42,
+            external: false,
         };
         write_atomic(&state, &serde_json::to_vec(&vec![rec]).expect("json")).map_err(|source| {
             RegistryError::Persist {

@@ -23,6 +23,13 @@ pub fn kernel_drops(shared: &Shared) -> u64 {
     shared.enforcer().maps().kernel_drops().unwrap_or(0)
 }
 
+/// Allow events suppressed by the kernel's rate limit: those carried on delivered events,
+/// plus those still waiting in the kernel for the principal's next event.
+pub fn suppressed(shared: &Shared) -> u64 {
+    shared.counters.suppressed.load(Ordering::Relaxed)
+        + shared.enforcer().maps().suppressed_pending()
+}
+
 pub fn build(shared: &Shared) -> pb::AgentStatus {
     let (revision, policies, last_error, current) = {
         let st = shared.policy_state();
@@ -79,7 +86,12 @@ pub fn build(shared: &Shared) -> pb::AgentStatus {
         events_delivered: shared.hub.published.load(Ordering::Relaxed),
         events_dropped_kernel: kernel_drops(shared),
         events_dropped_subscribers: shared.hub.subscriber_dropped.load(Ordering::Relaxed),
-        server_state: "standalone".into(),
+        events_suppressed: suppressed(shared),
+        server_state: if shared.resolved.config.server.is_some() {
+            shared.sync.describe(revision)
+        } else {
+            "standalone".into()
+        },
     }
 }
 
@@ -138,6 +150,12 @@ pub fn metrics(shared: &Shared) -> String {
         "Events dropped for subscribers that read too slowly.",
         "counter",
         shared.hub.subscriber_dropped.load(Ordering::Relaxed),
+    );
+    gauge(
+        "corral_events_suppressed_total",
+        "Allow events suppressed by the in-kernel per-principal rate limit.",
+        "counter",
+        suppressed(shared),
     );
     gauge(
         "corral_events_undecodable_total",

@@ -286,6 +286,18 @@ impl EventReader {
         }
     }
 
+    /// Reads at most `max` events (every kind) into `out`: bounded batches, so a consumer can
+    /// publish while the ring is still filling.
+    pub fn drain_some(&mut self, out: &mut Vec<Event>, max: usize) {
+        for _ in 0..max {
+            let Some(item) = self.ring.next() else { break };
+            match Event::decode(&item) {
+                Ok(e) => out.push(e),
+                Err(_) => self.undecodable += 1,
+            }
+        }
+    }
+
     /// Drains the ring and returns its connect decisions (other kinds are counted in
     /// `exec_skipped` as by [`Self::drain`]).
     pub fn drain_connects(&mut self) -> Vec<ConnectDecision> {

@@ -6,8 +6,8 @@
 //! deleted. A program run sees either the old or the new policy, never a mix.
 
 use agent_common::{
-    ChainKey, Config, GrantKey, GrantValue, NONE, PolicyMeta, Principal, RuleKey, RuleValue,
-    ZoneKey, ZoneValue, maps as names, policy_key,
+    ChainKey, Config, GrantKey, GrantValue, NONE, PolicyMeta, Principal, RateState, RuleKey,
+    RuleValue, ZoneKey, ZoneValue, maps as names, policy_key,
 };
 use aya::{
     Ebpf,
@@ -73,6 +73,7 @@ pub struct PolicyMaps {
     seen: HashMap<MapData, u32, u64>,
     grants: HashMap<MapData, GrantKey, GrantValue>,
     drops: PerCpuArray<MapData, u64>,
+    rate: HashMap<MapData, u32, RateState>,
     pub(super) events: Option<aya::maps::Map>,
     exec: super::exec::ExecMaps,
 }
@@ -89,6 +90,7 @@ impl PolicyMaps {
             seen: take(ebpf, names::SEEN)?,
             grants: take(ebpf, names::GRANTS)?,
             drops: take(ebpf, names::DROPS)?,
+            rate: take(ebpf, names::RATE)?,
             exec: super::exec::ExecMaps::take(ebpf)?,
             events: Some(ebpf.take_map(names::EVENTS).ok_or(MapError::Missing {
                 name: names::EVENTS,
@@ -119,6 +121,8 @@ impl PolicyMaps {
         slot: Option<u32>,
     ) -> Result<(), MapError> {
         let slot = slot.unwrap_or(NONE);
+        // A fresh rate budget and no suppressed count left from an earlier holder of the index.
+        let _ = self.rate.remove(&index);
         self.seen
             .insert(index, 0, 0)
             .map_err(op("insert", names::SEEN))?;
@@ -150,6 +154,7 @@ impl PolicyMaps {
             Err(e) if !is_not_found(&e) => return Err(op("remove", names::SEEN)(e)),
             _ => {}
         }
+        let _ = self.rate.remove(&p.index);
         let stale: Vec<GrantKey> = self
             .grants
             .keys()
@@ -187,6 +192,27 @@ impl PolicyMaps {
     pub fn kernel_drops(&self) -> Result<u64, MapError> {
         let v = self.drops.get(&0, 0).map_err(op("read", names::DROPS))?;
         Ok(v.iter().sum())
+    }
+
+    /// Limits allow events to `rate` per second and principal (burst `burst`, 0: one second's
+    /// worth); `rate` 0 removes the limit. Deny and audit-deny events are never limited.
+    pub fn set_allow_rate(&mut self, rate: u32, burst: u32) -> Result<(), MapError> {
+        let cfg = self.config()?;
+        self.set_config(Config {
+            allow_rate: rate,
+            allow_burst: burst,
+            ..cfg
+        })
+    }
+
+    /// Allow events suppressed by the rate limit and not yet carried on an emitted event,
+    /// summed over principals.
+    pub fn suppressed_pending(&self) -> u64 {
+        self.rate
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, v)| v.suppressed)
+            .sum()
     }
 
     /// The exec maps (rules are written by [`Self::apply_with_addenda`]).

@@ -9,7 +9,10 @@
 //! - kernel → agent: published + dropped in kernel == generated (+ the generator's exec event);
 //! - agent → subscriber: received + dropped for the subscriber == published.
 //!
-//! Usage: `corral-event-bench [--threads T] [--count N]` (N connects per thread).
+//! Usage: `corral-event-bench [--procs P] [--threads T] [--count N] [--sendto] [--grpc-only]`:
+//! P generator processes (each its own principal) of T threads, N calls per thread; connect()
+//! by default, sendto() on an unconnected socket with `--sendto`; `--grpc-only` leaves out the
+//! `corral events --json` subscriber.
 use std::{
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
@@ -28,7 +31,7 @@ use socket2::{Domain, SockAddr, Socket, Type};
 const IDENTITY: &str = "spiffe://bench.corral/load";
 const DENIED: &str = "127.0.0.1:9";
 
-fn flood(threads: usize, count: u64) -> anyhow::Result<()> {
+fn flood(threads: usize, count: u64, sendto: bool) -> anyhow::Result<()> {
     let addr: std::net::SocketAddr = DENIED.parse()?;
     let t0 = Instant::now();
     let handles: Vec<_> = (0..threads)
@@ -38,7 +41,14 @@ fn flood(threads: usize, count: u64) -> anyhow::Result<()> {
                 let a = SockAddr::from(addr);
                 let (mut denied, mut other) = (0, 0);
                 for _ in 0..count {
-                    match s.connect(&a) {
+                    // connect() runs the connect4 hook; sendto() on the unconnected socket the
+                    // sendmsg4 hook. Either is denied before any packet is built.
+                    let r = if sendto {
+                        s.send_to(b"x", &a).map(drop)
+                    } else {
+                        s.connect(&a)
+                    };
+                    match r {
                         Err(e) if e.raw_os_error() == Some(libc::EPERM) => denied += 1,
                         _ => other += 1,
                     }
@@ -72,8 +82,16 @@ struct Seen {
     last_at: std::sync::Mutex<Option<Instant>>,
 }
 
+/// `corral.v1.WatchEventsResponse` as a counting subscriber reads it: the event (field 1) is
+/// skipped unparsed, only `subscriber_dropped` is decoded. The wire format is the real one.
+#[derive(Clone, PartialEq, prost::Message)]
+struct CountOnly {
+    #[prost(uint64, tag = "2")]
+    subscriber_dropped: u64,
+}
+
 /// A gRPC subscriber (tonic over the unix socket) that only counts: the agent → gRPC stage
-/// without any client-side rendering.
+/// without client-side decoding or rendering of the events.
 fn grpc_subscriber(socket: PathBuf, seen: Arc<Seen>) -> anyhow::Result<()> {
     use corral_proto::v1 as pb;
     use tokio_stream::StreamExt as _;
@@ -82,6 +100,9 @@ fn grpc_subscriber(socket: PathBuf, seen: Arc<Seen>) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let channel = tonic::transport::Endpoint::from_static("http://corral-agent.local")
+            // Flow-control windows large enough that the agent is not paced by window updates.
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(16 << 20))
             .connect_with_connector(tower::service_fn(move |_| {
                 let socket = socket.clone();
                 async move {
@@ -90,17 +111,20 @@ fn grpc_subscriber(socket: PathBuf, seen: Arc<Seen>) -> anyhow::Result<()> {
                 }
             }))
             .await?;
-        let mut c = pb::agent_service_client::AgentServiceClient::new(channel);
-        let mut stream = c
-            .watch_events(pb::WatchEventsRequest {
-                filter: Some(pb::EventFilter {
-                    identity: IDENTITY.into(),
-                    ..Default::default()
-                }),
-                follow: true,
-            })
-            .await?
-            .into_inner();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await?;
+        let codec = tonic_prost::ProstCodec::<pb::WatchEventsRequest, CountOnly>::default();
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+            "/corral.v1.AgentService/WatchEvents",
+        );
+        let req = tonic::Request::new(pb::WatchEventsRequest {
+            filter: Some(pb::EventFilter {
+                identity: IDENTITY.into(),
+                ..Default::default()
+            }),
+            follow: true,
+        });
+        let mut stream = grpc.server_streaming(req, path, codec).await?.into_inner();
         while let Some(r) = stream.next().await {
             let r = r?;
             seen.received.fetch_add(1, Ordering::Relaxed);
@@ -175,7 +199,22 @@ fn counter(s: &Value, k: &str) -> u64 {
     s[k].as_u64().unwrap_or(0)
 }
 
-fn bench(threads: usize, count: u64) -> anyhow::Result<()> {
+/// What to run.
+struct Opts {
+    /// Generator threads, each its own socket.
+    threads: usize,
+    /// Calls per thread.
+    count: u64,
+    /// Generator processes (each `threads` threads), all in the one principal.
+    procs: usize,
+    /// sendto() instead of connect().
+    sendto: bool,
+    /// Also run `corral events --follow --json` as a second subscriber.
+    cli: bool,
+}
+
+fn bench(o: &Opts) -> anyhow::Result<()> {
+    let (threads, count) = (o.threads, o.count);
     let me = std::env::current_exe()?;
     let bindir = me.parent().context("binary dir")?.to_path_buf();
     let agent_bin = bindir.join("corral-agent");
@@ -256,22 +295,23 @@ spec:
             }
         });
     }
-    let mut sub = Command::new(&corral)
-        .args([
-            "events",
-            "--follow",
-            "--json",
-            "--identity",
-            IDENTITY,
-            "--socket",
-        ])
-        .arg(&socket)
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let out = sub.stdout.take().context("subscriber stdout")?;
-    let _sub = Reaped(sub);
     let cli = Arc::new(Seen::default());
-    {
+    let mut _sub = None;
+    if o.cli {
+        let mut sub = Command::new(&corral)
+            .args([
+                "events",
+                "--follow",
+                "--json",
+                "--identity",
+                IDENTITY,
+                "--socket",
+            ])
+            .arg(&socket)
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let out = sub.stdout.take().context("subscriber stdout")?;
+        _sub = Some(Reaped(sub));
         let cli = cli.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
@@ -306,29 +346,42 @@ spec:
         "no losses before the load"
     );
 
+    // Several generator processes (each its own `corral run`, so each is one principal:
+    // one identity, own session) start together.
     let start = Instant::now();
-    let gen_out = Command::new(&corral)
-        .args(["run", "--identity", IDENTITY, "--socket"])
-        .arg(&socket)
-        .arg("--")
-        .arg(&me)
-        .args(["flood", &threads.to_string(), &count.to_string()])
-        .output()?;
-    ensure!(
-        gen_out.status.success(),
-        "generator: {}",
-        String::from_utf8_lossy(&gen_out.stderr)
-    );
-    let line = String::from_utf8_lossy(&gen_out.stdout).trim().to_owned();
-    let field = |k: &str| -> anyhow::Result<f64> {
-        line.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
-            .context(format!("{k} in {line:?}"))?
-            .parse::<f64>()
-            .map_err(Into::into)
-    };
-    let generated = field("generated")? as u64;
-    let gen_secs = field("secs")?;
+    let gens = (0..o.procs.max(1))
+        .map(|_| {
+            Command::new(&corral)
+                .args(["run", "--identity", IDENTITY, "--socket"])
+                .arg(&socket)
+                .arg("--")
+                .arg(&me)
+                .args(["flood", &threads.to_string(), &count.to_string()])
+                .arg(if o.sendto { "sendto" } else { "connect" })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let (mut generated, mut gen_secs) = (0u64, 0f64);
+    for g in gens {
+        let gen_out = g.wait_with_output()?;
+        ensure!(
+            gen_out.status.success(),
+            "generator: {}",
+            String::from_utf8_lossy(&gen_out.stderr)
+        );
+        let line = String::from_utf8_lossy(&gen_out.stdout).trim().to_owned();
+        let field = |k: &str| -> anyhow::Result<f64> {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+                .context(format!("{k} in {line:?}"))?
+                .parse::<f64>()
+                .map_err(Into::into)
+        };
+        generated += field("generated")? as u64;
+        gen_secs = gen_secs.max(field("secs")?);
+    }
 
     // Wait until the agent and the subscribers have caught up (counters stable for 500 ms).
     let mut last = (u64::MAX, u64::MAX, u64::MAX);
@@ -364,26 +417,33 @@ spec:
     let published = delta("events_delivered");
     let kernel = delta("events_dropped_kernel");
     let sub_dropped_total = delta("events_dropped_subscribers");
-    // The generator's own exec is one more event of the principal.
-    let expected = generated + 1;
+    // Each generator's own exec is one more event of its principal.
+    let expected = generated + o.procs.max(1) as u64;
     let ingest_secs = published_at.duration_since(start).as_secs_f64();
 
     println!(
-        "event pipeline benchmark ({threads} threads x {count} denied connects, {} CPUs)",
+        "event pipeline benchmark ({} process(es) x {threads} thread(s) x {count} denied {}, {} CPUs)",
+        o.procs.max(1),
+        if o.sendto { "sendto()s" } else { "connect()s" },
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "  generated          {generated} connects in {gen_secs:.3} s ({:.0}/s, enforcement with events on)",
+        "  generated          {generated} calls in {gen_secs:.3} s ({:.0}/s, enforcement with events on)",
         generated as f64 / gen_secs
     );
     println!(
-        "  kernel -> agent    published {published} + dropped in kernel {kernel} = {} (expected {expected}: connects + 1 exec); {:.0} events/s",
+        "  kernel -> agent    published {published} + dropped in kernel {kernel} = {} (expected {expected}: calls + 1 exec per generator); {:.0} events/s",
         published + kernel,
         published as f64 / ingest_secs.max(1e-9)
     );
     let mut ok = published + kernel == expected;
     let mut dropped_sum = 0;
-    for (name, seen) in [("gRPC (count only)", &grpc), ("corral events --json", &cli)] {
+    let subscribers: &[(&str, &Arc<Seen>)] = if o.cli {
+        &[("gRPC (count only)", &grpc), ("corral events --json", &cli)]
+    } else {
+        &[("gRPC (count only)", &grpc)]
+    };
+    for (name, seen) in subscribers {
         let got = seen.received.load(Ordering::Relaxed);
         let dropped = published.saturating_sub(got);
         dropped_sum += dropped;
@@ -414,7 +474,8 @@ fn main() -> anyhow::Result<()> {
     if args.first().map(String::as_str) == Some("flood") {
         let threads = args.get(1).context("threads")?.parse()?;
         let count = args.get(2).context("count")?.parse()?;
-        return flood(threads, count);
+        let sendto = args.get(3).map(String::as_str) == Some("sendto");
+        return flood(threads, count, sendto);
     }
     let value = |flag: &str, default: u64| -> anyhow::Result<u64> {
         match args.iter().position(|a| a == flag) {
@@ -422,7 +483,12 @@ fn main() -> anyhow::Result<()> {
             None => Ok(default),
         }
     };
-    let threads = usize::try_from(value("--threads", 1)?)?;
-    let count = value("--count", 1_000_000)?;
-    bench(threads, count)
+    let flag = |f: &str| args.iter().any(|a| a == f);
+    bench(&Opts {
+        threads: usize::try_from(value("--threads", 1)?)?,
+        count: value("--count", 1_000_000)?,
+        procs: usize::try_from(value("--procs", 1)?)?,
+        sendto: flag("--sendto"),
+        cli: !flag("--grpc-only"),
+    })
 }

@@ -1,0 +1,499 @@
+//! `corral-agent --server URL`: the node side of `NodeSync`, modelled on Envoy's xDS.
+//!
+//! One bidirectional stream per node. The node says `Hello` (its name and the revision it
+//! enforces), the server answers with a full [`pb::Snapshot`] and pushes a new one for each
+//! new revision. Each snapshot is compiled with the same compiler the server validated it
+//! with, checked against this node's limits, applied in one map generation flip, stored as
+//! last-known-good, and ACKed; any failure is NACKed with its detail and the previous policy
+//! stays in force. A lost connection is retried with jittered exponential backoff
+//! ([`Backoff`], 10 ms to 15 s); the next `Hello` resyncs. Events from the hub are forwarded
+//! on the same stream through the hub's bounded per-subscriber queue (drops are counted in
+//! the hub's subscriber drops).
+//!
+//! The client is generic over a [`SnapshotSink`] so the same code drives the simulated nodes
+//! of the tests and benchmarks (`corral-simnode`), which compile and ACK but load nothing.
+
+use std::{
+    hash::{BuildHasher as _, RandomState},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use corral_proto::v1::{self as pb, node_message::Msg, node_sync_client::NodeSyncClient};
+use tokio::sync::mpsc;
+use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
+use tonic::transport::Endpoint;
+use tracing::{debug, info, warn};
+
+use super::{Shared, hub::HubEvent, policy, shutdown::ShutdownSignal};
+use crate::{
+    compiled::CompiledSet,
+    policy::{Compiled, PolicyError},
+};
+
+/// The text a snapshot's policies compile from: the documents in order, `---`-separated.
+/// The server validates exactly this text, so node and server agree on every position.
+pub fn snapshot_source(policies: &[String]) -> String {
+    let mut s = String::new();
+    for (i, p) in policies.iter().enumerate() {
+        if i > 0 {
+            s.push_str("---\n");
+        }
+        s.push_str(p);
+        if !p.ends_with('\n') {
+            s.push('\n');
+        }
+    }
+    s
+}
+
+/// The 1-based line of [`snapshot_source`] on which each document starts.
+pub fn snapshot_starts(policies: &[String]) -> Vec<u32> {
+    let mut starts = Vec::with_capacity(policies.len());
+    let mut line = 1u32;
+    for (i, p) in policies.iter().enumerate() {
+        if i > 0 {
+            line += 1;
+        }
+        starts.push(line);
+        let n = u32::try_from(p.lines().count().max(1)).unwrap_or(u32::MAX);
+        line = line.saturating_add(n);
+    }
+    starts
+}
+
+/// Compiles a snapshot's policy set at `revision`. No policies is a valid set: enrolled
+/// principals are denied everything.
+pub fn compile_snapshot(
+    file: &str,
+    revision: u64,
+    policies: &[String],
+) -> Result<Compiled, PolicyError> {
+    if policies.is_empty() {
+        return Ok(Compiled {
+            set: CompiledSet {
+                revision,
+                policies: Vec::new(),
+            },
+            addenda: Vec::new(),
+            sources: Vec::new(),
+        });
+    }
+    crate::policy::compile_str(file, &snapshot_source(policies), revision)
+}
+
+/// Connect and exec rules in a compiled set (what `--max-rules` limits).
+pub fn rule_count(c: &Compiled) -> usize {
+    let connect: usize = c.set.policies.iter().map(|p| p.connect.len()).sum();
+    let exec: usize = c.addenda.iter().map(|a| a.exec.len()).sum();
+    connect + exec
+}
+
+/// This node's limits; a snapshot over one is NACKed.
+pub fn check_limits(c: &Compiled, max_rules: Option<usize>) -> Result<(), String> {
+    let n = rule_count(c);
+    match max_rules {
+        Some(max) if n > max => Err(format!(
+            "node limit exceeded: the policy set has {n} connect and exec rules, this node \
+             allows at most {max} (--max-rules)"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// What a sync client applies snapshots to.
+pub trait SnapshotSink: Send + Sync + 'static {
+    /// The revision enforced now (0: none), sent in `Hello`.
+    fn revision(&self) -> u64;
+    /// Validates, compiles and applies `snapshot` (blocking). `Err` is the NACK detail; the
+    /// previous policy must then stay in force.
+    fn apply(&self, snapshot: &pb::Snapshot) -> Result<(), String>;
+}
+
+/// The link to the server, as `status` shows it.
+#[derive(Debug, Default)]
+pub struct SyncStatus {
+    connected: Mutex<bool>,
+    /// Successful stream opens.
+    pub connects: AtomicU64,
+    pub snapshots_acked: AtomicU64,
+    pub snapshots_nacked: AtomicU64,
+    pub events_forwarded: AtomicU64,
+    pub events_undecodable: AtomicU64,
+}
+
+impl SyncStatus {
+    pub fn connected(&self) -> bool {
+        *self
+            .connected
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_connected(&self, v: bool) {
+        *self
+            .connected
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = v;
+    }
+
+    /// `connected` or `disconnected (enforcing last-known-good revision N)`.
+    pub fn describe(&self, revision: u64) -> String {
+        if self.connected() {
+            "connected".into()
+        } else if revision == 0 {
+            "disconnected (no last-known-good policy: enrolled principals are denied everything)"
+                .into()
+        } else {
+            format!("disconnected (enforcing last-known-good revision {revision})")
+        }
+    }
+}
+
+/// Jittered exponential backoff: the n-th delay is drawn from [d/2, d] with
+/// d = min(max, min * 2^n) ("equal jitter"), so a fleet that lost the server does not
+/// reconnect in lockstep.
+#[derive(Debug)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    attempt: u32,
+    random: RandomState,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max,
+            attempt: 0,
+            random: RandomState::new(),
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self
+            .min
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let half = d / 2;
+        let span = u64::try_from((d - half).as_nanos()).unwrap_or(u64::MAX);
+        let r = self.random.hash_one(self.attempt) % span.max(1);
+        half + Duration::from_nanos(r)
+    }
+}
+
+/// Where and as whom to sync.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub url: String,
+    pub node: String,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// mTLS (an `https://` URL); `None`: plaintext.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
+impl ClientConfig {
+    pub fn new(url: &str, node: &str) -> Self {
+        Self {
+            url: url.into(),
+            node: node.into(),
+            backoff_min: Duration::from_millis(10),
+            backoff_max: Duration::from_secs(15),
+            tls: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("server URL {url}")]
+    Url {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("connect to {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("open the sync stream")]
+    Open(#[source] tonic::Status),
+    #[error("sync stream")]
+    Stream(#[source] tonic::Status),
+    #[error("the server closed the sync stream")]
+    Closed,
+}
+
+/// Runs the sync client until `stop`: connect, resync, apply, reconnect with backoff.
+pub async fn run(
+    cfg: ClientConfig,
+    sink: Arc<dyn SnapshotSink>,
+    mut events: Option<mpsc::Receiver<Arc<HubEvent>>>,
+    status: Arc<SyncStatus>,
+    mut stop: ShutdownSignal,
+) {
+    let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
+    loop {
+        let res = session(&cfg, &sink, &mut events, &status, &mut stop, &mut backoff).await;
+        status.set_connected(false);
+        if stop.is_set() {
+            return;
+        }
+        let delay = backoff.next_delay();
+        match res {
+            Err(e) => {
+                warn!(server = %cfg.url, error = %policy::error_chain(&e), retry_in = ?delay, "policy server unreachable; the last-known-good policy stays in force")
+            }
+            Ok(()) => return,
+        }
+        tokio::select! {
+            _ = stop.wait() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// One stream; `Ok` only when stopping.
+async fn session(
+    cfg: &ClientConfig,
+    sink: &Arc<dyn SnapshotSink>,
+    events: &mut Option<mpsc::Receiver<Arc<HubEvent>>>,
+    status: &SyncStatus,
+    stop: &mut ShutdownSignal,
+    backoff: &mut Backoff,
+) -> Result<(), SyncError> {
+    let mut endpoint = Endpoint::from_shared(cfg.url.clone()).map_err(|source| SyncError::Url {
+        url: cfg.url.clone(),
+        source,
+    })?;
+    if let Some(tls) = &cfg.tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|source| SyncError::Url {
+                url: cfg.url.clone(),
+                source,
+            })?;
+    }
+    let endpoint = endpoint
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let channel = tokio::select! {
+        _ = stop.wait() => return Ok(()),
+        c = endpoint.connect() => c.map_err(|source| SyncError::Connect { url: cfg.url.clone(), source })?,
+    };
+    let mut client = NodeSyncClient::new(channel);
+    let (tx, rx) = mpsc::channel::<pb::NodeMessage>(256);
+    let hello = pb::NodeMessage {
+        msg: Some(Msg::Hello(pb::Hello {
+            node: cfg.node.clone(),
+            revision: sink.revision(),
+        })),
+    };
+    // Cannot fail: the receiver is alive and the queue empty.
+    let _ = tx.try_send(hello);
+    let mut inbound = tokio::select! {
+        _ = stop.wait() => return Ok(()),
+        r = client.sync(ReceiverStream::new(rx)) => r.map_err(SyncError::Open)?.into_inner(),
+    };
+    status.set_connected(true);
+    status.connects.fetch_add(1, Ordering::Relaxed);
+    backoff.reset();
+    info!(server = %cfg.url, node = %cfg.node, "connected to the policy server");
+    loop {
+        tokio::select! {
+            _ = stop.wait() => return Ok(()),
+            m = inbound.next() => {
+                let m = match m {
+                    None => return Err(SyncError::Closed),
+                    Some(m) => m.map_err(SyncError::Stream)?,
+                };
+                let Some(pb::server_message::Msg::Snapshot(snap)) = m.msg else { continue };
+                let reply = handle_snapshot(sink, snap, status).await;
+                if tx.send(reply).await.is_err() {
+                    return Err(SyncError::Closed);
+                }
+            }
+            e = recv_event(events) => {
+                let Some(e) = e else {
+                    // The hub closed (shutdown): stop forwarding, keep syncing.
+                    *events = None;
+                    continue;
+                };
+                let Ok(ev) = e.to_pb() else {
+                    status.events_undecodable.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                let msg = pb::NodeMessage { msg: Some(Msg::Event(ev)) };
+                if tx.send(msg).await.is_err() {
+                    return Err(SyncError::Closed);
+                }
+                status.events_forwarded.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+async fn recv_event(events: &mut Option<mpsc::Receiver<Arc<HubEvent>>>) -> Option<Arc<HubEvent>> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn handle_snapshot(
+    sink: &Arc<dyn SnapshotSink>,
+    snap: pb::Snapshot,
+    status: &SyncStatus,
+) -> pb::NodeMessage {
+    let (revision, nonce) = (snap.revision, snap.nonce.clone());
+    let s = sink.clone();
+    let res = match tokio::task::spawn_blocking(move || s.apply(&snap)).await {
+        Ok(r) => r,
+        Err(e) => Err(format!("the apply task failed: {e}")),
+    };
+    match res {
+        Ok(()) => {
+            status.snapshots_acked.fetch_add(1, Ordering::Relaxed);
+            debug!(revision, "snapshot applied; ACK");
+            pb::NodeMessage {
+                msg: Some(Msg::Ack(pb::Ack { revision, nonce })),
+            }
+        }
+        Err(error_detail) => {
+            status.snapshots_nacked.fetch_add(1, Ordering::Relaxed);
+            warn!(revision, error = %error_detail, "snapshot rejected; NACK (the previous policy stays in force)");
+            pb::NodeMessage {
+                msg: Some(Msg::Nack(pb::Nack {
+                    revision,
+                    nonce,
+                    error_detail,
+                })),
+            }
+        }
+    }
+}
+
+/// The real node: snapshots go into the kernel maps through the standalone apply path.
+pub struct AgentSink {
+    pub shared: Arc<Shared>,
+}
+
+impl SnapshotSink for AgentSink {
+    fn revision(&self) -> u64 {
+        self.shared.policy_state().revision()
+    }
+
+    fn apply(&self, snap: &pb::Snapshot) -> Result<(), String> {
+        let shared = &self.shared;
+        let source = snapshot_source(&snap.policies_yaml);
+        if shared.policy_state().revision() == snap.revision
+            && shared
+                .lkg
+                .source()
+                .is_some_and(|(r, s)| r == snap.revision && s == source)
+        {
+            // A resync of what is already enforced.
+            return Ok(());
+        }
+        let file = format!("server revision {}", snap.revision);
+        let res = compile_snapshot(&file, snap.revision, &snap.policies_yaml)
+            .map_err(policy::ApplyError::Invalid)
+            .map_err(|e| {
+                let mut st = shared.policy_state_mut();
+                policy::record_error(&mut st, &e);
+                st.last_error.clone().unwrap_or_default()
+            })?;
+        if let Err(msg) = check_limits(&res, shared.resolved.config.max_rules) {
+            let mut st = shared.policy_state_mut();
+            st.apply_errors += 1;
+            warn!(
+                revision = snap.revision,
+                "{msg}; the previous policy stays in force"
+            );
+            st.last_error = Some(msg.clone());
+            return Err(msg);
+        }
+        let mut enf = shared.enforcer();
+        let mut st = shared.policy_state_mut();
+        if let Err(e) = policy::apply_compiled(
+            res,
+            &mut st,
+            enf.maps(),
+            &shared.registry,
+            &shared.resolved.cgroup_root,
+        ) {
+            let e = policy::ApplyError::Maps(e);
+            policy::record_error(&mut st, &e);
+            return Err(policy::error_chain(&e));
+        }
+        shared.lkg.store(snap.revision, &source);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(10), Duration::from_secs(15));
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(5) && first <= Duration::from_millis(10));
+        let mut last = first;
+        for _ in 0..30 {
+            last = b.next_delay();
+            assert!(last <= Duration::from_secs(15));
+        }
+        assert!(
+            last >= Duration::from_millis(7500),
+            "capped near 15 s: {last:?}"
+        );
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(10));
+    }
+
+    #[test]
+    fn snapshot_text_and_starts_agree() {
+        let p = vec![
+            "a: 1\nb: 2\n".to_owned(),
+            "c: 3".to_owned(),
+            "d: 4\n".to_owned(),
+        ];
+        let s = snapshot_source(&p);
+        assert_eq!(s, "a: 1\nb: 2\n---\nc: 3\n---\nd: 4\n");
+        let starts = snapshot_starts(&p);
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(starts, [1, 4, 6]);
+        for (i, st) in starts.iter().enumerate() {
+            assert_eq!(lines[*st as usize - 1], p[i].lines().next().unwrap_or(""));
+        }
+    }
+
+    #[test]
+    fn an_empty_set_compiles_and_limits_count_rules() {
+        let c = compile_snapshot("s", 7, &[]).expect("empty set");
+        assert_eq!(c.set.revision, 7);
+        assert!(check_limits(&c, Some(0)).is_ok());
+        let doc = "apiVersion: corral.dev/v1alpha1\nkind: AgentPolicy\nmetadata: { name: p }\nspec:\n  identities: [spiffe://t/a]\n  zones: { z: { cidrs: [10.0.0.0/8] } }\n  connect:\n    - { action: allow, zones: [z] }\n    - { action: deny, zones: [z], ports: [25] }\n";
+        let c = compile_snapshot("s", 1, &[doc.into()]).expect("valid");
+        assert_eq!(rule_count(&c), 2);
+        assert!(check_limits(&c, Some(2)).is_ok());
+        assert!(check_limits(&c, Some(1)).is_err_and(|e| e.contains("at most 1")));
+        assert!(check_limits(&c, None).is_ok());
+    }
+}

@@ -1,0 +1,89 @@
+//! The central server's client: `--server URL` for fleet commands.
+
+use corral_proto::v1::{
+    event_service_client::EventServiceClient, policy_service_client::PolicyServiceClient,
+};
+use tonic::transport::{Channel, Endpoint};
+
+/// `--server` for every fleet command.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerArgs {
+    /// The corral-server URL, e.g. http://127.0.0.1:7443.
+    #[arg(long, env = "CORRAL_SERVER")]
+    pub server: String,
+    /// mTLS to the server (needed for an `https://` --server).
+    #[command(flatten)]
+    pub tls: corral_agent::daemon::tls::TlsFiles,
+}
+
+/// The metadata key the server records as `applied_by` (must match the server's).
+pub const USER_HEADER: &str = "x-corral-user";
+
+async fn channel(s: &ServerArgs) -> Result<Channel, String> {
+    let url = s.server.as_str();
+    let mut ep = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| format!("bad --server URL {url}: {e}"))?;
+    if s.tls.is_set() {
+        let tls = s
+            .tls
+            .client_config()
+            .map_err(|e| format!("cannot load the TLS files: {}", root_cause(&e)))?;
+        ep = ep
+            .tls_config(tls)
+            .map_err(|e| format!("cannot configure TLS: {}", root_cause(&e)))?;
+    } else if url.starts_with("https://") {
+        return Err(format!(
+            "--server {url}: give --tls-cert, --tls-key and --tls-ca for mTLS"
+        ));
+    }
+    ep.connect_timeout(std::time::Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot reach the corral server at {url}: {} (is `corral-server` running?)",
+                root_cause(&e)
+            )
+        })
+}
+
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut cur: &dyn std::error::Error = e;
+    while let Some(s) = cur.source() {
+        cur = s;
+    }
+    cur.to_string()
+}
+
+pub async fn policies(s: &ServerArgs) -> Result<PolicyServiceClient<Channel>, String> {
+    Ok(PolicyServiceClient::new(channel(s).await?))
+}
+
+pub async fn events(s: &ServerArgs) -> Result<EventServiceClient<Channel>, String> {
+    Ok(EventServiceClient::new(channel(s).await?))
+}
+
+/// A request carrying who asks (recorded with each change).
+pub fn request<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    let user = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "unknown".into());
+    if let Ok(v) = user.parse() {
+        req.metadata_mut().insert(USER_HEADER, v);
+    }
+    req
+}
+
+/// One sentence for a failed call (policy rejections keep their `file:line:col` lines).
+pub fn status_text(s: &tonic::Status) -> String {
+    let what = match s.code() {
+        tonic::Code::InvalidArgument => "the server rejected it",
+        tonic::Code::NotFound => "not found",
+        tonic::Code::FailedPrecondition => "the server cannot do that now",
+        tonic::Code::Unavailable => "the server is unavailable",
+        _ => "the server failed",
+    };
+    format!("{what}: {}", s.message())
+}

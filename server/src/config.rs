@@ -1,0 +1,114 @@
+//! The server's one configuration struct: flags (clap) with `CORRAL_SERVER_*` environment
+//! overrides and documented defaults.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// `corral-server`: Corral's central policy server.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "corral-server",
+    version,
+    about = "Corral central policy server"
+)]
+pub struct Config {
+    /// Address to listen on (gRPC: PolicyService, NodeSync, EventService).
+    #[arg(long, env = "CORRAL_SERVER_LISTEN", default_value = "127.0.0.1:7443")]
+    pub listen: SocketAddr,
+
+    /// SQLite database (created if missing; WAL mode).
+    #[arg(
+        long,
+        env = "CORRAL_SERVER_DB",
+        default_value = "/var/lib/corral/server.db"
+    )]
+    pub db: PathBuf,
+
+    /// Serve without TLS: must be asked for, and only on a loopback address.
+    #[arg(long, env = "CORRAL_SERVER_PLAINTEXT", conflicts_with = "cert")]
+    pub plaintext: bool,
+
+    /// mTLS: the server's certificate and key, and the CA that signs the clients' (agents'
+    /// and CLI users') certificates. Required unless --plaintext.
+    #[command(flatten)]
+    pub tls: corral_agent::daemon::tls::TlsFiles,
+
+    /// Fleet events buffered for `corral events --server` followers; a follower that falls
+    /// further behind loses events (counted and logged).
+    #[arg(long, env = "CORRAL_SERVER_EVENT_BUFFER", default_value_t = 16_384)]
+    pub event_buffer: usize,
+
+    /// Log format.
+    #[arg(long, env = "CORRAL_LOG_FORMAT", value_enum, default_value = "plain")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "transport security is required: give --tls-cert, --tls-key and --tls-ca (mTLS), or \
+         --plaintext on a loopback address"
+    )]
+    NoTransportSecurity,
+    #[error("--plaintext is only allowed on a loopback address, not {addr}")]
+    PlaintextNotLoopback { addr: SocketAddr },
+}
+
+impl Config {
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.tls.is_set() {
+            return Ok(());
+        }
+        if !self.plaintext {
+            return Err(ConfigError::NoTransportSecurity);
+        }
+        if !self.listen.ip().is_loopback() {
+            return Err(ConfigError::PlaintextNotLoopback { addr: self.listen });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn plaintext_must_be_asked_for_and_loopback() {
+        let c = Config::try_parse_from(["corral-server", "--db", "x.db"]).expect("parse");
+        assert!(matches!(c.check(), Err(ConfigError::NoTransportSecurity)));
+        let c = Config::try_parse_from(["corral-server", "--plaintext", "--listen", "0.0.0.0:1"])
+            .expect("parse");
+        assert!(matches!(
+            c.check(),
+            Err(ConfigError::PlaintextNotLoopback { .. })
+        ));
+        let c = Config::try_parse_from(["corral-server", "--plaintext", "--listen", "[::1]:1"])
+            .expect("parse");
+        assert!(c.check().is_ok());
+        let c = Config::try_parse_from([
+            "corral-server",
+            "--listen",
+            "0.0.0.0:1",
+            "--tls-cert",
+            "c",
+            "--tls-key",
+            "k",
+            "--tls-ca",
+            "ca",
+        ])
+        .expect("parse");
+        assert!(c.check().is_ok(), "mTLS on any address");
+        assert!(
+            Config::try_parse_from(["corral-server", "--plaintext", "--tls-cert", "c"]).is_err()
+        );
+    }
+}

@@ -1,0 +1,31 @@
+//! The server's errors and their one mapping to gRPC status codes.
+
+use tonic::Status;
+
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The policy (or the set it would produce) does not compile: `file:line:col: message`
+    /// lines.
+    #[error("policy rejected:\n{0}")]
+    Invalid(String),
+    #[error("no policy named `{name}`")]
+    NotFound { name: String },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<ServerError> for Status {
+    fn from(e: ServerError) -> Self {
+        let msg = corral_agent::daemon::policy::error_chain(&e);
+        match e {
+            ServerError::Invalid(_) | ServerError::BadRequest(_) => Status::invalid_argument(msg),
+            ServerError::NotFound { .. } => Status::not_found(msg),
+            ServerError::Store(StoreError::Conflict { .. }) => Status::failed_precondition(msg),
+            ServerError::Store(_) => Status::internal(msg),
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! `corral-server`: the central policy server.
+//!
+//! - [`config`]: flags and `CORRAL_SERVER_*` environment overrides.
+//! - [`store`]: the [`store::PolicyStore`] trait and its SQLite implementation (WAL, full
+//!   history, one monotonic revision per change).
+//! - [`validate`]: a change is accepted only if the whole resulting policy set compiles with
+//!   the node's own compiler (`corral_agent::policy`).
+//! - [`fleet`]: the current revision every node should converge to, and each node's state
+//!   (connected, acknowledged revision, last NACK).
+//! - [`policy_service`]: `PolicyService` (Apply/Delete/List/Get/Status).
+//! - [`sync`]: `NodeSync`, one bidirectional stream per node, xDS-style.
+//! - [`events`]: `EventService`, the fleet event stream from what agents forward.
+//! - [`error`]: the one mapping of errors to gRPC codes.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod fleet;
+pub mod policy_service;
+pub mod store;
+pub mod sync;
+pub mod validate;
+
+use std::{sync::Arc, time::Duration};
+
+use corral_agent::daemon::shutdown::{self, Shutdown};
+use corral_proto::v1::{
+    event_service_server::EventServiceServer, node_sync_server::NodeSyncServer,
+    policy_service_server::PolicyServiceServer,
+};
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::{config::Config, fleet::Fleet, store::PolicyStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("listen on {addr}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("load the TLS files")]
+    Tls(#[from] corral_agent::daemon::tls::TlsError),
+    #[error("configure TLS")]
+    TlsConfig(#[source] tonic::transport::Error),
+    #[error("install signal handlers")]
+    Signals(#[source] std::io::Error),
+    #[error("serve gRPC")]
+    Serve(#[source] tonic::transport::Error),
+}
+
+/// Runs the server until SIGTERM/SIGINT.
+pub async fn run(cfg: Config) -> Result<(), RunError> {
+    cfg.check()?;
+    let store: Arc<dyn PolicyStore> = Arc::new(store::sqlite::SqliteStore::open(&cfg.db)?);
+    let current = store.current()?;
+    let fleet = Arc::new(Fleet::new(&current, cfg.event_buffer));
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| RunError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| RunError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
+    let shutdown = Shutdown::new();
+    let policy = policy_service::Policies::new(store.clone(), fleet.clone());
+    let sync = sync::Sync::new(fleet.clone(), shutdown.subscribe());
+    let events = events::Events::new(fleet.clone(), shutdown.subscribe());
+    let mut stop = shutdown.subscribe();
+    // Snapshots and ACKs are small writes that must not wait for Nagle's algorithm.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let mut builder = tonic::transport::Server::builder();
+    if cfg.tls.is_set() {
+        builder = builder
+            .tls_config(cfg.tls.server_config()?)
+            .map_err(RunError::TlsConfig)?;
+    }
+    let server = builder
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(PolicyServiceServer::new(policy))
+        .add_service(NodeSyncServer::new(sync))
+        .add_service(EventServiceServer::new(events))
+        .serve_with_incoming_shutdown(incoming, async move { stop.wait().await });
+    let mut server = tokio::spawn(server);
+    info!(addr = %local, mtls = cfg.tls.is_set(), db = %cfg.db.display(), revision = current.revision, policies = current.policies.len(), "corral-server ready");
+    let signal = shutdown::signal();
+    tokio::pin!(signal);
+    tokio::select! {
+        s = &mut signal => info!(signal = s.map_err(RunError::Signals)?, "shutting down"),
+        r = &mut server => {
+            shutdown.trigger();
+            return match r {
+                Ok(Err(e)) => Err(RunError::Serve(e)),
+                _ => Ok(()),
+            };
+        }
+    }
+    shutdown.trigger();
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(Ok(Err(e))) => return Err(RunError::Serve(e)),
+        Ok(_) => {}
+        Err(_) => warn!("gRPC connections did not drain in 5 s"),
+    }
+    info!("stopped");
+    Ok(())
+}

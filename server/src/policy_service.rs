@@ -1,0 +1,224 @@
+//! `PolicyService`: Apply/Delete/List/Get change or read the store; every change is one new
+//! revision, validated as a whole set first and then pushed to the fleet.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use corral_proto::v1::{self as pb, policy_service_server::PolicyService};
+use tonic::{Request, Response, Status};
+use tracing::{info, instrument};
+
+use crate::{
+    error::ServerError,
+    fleet::Fleet,
+    store::{Change, PolicyRecord, PolicyStore, StoreSnapshot},
+    validate,
+};
+
+/// The metadata key the CLI puts its user name in (recorded as `applied_by`).
+pub const USER_HEADER: &str = "x-corral-user";
+
+pub struct Policies {
+    store: Arc<dyn PolicyStore>,
+    fleet: Arc<Fleet>,
+    /// Read-validate-commit runs one change at a time.
+    change: tokio::sync::Mutex<()>,
+}
+
+fn doc(r: &PolicyRecord) -> pb::PolicyDocument {
+    pb::PolicyDocument {
+        name: r.name.clone(),
+        yaml: r.yaml.clone(),
+        revision: r.revision,
+        applied_by: r.applied_by.clone(),
+        applied_unix_nano: r.applied_unix_nano,
+        deleted: r.deleted,
+    }
+}
+
+fn who<T>(req: &Request<T>) -> String {
+    let user = req
+        .metadata()
+        .get(USER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("unknown");
+    match req.remote_addr() {
+        Some(a) => format!("{user} from {a}"),
+        None => user.to_owned(),
+    }
+}
+
+fn by_name(s: &StoreSnapshot) -> BTreeMap<String, (String, u64)> {
+    s.policies
+        .iter()
+        .map(|p| (p.name.clone(), (p.yaml.clone(), p.revision)))
+        .collect()
+}
+
+impl Policies {
+    pub fn new(store: Arc<dyn PolicyStore>, fleet: Arc<Fleet>) -> Self {
+        Self {
+            store,
+            fleet,
+            change: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Commits `change` over `base` (already validated) and pushes the result.
+    fn commit(&self, base: &StoreSnapshot, change: &Change) -> Result<u64, ServerError> {
+        let revision = self.store.commit(base.revision, change)?;
+        let now = self.store.current()?;
+        self.fleet.publish(&now);
+        Ok(revision)
+    }
+
+    fn apply(&self, file: &str, yaml: &str, by: String) -> Result<pb::ApplyResponse, ServerError> {
+        let docs = validate::split_file(file, yaml)?;
+        let base = self.store.current()?;
+        let current = by_name(&base);
+        let names: Vec<String> = docs.iter().map(|d| d.name.clone()).collect();
+        let upserts: Vec<(String, String)> = docs
+            .iter()
+            .filter(|d| current.get(&d.name).is_none_or(|(y, _)| *y != d.yaml))
+            .map(|d| (d.name.clone(), d.yaml.clone()))
+            .collect();
+        if upserts.is_empty() {
+            return Ok(pb::ApplyResponse {
+                revision: base.revision,
+                policies: names,
+                applied_unix_nano: 0,
+                unchanged: true,
+            });
+        }
+        validate::check_set(
+            base.revision + 1,
+            &validate::merged(&current, file, &docs, &[]),
+        )?;
+        let revision = self.commit(
+            &base,
+            &Change {
+                applied_by: by,
+                upserts,
+                deletes: Vec::new(),
+            },
+        )?;
+        let applied = self
+            .store
+            .history(&names[0])?
+            .last()
+            .map_or(0, |r| r.applied_unix_nano);
+        info!(revision, policies = ?names, "policies applied");
+        Ok(pb::ApplyResponse {
+            revision,
+            policies: names,
+            applied_unix_nano: applied,
+            unchanged: false,
+        })
+    }
+
+    fn delete(&self, name: &str, by: String) -> Result<u64, ServerError> {
+        let base = self.store.current()?;
+        let current = by_name(&base);
+        if !current.contains_key(name) {
+            return Err(ServerError::NotFound { name: name.into() });
+        }
+        let deletes = vec![name.to_owned()];
+        validate::check_set(
+            base.revision + 1,
+            &validate::merged(&current, "", &[], &deletes),
+        )?;
+        let revision = self.commit(
+            &base,
+            &Change {
+                applied_by: by,
+                upserts: Vec::new(),
+                deletes,
+            },
+        )?;
+        info!(revision, policy = name, "policy deleted");
+        Ok(revision)
+    }
+}
+
+#[tonic::async_trait]
+impl PolicyService for Policies {
+    #[instrument(skip_all, fields(file = %req.get_ref().file_name))]
+    async fn apply(
+        &self,
+        req: Request<pb::ApplyRequest>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
+        let by = who(&req);
+        let r = req.into_inner();
+        let file = if r.file_name.is_empty() {
+            "policy.yaml"
+        } else {
+            r.file_name.as_str()
+        };
+        let _one = self.change.lock().await;
+        Ok(Response::new(self.apply(file, &r.yaml, by)?))
+    }
+
+    #[instrument(skip_all, fields(name = %req.get_ref().name))]
+    async fn delete(
+        &self,
+        req: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let by = who(&req);
+        let name = req.into_inner().name;
+        let _one = self.change.lock().await;
+        let revision = self.delete(&name, by)?;
+        Ok(Response::new(pb::DeleteResponse { revision }))
+    }
+
+    #[instrument(skip_all)]
+    async fn list(
+        &self,
+        _req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let s = self.store.current().map_err(ServerError::from)?;
+        Ok(Response::new(pb::ListResponse {
+            policies: s.policies.iter().map(doc).collect(),
+            revision: s.revision,
+        }))
+    }
+
+    #[instrument(skip_all, fields(name = %req.get_ref().name))]
+    async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        let r = req.into_inner();
+        let p =
+            self.store
+                .get(&r.name)
+                .map_err(ServerError::from)?
+                .ok_or(ServerError::NotFound {
+                    name: r.name.clone(),
+                })?;
+        let history = if r.history {
+            self.store
+                .history(&r.name)
+                .map_err(ServerError::from)?
+                .iter()
+                .map(doc)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(pb::GetResponse {
+            policy: Some(doc(&p)),
+            history,
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn status(
+        &self,
+        _req: Request<pb::PolicyStatusRequest>,
+    ) -> Result<Response<pb::PolicyStatusResponse>, Status> {
+        use std::sync::atomic::Ordering::Relaxed;
+        Ok(Response::new(pb::PolicyStatusResponse {
+            revision: self.fleet.current().revision,
+            nodes: self.fleet.status(),
+            events_received: self.fleet.events_received.load(Relaxed),
+            events_dropped: self.fleet.events_dropped.load(Relaxed),
+        }))
+    }
+}
