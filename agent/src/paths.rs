@@ -38,18 +38,18 @@ fn parse_mountinfo(text: &str, fstype: &str) -> Option<PathBuf> {
             return None;
         }
         let mountpoint = pre.split_whitespace().nth(4)?;
-        Some(PathBuf::from(unescape_octal(mountpoint)))
+        Some(PathBuf::from(unescape_mountinfo(mountpoint)))
     })
 }
 
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_octal(s: &str) -> String {
+/// mountinfo escapes space, tab, newline and backslash as `\ooo` (three octal digits).
+pub fn unescape_mountinfo(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'\\'
-            && i + 3 < b.len()
+            && i + 4 <= b.len()
             && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
         {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
@@ -101,6 +101,15 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
         assert_eq!(parse_mountinfo(HYBRID, "bpf"), None);
+    }
+
+    #[test]
+    fn unescapes_octal_escapes_anywhere() {
+        assert_eq!(unescape_mountinfo("/a\\040b\\134c"), "/a b\\c");
+        assert_eq!(unescape_mountinfo("/end\\040"), "/end ");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo("/end\\"), "/end\\");
+        assert_eq!(unescape_mountinfo("/x\\+12"), "/x\\+12");
     }
 
     #[test]

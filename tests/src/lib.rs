@@ -145,6 +145,8 @@ impl Listener {
 }
 
 /// Builds compiled policies for tests, without YAML.
+pub mod e2e;
+
 pub mod build {
     use std::net::IpAddr;
 

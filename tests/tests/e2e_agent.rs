@@ -19,22 +19,14 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use corral_agent::{cgroup, ebpf::PinDir, paths};
-use corral_tests::{privileged, probe_bin};
+use corral_tests::{
+    e2e::{Reaped, bin, udp, wait_for},
+    privileged, probe_bin,
+};
 use serde_json::Value;
 
 const ALLOWED: u16 = 7;
 const DENIED: u16 = 9;
-
-fn bin(name: &str) -> anyhow::Result<PathBuf> {
-    let p = probe_bin()?.with_file_name(name);
-    ensure!(
-        p.exists(),
-        "{} is not built: run `cargo xtask test`, or `cargo build -p corral-agent -p corral-cli` \
-         before `cargo test -p corral-tests`",
-        p.display()
-    );
-    Ok(p)
-}
 
 fn bpffs() -> Option<PathBuf> {
     paths::find_mount("bpf").ok()
@@ -203,18 +195,6 @@ impl Drop for Agent {
     }
 }
 
-/// A process the test started, killed (by pid) and reaped on drop.
-struct Reaped(Option<Child>);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 fn corral(spec: &Spec, args: &[&str]) -> anyhow::Result<Output> {
     let mut c = Command::new(bin("corral")?);
     let (sub, rest) = args.split_first().context("a subcommand")?;
@@ -274,28 +254,6 @@ fn events(spec: &Spec, args: &[&str]) -> anyhow::Result<Vec<Value>> {
         .lines()
         .map(|l| serde_json::from_str(l).with_context(|| format!("event line {l}")))
         .collect()
-}
-
-/// Polls `f` every 50 ms until it returns `Some`, for at most `secs`.
-fn wait_for<T>(
-    secs: u64,
-    what: &str,
-    mut f: impl FnMut() -> anyhow::Result<Option<T>>,
-) -> anyhow::Result<T> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f()? {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {secs} s waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn udp(port: u16) -> String {
-    format!("udp:127.0.0.1:{port}")
 }
 
 fn is_deny_to(e: &Value, port: u16) -> bool {

@@ -23,21 +23,14 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use corral_agent::{cgroup, ebpf::PinDir, paths};
-use corral_tests::{Listener, privileged, probe_bin, probe_in};
+use corral_tests::{
+    Listener,
+    e2e::{bin, wait_for},
+    privileged, probe_in,
+};
 use serde_json::{Value, json};
 
 const DENIED: u16 = 9;
-
-fn bin(name: &str) -> anyhow::Result<PathBuf> {
-    let p = probe_bin()?.with_file_name(name);
-    ensure!(
-        p.exists(),
-        "{} is not built: run `cargo xtask test`, or `cargo build -p corral-agent -p corral-cli` \
-         before `cargo test -p corral-tests`",
-        p.display()
-    );
-    Ok(p)
-}
 
 /// Objects a fake API serves: the list, and the watch events appended later.
 #[derive(Default)]
@@ -277,19 +270,13 @@ fn identities(spec: &Spec) -> anyhow::Result<Vec<(String, String)>> {
         .unwrap_or_default())
 }
 
-fn wait_for(
+/// Polls `f` until it returns true, for at most `secs`.
+fn wait_until(
     secs: u64,
     what: &str,
     mut f: impl FnMut() -> anyhow::Result<bool>,
 ) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f()? {
-        if Instant::now() > deadline {
-            bail!("timed out after {secs} s waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
+    wait_for(secs, what, || Ok(f()?.then_some(())))
 }
 
 #[test]
@@ -379,7 +366,7 @@ fn pods_on_the_node_are_enrolled_policed_and_removed() -> anyhow::Result<()> {
 
     // Ready (the local API answers) only after the pods were synced: the opted-in pod is
     // already enrolled at the first successful status.
-    wait_for(30, "agent ready", || {
+    wait_until(30, "agent ready", || {
         if let Some(c) = agent.0.as_mut()
             && let Some(st) = c.try_wait()?
         {
@@ -431,7 +418,7 @@ fn pods_on_the_node_are_enrolled_policed_and_removed() -> anyhow::Result<()> {
         "spiffe://corral.test/ns/team/sa/research".to_owned(),
         labelled.clone(),
     );
-    wait_for(10, "namespace opt-in enrols the pod", || {
+    wait_until(10, "namespace opt-in enrols the pod", || {
         Ok(identities(&spec)?.contains(&labelled_id))
     })
     .with_context(|| agent.log())?;
@@ -449,7 +436,7 @@ fn pods_on_the_node_are_enrolled_policed_and_removed() -> anyhow::Result<()> {
     );
     deleted["metadata"]["resourceVersion"] = json!("102");
     api.push(&api.pods, json!({"type": "DELETED", "object": deleted}));
-    wait_for(10, "deleted pod's principal removed", || {
+    wait_until(10, "deleted pod's principal removed", || {
         Ok(!identities(&spec)?.contains(&research_id))
     })
     .with_context(|| agent.log())?;

@@ -21,22 +21,14 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use corral_agent::{cgroup, ebpf::PinDir, paths};
-use corral_tests::{privileged, probe_bin};
+use corral_tests::{
+    e2e::{Reaped, bin, udp, wait_for},
+    privileged, probe_bin,
+};
 use serde_json::Value;
 
 const ALLOWED: u16 = 7;
 const DENIED: u16 = 9;
-
-fn bin(name: &str) -> anyhow::Result<PathBuf> {
-    let p = probe_bin()?.with_file_name(name);
-    ensure!(
-        p.exists(),
-        "{} is not built: run `cargo xtask test`, or `cargo build -p corral-agent -p corral-cli \
-         -p corral-server -p corral-tests` before `cargo test -p corral-tests`",
-        p.display()
-    );
-    Ok(p)
-}
 
 fn unique(name: &str) -> String {
     let nanos = std::time::SystemTime::now()
@@ -424,40 +416,6 @@ impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.stop();
     }
-}
-
-/// A child process killed by pid and reaped on drop.
-struct Reaped(Option<Child>);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Polls `f` every 50 ms until it returns `Some`, for at most `secs`.
-fn wait_for<T>(
-    secs: u64,
-    what: &str,
-    mut f: impl FnMut() -> anyhow::Result<Option<T>>,
-) -> anyhow::Result<T> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f()? {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {secs} s waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn udp(port: u16) -> String {
-    format!("udp:127.0.0.1:{port}")
 }
 
 fn connected(node: &Node) -> anyhow::Result<Option<()>> {

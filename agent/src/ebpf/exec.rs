@@ -292,30 +292,9 @@ pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
     };
     info.lines()
         .filter_map(|l| l.split_whitespace().nth(4))
-        .map(|m| PathBuf::from(unescape_mountinfo(m)))
+        .map(|m| PathBuf::from(crate::paths::unescape_mountinfo(m)))
         .filter(|m| m != &base && m.starts_with(&base))
         .collect()
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo` (octal).
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && let Some(oct) = b.get(i + 1..i + 4)
-            && let Ok(oct) = std::str::from_utf8(oct)
-            && let Ok(v) = u8::from_str_radix(oct, 8)
-        {
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The exec maps, typed.
@@ -398,13 +377,6 @@ mod tests {
             exact: exact.iter().map(s).collect(),
             prefixes: prefixes.iter().map(s).collect(),
         }
-    }
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape_mountinfo("/a\\040b\\134c"), "/a b\\c");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
-        assert_eq!(unescape_mountinfo("/end\\"), "/end\\");
     }
 
     #[test]
