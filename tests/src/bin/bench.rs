@@ -82,7 +82,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
+    // A deep accept queue: with std's default backlog (128) the loop of connects overflows it
+    // and SYN retransmits (1 s) dominate the TCP timing.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    sock.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    sock.listen(4096)?;
+    let listener: TcpListener = sock.into();
     let port = listener.local_addr()?.port();
     std::thread::spawn(move || {
         for s in listener.incoming() {
