@@ -20,5 +20,6 @@ pub mod daemon;
 pub mod ebpf;
 pub mod identity;
 pub mod k8s;
+pub mod logging;
 pub mod paths;
 pub mod policy;

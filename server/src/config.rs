@@ -3,12 +3,7 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Plain,
-    Json,
-}
+pub use corral_agent::logging::LogFormat;
 
 /// `corral-server`: Corral's central policy server.
 #[derive(Debug, Clone, clap::Parser)]

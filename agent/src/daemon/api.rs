@@ -17,11 +17,12 @@ use tracing::{info, instrument};
 use super::{
     Shared,
     hub::{Filter, FilterError},
+    pipeline::{reason_pb, verdict_pb},
     registry::{RegistryError, random_session},
     status,
 };
 use crate::policy::{
-    eval::{ConnectCall, Reason, Verdict},
+    eval::ConnectCall,
     explain::{Call, explain},
 };
 
@@ -155,24 +156,6 @@ fn parse_connect(s: &str) -> Result<ConnectCall, ApiError> {
         port: sa.port(),
         proto,
     })
-}
-
-fn verdict_pb(v: Verdict) -> pb::Verdict {
-    match v {
-        Verdict::Allow => pb::Verdict::Allow,
-        Verdict::Deny => pb::Verdict::Deny,
-        Verdict::AuditDeny => pb::Verdict::AuditDeny,
-    }
-}
-
-fn reason_pb(r: Reason) -> pb::Reason {
-    match r {
-        Reason::Rule => pb::Reason::Rule,
-        Reason::Default => pb::Reason::Default,
-        Reason::Chaining => pb::Reason::Chaining,
-        Reason::Grant => pb::Reason::Grant,
-        Reason::NoPolicy => pb::Reason::NoPolicy,
-    }
 }
 
 #[tonic::async_trait]

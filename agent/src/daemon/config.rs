@@ -11,13 +11,7 @@ use serde::Serialize;
 
 use crate::paths;
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Plain,
-    Json,
-}
+pub use crate::logging::LogFormat;
 
 /// `corral-agent`: Corral's node daemon.
 #[derive(Debug, Clone, clap::Parser, Serialize)]

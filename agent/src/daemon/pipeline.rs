@@ -71,7 +71,7 @@ fn reason_index(r: Reason) -> usize {
     }
 }
 
-fn verdict_pb(v: Verdict) -> pb::Verdict {
+pub(super) fn verdict_pb(v: Verdict) -> pb::Verdict {
     match v {
         Verdict::Allow => pb::Verdict::Allow,
         Verdict::Deny => pb::Verdict::Deny,
@@ -79,7 +79,7 @@ fn verdict_pb(v: Verdict) -> pb::Verdict {
     }
 }
 
-fn reason_pb(r: Reason) -> pb::Reason {
+pub(super) fn reason_pb(r: Reason) -> pb::Reason {
     match r {
         Reason::Rule => pb::Reason::Rule,
         Reason::Default => pb::Reason::Default,

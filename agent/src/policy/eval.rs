@@ -167,7 +167,22 @@ fn decide_in_zone(
             .map(|r| r.index)
             .min()
     };
-    let base = if let Some(rule) = first(Action::Deny) {
+    let base = by_rules(first, policy.default_action);
+    if base.verdict == Verdict::Deny
+        && let Some(id) = grant_for(state, zone, call, now_ns)
+    {
+        return Decision {
+            grant: Some(id),
+            ..Decision::new(Verdict::Allow, Reason::Grant)
+        };
+    }
+    base
+}
+
+/// Deny beats allow; the deciding rule is the lowest-indexed rule of the winning action
+/// (`first(action)`); no matching rule: the policy default.
+fn by_rules(first: impl Fn(Action) -> Option<u32>, default_action: Action) -> Decision {
+    if let Some(rule) = first(Action::Deny) {
         Decision {
             rule: Some(rule),
             ..Decision::new(Verdict::Deny, Reason::Rule)
@@ -178,17 +193,8 @@ fn decide_in_zone(
             ..Decision::new(Verdict::Allow, Reason::Rule)
         }
     } else {
-        Decision::new(default_verdict(policy.default_action), Reason::Default)
-    };
-    if base.verdict == Verdict::Deny
-        && let Some(id) = grant_for(state, zone, call, now_ns)
-    {
-        return Decision {
-            grant: Some(id),
-            ..Decision::new(Verdict::Allow, Reason::Grant)
-        };
+        Decision::new(default_verdict(default_action), Reason::Default)
     }
-    base
 }
 
 /// The active grant covering the call, most specific key first.
@@ -231,18 +237,5 @@ pub fn exec(policy: Option<(&CompiledPolicy, &PolicyAddenda)>, path: &str) -> De
             .map(|r| r.index)
             .min()
     };
-    let d = if let Some(rule) = first(Action::Deny) {
-        Decision {
-            rule: Some(rule),
-            ..Decision::new(Verdict::Deny, Reason::Rule)
-        }
-    } else if let Some(rule) = first(Action::Allow) {
-        Decision {
-            rule: Some(rule),
-            ..Decision::new(Verdict::Allow, Reason::Rule)
-        }
-    } else {
-        Decision::new(default_verdict(policy.default_action), Reason::Default)
-    };
-    d.audit(policy.mode)
+    by_rules(first, policy.default_action).audit(policy.mode)
 }
