@@ -57,6 +57,7 @@ impl Stream1 {
             nonce: nonce.clone(),
             policies_yaml: cur.policies_yaml.clone(),
             grants: Vec::new(),
+            grants_version: 0,
         };
         debug!(node = %self.node, revision = cur.revision, %nonce, "snapshot sent");
         self.in_flight = Some(InFlight {
@@ -132,6 +133,8 @@ async fn serve_stream(
                         }
                     }
                     Some(Msg::Event(e)) => s.fleet.forward_event(&s.node, e),
+                    // Used by the grant service (not yet): accepted and ignored.
+                    Some(Msg::Principals(_)) => {}
                     Some(Msg::Hello(_)) | None => {
                         let _ = s.tx.send(Err(Status::invalid_argument("Hello may only be the first message"))).await;
                         break;

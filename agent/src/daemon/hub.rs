@@ -69,7 +69,7 @@ pub struct Filter {
 pub enum FilterError {
     #[error("bad identity filter")]
     Identity(#[from] IdentityError),
-    #[error("unknown event kind `{0}` (connect, exec)")]
+    #[error("unknown event kind `{0}` (connect, exec, process, grant)")]
     Kind(String),
 }
 
@@ -78,6 +78,7 @@ pub fn kind(e: &pb::Event) -> &'static str {
     match e.call {
         Some(pb::event::Call::Connect(_)) => "connect",
         Some(pb::event::Call::Exec(_)) => "exec",
+        Some(pb::event::Call::Grant(_)) => "grant",
         None => "process",
     }
 }
@@ -93,7 +94,7 @@ impl Filter {
             Some(IdentityPattern::parse(&f.identity)?)
         };
         for k in &f.kinds {
-            if !matches!(k.as_str(), "connect" | "exec" | "process") {
+            if !matches!(k.as_str(), "connect" | "exec" | "process" | "grant") {
                 return Err(FilterError::Kind(k.clone()));
             }
         }

@@ -24,6 +24,18 @@ pub fn reason_name(r: i32) -> &'static str {
     }
 }
 
+pub fn grant_state_name(s: i32) -> &'static str {
+    match pb::GrantState::try_from(s) {
+        Ok(pb::GrantState::Pending) => "pending",
+        Ok(pb::GrantState::Active) => "active",
+        Ok(pb::GrantState::Denied) => "denied",
+        Ok(pb::GrantState::Revoked) => "revoked",
+        Ok(pb::GrantState::Expired) => "expired",
+        Ok(pb::GrantState::Ended) => "ended",
+        _ => "unspecified",
+    }
+}
+
 /// One JSON object (field names as in the proto, enums as words).
 pub fn event_json(e: &pb::Event, subscriber_dropped: Option<u64>) -> Value {
     let principal = e
@@ -40,7 +52,7 @@ pub fn event_json(e: &pb::Event, subscriber_dropped: Option<u64>) -> Value {
         json!({
             "verdict": verdict_name(d.verdict), "reason": reason_name(d.reason),
             "policy": d.policy, "revision": d.revision, "rule_index": d.rule_index,
-            "grant_id": d.grant_id,
+            "grant_id": d.grant_id, "grant_available": d.grant_available,
         })
     });
     let mut v = json!({
@@ -61,6 +73,12 @@ pub fn event_json(e: &pb::Event, subscriber_dropped: Option<u64>) -> Value {
             });
         }
         Some(pb::event::Call::Exec(x)) => v["exec"] = json!({"path": x.path}),
+        Some(pb::event::Call::Grant(g)) => {
+            v["grant"] = json!({
+                "id": g.id, "grant": g.grant, "state": grant_state_name(g.state),
+                "actor": g.actor, "reason": g.reason, "expires_unix_nano": g.expires_unix_nano,
+            });
+        }
         None => {}
     }
     if let Some(d) = subscriber_dropped {
@@ -91,6 +109,19 @@ pub fn call_text(e: &pb::Event) -> String {
             format!("{verb} {} {dest}{zone}", c.protocol)
         }
         Some(pb::event::Call::Exec(x)) => format!("exec {}", x.path),
+        Some(pb::event::Call::Grant(g)) => {
+            let mut s = format!(
+                "grant {} ({}) {} by {}",
+                g.id,
+                g.grant,
+                grant_state_name(g.state),
+                g.actor
+            );
+            if !g.reason.is_empty() {
+                s.push_str(&format!(": {}", g.reason));
+            }
+            s
+        }
         None => "process".into(),
     }
 }
@@ -102,10 +133,17 @@ pub fn rule_text(d: &pb::Decision) -> String {
     } else {
         d.policy.as_str()
     };
-    match (d.rule_index, reason_name(d.reason)) {
+    let mut s = match (d.rule_index, reason_name(d.reason)) {
         (Some(i), "rule") => format!("{policy}#{i} rev {}", d.revision),
         (_, reason) => format!("{policy} {reason} rev {}", d.revision),
+    };
+    if !d.grant_id.is_empty() {
+        s.push_str(&format!(" grant={}", d.grant_id));
     }
+    if !d.grant_available.is_empty() {
+        s.push_str(&format!(" grant_available={}", d.grant_available));
+    }
+    s
 }
 
 /// One readable line: time, identity, pid, binary, call, verdict, rule.
