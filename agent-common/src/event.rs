@@ -86,8 +86,9 @@ pub struct ExecEvent {
     pub exec_id: u64,
     /// Exec id of the image that exec'd (or forked the process that exec'd); 0 if unknown.
     pub parent_exec_id: u64,
-    /// Identity of the executed file (the final image: for a `#!` script on the tracepoint
-    /// path, its interpreter); 0/0 when it could not be read (`EXEC_F_NO_IDENTITY`).
+    /// Identity of the file that decided: the executed file, or for a `#!` script on the
+    /// tracepoint path the script (`EXEC_F_SCRIPT`) unless its interpreter was the one denied
+    /// (`EXEC_F_BY_INTERPRETER`); 0/0 when it could not be read (`EXEC_F_NO_IDENTITY`).
     pub ino: u64,
     pub dev: u32,
     /// Bytes used in `argv` (NUL-terminated arguments; see `EXEC_F_ARGV_TRUNCATED`).

@@ -16,9 +16,24 @@
 //! again. A single file bind-mounted into the prefix from elsewhere is judged by its own
 //! identity and ancestors, not by where it is mounted.
 //!
-//! On the tracepoint fallback, the decision is about the final image: for a `#!` script that
-//! is its interpreter (the script's own file is no longer reachable there), so denying a
-//! script by its path needs the LSM path or a rule on the interpreter.
+//! `#!` scripts (and binfmt_misc): the LSM hook runs once per level (the script, then its
+//! interpreter), so each is decided. At `sched_process_exec` (the tracepoint fallback)
+//! `linux_binprm.file` is the final interpreter, and `linux_binprm.executable` is set only for
+//! binfmt_misc entries with the `O` flag; for a `#!` script the kernel has already dropped its
+//! last reference to the script's `struct file` in `exec_binprm`. That `fput` is deferred to
+//! the task's `task_works` list until the return to user space, so the file is still intact
+//! at the tracepoint: the program walks `current->task_works` (bounded, [`MAX_TASK_WORKS`]),
+//! takes the entries whose callback is `____fput` and whose file was opened for exec
+//! (`__FMODE_EXEC` in `f_flags`); the oldest of them is the script the process exec'd
+//! (nothing else is released before it in the exec path; the previous image's files are
+//! released later, in `begin_new_exec`). The exec then runs only if both the script and the
+//! interpreter are allowed, as on the LSM path, and the event names the script. Limits: an
+//! intermediate interpreter of a nested script (a script whose interpreter is itself a
+//! script) is not decided on the fallback; where the lookup is unavailable (a BTF member or
+//! `____fput` missing, logged at start) scripts are decided by their interpreter only; where
+//! it is available but finds nothing (a list longer than the bound), the script's own verdict
+//! is the policy default and the event carries [`EXEC_F_NO_SCRIPT_IDENTITY`]. See
+//! [`ScriptConfig`].
 
 use crate::{
     ACTION_ALLOW, MODE_AUDIT, NONE, PolicyMeta, REASON_DEFAULT, REASON_NO_POLICY, REASON_RULE,
@@ -46,6 +61,53 @@ pub const EXEC_F_NO_ARGV: u8 = 2;
 pub const EXEC_F_NO_IDENTITY: u8 = 4;
 /// The path was cut at `EXEC_PATH_BYTES - 1` bytes.
 pub const EXEC_F_PATH_TRUNCATED: u8 = 8;
+
+/// The exec ran a script (or binfmt_misc file) through an interpreter (tracepoint events):
+/// `path` and, unless [`EXEC_F_BY_INTERPRETER`], the identity are the script's.
+pub const EXEC_F_SCRIPT: u8 = 16;
+/// The interpreter (the final image) decided: the script was allowed, the interpreter not;
+/// the identity is the interpreter's.
+pub const EXEC_F_BY_INTERPRETER: u8 = 32;
+/// An interpreter ran, but the script's file could not be found: the script's own verdict
+/// was the policy default.
+pub const EXEC_F_NO_SCRIPT_IDENTITY: u8 = 64;
+
+/// Entries of `current->task_works` the tracepoint looks at for a script's pending `fput`.
+pub const MAX_TASK_WORKS: u32 = 32;
+/// `__FMODE_EXEC` in `file.f_flags` (`include/linux/fs.h`, 0x20 on every architecture since
+/// 2.6.39): the file was opened for exec (`do_open_execat`). (`f_mode` does not carry
+/// `FMODE_EXEC` for these opens on current kernels; `f_flags` keeps the open flag.)
+pub const OPEN_FLAG_EXEC: u32 = 0x20;
+/// `ScriptConfig::valid` when the script lookup is available.
+pub const SCRIPT_CONFIG_VALID: u32 = 1;
+
+/// What the tracepoint fallback needs to find the script of a `#!` exec (see the module
+/// docs): offsets from BTF and the address of `____fput` from `/proc/kallsyms`. Its own map
+/// (`EXEC_SCRIPT`), so agents that pinned an older `ExecConfig` stay adoptable.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ScriptConfig {
+    /// [`SCRIPT_CONFIG_VALID`] when filled; otherwise scripts are decided by their
+    /// interpreter only.
+    pub valid: u32,
+    /// `linux_binprm.interp` (equal to `filename` until a binfmt handler switches to an
+    /// interpreter)
+    pub bprm_interp: u32,
+    /// `linux_binprm.executable` (binfmt_misc `O` entries)
+    pub bprm_executable: u32,
+    /// `task_struct.task_works`
+    pub task_works: u32,
+    /// `file.f_task_work`
+    pub file_task_work: u32,
+    /// `file.f_flags`
+    pub file_flags: u32,
+    /// `callback_head.next` / `callback_head.func`
+    pub cb_next: u32,
+    pub cb_func: u32,
+    /// Kernel address of `____fput`, the deferred-fput task work.
+    pub fput_fn: u64,
+}
+const _: () = assert!(core::mem::size_of::<ScriptConfig>() == 40);
 
 /// `ExecConfig::valid` once userspace has filled the offsets from the kernel's BTF.
 pub const EXEC_CONFIG_VALID: u32 = 1;

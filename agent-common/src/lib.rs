@@ -112,6 +112,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for ExecConfig {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for ScriptConfig {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for ExecKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for TaskInfo {}

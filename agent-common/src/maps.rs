@@ -27,6 +27,8 @@ pub const DROPS: &str = "CORRAL_DROPS";
 pub const RATE: &str = "CORRAL_RATE";
 /// `Array<ExecConfig>`, one entry: kernel offsets from BTF, syscall numbers.
 pub const EXEC_CFG: &str = "CORRAL_EXECCFG";
+/// `Array<ScriptConfig>`, one entry: how the tracepoint finds a `#!` script's file.
+pub const EXEC_SCRIPT: &str = "CORRAL_EXECSCR";
 /// `HashMap<ExecKey, RuleValue>`: exact executable files by (device, inode), per policy.
 pub const EXEC_FILES: &str = "CORRAL_EXFILES";
 /// `HashMap<ExecKey, RuleValue>`: prefix-rule directories by (device, inode), per policy.

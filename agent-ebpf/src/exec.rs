@@ -7,8 +7,10 @@
 //!   sees every level of a `#!` script (the script, then its interpreter).
 //! - `exec_tp`: raw tracepoint `sched_process_exec` (kernel 5.3+: `bpf_send_signal`, bounded
 //!   loops), always attached. It runs after the point of no return, so a deny sends SIGKILL to
-//!   the new image, which dies before executing a user instruction. It decides on the final image only: for a `#!` script that
-//!   is the interpreter. It also assigns exec ids and emits the event for every exec that
+//!   the new image, which dies before executing a user instruction. For a `#!` script it
+//!   decides on the script (found among the task's pending deferred `fput`s, see
+//!   `agent_common::exec`) and on its interpreter (the final image): both must be allowed.
+//!   It also assigns exec ids and emits the event for every exec that
 //!   happened (on LSM nodes it is a second line of defence: same decision; an exec that
 //!   proceeds although not allowed, i.e. audit-deny, is then recorded by both programs, the
 //!   LSM's event with exec id 0).
@@ -22,10 +24,12 @@
 use core::{ffi::c_void, ptr::addr_of_mut};
 
 use agent_common::{
-    ARGV_BYTES, EXEC_CONFIG_VALID, EXEC_F_ARGV_TRUNCATED, EXEC_F_NO_ARGV, EXEC_F_NO_IDENTITY,
-    EXEC_F_PATH_TRUNCATED, EXEC_HOOK_LSM, EXEC_HOOK_TRACEPOINT, EXEC_PATH_BYTES, EventHeader,
-    ExecConfig, ExecEvent, ExecKey, ExecVerdict, KIND_EXEC, MAX_DIR_DEPTH, NONE, PolicyMeta,
-    RuleValue, TaskInfo, VERDICT_ALLOW, VERDICT_DENY, exec_verdict, merge_rules, policy_key,
+    ARGV_BYTES, EXEC_CONFIG_VALID, EXEC_F_ARGV_TRUNCATED, EXEC_F_BY_INTERPRETER, EXEC_F_NO_ARGV,
+    EXEC_F_NO_IDENTITY, EXEC_F_NO_SCRIPT_IDENTITY, EXEC_F_PATH_TRUNCATED, EXEC_F_SCRIPT,
+    EXEC_HOOK_LSM, EXEC_HOOK_TRACEPOINT, EXEC_PATH_BYTES, EventHeader, ExecConfig, ExecEvent,
+    ExecKey, ExecVerdict, KIND_EXEC, MAX_DIR_DEPTH, MAX_TASK_WORKS, NONE, OPEN_FLAG_EXEC,
+    PolicyMeta, RuleValue, SCRIPT_CONFIG_VALID, ScriptConfig, TaskInfo, VERDICT_ALLOW,
+    VERDICT_DENY, exec_verdict, merge_rules, policy_key,
 };
 use aya_ebpf::{
     helpers::{
@@ -38,7 +42,7 @@ use aya_ebpf::{
 
 use crate::{
     events,
-    maps::{EVENTS, EXEC_CFG, EXEC_DIRS, EXEC_FILES, EXEC_TASKS, POLICIES},
+    maps::{EVENTS, EXEC_CFG, EXEC_DIRS, EXEC_FILES, EXEC_SCRIPT, EXEC_TASKS, POLICIES},
     principal::{self, Caller},
 };
 
@@ -92,6 +96,11 @@ fn exec_config() -> ExecConfig {
 }
 
 #[inline(always)]
+fn script_config() -> ScriptConfig {
+    EXEC_SCRIPT.get(0).copied().unwrap_or_default()
+}
+
+#[inline(always)]
 fn read_u64(base: u64, off: u32) -> Option<u64> {
     if base == 0 {
         return None;
@@ -121,7 +130,12 @@ fn file_identity(ec: &ExecConfig, bprm: u64) -> Option<FileId> {
     if ec.valid != EXEC_CONFIG_VALID {
         return None;
     }
-    let file = read_u64(bprm, ec.bprm_file)?;
+    file_id(ec, read_u64(bprm, ec.bprm_file)?)
+}
+
+/// Identity of the `struct file` at `file`.
+#[inline(always)]
+fn file_id(ec: &ExecConfig, file: u64) -> Option<FileId> {
     let inode = read_u64(file, ec.file_inode)?;
     let ino = read_u64(inode, ec.inode_ino)?;
     let sb = read_u64(inode, ec.inode_sb)?;
@@ -169,6 +183,67 @@ fn match_rules(policy: u32, ec: &ExecConfig, id: &FileId) -> RuleValue {
     acc
 }
 
+/// The file the process exec'd, when an interpreter runs it instead.
+enum Script {
+    /// No interpreter: the final image is the file that was exec'd.
+    Direct,
+    Found(FileId),
+    /// An interpreter runs, but the exec'd file could not be found.
+    Unknown,
+}
+
+/// Finds the exec'd file of a `#!` script (or binfmt_misc) exec at `sched_process_exec`
+/// (`task` is current). See `agent_common::exec` for why the oldest pending `____fput` of a
+/// file opened for exec is the script.
+#[inline(always)]
+fn script_file(ec: &ExecConfig, sc: &ScriptConfig, bprm: u64, task: u64) -> Script {
+    if ec.valid != EXEC_CONFIG_VALID || sc.valid != SCRIPT_CONFIG_VALID {
+        return Script::Direct;
+    }
+    // `interp` starts as `filename` and is replaced only when a handler switches to an
+    // interpreter (`bprm_change_interp`).
+    let (Some(interp), Some(filename)) = (
+        read_u64(bprm, sc.bprm_interp),
+        read_u64(bprm, ec.bprm_filename),
+    ) else {
+        return Script::Unknown;
+    };
+    if interp == filename {
+        return Script::Direct;
+    }
+    // binfmt_misc with the `O` flag keeps the original file.
+    if let Some(exe) = read_u64(bprm, sc.bprm_executable)
+        && exe != 0
+    {
+        return match file_id(ec, exe) {
+            Some(id) => Script::Found(id),
+            None => Script::Unknown,
+        };
+    }
+    let mut cb = read_u64(task, sc.task_works).unwrap_or(0);
+    let mut oldest = 0u64;
+    for _ in 0..MAX_TASK_WORKS {
+        if cb == 0 {
+            break;
+        }
+        if read_u64(cb, sc.cb_func) == Some(sc.fput_fn) {
+            let file = cb.wrapping_sub(u64::from(sc.file_task_work));
+            if read_u32(file, sc.file_flags).is_some_and(|f| f & OPEN_FLAG_EXEC != 0) {
+                oldest = file;
+            }
+        }
+        cb = read_u64(cb, sc.cb_next).unwrap_or(0);
+    }
+    // A longer list: the oldest entry was not seen.
+    if cb != 0 || oldest == 0 {
+        return Script::Unknown;
+    }
+    match file_id(ec, oldest) {
+        Some(id) => Script::Found(id),
+        None => Script::Unknown,
+    }
+}
+
 struct Decision {
     caller: Caller,
     policy: u32,
@@ -178,9 +253,26 @@ struct Decision {
     flags: u8,
 }
 
-/// `None`: the caller is not enrolled (not policed, no event).
+/// The verdict on one file (`None`: its identity is unknown, only the default applies).
 #[inline(always)]
-fn decide(bprm: u64, ec: &ExecConfig) -> Option<Decision> {
+fn file_verdict(
+    policy: u32,
+    meta: Option<&PolicyMeta>,
+    ec: &ExecConfig,
+    id: Option<&FileId>,
+) -> ExecVerdict {
+    let matched = match (meta, id) {
+        (Some(_), Some(id)) => match_rules(policy, ec, id),
+        _ => NO_MATCH,
+    };
+    exec_verdict(meta, &matched)
+}
+
+/// `None`: the caller is not enrolled (not policed, no event). `script`: on the tracepoint,
+/// the task (current) whose pending `fput`s may hold the exec'd script; `None` on the LSM,
+/// which sees every level of a script exec by itself.
+#[inline(always)]
+fn decide(bprm: u64, ec: &ExecConfig, script: Option<u64>) -> Option<Decision> {
     let cfg = principal::config();
     let caller = principal::resolve(&cfg)?;
     let slot = if cfg.generation & 1 == 0 {
@@ -196,18 +288,51 @@ fn decide(bprm: u64, ec: &ExecConfig) -> Option<Decision> {
         meta = POLICIES.get_ptr(policy).map(|p| unsafe { *p });
     }
     let id = file_identity(ec, bprm);
-    let (dev, ino, flags) = match &id {
+    let (mut dev, mut ino, mut flags) = match &id {
         Some(id) => (id.dev, id.ino, 0),
         None => (0, 0, EXEC_F_NO_IDENTITY),
     };
-    let matched = match (&meta, &id) {
-        (Some(_), Some(id)) => match_rules(policy, ec, id),
-        _ => NO_MATCH,
+    let mut verdict = file_verdict(policy, meta.as_ref(), ec, id.as_ref());
+    let found = match script {
+        Some(task) => script_file(ec, &script_config(), bprm, task),
+        None => Script::Direct,
     };
+    let script_id = match found {
+        Script::Direct => None,
+        Script::Found(sid) => {
+            flags = EXEC_F_SCRIPT;
+            Some(sid)
+        }
+        Script::Unknown => {
+            flags |= EXEC_F_SCRIPT | EXEC_F_NO_SCRIPT_IDENTITY;
+            None
+        }
+    };
+    if flags & EXEC_F_SCRIPT != 0 {
+        // Both must be allowed. The script decides when it is not allowed, or when both are
+        // (the event then names the script); otherwise the interpreter's verdict stands.
+        let sv = file_verdict(policy, meta.as_ref(), ec, script_id.as_ref());
+        if sv.verdict != VERDICT_ALLOW || verdict.verdict == VERDICT_ALLOW {
+            verdict = sv;
+            match &script_id {
+                Some(sid) => {
+                    dev = sid.dev;
+                    ino = sid.ino;
+                }
+                None => {
+                    dev = 0;
+                    ino = 0;
+                    flags |= EXEC_F_NO_IDENTITY;
+                }
+            }
+        } else {
+            flags |= EXEC_F_BY_INTERPRETER;
+        }
+    }
     Some(Decision {
         caller,
         policy,
-        verdict: exec_verdict(meta.as_ref(), &matched),
+        verdict,
         dev,
         ino,
         flags,
@@ -231,7 +356,7 @@ fn try_exec_lsm(ctx: &LsmContext) -> Result<i32, i32> {
     }
     let bprm: u64 = ctx.arg(0);
     let ec = exec_config();
-    let Some(d) = decide(bprm, &ec) else {
+    let Some(d) = decide(bprm, &ec, None) else {
         return Ok(0);
     };
     if d.verdict.verdict == VERDICT_ALLOW {
@@ -251,7 +376,7 @@ fn try_exec_tp(ctx: &RawTracePointContext) -> Result<i32, i32> {
     let task: u64 = ctx.arg(0);
     let bprm: u64 = ctx.arg(2);
     let ec = exec_config();
-    let Some(d) = decide(bprm, &ec) else {
+    let Some(d) = decide(bprm, &ec, Some(task)) else {
         return Ok(0);
     };
     if d.verdict.verdict == VERDICT_DENY {

@@ -2,7 +2,7 @@
 
 use agent_common::{
     ChainKey, Config, ExecConfig, ExecKey, GrantKey, GrantValue, PolicyMeta, Principal, RateState,
-    RuleKey, RuleValue, TaskInfo, ZoneKey, ZoneValue, maps::limits,
+    RuleKey, RuleValue, ScriptConfig, TaskInfo, ZoneKey, ZoneValue, maps::limits,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -59,6 +59,9 @@ pub static RATE: HashMap<u32, RateState> = HashMap::with_max_entries(limits::PRI
 
 #[map(name = "CORRAL_EXECCFG")]
 pub static EXEC_CFG: Array<ExecConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "CORRAL_EXECSCR")]
+pub static EXEC_SCRIPT: Array<ScriptConfig> = Array::with_max_entries(1, 0);
 
 #[map(name = "CORRAL_EXFILES")]
 pub static EXEC_FILES: HashMap<ExecKey, RuleValue> =

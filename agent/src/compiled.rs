@@ -212,6 +212,28 @@ pub struct GrantTemplate {
     pub approval: Approval,
 }
 
+impl GrantTemplate {
+    /// Whether issuing this grant would allow a connect to `zone` (an index into the policy's
+    /// zones), `port` and `proto`: the zone is one of its zones, and its ports and protocols
+    /// are empty (any) or contain the call's.
+    pub fn covers(&self, zone: u32, port: u16, proto: u8) -> bool {
+        self.zones.contains(&zone)
+            && (self.ports.is_empty() || self.ports.contains(&port))
+            && (self.protocols.is_empty() || self.protocols.contains(&proto))
+    }
+}
+
+/// The first of `templates` (policy order) that would allow a connect to `zone`, `port`,
+/// `proto`: what a denied event names as `grant_available`.
+pub fn grant_available(
+    templates: &[GrantTemplate],
+    zone: u32,
+    port: u16,
+    proto: u8,
+) -> Option<&GrantTemplate> {
+    templates.iter().find(|t| t.covers(zone, port, proto))
+}
+
 /// A unix-socket destination of a zone (abstract names start with `@`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnixDest {
@@ -496,6 +518,37 @@ mod tests {
             proto: agent_common::PROTO_UDP,
             _pad: 0
         }));
+    }
+
+    #[test]
+    fn grant_available_is_the_first_covering_template() {
+        let t = |name: &str, zones: Vec<u32>, ports: Vec<u16>, protocols: Vec<u8>| GrantTemplate {
+            name: name.into(),
+            zones,
+            ports,
+            protocols,
+            max_ttl: Duration::from_secs(60),
+            approval: Approval::Required,
+        };
+        let tcp = agent_common::PROTO_TCP;
+        let udp = agent_common::PROTO_UDP;
+        let ts = vec![
+            t("db-tcp", vec![1], vec![5432], vec![tcp]),
+            t("db-any-port", vec![1, 2], vec![], vec![]),
+            t("dns", vec![3], vec![53], vec![]),
+        ];
+        let name =
+            |zone, port, proto| grant_available(&ts, zone, port, proto).map(|g| g.name.as_str());
+        assert_eq!(name(1, 5432, tcp), Some("db-tcp"));
+        // Port and protocol must match where the template names them.
+        assert_eq!(name(1, 5432, udp), Some("db-any-port"));
+        assert_eq!(name(1, 80, tcp), Some("db-any-port"));
+        assert_eq!(name(2, 1, udp), Some("db-any-port"));
+        assert_eq!(name(3, 53, udp), Some("dns"));
+        assert_eq!(name(3, 54, udp), None);
+        // A zone no template names.
+        assert_eq!(name(0, 5432, tcp), None);
+        assert_eq!(grant_available(&[], 1, 5432, tcp), None);
     }
 
     #[test]

@@ -14,20 +14,31 @@ pub struct SocketArgs {
     pub socket: PathBuf,
 }
 
+/// How long connecting (socket + HTTP/2 handshake) may take: an agent that has bound its
+/// socket but does not serve yet (still starting) must not hang the command.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Connects to the agent at `socket`.
 pub async fn connect(socket: &Path) -> Result<AgentServiceClient<Channel>, String> {
     let path = socket.to_path_buf();
     // The URI is required by the API but unused: every connection goes to the socket.
-    let channel = Endpoint::from_static("http://corral-agent.local")
-        .http2_adaptive_window(true)
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                let s = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(s))
-            }
-        }))
+    let endpoint = Endpoint::from_static("http://corral-agent.local").http2_adaptive_window(true);
+    let connecting = endpoint.connect_with_connector(tower::service_fn(move |_| {
+        let path = path.clone();
+        async move {
+            let s = tokio::net::UnixStream::connect(path).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(s))
+        }
+    }));
+    let channel = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
         .await
+        .map_err(|_| {
+            format!(
+                "the corral agent at {} did not answer within {} s (is it still starting?)",
+                socket.display(),
+                CONNECT_TIMEOUT.as_secs()
+            )
+        })?
         .map_err(|e| {
             format!(
                 "cannot reach the corral agent at {}: {} (is `corral-agent` running?)",

@@ -1,7 +1,8 @@
 //! The central server's client: `--server URL` for fleet commands.
 
 use corral_proto::v1::{
-    event_service_client::EventServiceClient, policy_service_client::PolicyServiceClient,
+    event_service_client::EventServiceClient, grant_service_client::GrantServiceClient,
+    policy_service_client::PolicyServiceClient,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -60,14 +61,20 @@ pub async fn policies(s: &ServerArgs) -> Result<PolicyServiceClient<Channel>, St
     Ok(PolicyServiceClient::new(channel(s).await?))
 }
 
+pub async fn grants(s: &ServerArgs) -> Result<GrantServiceClient<Channel>, String> {
+    Ok(GrantServiceClient::new(channel(s).await?))
+}
+
 pub async fn events(s: &ServerArgs) -> Result<EventServiceClient<Channel>, String> {
     Ok(EventServiceClient::new(channel(s).await?))
 }
 
-/// A request carrying who asks (recorded with each change).
+/// A request carrying who asks (recorded with each change): `CORRAL_USER`, else the user who
+/// ran sudo, else `USER`. With mTLS the server trusts the client certificate's name instead.
 pub fn request<T>(msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
-    let user = std::env::var("SUDO_USER")
+    let user = std::env::var("CORRAL_USER")
+        .or_else(|_| std::env::var("SUDO_USER"))
         .or_else(|_| std::env::var("USER"))
         .unwrap_or_else(|_| "unknown".into());
     if let Ok(v) = user.parse() {
@@ -82,6 +89,7 @@ pub fn status_text(s: &tonic::Status) -> String {
         tonic::Code::InvalidArgument => "the server rejected it",
         tonic::Code::NotFound => "not found",
         tonic::Code::FailedPrecondition => "the server cannot do that now",
+        tonic::Code::PermissionDenied => "not allowed",
         tonic::Code::Unavailable => "the server is unavailable",
         _ => "the server failed",
     };

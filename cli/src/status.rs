@@ -28,14 +28,37 @@ fn to_json(s: &pb::AgentStatus) -> serde_json::Value {
             })
         })
         .collect();
+    let unenrolled: Vec<_> = s
+        .unenrolled_pods
+        .iter()
+        .map(|p| {
+            json!({
+                "namespace": p.namespace, "name": p.name, "uid": p.uid, "reason": p.reason,
+                "state": p.state, "since_unix_nano": p.since_unix_nano,
+            })
+        })
+        .collect();
+    let grants: Vec<_> = s
+        .grants
+        .iter()
+        .map(|g| {
+            json!({
+                "id": g.id, "identity": g.identity, "session": g.session, "grant": g.grant,
+                "expires_unix_nano": g.expires_unix_nano,
+            })
+        })
+        .collect();
     json!({
         "node": s.node,
         "exec_enforcement": s.exec_enforcement,
+        "exec_scripts": s.exec_scripts,
         "sock_addr_hooks": s.sock_addr_hooks,
         "policy_revision": s.policy_revision,
         "policies": s.policies,
         "last_error": s.last_error,
         "principals": principals,
+        "unenrolled_pods": unenrolled,
+        "grants": grants,
         "events_delivered": s.events_delivered,
         "events_dropped_kernel": s.events_dropped_kernel,
         "events_dropped_subscribers": s.events_dropped_subscribers,
@@ -46,10 +69,11 @@ fn to_json(s: &pb::AgentStatus) -> serde_json::Value {
 
 fn human(s: &pb::AgentStatus) -> String {
     let mut out = format!(
-        "node:        {}\nmode:        {}\nexec:        {}\nsock_addr:   {}\npolicy:      revision {} ({})\n",
+        "node:        {}\nmode:        {}\nexec:        {} (scripts: {})\nsock_addr:   {}\npolicy:      revision {} ({})\n",
         s.node,
         s.server_state,
         s.exec_enforcement,
+        s.exec_scripts,
         s.sock_addr_hooks.join(", "),
         s.policy_revision,
         if s.policies.is_empty() {
@@ -79,7 +103,59 @@ fn human(s: &pb::AgentStatus) -> String {
             p.processes
         ));
     }
+    if !s.grants.is_empty() {
+        out.push_str(&format!("grants:      {}\n", s.grants.len()));
+        for g in &s.grants {
+            let session = if g.session.is_empty() {
+                "every session".to_owned()
+            } else {
+                format!("session {}", g.session)
+            };
+            out.push_str(&format!(
+                "  grant {} {} for {} {session}, expires in {}\n",
+                g.id,
+                g.grant,
+                g.identity,
+                until(g.expires_unix_nano)
+            ));
+        }
+    }
+    if !s.unenrolled_pods.is_empty() {
+        out.push_str(&format!(
+            "NOT ENFORCED: {} pod(s) opted in and not enrolled:\n",
+            s.unenrolled_pods.len()
+        ));
+        for p in &s.unenrolled_pods {
+            out.push_str(&format!(
+                "  {}/{} ({}, {}): {}\n",
+                p.namespace,
+                p.name,
+                p.state,
+                since(p.since_unix_nano),
+                p.reason
+            ));
+        }
+    }
     out
+}
+
+/// `since 12s ago` from a wall-clock time in nanoseconds.
+fn since(unix_nano: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!(
+        "since {}s ago",
+        now.saturating_sub(unix_nano / 1_000_000_000)
+    )
+}
+
+/// `42s` until a Unix time in nanoseconds (`0s` once past).
+fn until(unix_nano: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("{}s", (unix_nano / 1_000_000_000).saturating_sub(now))
 }
 
 pub fn run(a: &Args) -> ExitCode {
@@ -105,5 +181,48 @@ pub fn run(a: &Args) -> ExitCode {
             eprintln!("corral status: {msg}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status() -> pb::AgentStatus {
+        pb::AgentStatus {
+            node: "node-a".into(),
+            unenrolled_pods: vec![pb::UnenrolledPod {
+                namespace: "agents".into(),
+                name: "ghost".into(),
+                uid: "0a-1".into(),
+                reason: "no cgroup for pod 0a-1".into(),
+                state: "failed".into(),
+                since_unix_nano: 1_700_000_000_000_000_000,
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn unenrolled_pods_are_shown_in_both_formats() {
+        let s = status();
+        let j = to_json(&s);
+        assert_eq!(
+            j["unenrolled_pods"],
+            json!([{"namespace": "agents", "name": "ghost", "uid": "0a-1",
+                    "reason": "no cgroup for pod 0a-1", "state": "failed",
+                    "since_unix_nano": 1_700_000_000_000_000_000_u64}])
+        );
+        let h = human(&s);
+        assert!(
+            h.contains(
+                "NOT ENFORCED: 1 pod(s) opted in and not enrolled:\n  agents/ghost (failed, since "
+            ),
+            "{h}"
+        );
+        assert!(h.ends_with("s ago): no cgroup for pod 0a-1\n"), "{h}");
+        let none = pb::AgentStatus::default();
+        assert_eq!(to_json(&none)["unenrolled_pods"], json!([]));
+        assert!(!human(&none).contains("NOT ENFORCED"));
     }
 }

@@ -13,7 +13,7 @@ pub use corral_agent::logging::LogFormat;
     about = "Corral central policy server"
 )]
 pub struct Config {
-    /// Address to listen on (gRPC: PolicyService, NodeSync, EventService).
+    /// Address to listen on (gRPC: PolicyService, NodeSync, EventService, GrantService).
     #[arg(long, env = "CORRAL_SERVER_LISTEN", default_value = "127.0.0.1:7443")]
     pub listen: SocketAddr,
 
@@ -38,6 +38,17 @@ pub struct Config {
     /// further behind loses events (counted and logged).
     #[arg(long, env = "CORRAL_SERVER_EVENT_BUFFER", default_value_t = 16_384)]
     pub event_buffer: usize,
+
+    /// Who may approve and deny grants (repeatable; the env form is comma-separated): client
+    /// certificate names under mTLS, else `x-corral-user` names. Unset: anyone but the
+    /// requester may approve. Revoke is open to approvers and to the grant's requester.
+    #[arg(
+        long = "approver",
+        value_name = "NAME",
+        env = "CORRAL_SERVER_APPROVERS",
+        value_delimiter = ','
+    )]
+    pub approvers: Vec<String>,
 
     /// Log format.
     #[arg(long, env = "CORRAL_LOG_FORMAT", value_enum, default_value = "plain")]
@@ -105,5 +116,14 @@ mod tests {
         assert!(
             Config::try_parse_from(["corral-server", "--plaintext", "--tls-cert", "c"]).is_err()
         );
+    }
+
+    #[test]
+    fn approvers_are_repeatable_and_comma_separated() {
+        let c = Config::try_parse_from(["corral-server", "--approver", "bob", "--approver", "x,y"])
+            .expect("parse");
+        assert_eq!(c.approvers, ["bob", "x", "y"]);
+        let c = Config::try_parse_from(["corral-server"]).expect("parse");
+        assert!(c.approvers.is_empty(), "no approvers unless configured");
     }
 }

@@ -2,7 +2,7 @@
 
 use tonic::Status;
 
-use crate::store::StoreError;
+use crate::{grants::GrantError, store::StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -16,6 +16,8 @@ pub enum ServerError {
     BadRequest(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Grant(#[from] GrantError),
 }
 
 impl From<ServerError> for Status {
@@ -26,6 +28,23 @@ impl From<ServerError> for Status {
             ServerError::NotFound { .. } => Status::not_found(msg),
             ServerError::Store(StoreError::Conflict { .. }) => Status::failed_precondition(msg),
             ServerError::Store(_) => Status::internal(msg),
+            ServerError::Grant(g) => match g {
+                GrantError::MissingReason
+                | GrantError::Missing { .. }
+                | GrantError::BadId { .. }
+                | GrantError::TtlTooLong { .. } => Status::invalid_argument(msg),
+                GrantError::NotFound { .. } | GrantError::UnknownTemplate { .. } => {
+                    Status::not_found(msg)
+                }
+                GrantError::NotCovered { .. }
+                | GrantError::UnknownSession { .. }
+                | GrantError::WrongState { .. }
+                | GrantError::NoLongerOffered { .. } => Status::failed_precondition(msg),
+                GrantError::SelfApproval { .. }
+                | GrantError::NotApprover { .. }
+                | GrantError::NotApproverOrRequester { .. } => Status::permission_denied(msg),
+                GrantError::Policy(_) | GrantError::Store(_) => Status::internal(msg),
+            },
         }
     }
 }

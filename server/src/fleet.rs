@@ -3,7 +3,7 @@
 //! forwarded events.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     hash::{BuildHasher as _, RandomState},
     sync::{
         Arc, Mutex, MutexGuard, PoisonError,
@@ -17,22 +17,37 @@ use tokio::sync::{broadcast, watch};
 
 use crate::store::{StoreSnapshot, now_unix_nano};
 
-/// The policy set at one revision, as nodes receive it.
+/// What nodes receive: the policy set at one revision and the issued, unexpired grants.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Current {
     pub revision: u64,
     /// Policy documents sorted by name.
     pub policies_yaml: Vec<String>,
+    /// Active grants, by id (absolute expiry).
+    pub grants: Vec<pb::ActiveGrant>,
+    /// Changes (grows) whenever `grants` changes; 0 before the first grant.
+    pub grants_version: u64,
+}
+
+impl Current {
+    fn with_policies(s: &StoreSnapshot, grants: Vec<pb::ActiveGrant>, grants_version: u64) -> Self {
+        Self {
+            revision: s.revision,
+            policies_yaml: s.policies.iter().map(|p| p.yaml.clone()).collect(),
+            grants,
+            grants_version,
+        }
+    }
 }
 
 impl From<&StoreSnapshot> for Current {
     fn from(s: &StoreSnapshot) -> Self {
-        Self {
-            revision: s.revision,
-            policies_yaml: s.policies.iter().map(|p| p.yaml.clone()).collect(),
-        }
+        Self::with_policies(s, Vec::new(), 0)
     }
 }
+
+/// A principal a node reported: (identity, session).
+pub type PrincipalKey = (String, String);
 
 /// What the server knows about one node.
 #[derive(Debug, Clone, Default)]
@@ -49,6 +64,9 @@ pub struct NodeEntry {
     pub nack_detail: String,
     pub last_change_unix_nano: u64,
     pub events_forwarded: u64,
+    /// The principals in the node's latest `Principals` report (kept while disconnected:
+    /// only connected nodes count for session checks).
+    pub principals: BTreeSet<PrincipalKey>,
 }
 
 pub struct Fleet {
@@ -58,6 +76,8 @@ pub struct Fleet {
     nonce_keys: RandomState,
     nonce_counter: AtomicU64,
     events: broadcast::Sender<Arc<HubEvent>>,
+    /// Grant changes the server itself published on the event stream.
+    pub server_events: AtomicU64,
     /// Events forwarded by nodes.
     pub events_received: AtomicU64,
     /// Events fleet watchers lost because they read too slowly (summed over watchers).
@@ -75,6 +95,7 @@ impl Fleet {
             nonce_keys: RandomState::new(),
             nonce_counter: AtomicU64::new(0),
             events,
+            server_events: AtomicU64::new(0),
             events_received: AtomicU64::new(0),
             events_dropped: AtomicU64::new(0),
         }
@@ -88,12 +109,33 @@ impl Fleet {
     pub fn publish(&self, snapshot: &StoreSnapshot) {
         self.current.send_if_modified(|cur| {
             if snapshot.revision > cur.revision {
-                *cur = Arc::new(Current::from(snapshot));
+                *cur = Arc::new(Current::with_policies(
+                    snapshot,
+                    cur.grants.clone(),
+                    cur.grants_version,
+                ));
                 true
             } else {
                 false
             }
         });
+    }
+
+    /// A new grant set at `version`: every connected node's stream is woken, unless the set
+    /// is unchanged or `version` is not newer than the one published.
+    pub fn publish_grants(&self, version: u64, grants: Vec<pb::ActiveGrant>) -> bool {
+        self.current.send_if_modified(|cur| {
+            if version <= cur.grants_version || grants == cur.grants {
+                return false;
+            }
+            *cur = Arc::new(Current {
+                revision: cur.revision,
+                policies_yaml: cur.policies_yaml.clone(),
+                grants,
+                grants_version: version,
+            });
+            true
+        })
     }
 
     pub fn current(&self) -> Arc<Current> {
@@ -129,6 +171,36 @@ impl Fleet {
             e.conn = None;
             e.last_change_unix_nano = now_unix_nano();
         }
+    }
+
+    /// A node's full set of enrolled principals. Returns the principals that left this
+    /// node's set and that no other connected node reports (their sessions ended).
+    pub fn set_principals(
+        &self,
+        node: &str,
+        principals: BTreeSet<PrincipalKey>,
+    ) -> Vec<PrincipalKey> {
+        let mut nodes = self.nodes();
+        let Some(e) = nodes.get_mut(node) else {
+            return Vec::new();
+        };
+        let old = std::mem::replace(&mut e.principals, principals);
+        let gone: Vec<PrincipalKey> = old.difference(&e.principals).cloned().collect();
+        gone.into_iter()
+            .filter(|p| {
+                !nodes
+                    .iter()
+                    .any(|(n, e)| n != node && e.conn.is_some() && e.principals.contains(p))
+            })
+            .collect()
+    }
+
+    /// Whether a connected node reports `identity`'s `session` now.
+    pub fn session_known(&self, identity: &str, session: &str) -> bool {
+        let key = (identity.to_owned(), session.to_owned());
+        self.nodes()
+            .values()
+            .any(|e| e.conn.is_some() && e.principals.contains(&key))
     }
 
     pub fn ack(&self, node: &str, revision: u64) {
@@ -178,6 +250,13 @@ impl Fleet {
         let _ = self.events.send(Arc::new(HubEvent::from_pb(&e)));
     }
 
+    /// An event the server itself produced (grant changes): `node` and `seq` are the
+    /// caller's.
+    pub fn server_event(&self, e: &pb::Event) {
+        self.server_events.fetch_add(1, Ordering::Relaxed);
+        let _ = self.events.send(Arc::new(HubEvent::from_pb(e)));
+    }
+
     pub fn watch_events(&self) -> broadcast::Receiver<Arc<HubEvent>> {
         self.events.subscribe()
     }
@@ -218,6 +297,66 @@ mod tests {
         assert_eq!(cur.revision, 3);
         assert_eq!(cur.policies_yaml, ["c"]);
         assert!(!rx.has_changed().unwrap_or(true));
+    }
+
+    fn grant(id: &str) -> pb::ActiveGrant {
+        pb::ActiveGrant {
+            id: id.into(),
+            identity: "spiffe://t/a".into(),
+            session: String::new(),
+            grant: "g".into(),
+            expires_unix_nano: 1,
+        }
+    }
+
+    #[test]
+    fn grants_and_policies_change_independently_and_versions_never_go_back() {
+        let f = Fleet::new(&snap(1, &["a"]), 16);
+        let mut rx = f.watch();
+        rx.mark_unchanged();
+        assert!(f.publish_grants(5, vec![grant("1")]));
+        assert!(!f.publish_grants(4, vec![grant("2")]), "older version");
+        assert!(!f.publish_grants(6, vec![grant("1")]), "same set");
+        f.publish(&snap(2, &["b"]));
+        let cur = rx.borrow_and_update().clone();
+        assert_eq!((cur.revision, cur.grants_version), (2, 5));
+        assert_eq!(cur.grants, [grant("1")], "a new revision keeps the grants");
+        assert!(f.publish_grants(7, Vec::new()));
+        assert_eq!(
+            f.current().policies_yaml,
+            ["b"],
+            "new grants keep the policies"
+        );
+    }
+
+    #[test]
+    fn a_session_ends_when_no_connected_node_reports_it() {
+        let f = Fleet::new(&StoreSnapshot::default(), 16);
+        let key = |s: &str| ("spiffe://t/a".to_owned(), s.to_owned());
+        let c1 = f.connect("n1", "p".into(), 0);
+        f.connect("n2", "p".into(), 0);
+        assert!(
+            f.set_principals("n1", [key("s1"), key("s2")].into())
+                .is_empty()
+        );
+        assert!(f.set_principals("n2", [key("s1")].into()).is_empty());
+        assert!(f.set_principals("nobody", [key("s9")].into()).is_empty());
+        assert!(f.session_known("spiffe://t/a", "s2"));
+        assert!(
+            !f.session_known("spiffe://t/a", "s9"),
+            "unknown nodes' reports are dropped"
+        );
+        assert_eq!(f.set_principals("n1", [key("s1")].into()), [key("s2")]);
+        assert!(
+            f.set_principals("n1", [].into()).is_empty(),
+            "n2 still has s1"
+        );
+        assert_eq!(f.set_principals("n2", [].into()), [key("s1")]);
+        // A disconnected node's last report is kept but does not count.
+        f.set_principals("n1", [key("s3")].into());
+        f.disconnect("n1", c1);
+        assert!(!f.session_known("spiffe://t/a", "s3"));
+        assert_eq!(f.node("n1").map(|n| n.principals.len()), Some(1));
     }
 
     #[test]

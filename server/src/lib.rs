@@ -9,7 +9,10 @@
 //!   (connected, acknowledged revision, last NACK).
 //! - [`policy_service`]: `PolicyService` (Apply/Delete/List/Get/Status).
 //! - [`sync`]: `NodeSync`, one bidirectional stream per node, xDS-style.
-//! - [`events`]: `EventService`, the fleet event stream from what agents forward.
+//! - [`events`]: `EventService`, the fleet event stream from what agents forward (and the
+//!   server's own grant changes).
+//! - [`grants`]: `GrantService` (Request/Approve/Deny/Revoke/List), the grant state machine,
+//!   the expiry sweep; active grants travel to nodes in the sync snapshots.
 //! - [`error`]: the one mapping of errors to gRPC codes.
 #![forbid(unsafe_code)]
 
@@ -17,6 +20,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod fleet;
+pub mod grants;
 pub mod policy_service;
 pub mod store;
 pub mod sync;
@@ -26,8 +30,8 @@ use std::{sync::Arc, time::Duration};
 
 use corral_agent::daemon::shutdown::{self, Shutdown};
 use corral_proto::v1::{
-    event_service_server::EventServiceServer, node_sync_server::NodeSyncServer,
-    policy_service_server::PolicyServiceServer,
+    event_service_server::EventServiceServer, grant_service_server::GrantServiceServer,
+    node_sync_server::NodeSyncServer, policy_service_server::PolicyServiceServer,
 };
 use tokio::net::TcpListener;
 use tracing::{info, warn};
@@ -40,6 +44,8 @@ pub enum RunError {
     Config(#[from] config::ConfigError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error("load the grants")]
+    Grants(#[from] grants::GrantError),
     #[error("listen on {addr}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -59,9 +65,12 @@ pub enum RunError {
 /// Runs the server until SIGTERM/SIGINT.
 pub async fn run(cfg: Config) -> Result<(), RunError> {
     cfg.check()?;
-    let store: Arc<dyn PolicyStore> = Arc::new(store::sqlite::SqliteStore::open(&cfg.db)?);
+    let db = Arc::new(store::sqlite::SqliteStore::open(&cfg.db)?);
+    let store: Arc<dyn PolicyStore> = db.clone();
     let current = store.current()?;
     let fleet = Arc::new(Fleet::new(&current, cfg.event_buffer));
+    let grants = Arc::new(grants::Grants::new(db, fleet.clone(), &cfg.approvers));
+    grants.start()?;
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| RunError::Listen {
@@ -74,7 +83,12 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     })?;
     let shutdown = Shutdown::new();
     let policy = policy_service::Policies::new(store.clone(), fleet.clone());
-    let sync = sync::Sync::new(fleet.clone(), shutdown.subscribe());
+    let sync = sync::Sync::new(fleet.clone(), shutdown.subscribe()).with_sessions(grants.clone());
+    tokio::spawn(grants::service::sweep_task(
+        grants.clone(),
+        shutdown.subscribe(),
+    ));
+    let grant_api = grants::service::GrantApi::new(grants);
     let events = events::Events::new(fleet.clone(), shutdown.subscribe());
     let mut stop = shutdown.subscribe();
     // Snapshots and ACKs are small writes that must not wait for Nagle's algorithm.
@@ -91,9 +105,10 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         .add_service(PolicyServiceServer::new(policy))
         .add_service(NodeSyncServer::new(sync))
         .add_service(EventServiceServer::new(events))
+        .add_service(GrantServiceServer::new(grant_api))
         .serve_with_incoming_shutdown(incoming, async move { stop.wait().await });
     let mut server = tokio::spawn(server);
-    info!(addr = %local, mtls = cfg.tls.is_set(), db = %cfg.db.display(), revision = current.revision, policies = current.policies.len(), "corral-server ready");
+    info!(addr = %local, mtls = cfg.tls.is_set(), db = %cfg.db.display(), revision = current.revision, policies = current.policies.len(), grants = fleet.current().grants.len(), approvers = ?cfg.approvers, "corral-server ready");
     let signal = shutdown::signal();
     tokio::pin!(signal);
     tokio::select! {

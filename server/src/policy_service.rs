@@ -14,7 +14,8 @@ use crate::{
     validate,
 };
 
-/// The metadata key the CLI puts its user name in (recorded as `applied_by`).
+/// The metadata key the CLI puts its user name in (recorded as `applied_by`; without mTLS,
+/// also the caller's name for grants).
 pub const USER_HEADER: &str = "x-corral-user";
 
 pub struct Policies {
@@ -35,17 +36,10 @@ fn doc(r: &PolicyRecord) -> pb::PolicyDocument {
     }
 }
 
+/// Who asks, as recorded: the client certificate's name under mTLS, else the user header;
+/// plus the peer address.
 fn who<T>(req: &Request<T>) -> String {
-    let user = req
-        .metadata()
-        .get(USER_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|s| !s.is_empty())
-        .unwrap_or("unknown");
-    match req.remote_addr() {
-        Some(a) => format!("{user} from {a}"),
-        None => user.to_owned(),
-    }
+    crate::grants::service::caller(req).display
 }
 
 fn by_name(s: &StoreSnapshot) -> BTreeMap<String, (String, u64)> {

@@ -5,7 +5,12 @@
 //! nonce. At most one snapshot is in flight per node: revisions published while one is
 //! un-ACKed are coalesced (the fleet's watch channel keeps only the latest), and the latest is
 //! sent once the node ACKs or NACKs. A NACKed revision is not resent on the same stream; the
-//! next revision (or the next `Hello`) is. Events on the stream go to the fleet fan-out.
+//! next revision (or the next `Hello`) is. Grants travel in the same snapshots: a new grants
+//! version (approve, revoke, expiry, session end) sends a new snapshot at the same revision,
+//! under the same one-in-flight rule, with no added delay. Events on the stream go to the
+//! fleet fan-out. `Principals` reports update the fleet's view of the node's sessions; the
+//! sessions that leave it (and no other connected node reports) go to the
+//! [`SessionObserver`].
 
 use std::{pin::Pin, sync::Arc};
 
@@ -16,16 +21,33 @@ use tokio_stream::{Stream, StreamExt as _, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, instrument, warn};
 
-use crate::fleet::{Current, Fleet};
+use crate::fleet::{Current, Fleet, PrincipalKey};
+
+/// Told when principals' sessions end on the fleet.
+pub trait SessionObserver: Send + std::marker::Sync + 'static {
+    fn sessions_ended(&self, gone: &[PrincipalKey]);
+}
 
 pub struct Sync {
     fleet: Arc<Fleet>,
     stop: ShutdownSignal,
+    sessions: Option<Arc<dyn SessionObserver>>,
 }
 
 impl Sync {
     pub fn new(fleet: Arc<Fleet>, stop: ShutdownSignal) -> Self {
-        Self { fleet, stop }
+        Self {
+            fleet,
+            stop,
+            sessions: None,
+        }
+    }
+
+    /// Ended sessions are reported to `observer`.
+    #[must_use]
+    pub fn with_sessions(mut self, observer: Arc<dyn SessionObserver>) -> Self {
+        self.sessions = Some(observer);
+        self
     }
 }
 
@@ -41,14 +63,20 @@ struct Stream1 {
     conn: u64,
     tx: mpsc::Sender<Result<pb::ServerMessage, Status>>,
     in_flight: Option<InFlight>,
-    /// The newest revision sent on this stream.
-    sent: Option<u64>,
+    /// The newest (revision, grants version) sent on this stream.
+    sent: Option<(u64, u64)>,
+    sessions: Option<Arc<dyn SessionObserver>>,
 }
 
 impl Stream1 {
-    /// Sends the current snapshot if nothing is in flight and it is newer than what was sent.
+    /// Sends the current snapshot if nothing is in flight and its revision or grants version
+    /// is newer than what was sent.
     async fn maybe_send(&mut self, cur: &Current) -> bool {
-        if self.in_flight.is_some() || self.sent.is_some_and(|s| s >= cur.revision) {
+        if self.in_flight.is_some()
+            || self
+                .sent
+                .is_some_and(|(r, g)| r >= cur.revision && g >= cur.grants_version)
+        {
             return true;
         }
         let nonce = self.fleet.nonce();
@@ -56,21 +84,37 @@ impl Stream1 {
             revision: cur.revision,
             nonce: nonce.clone(),
             policies_yaml: cur.policies_yaml.clone(),
-            grants: Vec::new(),
-            grants_version: 0,
+            grants: cur.grants.clone(),
+            grants_version: cur.grants_version,
         };
-        debug!(node = %self.node, revision = cur.revision, %nonce, "snapshot sent");
+        debug!(node = %self.node, revision = cur.revision, grants_version = cur.grants_version, grants = cur.grants.len(), %nonce, "snapshot sent");
         self.in_flight = Some(InFlight {
             revision: cur.revision,
             nonce,
         });
-        self.sent = Some(cur.revision);
+        self.sent = Some((cur.revision, cur.grants_version));
         self.tx
             .send(Ok(pb::ServerMessage {
                 msg: Some(pb::server_message::Msg::Snapshot(snap)),
             }))
             .await
             .is_ok()
+    }
+
+    /// A `Principals` report: the fleet keeps it; ended sessions go to the observer.
+    fn principals(&self, p: pb::Principals) {
+        let set = p
+            .principals
+            .into_iter()
+            .map(|p| (p.identity, p.session))
+            .collect();
+        let gone = self.fleet.set_principals(&self.node, set);
+        debug!(node = %self.node, ended = gone.len(), "principals reported");
+        if !gone.is_empty()
+            && let Some(o) = &self.sessions
+        {
+            o.sessions_ended(&gone);
+        }
     }
 
     /// Matches an ACK/NACK to the snapshot in flight; stale nonces are ignored.
@@ -133,8 +177,7 @@ async fn serve_stream(
                         }
                     }
                     Some(Msg::Event(e)) => s.fleet.forward_event(&s.node, e),
-                    // Used by the grant service (not yet): accepted and ignored.
-                    Some(Msg::Principals(_)) => {}
+                    Some(Msg::Principals(p)) => s.principals(p),
                     Some(Msg::Hello(_)) | None => {
                         let _ = s.tx.send(Err(Status::invalid_argument("Hello may only be the first message"))).await;
                         break;
@@ -209,6 +252,7 @@ impl NodeSync for Sync {
             tx,
             in_flight: None,
             sent: None,
+            sessions: self.sessions.clone(),
         };
         tokio::spawn(serve_stream(s, inbound, self.stop.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -351,6 +395,52 @@ mod tests {
         drop(inbound);
         until(|| !fleet.status()[0].connected).await?;
         assert_eq!(fleet.status()[0].nacked_revision, 4);
+        stop.trigger();
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_grants_change_sends_a_snapshot_at_the_same_revision_one_at_a_time()
+    -> anyhow::Result<()> {
+        let fleet = Arc::new(Fleet::new(&snap(1, "one"), 16));
+        let stop = Shutdown::new();
+        let mut client = NodeSyncClient::connect(serve(fleet.clone(), &stop).await?).await?;
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(msg(Msg::Hello(pb::Hello {
+            node: "n1".into(),
+            revision: 1,
+        })))
+        .await?;
+        let mut inbound = client.sync(ReceiverStream::new(rx)).await?.into_inner();
+        let s1 = next_snapshot(&mut inbound).await?;
+        let grant = |id: &str| pb::ActiveGrant {
+            id: id.into(),
+            identity: "spiffe://t/a".into(),
+            session: String::new(),
+            grant: "g".into(),
+            expires_unix_nano: 9,
+        };
+        // Two grant changes while revision 1 is un-ACKed: only the latest, after the ACK.
+        fleet.publish_grants(3, vec![grant("1")]);
+        fleet.publish_grants(4, vec![grant("1"), grant("2")]);
+        assert!(quiet(&mut inbound).await);
+        tx.send(msg(Msg::Ack(pb::Ack {
+            revision: 1,
+            nonce: s1.nonce.clone(),
+        })))
+        .await?;
+        let s2 = next_snapshot(&mut inbound).await?;
+        assert_eq!((s2.revision, s2.grants_version, s2.grants.len()), (1, 4, 2));
+        assert_eq!(s2.policies_yaml, ["one"], "the full snapshot again");
+        tx.send(msg(Msg::Ack(pb::Ack {
+            revision: 1,
+            nonce: s2.nonce.clone(),
+        })))
+        .await?;
+        assert!(quiet(&mut inbound).await, "nothing new: nothing sent");
+        fleet.publish_grants(5, Vec::new());
+        let s3 = next_snapshot(&mut inbound).await?;
+        assert_eq!((s3.grants_version, s3.grants.len()), (5, 0));
         stop.trigger();
         Ok(())
     }

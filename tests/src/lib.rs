@@ -146,6 +146,9 @@ impl Listener {
 
 /// Builds compiled policies for tests, without YAML.
 pub mod e2e;
+pub mod fleet;
+/// A real node (server + agent) and a prober in a principal, for latency benchmarks.
+pub mod harness;
 
 pub mod build {
     use std::net::IpAddr;

@@ -6,18 +6,19 @@
 //! What this exercises for real: kube-rs's watcher against the API's list/watch protocol, the
 //! startup sync before readiness, pod → identity mapping, locating the pod cgroup, enrolment
 //! as an external principal, kernel enforcement for a process in a container cgroup created
-//! after enrolment, namespace-label opt-in arriving by watch, and removal on pod deletion.
+//! after enrolment, namespace-label opt-in arriving by watch, and removal on pod deletion; an
+//! opted-in pod without a cgroup reported as not enrolled (status, CLI, metrics) until it is
+//! enrolled or deleted; a SIGTERM while the API server withholds the first list.
 //! What it does not: a real API server, kubelet or container runtime.
 
+mod k8s_util;
+
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
-    net::{TcpListener, TcpStream},
+    io::Write as _,
+    net::TcpStream,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
@@ -28,170 +29,10 @@ use corral_tests::{
     e2e::{bin, wait_for},
     privileged, probe_in,
 };
+use k8s_util::{FakeApi, namespace, pod};
 use serde_json::{Value, json};
 
 const DENIED: u16 = 9;
-
-/// Objects a fake API serves: the list, and the watch events appended later.
-#[derive(Default)]
-struct Resource {
-    items: Vec<Value>,
-    events: Vec<Value>,
-}
-
-/// A fake API server: `GET /api/v1/{pods,namespaces}` lists, `?watch=true` streams events
-/// (chunked JSON lines) as the test adds them.
-struct FakeApi {
-    addr: String,
-    pods: Arc<Mutex<Resource>>,
-    namespaces: Arc<Mutex<Resource>>,
-    stop: Arc<AtomicBool>,
-}
-
-impl FakeApi {
-    fn start(pods: Vec<Value>, namespaces: Vec<Value>) -> anyhow::Result<Self> {
-        let l = TcpListener::bind("127.0.0.1:0")?;
-        let addr = l.local_addr()?.to_string();
-        let api = Self {
-            addr,
-            pods: Arc::new(Mutex::new(Resource {
-                items: pods,
-                events: Vec::new(),
-            })),
-            namespaces: Arc::new(Mutex::new(Resource {
-                items: namespaces,
-                events: Vec::new(),
-            })),
-            stop: Arc::new(AtomicBool::new(false)),
-        };
-        let (pods, namespaces, stop) = (api.pods.clone(), api.namespaces.clone(), api.stop.clone());
-        l.set_nonblocking(true)?;
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match l.accept() {
-                    Ok((s, _)) => {
-                        let (p, n, st) = (pods.clone(), namespaces.clone(), stop.clone());
-                        std::thread::spawn(move || {
-                            let _ = serve(s, &p, &n, &st);
-                        });
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        });
-        Ok(api)
-    }
-
-    fn push(&self, which: &Arc<Mutex<Resource>>, event: Value) {
-        which
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .events
-            .push(event);
-    }
-
-    fn kubeconfig(&self, dir: &Path) -> anyhow::Result<PathBuf> {
-        let p = dir.join("kubeconfig");
-        std::fs::write(
-            &p,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://{}\"}}\n\
-                 contexts:\n- name: fake\n  context: {{cluster: fake, user: u}}\ncurrent-context: fake\n\
-                 users:\n- name: u\n  user: {{token: fake}}\n",
-                self.addr
-            ),
-        )?;
-        Ok(p)
-    }
-}
-
-impl Drop for FakeApi {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-fn serve(
-    mut s: TcpStream,
-    pods: &Mutex<Resource>,
-    namespaces: &Mutex<Resource>,
-    stop: &AtomicBool,
-) -> std::io::Result<()> {
-    s.set_nonblocking(false)?;
-    let mut r = BufReader::new(s.try_clone()?);
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
-        loop {
-            let mut h = String::new();
-            if r.read_line(&mut h)? == 0 || h == "\r\n" {
-                break;
-            }
-        }
-        let (route, query) = path.split_once('?').unwrap_or((&path, ""));
-        let (res, list_kind) = match route {
-            "/api/v1/pods" => (pods, "PodList"),
-            "/api/v1/namespaces" => (namespaces, "NamespaceList"),
-            _ => {
-                s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")?;
-                continue;
-            }
-        };
-        let lock = |m: &Mutex<Resource>| {
-            m.lock()
-                .map(|g| (g.items.clone(), g.events.clone()))
-                .unwrap_or_default()
-        };
-        if query
-            .split('&')
-            .any(|kv| kv == "watch=true" || kv == "watch=1")
-        {
-            s.write_all(
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
-            )?;
-            let mut sent = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let (_, events) = lock(res);
-                for e in &events[sent.min(events.len())..] {
-                    let b = format!("{e}\n");
-                    write!(s, "{:x}\r\n{b}\r\n", b.len())?;
-                }
-                sent = events.len();
-                s.flush()?;
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            return s.write_all(b"0\r\n\r\n");
-        }
-        let (items, _) = lock(res);
-        let body = json!({"apiVersion": "v1", "kind": list_kind,
-                          "metadata": {"resourceVersion": "100"}, "items": items})
-        .to_string();
-        write!(
-            s,
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )?;
-    }
-}
-
-fn pod(name: &str, ns: &str, uid: &str, annotations: Value) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": ns, "uid": uid, "resourceVersion": "90",
-                     "annotations": annotations},
-        "spec": {"nodeName": "node-a", "serviceAccountName": "research",
-                 "containers": [{"name": "c", "image": "example"}]},
-        "status": {"phase": "Running", "qosClass": "BestEffort"},
-    })
-}
-
-fn namespace(name: &str, labels: Value) -> Value {
-    json!({"apiVersion": "v1", "kind": "Namespace",
-           "metadata": {"name": name, "resourceVersion": "101", "labels": labels}})
-}
 
 /// The test's directories: state, pins, principals' cgroups, and a kubelet-style tree.
 struct Spec {
@@ -200,6 +41,29 @@ struct Spec {
     pins: PathBuf,
     cgroups: PathBuf,
     kube_root: PathBuf,
+}
+
+impl Spec {
+    /// Fresh directories for one test (`name` keeps the tests of this file apart).
+    fn new(name: &str, bpffs: &Path) -> anyhow::Result<Self> {
+        let id = format!("e2e-k8s-{name}-{}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("corral-{id}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let root = paths::cgroup2_root()?;
+        Ok(Self {
+            socket: dir.join("agent.sock"),
+            pins: bpffs.join(format!("corral-{id}")),
+            cgroups: root.join("corral-test").join(&id),
+            kube_root: root.join("corral-test").join(format!("{id}-node")),
+            dir,
+        })
+    }
+
+    /// The kubelet's (cgroupfs driver) cgroup of a BestEffort pod.
+    fn pod_cgroup(&self, uid: &str) -> PathBuf {
+        self.kube_root.join(format!("kubepods/besteffort/pod{uid}"))
+    }
 }
 
 impl Drop for Spec {
@@ -218,6 +82,16 @@ struct Agent(Option<Child>, PathBuf);
 impl Agent {
     fn log(&self) -> String {
         std::fs::read_to_string(&self.1).unwrap_or_default()
+    }
+
+    /// Fails if the agent has exited.
+    fn running(&mut self) -> anyhow::Result<()> {
+        if let Some(c) = self.0.as_mut()
+            && let Some(st) = c.try_wait()?
+        {
+            bail!("corral-agent exited with {st}:\n{}", self.log());
+        }
+        Ok(())
     }
 }
 
@@ -238,94 +112,9 @@ impl Drop for Agent {
     }
 }
 
-fn corral(spec: &Spec, args: &[&str]) -> anyhow::Result<Output> {
-    let (sub, rest) = args.split_first().context("a subcommand")?;
-    Command::new(bin("corral")?)
-        .arg(sub)
-        .arg("--socket")
-        .arg(&spec.socket)
-        .args(rest)
-        .output()
-        .context("run corral")
-}
-
-fn identities(spec: &Spec) -> anyhow::Result<Vec<(String, String)>> {
-    let out = corral(spec, &["status", "--json"])?;
-    ensure!(
-        out.status.success(),
-        "corral status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let s: Value = serde_json::from_slice(&out.stdout)?;
-    Ok(s["principals"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|p| {
-                    let f = |k: &str| p[k].as_str().unwrap_or("").to_owned();
-                    (f("identity"), f("session"))
-                })
-                .collect()
-        })
-        .unwrap_or_default())
-}
-
-/// Polls `f` until it returns true, for at most `secs`.
-fn wait_until(
-    secs: u64,
-    what: &str,
-    mut f: impl FnMut() -> anyhow::Result<bool>,
-) -> anyhow::Result<()> {
-    wait_for(secs, what, || Ok(f()?.then_some(())))
-}
-
-#[test]
-fn pods_on_the_node_are_enrolled_policed_and_removed() -> anyhow::Result<()> {
-    if !privileged() {
-        return Ok(());
-    }
-    let Ok(bpffs) = paths::find_mount("bpf") else {
-        corral_tests::skip("bpffs", "no bpffs mounted (cargo xtask setup mounts it)");
-        return Ok(());
-    };
-    let id = format!("e2e-k8s-{}", std::process::id());
-    let dir = std::env::temp_dir().join(format!("corral-{id}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let root = paths::cgroup2_root()?;
-    let spec = Spec {
-        socket: dir.join("agent.sock"),
-        pins: bpffs.join(format!("corral-{id}")),
-        cgroups: root.join("corral-test").join(&id),
-        kube_root: root.join("corral-test").join(format!("{id}-node")),
-        dir,
-    };
-    let pid = std::process::id();
-    let uid = |n: u32| format!("{pid:08x}-0000-4000-8000-{n:012x}");
-    let (research, labelled, ghost) = (uid(1), uid(2), uid(3));
-    let pod_cgroup = |u: &str| spec.kube_root.join(format!("kubepods/besteffort/pod{u}"));
-    cgroup::create(&pod_cgroup(&research))?;
-    cgroup::create(&pod_cgroup(&labelled))?;
-
-    let api = FakeApi::start(
-        vec![
-            pod(
-                "research",
-                "agents",
-                &research,
-                json!({"corral.dev/enforce": "true"}),
-            ),
-            pod("labelled", "team", &labelled, json!({})),
-            // Opted in, but its cgroup never appears: not enrolled, and not blocking readiness.
-            pod(
-                "ghost",
-                "agents",
-                &ghost,
-                json!({"corral.dev/enforce": "true"}),
-            ),
-        ],
-        vec![namespace("agents", json!({})), namespace("team", json!({}))],
-    )?;
+/// Starts `corral-agent --kubernetes` (node `node-a`, trust domain `corral.test`) against
+/// `api`, enforcing a policy that denies pods' connects to local port [`DENIED`].
+fn start_agent(spec: &Spec, api: &FakeApi, extra: &[&str]) -> anyhow::Result<Agent> {
     let policy = spec.dir.join("policy.yaml");
     std::fs::write(
         &policy,
@@ -357,21 +146,157 @@ fn pods_on_the_node_are_enrolled_policed_and_removed() -> anyhow::Result<()> {
         .arg(spec.dir.join("state"))
         .arg("--cgroup-dir")
         .arg(&spec.cgroups)
-        .arg("--uninstall")
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log)?)
         .spawn()
         .context("spawn corral-agent")?;
-    let mut agent = Agent(Some(child), log);
+    Ok(Agent(Some(child), log))
+}
+
+fn corral(spec: &Spec, args: &[&str]) -> anyhow::Result<Output> {
+    let (sub, rest) = args.split_first().context("a subcommand")?;
+    Command::new(bin("corral")?)
+        .arg(sub)
+        .arg("--socket")
+        .arg(&spec.socket)
+        .args(rest)
+        .output()
+        .context("run corral")
+}
+
+fn status_json(spec: &Spec) -> anyhow::Result<Value> {
+    let out = corral(spec, &["status", "--json"])?;
+    ensure!(
+        out.status.success(),
+        "corral status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn identities(spec: &Spec) -> anyhow::Result<Vec<(String, String)>> {
+    Ok(status_json(spec)?["principals"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| {
+                    let f = |k: &str| p[k].as_str().unwrap_or("").to_owned();
+                    (f("identity"), f("session"))
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// `corral status --json`'s `unenrolled_pods`, by pod name.
+fn unenrolled(spec: &Spec) -> anyhow::Result<Vec<(String, Value)>> {
+    Ok(status_json(spec)?["unenrolled_pods"]
+        .as_array()
+        .context("unenrolled_pods in status")?
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap_or("").to_owned(), p.clone()))
+        .collect())
+}
+
+/// The agent's metrics text (`--metrics-addr 127.0.0.1:0`: the address is read from its log).
+fn metrics(agent: &Agent) -> anyhow::Result<String> {
+    let log = agent.log();
+    let addr = log
+        .lines()
+        .filter(|l| l.contains("metrics listening"))
+        .flat_map(str::split_whitespace)
+        .find_map(|w| w.strip_prefix("addr="))
+        .context("metrics address in the agent log")?;
+    let mut s = TcpStream::connect(addr)?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+    let mut body = String::new();
+    std::io::Read::read_to_string(&mut s, &mut body)?;
+    Ok(body)
+}
+
+/// Polls `f` until it returns true, for at most `secs`.
+fn wait_until(
+    secs: u64,
+    what: &str,
+    mut f: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    wait_for(secs, what, || Ok(f()?.then_some(())))
+}
+
+/// Polls `f` as fast as a `corral status` runs, for at most `secs`; returns when it first held.
+fn time_until(
+    secs: u64,
+    what: &str,
+    mut f: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if f()? {
+            return Ok(Instant::now());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn bpffs() -> Option<PathBuf> {
+    match paths::find_mount("bpf") {
+        Ok(p) => Some(p),
+        Err(_) => {
+            corral_tests::skip("bpffs", "no bpffs mounted (cargo xtask setup mounts it)");
+            None
+        }
+    }
+}
+
+#[test]
+fn pods_on_the_node_are_enrolled_policed_and_removed() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let Some(bpffs) = bpffs() else {
+        return Ok(());
+    };
+    let spec = Spec::new("pods", &bpffs)?;
+    let pid = std::process::id();
+    let uid = |n: u32| format!("{pid:08x}-0000-4000-8000-{n:012x}");
+    let (research, labelled, ghost, late, phantom) = (uid(1), uid(2), uid(3), uid(4), uid(5));
+    let pod_cgroup = |u: &str| spec.pod_cgroup(u);
+    cgroup::create(&pod_cgroup(&research))?;
+    cgroup::create(&pod_cgroup(&labelled))?;
+    let enforce = || json!({"corral.dev/enforce": "true"});
+
+    let api = FakeApi::start(
+        vec![
+            pod("research", "agents", &research, enforce()),
+            pod("labelled", "team", &labelled, json!({})),
+            // Opted in, but its cgroup does not exist (yet): not enrolled, reported, and not
+            // blocking readiness.
+            pod("ghost", "agents", &ghost, enforce()),
+        ],
+        vec![namespace("agents", json!({})), namespace("team", json!({}))],
+        false,
+    )?;
+    let mut agent = start_agent(
+        &spec,
+        &api,
+        &[
+            "--uninstall",
+            "--pod-cgroup-grace-secs",
+            "1",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+    )?;
 
     // Ready (the local API answers) only after the pods were synced: the opted-in pod is
     // already enrolled at the first successful status.
     wait_until(30, "agent ready", || {
-        if let Some(c) = agent.0.as_mut()
-            && let Some(st) = c.try_wait()?
-        {
-            bail!("corral-agent exited with {st}:\n{}", agent.log());
-        }
+        agent.running()?;
         Ok(spec.socket.exists() && corral(&spec, &["status"])?.status.success())
     })
     .with_context(|| agent.log())?;
@@ -385,6 +310,108 @@ fn pods_on_the_node_are_enrolled_policed_and_removed() -> anyhow::Result<()> {
         "{}",
         agent.log()
     );
+
+    // The opted-in pod without a cgroup is reported as not enrolled, with its reason; past the
+    // (1 s) grace period as failed, in status, the CLI's human output and the metrics.
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos();
+    let listed = unenrolled(&spec)?;
+    assert_eq!(
+        listed.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["ghost"],
+        "{listed:?}"
+    );
+    let g = &listed[0].1;
+    assert_eq!(
+        (g["namespace"].as_str(), g["uid"].as_str()),
+        (Some("agents"), Some(ghost.as_str()))
+    );
+    let reason = g["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("no cgroup for pod"), "{reason}");
+    let since = u128::from(g["since_unix_nano"].as_u64().unwrap_or(0));
+    assert!(
+        since > 0 && since <= now_ns && now_ns - since < 60_000_000_000,
+        "since {since}, now {now_ns}"
+    );
+    wait_until(10, "the cgroup-less pod counts as failed", || {
+        Ok(unenrolled(&spec)?
+            .iter()
+            .any(|(n, p)| n == "ghost" && p["state"] == "failed"))
+    })
+    .with_context(|| agent.log())?;
+    let human = corral(&spec, &["status"])?;
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        human.contains("NOT ENFORCED: 1 pod(s) opted in and not enrolled:")
+            && human.contains("agents/ghost (failed, since "),
+        "{human}"
+    );
+    let m = metrics(&agent)?;
+    assert!(
+        m.contains("corral_k8s_pods_not_enrolled{state=\"failed\"} 1\n")
+            && m.contains("corral_k8s_pods_not_enrolled{state=\"pending\"} 0\n"),
+        "{m}"
+    );
+
+    // Its cgroup appears (the kubelet started the sandbox): enrolled at the next retry, and
+    // gone from the list.
+    cgroup::create(&pod_cgroup(&ghost))?;
+    let created = Instant::now();
+    let ghost_id = (
+        "spiffe://corral.test/ns/agents/sa/research".to_owned(),
+        ghost.clone(),
+    );
+    let enrolled = time_until(10, "the pod enrolled once its cgroup exists", || {
+        Ok(identities(&spec)?.contains(&ghost_id))
+    })
+    .with_context(|| agent.log())?;
+    assert!(unenrolled(&spec)?.is_empty());
+    assert!(metrics(&agent)?.contains("corral_k8s_pods_not_enrolled{state=\"failed\"} 0\n"));
+    println!(
+        "enrol latency, pod cgroup created -> enrolled: {} ms (retry period 2 s)",
+        enrolled.duration_since(created).as_millis()
+    );
+
+    // A pod that appears in the watch with its cgroup already there (the common order when the
+    // watch event is late): the window between the pod being visible and enforced.
+    cgroup::create(&pod_cgroup(&late))?;
+    let ev = api.push(
+        &api.pods,
+        json!({"type": "ADDED", "object": pod("late", "agents", &late, enforce())}),
+    );
+    let late_id = (
+        "spiffe://corral.test/ns/agents/sa/research".to_owned(),
+        late.clone(),
+    );
+    let enrolled = time_until(10, "the added pod enrolled", || {
+        Ok(identities(&spec)?.contains(&late_id))
+    })
+    .with_context(|| agent.log())?;
+    let visible = api
+        .sent_at(&api.pods, ev)
+        .context("the ADDED event was sent")?;
+    println!(
+        "enrol latency, pod visible in the watch -> enrolled (seen in status): {} ms",
+        enrolled.saturating_duration_since(visible).as_millis()
+    );
+
+    // An opted-in pod without a cgroup that is deleted: reported, then gone from the list.
+    api.push(
+        &api.pods,
+        json!({"type": "ADDED", "object": pod("phantom", "agents", &phantom, enforce())}),
+    );
+    wait_until(10, "the cgroup-less added pod reported", || {
+        Ok(unenrolled(&spec)?.iter().any(|(n, _)| n == "phantom"))
+    })
+    .with_context(|| agent.log())?;
+    let mut gone = pod("phantom", "agents", &phantom, enforce());
+    gone["metadata"]["resourceVersion"] = json!("95");
+    api.push(&api.pods, json!({"type": "DELETED", "object": gone}));
+    wait_until(10, "the deleted pod no longer reported", || {
+        Ok(unenrolled(&spec)?.is_empty())
+    })
+    .with_context(|| agent.log())?;
 
     // A container cgroup created after enrolment is policed through the ancestor walk.
     let ctr = pod_cgroup(&research).join("ctr-1");
@@ -402,6 +429,11 @@ fn pods_on_the_node_are_enrolled_policed_and_removed() -> anyhow::Result<()> {
             corral_tests::Outcome::Ok,
             corral_tests::Outcome::Errno("EPERM".into())
         ]
+    );
+    // So is the pod enrolled once its cgroup appeared.
+    assert_eq!(
+        probe_in(&pod_cgroup(&ghost), &ops[1..])?,
+        [corral_tests::Outcome::Errno("EPERM".into())]
     );
     // The labelled namespace's pod is not policed yet.
     assert_eq!(
@@ -428,12 +460,7 @@ fn pods_on_the_node_are_enrolled_policed_and_removed() -> anyhow::Result<()> {
     );
 
     // The pod is deleted: its principal goes, and its cgroup is no longer policed.
-    let mut deleted = pod(
-        "research",
-        "agents",
-        &research,
-        json!({"corral.dev/enforce": "true"}),
-    );
+    let mut deleted = pod("research", "agents", &research, enforce());
     deleted["metadata"]["resourceVersion"] = json!("102");
     api.push(&api.pods, json!({"type": "DELETED", "object": deleted}));
     wait_until(10, "deleted pod's principal removed", || {
@@ -450,5 +477,69 @@ fn pods_on_the_node_are_enrolled_policed_and_removed() -> anyhow::Result<()> {
     );
     drop(agent);
     let _ = cgroup::remove(&ctr);
+    Ok(())
+}
+
+/// A SIGTERM while the first pod sync waits on an API server that does not answer: the agent
+/// shuts down cleanly (exit 0, socket removed, pins left in place) instead of dying by signal.
+#[test]
+fn sigterm_during_the_first_pod_sync_shuts_down_cleanly() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let Some(bpffs) = bpffs() else {
+        return Ok(());
+    };
+    let spec = Spec::new("sigterm", &bpffs)?;
+    let api = FakeApi::start(Vec::new(), Vec::new(), true)?;
+    let mut agent = start_agent(&spec, &api, &[])?;
+    wait_until(30, "the agent waiting for the first pod list", || {
+        agent.running()?;
+        Ok(api.ctl.lists_requested.load(Ordering::Relaxed) > 0)
+    })
+    .with_context(|| agent.log())?;
+    // Still syncing: the socket is bound, but not served (a `corral status` would wait).
+    std::thread::sleep(Duration::from_millis(300));
+    agent.running()?;
+    assert!(spec.socket.exists());
+    assert!(!agent.log().contains("corral-agent ready"));
+
+    let mut child = agent.0.take().context("agent process")?;
+    let sent = Instant::now();
+    let kill = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()?;
+    ensure!(kill.success(), "kill -TERM");
+    let deadline = sent + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("no exit 10 s after SIGTERM:\n{}", agent.log());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let took = sent.elapsed();
+    println!(
+        "SIGTERM during the first pod sync -> exit: {} ms",
+        took.as_millis()
+    );
+    let log = agent.log();
+    assert_eq!(status.code(), Some(0), "{status}:\n{log}");
+    assert!(took < Duration::from_secs(5), "{took:?}:\n{log}");
+    assert!(!spec.socket.exists(), "socket removed");
+    assert!(
+        std::fs::read_dir(&spec.pins)?.next().is_some(),
+        "pins left in place"
+    );
+    assert!(
+        log.contains("signal before the pods on this node were synced")
+            && log.contains("enforcement stays in force through the pins"),
+        "{log}"
+    );
     Ok(())
 }

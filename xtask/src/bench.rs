@@ -5,13 +5,17 @@
 //! `enforce` (connect/exec overhead of the kernel programs: enrolled vs un-enrolled vs no
 //! programs at all, with 10 and 10k rules), `events` (kernel → agent → gRPC subscriber events/s
 //! with drop accounting, agent RSS), `fleet` (policy server: apply → every simulated node
-//! ACKed, p50/p99 with 1, 100 and 1000 nodes; server RSS).
+//! ACKed, p50/p99 with 1, 100 and 1000 nodes; server RSS), `apply` (policy server + a real
+//! agent: apply → enforced in the real kernel, p50/p99 as seen by a process in a principal).
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Which sections to run (default: all).
     #[arg(value_enum)]
     sections: Vec<Section>,
+    /// Applies measured by the `apply` section.
+    #[arg(long, default_value_t = 100)]
+    apply_rounds: usize,
     /// Passed to `corral-event-bench` (after `--`), e.g. `-- --procs 2 --grpc-only`.
     #[arg(last = true)]
     events_args: Vec<String>,
@@ -23,6 +27,7 @@ enum Section {
     Enforce,
     Events,
     Fleet,
+    Apply,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
@@ -38,6 +43,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     if all || args.sections.contains(&Section::Fleet) {
         fleet_bench()?;
+    }
+    if all || args.sections.contains(&Section::Apply) {
+        apply_bench(args.apply_rounds)?;
     }
     Ok(())
 }
@@ -146,4 +154,46 @@ pub fn fleet_bench() -> anyhow::Result<()> {
     crate::cmd::run(&mut std::process::Command::new(
         target.join("release").join("corral-fleet-bench"),
     ))
+}
+
+/// Apply → enforced on a real node: `corral-apply-bench` starts a real `corral-server` and a
+/// real `corral-agent --server`, a prober (`corral-probe watch`) in an enrolled principal, and
+/// times `rounds` applies that flip the probed port between allow and deny (p50/p99; goal
+/// p99 ≤ 100 ms). Release binaries; root (through `sudo -E` when not).
+pub fn apply_bench(rounds: usize) -> anyhow::Result<()> {
+    let root = crate::cmd::root();
+    crate::cmd::run(crate::cmd::cargo().current_dir(&root).args([
+        "build",
+        "--release",
+        "--package",
+        "corral-server",
+        "--package",
+        "corral-agent",
+        "--package",
+        "corral-cli",
+        "--package",
+        "corral-tests",
+        "--bin",
+        "corral-server",
+        "--bin",
+        "corral-agent",
+        "--bin",
+        "corral",
+        "--bin",
+        "corral-probe",
+        "--bin",
+        "corral-apply-bench",
+    ]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let bench = target.join("release").join("corral-apply-bench");
+    let mut c = if crate::cmd::is_root() {
+        std::process::Command::new(&bench)
+    } else {
+        let mut c = std::process::Command::new("sudo");
+        c.arg("-E").arg(&bench);
+        c
+    };
+    crate::cmd::run(c.arg("--rounds").arg(rounds.to_string()))
 }

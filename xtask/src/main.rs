@@ -30,7 +30,7 @@ enum Command {
     Test(test::Args),
     /// rustfmt check and clippy (workspace, then the eBPF crate for its own target).
     Lint,
-    /// Benchmarks, reported as ratios against a baseline measured in the same run.
+    /// Benchmarks: ratios against a baseline measured in the same run, latencies as p50/p99.
     Bench(bench::Args),
     /// Write a development CA and mTLS certificates (server, clients) as PEM files.
     Certs(certs::Args),

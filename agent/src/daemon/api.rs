@@ -17,7 +17,7 @@ use tracing::{info, instrument};
 use super::{
     Shared,
     hub::{Filter, FilterError},
-    pipeline::{reason_pb, verdict_pb},
+    pipeline::{grant_could_help, reason_pb, verdict_pb},
     registry::{RegistryError, random_session},
     status,
 };
@@ -136,6 +136,23 @@ impl Api {
     }
 }
 
+/// The grant template that would allow an explained connect that is denied by a rule or the
+/// default, as the event of that connect would name it.
+fn explain_grant_available(
+    generation: &super::policy::Generation,
+    identity: &str,
+    c: &ConnectCall,
+    d: &crate::policy::eval::Decision,
+) -> Option<String> {
+    if !grant_could_help(d.verdict, d.reason) {
+        return None;
+    }
+    let slot = generation.compiled.set.policy_for(identity)?;
+    generation
+        .grant_available(slot, d.zone?, c.port, c.proto)
+        .map(str::to_owned)
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>>;
 
 fn parse_connect(s: &str) -> Result<ConnectCall, ApiError> {
@@ -183,10 +200,14 @@ impl AgentService for Api {
                 .policy_state()
                 .current()
                 .and_then(|g| g.compiled.set.policy_for(&r.identity));
-            self.shared
+            let rec = self
+                .shared
                 .registry
                 .enroll(&r.identity, &session, slot, enf.maps())
-                .map_err(ApiError::from)?
+                .map_err(ApiError::from)?;
+            // Its grants before the caller starts anything in it.
+            self.shared.reconcile_grants(enf.maps());
+            rec
         };
         Ok(Response::new(pb::EnrollResponse {
             principal: Some(pb::Principal {
@@ -262,7 +283,11 @@ impl AgentService for Api {
             .current()
             .cloned()
             .ok_or(ApiError::NoPolicy)?;
-        let x = explain(&generation.compiled, &r.identity, call);
+        let x = explain(&generation.compiled, &r.identity, call.clone());
+        let grant_available = match &call {
+            Call::Connect(c) => explain_grant_available(&generation, &r.identity, c, &x.decision),
+            Call::Exec { .. } => None,
+        };
         Ok(Response::new(pb::ExplainResponse {
             decision: Some(pb::Decision {
                 verdict: verdict_pb(x.decision.verdict) as i32,
@@ -271,7 +296,7 @@ impl AgentService for Api {
                 revision: generation.revision,
                 rule_index: x.decision.rule,
                 grant_id: String::new(),
-                grant_available: String::new(),
+                grant_available: grant_available.unwrap_or_default(),
             }),
             zone: x.zone.clone().unwrap_or_default(),
             rule_location: x.rule_at.clone().unwrap_or_default(),
@@ -294,6 +319,34 @@ mod tests {
         assert_eq!(c.proto, agent_common::PROTO_UDP);
         assert!(parse_connect("1.2.3.4:1/sctp").is_err());
         assert!(parse_connect("1.2.3.4").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn explain_names_the_grant_that_would_allow_a_denied_connect() -> Result<(), ApiError> {
+        let src = "apiVersion: corral.dev/v1alpha1\nkind: AgentPolicy\nmetadata: { name: p }\nspec:\n  identities: [spiffe://t/a]\n  zones:\n    db: { cidrs: [10.20.0.0/16] }\n  connect:\n    - { action: allow, zones: [db], ports: [5432] }\n  grants:\n    - { name: db-write, zones: [db], ports: [5433], maxTtl: 15m, approval: required }\n";
+        let generation = super::super::policy::Generation {
+            revision: 1,
+            compiled: Arc::new(crate::policy::compile_str("p.yaml", src, 1).expect("valid")),
+        };
+        let ask = |identity: &str, to: &str| -> Result<Option<String>, ApiError> {
+            let c = parse_connect(to)?;
+            let x = explain(&generation.compiled, identity, Call::Connect(c));
+            Ok(explain_grant_available(
+                &generation,
+                identity,
+                &c,
+                &x.decision,
+            ))
+        };
+        assert_eq!(
+            ask("spiffe://t/a", "10.20.0.1:5433")?.as_deref(),
+            Some("db-write")
+        );
+        // Allowed, or no template for that port, or no policy for the identity: none.
+        assert_eq!(ask("spiffe://t/a", "10.20.0.1:5432")?, None);
+        assert_eq!(ask("spiffe://t/a", "10.20.0.1:5434")?, None);
+        assert_eq!(ask("spiffe://t/zzz", "10.20.0.1:5433")?, None);
         Ok(())
     }
 

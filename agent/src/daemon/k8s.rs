@@ -7,7 +7,9 @@
 //! ([`super::registry::Registry::enroll_cgroup`]). A deleted pod's principal is removed; after
 //! a (re)list, principals of pods that are gone are removed. Opted-in pods that are not
 //! enrolled yet are retried every [`RETRY`]; those that fail are logged at warn level by the
-//! tracker and stay in its report.
+//! tracker. Every opted-in pod that is not enrolled (waiting for its cgroup, or failed) is
+//! published in [`PodReport`] (→ `corral status`, the `corral_k8s_pods_not_enrolled` gauge)
+//! until it is enrolled or deleted.
 //!
 //! Readiness: [`run`] signals `ready` once both watches have listed and every listed pod has
 //! been applied; the daemon serves its local API (the readiness probe) only after that.
@@ -15,7 +17,7 @@
 use std::{
     collections::BTreeMap,
     path::Path,
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -33,7 +35,7 @@ use crate::k8s::{
     cgroup_path::PodCgroups,
     error_chain,
     pods::{AnnotationScope, IdentityMode, MappingConfig, PodPrincipal},
-    tracker::{Enrolled, Tracker},
+    tracker::{Enrolled, PENDING_GRACE, Tracker, Unenrolled},
 };
 
 /// How often opted-in pods that are not enrolled are tried again.
@@ -72,6 +74,48 @@ pub struct K8sArgs {
     /// Honour the `corral.dev/enforce` namespace label (watches namespaces).
     #[arg(long, env = "CORRAL_NAMESPACE_OPT_IN", default_value_t = true, action = clap::ArgAction::Set)]
     pub namespace_opt_in: bool,
+
+    /// Seconds an opted-in pod may wait for its cgroup (created by the kubelet when the pod
+    /// sandbox starts) before it is reported as failed rather than pending (it is listed as not
+    /// enrolled either way).
+    #[arg(long, env = "CORRAL_POD_CGROUP_GRACE_SECS", default_value_t = PENDING_GRACE.as_secs())]
+    pub pod_cgroup_grace_secs: u64,
+}
+
+/// Opted-in pods on this node that are not enrolled (their processes are not policed), as the
+/// watcher last published them; empty without `--kubernetes`.
+#[derive(Debug, Default)]
+pub struct PodReport {
+    unenrolled: Mutex<Vec<Unenrolled>>,
+}
+
+impl PodReport {
+    /// Sorted by namespace and name.
+    pub fn unenrolled(&self) -> Vec<Unenrolled> {
+        self.unenrolled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// (pending, failed).
+    pub fn counts(&self) -> (usize, usize) {
+        let u = self
+            .unenrolled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let failed = u.iter().filter(|p| p.failed).count();
+        (u.len() - failed, failed)
+    }
+
+    fn publish(&self, tracker: &Tracker) {
+        let mut now: Vec<Unenrolled> = tracker.unenrolled().values().cloned().collect();
+        now.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        *self
+            .unenrolled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = now;
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -219,6 +263,7 @@ pub async fn run(
     ready: oneshot::Sender<()>,
     mut stop: ShutdownSignal,
 ) {
+    let grace = Duration::from_secs(shared.resolved.config.k8s.pod_cgroup_grace_secs);
     let client = loop {
         match Client::try_default().await {
             Ok(c) => break c,
@@ -235,7 +280,7 @@ pub async fn run(
     let mut w = Watch {
         cgroups: PodCgroups::new(&shared.resolved.cgroup_root),
         shared,
-        tracker: Tracker::new(mapping),
+        tracker: Tracker::new(mapping).with_grace(grace),
         namespace_opt_in,
         pods: BTreeMap::new(),
         namespaces: BTreeMap::new(),
@@ -300,6 +345,7 @@ pub async fn run(
                 None => return,
             },
         }
+        w.shared.k8s_pods.publish(&w.tracker);
         if pods_done
             && ns_done
             && let Some(tx) = ready.take()
@@ -332,6 +378,7 @@ mod tests {
         let c = Cli::try_parse_from(["x"]).expect("parse");
         assert_eq!(c.k8s.mapping("n").expect("off"), None);
         assert!(c.k8s.namespace_opt_in);
+        assert_eq!(c.k8s.pod_cgroup_grace_secs, 30);
         assert!(
             Cli::try_parse_from(["x", "--kubernetes"]).is_err(),
             "needs a trust domain"
@@ -347,6 +394,8 @@ mod tests {
             "trust-domain",
             "--namespace-opt-in",
             "false",
+            "--pod-cgroup-grace-secs",
+            "1",
         ])
         .expect("parse");
         assert_eq!(
@@ -359,6 +408,7 @@ mod tests {
             })
         );
         assert!(!c.k8s.namespace_opt_in);
+        assert_eq!(c.k8s.pod_cgroup_grace_secs, 1);
         let bad = Cli::try_parse_from(["x", "--kubernetes", "--trust-domain", "Bad/Domain"])
             .expect("parse");
         assert!(matches!(

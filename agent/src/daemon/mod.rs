@@ -7,7 +7,10 @@
 //! - [`pipeline`] and [`hub`]: ring buffer → enrichment → subscribers; [`render`]: JSON/lines.
 //! - [`api`]: `AgentService` on the unix socket; [`status`] and [`metrics`].
 //! - [`k8s`]: `--kubernetes`: the pods on this node that opt in, enrolled as principals.
-//! - [`sync`]: with `--server`, the node side of `NodeSync` (snapshots, ACK/NACK, events).
+//! - [`sync`]: with `--server`, the node side of `NodeSync` (snapshots, ACK/NACK, events,
+//!   the principals report).
+//! - [`grants`]: the grants in force (from the server's snapshots), kept in the kernel's
+//!   grant map for the principals enrolled now.
 //!
 //! Start: load (or adopt) the pinned programs, read the principals the previous agent left,
 //! apply the policy (or the last-known-good one), then serve. Stop: the tasks drain, and the
@@ -15,6 +18,8 @@
 
 pub mod api;
 pub mod config;
+pub mod exec_watch;
+pub mod grants;
 pub mod hub;
 pub mod k8s;
 pub mod metrics;
@@ -107,6 +112,10 @@ pub struct Shared {
     pub exec_mode: ExecMode,
     /// The link to the policy server (`--server`); unused in standalone mode.
     pub sync: Arc<sync::SyncStatus>,
+    /// Just-in-time grants from the server; always empty in standalone mode.
+    pub grants: grants::GrantBook,
+    /// `--kubernetes`: opted-in pods that are not enrolled (status and metrics).
+    pub k8s_pods: k8s::PodReport,
 }
 
 impl Shared {
@@ -121,6 +130,21 @@ impl Shared {
 
     fn policy_state_mut(&self) -> RwLockWriteGuard<'_, PolicyState> {
         self.policy.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Brings the kernel's grant entries in line with the grant book, the live policy and the
+    /// principals enrolled now. The caller holds the enforcer (lock order: enforcer, policy
+    /// state, grant book, registry).
+    pub fn reconcile_grants(&self, maps: &mut crate::ebpf::PolicyMaps) {
+        let generation = self.policy_state().current().cloned();
+        let principals = self.registry.list();
+        if let Err(e) = self.grants.reconcile(
+            maps,
+            &principals,
+            generation.as_ref().map(|g| g.compiled.as_ref()),
+        ) {
+            warn!(error = %policy::error_chain(&e), "update the kernel grant map; retried on the next change");
+        }
     }
 
     /// Re-reads the policy file; applies it if its text changed since the last attempt.
@@ -153,6 +177,7 @@ impl Shared {
             &self.lkg,
             enf.maps(),
             &self.registry,
+            &self.grants,
             &self.resolved.cgroup_root,
         ) {
             policy::record_error(&mut st, &e);
@@ -198,6 +223,7 @@ impl Shared {
                 &mut st,
                 enf.maps(),
                 &self.registry,
+                &self.grants,
                 &self.resolved.cgroup_root,
             ) {
                 policy::record_error(&mut st, &ApplyError::Maps(e));
@@ -251,6 +277,30 @@ async fn watch_policy(shared: Arc<Shared>, mut stop: ShutdownSignal) {
     }
 }
 
+/// Keeps the kernel grants in line with the enrolled principals: a new principal (local
+/// enrolment, a pod) gets the grants of its identity and session at once; a removed one's are
+/// already gone from the kernel (`remove_principal`).
+async fn follow_registry(shared: Arc<Shared>, mut stop: ShutdownSignal) {
+    let mut changes = shared.registry.subscribe();
+    loop {
+        tokio::select! {
+            _ = stop.wait() => return,
+            r = changes.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                changes.borrow_and_update();
+                let s = shared.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    let mut enf = s.enforcer();
+                    s.reconcile_grants(enf.maps());
+                })
+                .await;
+            }
+        }
+    }
+}
+
 /// How often principals whose processes all exited are looked for.
 const SWEEP: Duration = Duration::from_millis(250);
 
@@ -274,6 +324,8 @@ async fn sweep_principals(shared: Arc<Shared>, mut stop: ShutdownSignal) {
 
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
+    // First, so that a SIGTERM at any point of the start still shuts down cleanly.
+    let mut signals = shutdown::Signals::install().map_err(DaemonError::Signals)?;
     let cfg = &resolved.config;
     std::fs::create_dir_all(&cfg.state_dir).map_err(|source| DaemonError::StateDir {
         path: cfg.state_dir.clone(),
@@ -324,6 +376,11 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
         policy: RwLock::new(PolicyState::default()),
         exec_mode,
         sync: Arc::default(),
+        grants: match &cfg.server {
+            Some(_) => grants::GrantBook::managed(resolved.state_file("grants.json")),
+            None => grants::GrantBook::standalone(),
+        },
+        k8s_pods: k8s::PodReport::default(),
         resolved: resolved.clone(),
     });
     {
@@ -361,6 +418,8 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
         ));
     }
     tasks.spawn(sweep_principals(shared.clone(), shutdown.subscribe()));
+    tasks.spawn(exec_watch::run(shared.clone(), shutdown.subscribe()));
+    tasks.spawn(follow_registry(shared.clone(), shutdown.subscribe()));
     if let Some(l) = metrics {
         tasks.spawn(metrics::serve(l, shared.clone(), shutdown.subscribe()));
     }
@@ -376,7 +435,13 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
             ready,
             shutdown.subscribe(),
         ));
-        let _ = synced.await;
+        // A signal during the first sync (the API server may not answer) ends the wait.
+        if let Err(sig) = signals.until(synced).await {
+            warn!(
+                signal = sig,
+                "signal before the pods on this node were synced"
+            );
+        }
     }
     let mut api_stop = shutdown.subscribe();
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
@@ -388,10 +453,8 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
     let server = tokio::spawn(server);
     info!(socket = %cfg.socket.display(), policy = ?cfg.policy, server = ?cfg.server, node = %resolved.node, "corral-agent ready");
 
-    let signal = shutdown::signal();
-    tokio::pin!(signal);
     let sig = tokio::select! {
-        s = &mut signal => s.map_err(DaemonError::Signals)?,
+        s = signals.recv() => s,
         r = tasks.join_next() => {
             warn!(?r, "a daemon task ended early");
             "task-exit"

@@ -89,6 +89,27 @@ pub(super) fn reason_pb(r: Reason) -> pb::Reason {
     }
 }
 
+/// Whether a grant would turn this decision into an allow: denied (or audit-denied) by a rule
+/// or the default action.
+pub(super) fn grant_could_help(v: Verdict, r: Reason) -> bool {
+    matches!(v, Verdict::Deny | Verdict::AuditDeny) && matches!(r, Reason::Rule | Reason::Default)
+}
+
+/// The grant template that would allow a connect denied by a rule or the default (not
+/// chaining, which beats grants; not no-policy, which has no templates), from the generation
+/// that decided it. A short scan of the policy's templates, no allocation.
+fn grant_available<'a>(
+    generations: &'a [Option<Arc<Generation>>; 2],
+    c: &ConnectDecision,
+) -> Option<&'a str> {
+    if !grant_could_help(c.verdict, c.reason) {
+        return None;
+    }
+    let key = c.policy?;
+    let generation = generations[(key >> 31) as usize].as_ref()?;
+    generation.grant_available(key & 0x7fff_ffff, c.zone?, c.port, c.proto)
+}
+
 fn hook_name(h: u8) -> &'static str {
     match h {
         HOOK_CONNECT4 => "connect4",
@@ -301,6 +322,11 @@ impl Enricher {
             c.grant_id,
             Some(&mut call.zone),
         );
+        if let Some(name) = grant_available(&self.generations, c)
+            && let Some(d) = self.scratch.decision.as_mut()
+        {
+            d.grant_available.push_str(name);
+        }
         set(
             &mut call.family,
             if c.addr.is_ipv4() { "ipv4" } else { "ipv6" },
@@ -530,4 +556,70 @@ pub async fn run(
         &mut raw,
     );
     debug!("event pipeline stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+
+    const POLICY: &str = "apiVersion: corral.dev/v1alpha1\nkind: AgentPolicy\nmetadata: { name: p }\nspec:\n  identities: [spiffe://t/a]\n  zones:\n    internet: { cidrs: [0.0.0.0/0] }\n    db: { cidrs: [10.20.0.0/16] }\n  connect:\n    - { action: deny, zones: [db], ports: [22] }\n  grants:\n    - { name: db-write, zones: [db], ports: [5433], protocols: [tcp], maxTtl: 15m, approval: required }\n    - { name: db-any, zones: [db], maxTtl: 15m, approval: auto }\n";
+
+    fn connect(verdict: Verdict, reason: Reason, zone: Option<u32>, port: u16) -> ConnectDecision {
+        ConnectDecision {
+            seq: 1,
+            time_ns: 0,
+            cgroup_id: 1,
+            pid: 1,
+            tid: 1,
+            uid: 0,
+            principal: 1,
+            verdict,
+            reason,
+            // Generation 1, slot 0.
+            policy: Some(agent_common::policy_key(1, 0)),
+            rule: None,
+            zone,
+            addr: IpAddr::V4(Ipv4Addr::new(10, 20, 0, 1)),
+            port,
+            proto: PROTO_TCP,
+            hook: HOOK_CONNECT4,
+            grant_id: 0,
+            suppressed: 0,
+        }
+    }
+
+    #[test]
+    fn denied_connects_name_the_first_template_that_would_allow_them() {
+        let compiled = crate::policy::compile_str("p.yaml", POLICY, 3).expect("valid");
+        let generations = [
+            None,
+            Some(Arc::new(Generation {
+                revision: 3,
+                compiled: Arc::new(compiled),
+            })),
+        ];
+        let name = |c: ConnectDecision| grant_available(&generations, &c).map(str::to_owned);
+        let (deny, audit, allow) = (Verdict::Deny, Verdict::AuditDeny, Verdict::Allow);
+        assert_eq!(
+            name(connect(deny, Reason::Default, Some(1), 5433)).as_deref(),
+            Some("db-write")
+        );
+        assert_eq!(
+            name(connect(audit, Reason::Rule, Some(1), 22)).as_deref(),
+            Some("db-any")
+        );
+        // Chaining beats grants; allowed and no-policy decisions have nothing to escalate.
+        assert_eq!(name(connect(deny, Reason::Chaining, Some(1), 5433)), None);
+        assert_eq!(name(connect(allow, Reason::Rule, Some(1), 5433)), None);
+        assert_eq!(name(connect(deny, Reason::NoPolicy, Some(1), 5433)), None);
+        // No template covers the zone, or no zone at all.
+        assert_eq!(name(connect(deny, Reason::Default, Some(0), 5433)), None);
+        assert_eq!(name(connect(deny, Reason::Default, None, 5433)), None);
+        // A generation the event's key does not point to.
+        let mut other = connect(deny, Reason::Default, Some(1), 5433);
+        other.policy = Some(agent_common::policy_key(0, 0));
+        assert_eq!(name(other), None);
+    }
 }

@@ -16,7 +16,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
-use super::registry::{PrincipalRecord, Registry, write_atomic};
+use super::{
+    grants::GrantBook,
+    registry::{PrincipalRecord, Registry, write_atomic},
+};
 use crate::{
     cgroup,
     ebpf::{MapError, PolicyMaps},
@@ -45,6 +48,13 @@ impl Generation {
             .policies
             .get(slot as usize)
             .map(|p| p.name.as_str())
+    }
+
+    /// The first grant template of policy `slot` that would allow a connect to `zone`,
+    /// `port`, `proto` (see [`crate::compiled::grant_available`]).
+    pub fn grant_available(&self, slot: u32, zone: u32, port: u16, proto: u8) -> Option<&str> {
+        let templates = &self.compiled.addenda.get(slot as usize)?.grants;
+        crate::compiled::grant_available(templates, zone, port, proto).map(|t| t.name.as_str())
     }
 
     pub fn zone_name(&self, slot: u32, zone: u32) -> Option<&str> {
@@ -153,6 +163,10 @@ impl LastKnownGood {
 }
 
 /// Compiles `source` and applies it; on success it becomes the live generation.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the daemon state an apply touches"
+)]
 pub fn apply_source(
     file: &str,
     source: &str,
@@ -160,22 +174,29 @@ pub fn apply_source(
     lkg: &LastKnownGood,
     maps: &mut PolicyMaps,
     registry: &Registry,
+    grants: &GrantBook,
     cgroup_root: &Path,
 ) -> Result<u64, ApplyError> {
     let revision = lkg.revision_for(source, state.revision());
     let compiled = policy::compile_str(file, source, revision)?;
-    apply_compiled(compiled, state, maps, registry, cgroup_root)?;
+    apply_compiled(compiled, state, maps, registry, grants, cgroup_root)?;
     lkg.store(revision, source);
     Ok(revision)
 }
 
 /// Writes `compiled` into the maps (one generation flip), gives every registered principal its
 /// slot, and enrols registered principals the maps lack (fresh pins).
+///
+/// Grant entries carry zone indices of the principal's policy, so they are re-keyed around the
+/// flip: entries not valid under the new policy are removed before it, the new policy's
+/// entries are added after it (see [`super::grants`]). If the flip fails, the grants are
+/// reconciled against the policy still in force.
 pub fn apply_compiled(
     compiled: Compiled,
     state: &mut PolicyState,
     maps: &mut PolicyMaps,
     registry: &Registry,
+    grants: &GrantBook,
     cgroup_root: &Path,
 ) -> Result<(), MapError> {
     let principals: Vec<Arc<PrincipalRecord>> = registry.list();
@@ -185,11 +206,23 @@ pub fn apply_compiled(
             .find(|p| p.cgroup_id == cg)
             .and_then(|p| compiled.set.policy_for(&p.identity))
     };
+    // Fail closed: a grant entry that could mean something else after the flip must go first.
     let mut in_kernel = HashSet::new();
-    maps.apply_with_addenda(&compiled.set, &compiled.addenda, |cg, _| {
-        in_kernel.insert(cg);
-        slot_for(cg)
-    })?;
+    let flipped = grants
+        .prepare_flip(maps, &principals, &compiled)
+        .and_then(|_| {
+            maps.apply_with_addenda(&compiled.set, &compiled.addenda, |cg, _| {
+                in_kernel.insert(cg);
+                slot_for(cg)
+            })
+        });
+    if let Err(e) = flipped {
+        let current = state.current().map(|g| g.compiled.clone());
+        if let Err(g) = grants.reconcile(maps, &principals, current.as_deref()) {
+            warn!(error = %error_chain(&g), "restore the grants of the policy in force");
+        }
+        return Err(e);
+    }
     for p in principals
         .iter()
         .filter(|p| !in_kernel.contains(&p.cgroup_id))
@@ -198,6 +231,10 @@ pub fn apply_compiled(
         let slot = compiled.set.policy_for(&p.identity);
         maps.add_principal(p.cgroup_id, level, p.index, slot)?;
         info!(identity = %p.identity, session = %p.session, "re-enrolled principal missing from the kernel maps");
+    }
+    if let Err(e) = grants.reconcile(maps, &principals, Some(&compiled)) {
+        // The policy is in force; the missing grants are retried on the next change.
+        warn!(error = %error_chain(&e), "install the grants under the new policy");
     }
     let live = maps.config()?.generation & 1;
     let revision = compiled.set.revision;

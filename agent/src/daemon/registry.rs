@@ -106,6 +106,8 @@ pub struct Registry {
     /// go, and must keep their identity. Indices are allocated round-robin, so an index is
     /// not reused while its events can still be pending.
     retired: Mutex<Retired>,
+    /// Bumped on every enrolment and removal ([`Self::subscribe`]).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -234,7 +236,18 @@ impl Registry {
                 ..Retired::default()
             }),
             inner: Mutex::new(inner),
+            changes: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// A receiver that sees a change each time a principal is enrolled or removed (the value
+    /// is a counter; read the set with [`Self::list`]). Works without a runtime.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn notify(&self) {
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, Entry>> {
@@ -334,7 +347,11 @@ impl Registry {
                 created: Instant::now(),
             },
         );
-        self.persist(&inner)?;
+        let persisted = self.persist(&inner);
+        drop(inner);
+        // Enrolled in the kernel either way: tell the followers even if persisting failed.
+        self.notify();
+        persisted?;
         info!(identity, session, index, cgroup = %rec.cgroup.display(), "enrolled");
         Ok(rec)
     }
@@ -394,7 +411,10 @@ impl Registry {
                 created: Instant::now(),
             },
         );
-        self.persist(&inner)?;
+        let persisted = self.persist(&inner);
+        drop(inner);
+        self.notify();
+        persisted?;
         info!(identity, session, index, cgroup = %cgroup.display(), "enrolled existing cgroup");
         Ok(rec)
     }
@@ -416,6 +436,8 @@ impl Registry {
         if let Err(e) = self.persist(&inner) {
             warn!(error = %e, "persist principals");
         }
+        drop(inner);
+        self.notify();
         info!(identity = %rec.identity, session = %rec.session, index, "principal removed");
         Some(rec)
     }
@@ -476,10 +498,12 @@ impl Registry {
             self.retire(rec.clone());
             removed.push(rec);
         }
-        if !removed.is_empty()
-            && let Err(e) = self.persist(&inner)
-        {
-            warn!(error = %e, "persist principals");
+        if !removed.is_empty() {
+            if let Err(e) = self.persist(&inner) {
+                warn!(error = %e, "persist principals");
+            }
+            drop(inner);
+            self.notify();
         }
         removed
     }

@@ -1,7 +1,7 @@
 //! `AgentStatus`: what the agent enforces and how its event path is doing, and the same
 //! numbers as Prometheus text.
 
-use std::{fmt::Write as _, sync::atomic::Ordering};
+use std::{fmt::Write as _, sync::atomic::Ordering, time::UNIX_EPOCH};
 
 use corral_proto::v1 as pb;
 
@@ -10,12 +10,28 @@ use super::{
     pipeline::{REASONS, VERDICTS},
     registry::process_count,
 };
-use crate::ebpf::{ExecMode, loader::SOCK_ADDR_PROGRAMS};
+use crate::{
+    ebpf::{ExecMode, loader::SOCK_ADDR_PROGRAMS},
+    k8s::tracker::Unenrolled,
+};
 
 pub fn exec_enforcement(mode: ExecMode) -> &'static str {
     match mode {
         ExecMode::Lsm => "lsm",
         ExecMode::Tracepoint => "tracepoint+sigkill",
+    }
+}
+
+/// How `#!` scripts are decided (BPF LSM sees the script and its interpreter by itself).
+pub fn exec_scripts(shared: &Shared) -> &'static str {
+    let both = match shared.exec_mode {
+        ExecMode::Lsm => true,
+        ExecMode::Tracepoint => shared.enforcer().maps().exec().script_lookup(),
+    };
+    if both {
+        "script and interpreter"
+    } else {
+        "interpreter only"
     }
 }
 
@@ -28,6 +44,33 @@ pub fn kernel_drops(shared: &Shared) -> u64 {
 pub fn suppressed(shared: &Shared) -> u64 {
     shared.counters.suppressed.load(Ordering::Relaxed)
         + shared.enforcer().maps().suppressed_pending()
+}
+
+/// An opted-in pod that is not enrolled, as reported.
+pub fn unenrolled_pod(u: &Unenrolled) -> pb::UnenrolledPod {
+    pb::UnenrolledPod {
+        namespace: u.namespace.clone(),
+        name: u.name.clone(),
+        uid: u.uid.clone(),
+        reason: u.reason.clone(),
+        state: if u.failed { "failed" } else { "pending" }.into(),
+        since_unix_nano: u
+            .since_wall
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+    }
+}
+
+/// The `corral_k8s_pods_not_enrolled` gauge, by state.
+fn pods_not_enrolled(s: &mut String, (pending, failed): (usize, usize)) {
+    let _ = writeln!(
+        s,
+        "# HELP corral_k8s_pods_not_enrolled Pods on this node that opted in and are not enrolled \
+         (not policed): pending (waiting for the pod's cgroup) or failed.\n\
+         # TYPE corral_k8s_pods_not_enrolled gauge\n\
+         corral_k8s_pods_not_enrolled{{state=\"pending\"}} {pending}\n\
+         corral_k8s_pods_not_enrolled{{state=\"failed\"}} {failed}"
+    );
 }
 
 pub fn build(shared: &Shared) -> pb::AgentStatus {
@@ -78,6 +121,7 @@ pub fn build(shared: &Shared) -> pb::AgentStatus {
     pb::AgentStatus {
         node: shared.resolved.node.clone(),
         exec_enforcement: exec_enforcement(shared.exec_mode).into(),
+        exec_scripts: exec_scripts(shared).into(),
         sock_addr_hooks: SOCK_ADDR_PROGRAMS.iter().map(|s| (*s).into()).collect(),
         policy_revision: revision,
         policies,
@@ -92,6 +136,24 @@ pub fn build(shared: &Shared) -> pb::AgentStatus {
         } else {
             "standalone".into()
         },
+        grants: shared
+            .grants
+            .grants()
+            .into_iter()
+            .map(|g| pb::ActiveGrant {
+                id: g.id.to_string(),
+                identity: g.identity,
+                session: g.session,
+                grant: g.template,
+                expires_unix_nano: g.expires_unix_ns,
+            })
+            .collect(),
+        unenrolled_pods: shared
+            .k8s_pods
+            .unenrolled()
+            .iter()
+            .map(unenrolled_pod)
+            .collect(),
     }
 }
 
@@ -169,6 +231,7 @@ pub fn metrics(shared: &Shared) -> String {
         "counter",
         shared.counters.audit_errors.load(Ordering::Relaxed),
     );
+    pods_not_enrolled(&mut s, shared.k8s_pods.counts());
     let _ = writeln!(
         s,
         "# HELP corral_decisions_total Decisions by verdict and reason.\n# TYPE corral_decisions_total counter"
@@ -183,4 +246,48 @@ pub fn metrics(shared: &Shared) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    #[test]
+    fn unenrolled_pods_are_reported_with_state_and_wall_clock_time() {
+        let u = Unenrolled {
+            namespace: "agents".into(),
+            name: "ghost".into(),
+            uid: "0a-1".into(),
+            reason: "no cgroup for pod 0a-1".into(),
+            failed: false,
+            since: Instant::now(),
+            since_wall: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        };
+        let p = unenrolled_pod(&u);
+        assert_eq!(
+            (p.namespace.as_str(), p.name.as_str(), p.uid.as_str()),
+            ("agents", "ghost", "0a-1")
+        );
+        assert_eq!(p.reason, "no cgroup for pod 0a-1");
+        assert_eq!(p.state, "pending");
+        assert_eq!(p.since_unix_nano, 1_700_000_000_000_000_000);
+        let failed = Unenrolled { failed: true, ..u };
+        assert_eq!(unenrolled_pod(&failed).state, "failed");
+    }
+
+    #[test]
+    fn the_not_enrolled_gauge_is_valid_exposition_by_state() {
+        let mut s = String::new();
+        pods_not_enrolled(&mut s, (2, 1));
+        assert_eq!(
+            s,
+            "# HELP corral_k8s_pods_not_enrolled Pods on this node that opted in and are not \
+             enrolled (not policed): pending (waiting for the pod's cgroup) or failed.\n\
+             # TYPE corral_k8s_pods_not_enrolled gauge\n\
+             corral_k8s_pods_not_enrolled{state=\"pending\"} 2\n\
+             corral_k8s_pods_not_enrolled{state=\"failed\"} 1\n"
+        );
+    }
 }

@@ -10,6 +10,12 @@
 //! on the same stream through the hub's bounded per-subscriber queue (drops are counted in
 //! the hub's subscriber drops).
 //!
+//! Grants ride on the same snapshots: a snapshot whose policy text and revision are already
+//! enforced only updates the grant book and the kernel grant map (no compile, no generation
+//! flip: the approve → enforced path). Right after `Hello`, and again on every enrolment or
+//! removal, the node sends its full set of principals (`Principals`), which the server checks
+//! grant requests' sessions against.
+//!
 //! The client is generic over a [`SnapshotSink`] so the same code drives the simulated nodes
 //! of the tests and benchmarks (`corral-simnode`), which compile and ACK but load nothing.
 
@@ -23,7 +29,7 @@ use std::{
 };
 
 use corral_proto::v1::{self as pb, node_message::Msg, node_sync_client::NodeSyncClient};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
 use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
@@ -111,6 +117,29 @@ pub trait SnapshotSink: Send + Sync + 'static {
     /// Validates, compiles and applies `snapshot` (blocking). `Err` is the NACK detail; the
     /// previous policy must then stay in force.
     fn apply(&self, snapshot: &pb::Snapshot) -> Result<(), String>;
+    /// The principals enrolled now, reported after `Hello` and on every change.
+    fn principals(&self) -> Vec<pb::Principal> {
+        Vec::new()
+    }
+    /// Changes each time the principals change; `None`: they never do.
+    fn principal_changes(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
+}
+
+fn principals_msg(sink: &Arc<dyn SnapshotSink>) -> pb::NodeMessage {
+    pb::NodeMessage {
+        msg: Some(Msg::Principals(pb::Principals {
+            principals: sink.principals(),
+        })),
+    }
+}
+
+async fn principal_change(changes: &mut Option<watch::Receiver<u64>>) -> bool {
+    match changes {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
 }
 
 /// The link to the server, as `status` shows it.
@@ -303,8 +332,14 @@ async fn session(
             revision: sink.revision(),
         })),
     };
+    // Seen before the set is read: a change while reading is reported again.
+    let mut changes = sink.principal_changes();
+    if let Some(rx) = &mut changes {
+        rx.borrow_and_update();
+    }
     // Cannot fail: the receiver is alive and the queue empty.
     let _ = tx.try_send(hello);
+    let _ = tx.try_send(principals_msg(sink));
     let mut inbound = tokio::select! {
         _ = stop.wait() => return Ok(()),
         r = client.sync(ReceiverStream::new(rx)) => r.map_err(SyncError::Open)?.into_inner(),
@@ -324,6 +359,18 @@ async fn session(
                 let Some(pb::server_message::Msg::Snapshot(snap)) = m.msg else { continue };
                 let reply = handle_snapshot(sink, snap, status).await;
                 if tx.send(reply).await.is_err() {
+                    return Err(SyncError::Closed);
+                }
+            }
+            alive = principal_change(&mut changes) => {
+                if !alive {
+                    changes = None;
+                    continue;
+                }
+                if let Some(rx) = &mut changes {
+                    rx.borrow_and_update();
+                }
+                if tx.send(principals_msg(sink)).await.is_err() {
                     return Err(SyncError::Closed);
                 }
             }
@@ -397,8 +444,28 @@ impl SnapshotSink for AgentSink {
         self.shared.policy_state().revision()
     }
 
+    fn principals(&self) -> Vec<pb::Principal> {
+        self.shared
+            .registry
+            .list()
+            .iter()
+            .map(|p| pb::Principal {
+                identity: p.identity.clone(),
+                session: p.session.clone(),
+                cgroup_id: p.cgroup_id,
+            })
+            .collect()
+    }
+
+    fn principal_changes(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.shared.registry.subscribe())
+    }
+
+    /// The grants are taken first, whatever becomes of the policy: a revocation must reach
+    /// the kernel even when this node rejects the snapshot's policy.
     fn apply(&self, snap: &pb::Snapshot) -> Result<(), String> {
         let shared = &self.shared;
+        let grants_changed = shared.grants.set_from_snapshot(snap);
         let source = snapshot_source(&snap.policies_yaml);
         if shared.policy_state().revision() == snap.revision
             && shared
@@ -406,17 +473,32 @@ impl SnapshotSink for AgentSink {
                 .source()
                 .is_some_and(|(r, s)| r == snap.revision && s == source)
         {
-            // A resync of what is already enforced.
+            // The policy is already enforced: only the grants may have changed.
+            let mut enf = shared.enforcer();
+            shared.reconcile_grants(enf.maps());
+            debug!(
+                revision = snap.revision,
+                grants_version = snap.grants_version,
+                grants_changed,
+                "grants updated"
+            );
             return Ok(());
         }
         let file = format!("server revision {}", snap.revision);
+        let keep = |msg: String| {
+            // The previous policy stays in force, under the new grants.
+            let mut enf = shared.enforcer();
+            shared.reconcile_grants(enf.maps());
+            msg
+        };
         let res = compile_snapshot(&file, snap.revision, &snap.policies_yaml)
             .map_err(policy::ApplyError::Invalid)
             .map_err(|e| {
                 let mut st = shared.policy_state_mut();
                 policy::record_error(&mut st, &e);
                 st.last_error.clone().unwrap_or_default()
-            })?;
+            })
+            .map_err(keep)?;
         if let Err(msg) = check_limits(&res, shared.resolved.config.max_rules) {
             let mut st = shared.policy_state_mut();
             st.apply_errors += 1;
@@ -425,7 +507,8 @@ impl SnapshotSink for AgentSink {
                 "{msg}; the previous policy stays in force"
             );
             st.last_error = Some(msg.clone());
-            return Err(msg);
+            drop(st);
+            return Err(keep(msg));
         }
         let mut enf = shared.enforcer();
         let mut st = shared.policy_state_mut();
@@ -434,6 +517,7 @@ impl SnapshotSink for AgentSink {
             &mut st,
             enf.maps(),
             &shared.registry,
+            &shared.grants,
             &shared.resolved.cgroup_root,
         ) {
             let e = policy::ApplyError::Maps(e);
@@ -497,3 +581,7 @@ mod tests {
         assert!(check_limits(&c, None).is_ok());
     }
 }
+
+#[cfg(test)]
+#[path = "sync_session_tests.rs"]
+mod session_tests;

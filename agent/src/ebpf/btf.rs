@@ -8,10 +8,14 @@
 
 use std::path::{Path, PathBuf};
 
-use agent_common::{EXEC_CONFIG_VALID, ExecConfig};
+use agent_common::{EXEC_CONFIG_VALID, ExecConfig, SCRIPT_CONFIG_VALID, ScriptConfig};
 
 /// Where the kernel publishes its own BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// Kernel symbol addresses (root sees real addresses unless `kptr_restrict` is 2).
+pub const KALLSYMS: &str = "/proc/kallsyms";
+/// The deferred-fput task work whose pending entries hold a `#!` script's file.
+pub const FPUT_TASK_WORK: &str = "____fput";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
@@ -29,6 +33,37 @@ pub enum BtfError {
     NoMember { strukt: String, member: String },
     #[error("kernel BTF: {0} is a bitfield")]
     Bitfield(String),
+    #[error("read kernel symbols {path}")]
+    Kallsyms {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kernel symbol {0} not found (or its address is hidden by kptr_restrict)")]
+    NoSymbol(&'static str),
+}
+
+/// Address of the text symbol `name` in kallsyms-format `text` (`None` if absent or zero,
+/// as `kptr_restrict` shows hidden addresses).
+pub fn symbol_address(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (addr, kind, sym) = (f.next()?, f.next()?, f.next()?);
+        // Module symbols carry a fourth field ("[module]"): only the core kernel's here.
+        if sym != name || f.next().is_some() || !matches!(kind, "t" | "T") {
+            return None;
+        }
+        u64::from_str_radix(addr, 16).ok().filter(|a| *a != 0)
+    })
+}
+
+/// Address of `name` in `/proc/kallsyms`.
+pub fn kernel_symbol(name: &'static str) -> Result<u64, BtfError> {
+    let text = std::fs::read_to_string(KALLSYMS).map_err(|source| BtfError::Kallsyms {
+        path: KALLSYMS.into(),
+        source,
+    })?;
+    symbol_address(&text, name).ok_or(BtfError::NoSymbol(name))
 }
 
 const KIND_INT: u32 = 1;
@@ -289,6 +324,39 @@ impl KernelBtf {
     }
 }
 
+impl KernelBtf {
+    /// The offsets of [`ScriptConfig`]; `fput_fn` is the address of `____fput`
+    /// ([`kernel_symbol`]).
+    pub fn script_config(&self, fput_fn: u64) -> Result<ScriptConfig, BtfError> {
+        for (s, m) in [
+            ("linux_binprm", "interp"),
+            ("linux_binprm", "filename"),
+            ("linux_binprm", "executable"),
+            ("task_struct", "task_works"),
+            ("callback_head", "next"),
+            ("callback_head", "func"),
+        ] {
+            if !self.is_ptr_member(s, m) {
+                return Err(BtfError::NoMember {
+                    strukt: s.into(),
+                    member: format!("{m} (as a pointer)"),
+                });
+            }
+        }
+        Ok(ScriptConfig {
+            valid: SCRIPT_CONFIG_VALID,
+            bprm_interp: self.offset("linux_binprm", "interp")?,
+            bprm_executable: self.offset("linux_binprm", "executable")?,
+            task_works: self.offset("task_struct", "task_works")?,
+            file_task_work: self.offset("file", "f_task_work")?,
+            file_flags: self.offset("file", "f_flags")?,
+            cb_next: self.offset("callback_head", "next")?,
+            cb_func: self.offset("callback_head", "func")?,
+            fput_fn,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -366,6 +434,19 @@ mod tests {
     }
 
     #[test]
+    fn symbol_address_takes_core_text_symbols_only() {
+        let text = "ffffffff816bd830 t __fput\nffffffff816bdb40 t ____fput\n\
+                    ffffffffc0001000 t ____fput\t[some_mod]\n0000000000000000 T hidden\n";
+        assert_eq!(
+            symbol_address(text, "____fput"),
+            Some(0xffff_ffff_816b_db40)
+        );
+        assert_eq!(symbol_address(text, "__fput"), Some(0xffff_ffff_816b_d830));
+        assert_eq!(symbol_address(text, "hidden"), None);
+        assert_eq!(symbol_address(text, "absent"), None);
+    }
+
+    #[test]
     fn rejects_non_btf() {
         assert!(KernelBtf::parse(b"\x7fELF....").is_err());
     }
@@ -388,5 +469,11 @@ mod tests {
             c.mm_arg_start + 8,
             "arg_end follows arg_start"
         );
+        // The script lookup's offsets (the `____fput` address needs root: a stand-in here).
+        let sc = btf.script_config(1).expect("script offsets");
+        assert_eq!(sc.valid, SCRIPT_CONFIG_VALID);
+        assert_ne!(sc.bprm_interp, c.bprm_filename);
+        assert_eq!(sc.cb_next, 0, "callback_head.next is the first member");
+        assert_eq!(sc.cb_func, 8);
     }
 }

@@ -169,7 +169,8 @@ pub struct ExecDecision {
     pub exec_id: u64,
     /// Exec id of the image that exec'd or forked this process; 0 if unknown.
     pub parent_exec_id: u64,
-    /// Identity of the executed file (kernel dev encoding), `None` if it could not be read.
+    /// Identity of the file that decided (kernel dev encoding; for a `#!` script the script
+    /// unless `EXEC_F_BY_INTERPRETER`), `None` if it could not be read.
     pub file: Option<(u32, u64)>,
     /// The path as passed to execve (best effort, at most `EXEC_PATH_BYTES - 1` bytes).
     pub path: String,

@@ -1,22 +1,20 @@
 //! Exec enforcement from userspace: choosing the enforcement point (BPF LSM, else the
 //! `sched_process_exec` tracepoint + SIGKILL), attaching the exec programs, and the typed
-//! exec-rule maps (rules become `(device, inode)` entries by statting their paths).
+//! exec-rule maps (rules become `(device, inode)` entries by statting their paths, see
+//! [`super::exec_rules`]).
 //!
 //! Semantics and limits are documented in `agent_common::exec`. In short: exact paths and
 //! prefix directories are identified by `(device, inode)` when the policy is written (symlinks
-//! followed); a path that does not exist then is skipped with a warning, and files created or
-//! replaced later are not matched until the policy is written again (re-stat on change is
-//! future work).
+//! followed); a path that does not exist then is skipped with a warning. [`ExecMaps`] keeps
+//! the rules it wrote, and the daemon re-stats them every
+//! [`RESTAT_INTERVAL`](super::exec_rules::RESTAT_INTERVAL) ([`ExecMaps::watched`],
+//! [`ExecMaps::refresh`]), so a file replaced or created later is matched by its new identity
+//! within about a second.
 
-use std::{
-    collections::HashMap as StdHashMap,
-    fmt,
-    os::unix::fs::MetadataExt as _,
-    path::{Path, PathBuf},
-};
+use std::{collections::HashMap as StdHashMap, fmt, sync::Arc};
 
 use agent_common::{
-    ExecConfig, ExecKey, NONE, RuleValue, TaskInfo, kernel_dev, maps as names, merge_rules,
+    ExecConfig, ExecKey, RuleValue, SCRIPT_CONFIG_VALID, ScriptConfig, TaskInfo, maps as names,
 };
 use aya::{
     Btf, Ebpf,
@@ -25,12 +23,14 @@ use aya::{
 };
 use tracing::{info, warn};
 
+use super::exec_rules::{EntriesDiff, Sticky};
+pub use super::exec_rules::{ExecEntries, identity, mounts_below, resolve};
 use super::{
-    btf::KernelBtf,
+    btf::{FPUT_TASK_WORK, KernelBtf, kernel_symbol},
     maps::{MapError, op, take},
     pins::PinDir,
 };
-use crate::compiled::{Action, ExecRule};
+use crate::compiled::ExecRule;
 
 /// The LSM program and the hook it attaches to.
 pub const LSM_PROGRAM: &str = "exec_lsm";
@@ -111,6 +111,9 @@ pub struct ExecAttach {
     pub mode: ExecMode,
     /// Why the LSM could not be used (`None` in LSM mode).
     pub lsm_error: Option<String>,
+    /// Why the tracepoint cannot find a `#!` script's own file (`None`: it can), in which
+    /// case scripts are decided by their interpreter only on the tracepoint path.
+    pub script_error: Option<String>,
     /// Unpinned links (empty when pinned).
     pub links: Vec<FdLink>,
 }
@@ -169,8 +172,20 @@ pub fn attach(
     maps: &mut ExecMaps,
     pins: Option<&PinDir>,
 ) -> Result<ExecAttach, ExecError> {
-    let cfg = KernelBtf::from_sys_fs()?.exec_config()?;
+    let btf = KernelBtf::from_sys_fs()?;
+    let cfg = btf.exec_config()?;
     maps.set_config(cfg)?;
+    let script = kernel_symbol(FPUT_TASK_WORK).and_then(|f| btf.script_config(f));
+    let script_error = match script {
+        Ok(sc) => {
+            maps.set_script_config(sc)?;
+            None
+        }
+        Err(e) => {
+            maps.set_script_config(ScriptConfig::default())?;
+            Some(error_chain(&e))
+        }
+    };
     let mut links = Vec::new();
     let probe = try_lsm(ebpf, pins, &mut links);
     let mode = ExecMode::select(&probe);
@@ -198,120 +213,60 @@ pub fn attach(
             .map_err(|source| ExecError::Program { name, source })?;
         keep(name, link.into(), pins, &mut links)?;
     }
-    info!(mode = %mode, "exec enforcement attached");
+    match (&script_error, mode) {
+        (Some(e), ExecMode::Tracepoint) => warn!(
+            error = %e,
+            "exec of a #! script is decided by its interpreter only: the script's own file \
+             cannot be found at sched_process_exec"
+        ),
+        (Some(e), ExecMode::Lsm) => {
+            info!(error = %e, "tracepoint script lookup unavailable (the LSM decides scripts)")
+        }
+        (None, _) => {}
+    }
+    info!(
+        mode = %mode,
+        scripts = if script_error.is_none() { "script and interpreter" } else { "interpreter only" },
+        "exec enforcement attached"
+    );
     Ok(ExecAttach {
         mode,
         lsm_error,
+        script_error,
         links,
     })
 }
 
-/// Map entries of one policy's exec rules, resolved to file identities.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct ExecEntries {
-    /// (kernel dev, inode) of exact files.
-    pub files: StdHashMap<(u32, u64), RuleValue>,
-    /// (kernel dev, inode) of prefix directories.
-    pub dirs: StdHashMap<(u32, u64), RuleValue>,
-    /// Paths that could not be used, with the reason (missing, not a directory, ...).
-    pub skipped: Vec<(PathBuf, String)>,
-}
-
-/// `(kernel dev, inode)` of `path`, following symlinks.
-pub fn identity(path: &Path) -> std::io::Result<(u32, u64, bool)> {
-    let md = std::fs::metadata(path)?;
-    let dev = md.dev();
-    // glibc's dev_t encoding → the kernel's MKDEV(major, minor).
-    let major = (((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0xfff)) as u32;
-    let minor = (((dev >> 12) & 0xffff_ff00) | (dev & 0xff)) as u32;
-    Ok((kernel_dev(major, minor), md.ino(), md.is_dir()))
-}
-
-fn add(map: &mut StdHashMap<(u32, u64), RuleValue>, key: (u32, u64), rule: &ExecRule) {
-    let e = map.entry(key).or_insert(RuleValue {
-        allow_rule: NONE,
-        deny_rule: NONE,
-    });
-    let found = match rule.action {
-        Action::Allow => RuleValue {
-            allow_rule: rule.index,
-            deny_rule: NONE,
-        },
-        Action::Deny => RuleValue {
-            allow_rule: NONE,
-            deny_rule: rule.index,
-        },
-    };
-    merge_rules(e, &found);
-}
-
-/// Resolves exec rules to file identities. Exact paths must not be directories; prefixes
-/// (with or without a trailing `/`) must be directories.
-pub fn resolve(rules: &[ExecRule]) -> ExecEntries {
-    let mut out = ExecEntries::default();
-    for rule in rules {
-        for p in &rule.exact {
-            let path = PathBuf::from(p);
-            match identity(&path) {
-                Ok((_, _, true)) => out
-                    .skipped
-                    .push((path, "is a directory (use a prefix rule)".into())),
-                Ok((dev, ino, false)) => add(&mut out.files, (dev, ino), rule),
-                Err(e) => out.skipped.push((path, e.to_string())),
-            }
-        }
-        for p in &rule.prefixes {
-            let path = PathBuf::from(p);
-            match identity(&path) {
-                Ok((dev, ino, true)) => {
-                    add(&mut out.dirs, (dev, ino), rule);
-                    // The kernel's ancestor walk stops at a filesystem's root: a filesystem
-                    // mounted below the prefix is covered through its mount point's identity.
-                    for m in mounts_below(&path) {
-                        if let Ok((dev, ino, true)) = identity(&m) {
-                            add(&mut out.dirs, (dev, ino), rule);
-                        }
-                    }
-                }
-                Ok((_, _, false)) => out.skipped.push((path, "is not a directory".into())),
-                Err(e) => out.skipped.push((path, e.to_string())),
-            }
-        }
-    }
-    out
-}
-
-/// Mount points strictly below `dir` (symlinks in `dir` resolved), from
-/// `/proc/self/mountinfo`: the agent's mount namespace.
-pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
-    let Ok(base) = std::fs::canonicalize(dir) else {
-        return Vec::new();
-    };
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    info.lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
-        .map(|m| PathBuf::from(crate::paths::unescape_mountinfo(m)))
-        .filter(|m| m != &base && m.starts_with(&base))
-        .collect()
+/// What [`ExecMaps::write`] installed for one policy key: its rules (shared with the
+/// re-stat task) and the identities they resolved to.
+struct Installed {
+    rules: Arc<[ExecRule]>,
+    /// What the maps hold for it.
+    entries: ExecEntries,
+    /// Its denied identities, followed when they leave their paths.
+    sticky: Sticky,
 }
 
 /// The exec maps, typed.
 pub struct ExecMaps {
     cfg: Array<MapData, ExecConfig>,
+    script: Array<MapData, ScriptConfig>,
     files: HashMap<MapData, ExecKey, RuleValue>,
     dirs: HashMap<MapData, ExecKey, RuleValue>,
     tasks: HashMap<MapData, u32, TaskInfo>,
+    /// By generation-qualified policy key: the rules in the maps, for the re-stat.
+    installed: StdHashMap<u32, Installed>,
 }
 
 impl ExecMaps {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapError> {
         Ok(Self {
             cfg: take(ebpf, names::EXEC_CFG)?,
+            script: take(ebpf, names::EXEC_SCRIPT)?,
             files: take(ebpf, names::EXEC_FILES)?,
             dirs: take(ebpf, names::EXEC_DIRS)?,
             tasks: take(ebpf, names::EXEC_TASKS)?,
+            installed: StdHashMap::new(),
         })
     }
 
@@ -325,33 +280,132 @@ impl ExecMaps {
         self.cfg.get(&0, 0).map_err(op("read", names::EXEC_CFG))
     }
 
+    pub fn set_script_config(&mut self, cfg: ScriptConfig) -> Result<(), MapError> {
+        self.script
+            .set(0, cfg, 0)
+            .map_err(op("write", names::EXEC_SCRIPT))
+    }
+
+    /// Whether the tracepoint decides a `#!` script on the script's own file too (else on its
+    /// interpreter only); for `status`.
+    pub fn script_lookup(&self) -> bool {
+        self.script
+            .get(&0, 0)
+            .is_ok_and(|c| c.valid == SCRIPT_CONFIG_VALID)
+    }
+
     /// Exec ids of process `tgid`, if it is tracked.
     pub fn task(&self, tgid: u32) -> Option<TaskInfo> {
         self.tasks.get(&tgid, 0).ok()
     }
 
     /// Writes the exec rules of policy slot `policy` (generation-qualified key). Paths that
-    /// cannot be statted are skipped with a warning (see the module docs).
+    /// cannot be statted are skipped with a warning (see the module docs); the rules are kept
+    /// for [`Self::refresh`].
     pub fn write(&mut self, policy: u32, rules: &[ExecRule]) -> Result<(), MapError> {
         let entries = resolve(rules);
         for (path, why) in &entries.skipped {
             warn!(path = %path.display(), reason = %why, "exec rule path skipped");
         }
-        for ((dev, ino), v) in entries.files {
+        let mut sticky = Sticky::default();
+        let entries = sticky.apply(&entries);
+        let diff = ExecEntries::default().diff(&entries);
+        // Recorded first: a failed insert leaves nothing unaccounted for the re-stat.
+        self.installed.insert(
+            policy,
+            Installed {
+                rules: rules.into(),
+                entries,
+                sticky,
+            },
+        );
+        self.apply_diff(policy, &diff)
+    }
+
+    /// The exec rules in the maps, by policy key, for a re-stat outside the enforcer lock:
+    /// resolve each with [`resolve`], then hand the result to [`Self::refresh`].
+    pub fn watched(&self) -> Vec<(u32, Arc<[ExecRule]>)> {
+        self.installed
+            .iter()
+            .map(|(k, i)| (*k, i.rules.clone()))
+            .collect()
+    }
+
+    /// Installs `fresh` (the rules `rules` of policy key `policy`, resolved again) where an
+    /// identity changed: a path replaced by a new inode, created, removed or retargeted. A
+    /// denied identity that left its path stays denied while it has a link ([`Sticky`]).
+    /// Nothing happens if the policy was rewritten since [`Self::watched`] (other rules
+    /// installed there). New and changed keys are written before stale ones are deleted
+    /// ([`ExecEntries::diff`]), so a rule never lapses during the update. Returns the number
+    /// of map entries written or deleted.
+    pub fn refresh(
+        &mut self,
+        policy: u32,
+        rules: &Arc<[ExecRule]>,
+        fresh: ExecEntries,
+    ) -> Result<usize, MapError> {
+        let Some(inst) = self.installed.get_mut(&policy) else {
+            return Ok(0);
+        };
+        if !Arc::ptr_eq(&inst.rules, rules) {
+            return Ok(0);
+        }
+        let fresh = inst.sticky.apply(&fresh);
+        let diff = inst.entries.diff(&fresh);
+        if diff.is_empty() {
+            return Ok(0);
+        }
+        let n = diff.files_set.len()
+            + diff.dirs_set.len()
+            + diff.files_gone.len()
+            + diff.dirs_gone.len();
+        self.apply_diff(policy, &diff)?;
+        if let Some(i) = self.installed.get_mut(&policy) {
+            i.entries = fresh;
+        }
+        Ok(n)
+    }
+
+    /// Denied identities held open to follow them off their paths, over all policies.
+    pub fn held(&self) -> usize {
+        self.installed.values().map(|i| i.sticky.len()).sum()
+    }
+
+    /// [`Self::watched`], [`resolve`] and [`Self::refresh`] in one call, under whatever lock
+    /// the caller holds; returns the entries changed.
+    pub fn refresh_all(&mut self) -> Result<usize, MapError> {
+        let mut n = 0;
+        for (policy, rules) in self.watched() {
+            let fresh = resolve(&rules);
+            n += self.refresh(policy, &rules, fresh)?;
+        }
+        Ok(n)
+    }
+
+    fn apply_diff(&mut self, policy: u32, d: &EntriesDiff) -> Result<(), MapError> {
+        let key = |(dev, ino): (u32, u64)| ExecKey { policy, dev, ino };
+        for (k, v) in &d.files_set {
             self.files
-                .insert(ExecKey { policy, dev, ino }, v, 0)
+                .insert(key(*k), *v, 0)
                 .map_err(op("insert", names::EXEC_FILES))?;
         }
-        for ((dev, ino), v) in entries.dirs {
+        for (k, v) in &d.dirs_set {
             self.dirs
-                .insert(ExecKey { policy, dev, ino }, v, 0)
+                .insert(key(*k), *v, 0)
                 .map_err(op("insert", names::EXEC_DIRS))?;
+        }
+        for k in &d.files_gone {
+            let _ = self.files.remove(&key(*k));
+        }
+        for k in &d.dirs_gone {
+            let _ = self.dirs.remove(&key(*k));
         }
         Ok(())
     }
 
     /// Deletes every exec entry of generation `generation`.
     pub fn clear_generation(&mut self, generation: u32) {
+        self.installed.retain(|k, _| k >> 31 != generation);
         for map in [&mut self.files, &mut self.dirs] {
             let keys: Vec<ExecKey> = map
                 .keys()
@@ -369,16 +423,6 @@ impl ExecMaps {
 mod tests {
     use super::*;
 
-    fn rule(index: u32, action: Action, exact: &[&Path], prefixes: &[&Path]) -> ExecRule {
-        let s = |p: &&Path| p.to_string_lossy().into_owned();
-        ExecRule {
-            index,
-            action,
-            exact: exact.iter().map(s).collect(),
-            prefixes: prefixes.iter().map(s).collect(),
-        }
-    }
-
     #[test]
     fn select_prefers_lsm_and_falls_back() {
         assert_eq!(ExecMode::select::<String>(&Ok(())), ExecMode::Lsm);
@@ -386,59 +430,5 @@ mod tests {
             ExecMode::select(&Err("EPERM".to_owned())),
             ExecMode::Tracepoint
         );
-    }
-
-    #[test]
-    fn resolve_follows_symlinks_and_merges_deny_over_allow() -> std::io::Result<()> {
-        let dir = std::env::temp_dir().join(format!("corral-exec-resolve-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("sub"))?;
-        let bin = dir.join("bin");
-        std::fs::write(&bin, b"x")?;
-        let link = dir.join("link");
-        std::os::unix::fs::symlink(&bin, &link)?;
-        let missing = dir.join("missing");
-        let rules = [
-            rule(0, Action::Allow, &[&bin], &[&dir.join("sub")]),
-            rule(1, Action::Deny, &[&link, &missing], &[&bin]),
-        ];
-        let e = resolve(&rules);
-        let (dev, ino, _) = identity(&bin)?;
-        // The symlink resolves to the same file: one entry holding both rules.
-        assert_eq!(e.files.len(), 1);
-        assert_eq!(
-            e.files.get(&(dev, ino)),
-            Some(&RuleValue {
-                allow_rule: 0,
-                deny_rule: 1
-            })
-        );
-        let (sdev, sino, _) = identity(&dir.join("sub"))?;
-        assert_eq!(e.dirs.len(), 1);
-        assert!(e.dirs.contains_key(&(sdev, sino)));
-        let skipped: Vec<&PathBuf> = e.skipped.iter().map(|(p, _)| p).collect();
-        assert_eq!(skipped, vec![&missing, &bin]);
-        std::fs::remove_dir_all(&dir)?;
-        Ok(())
-    }
-
-    #[test]
-    fn kernel_dev_matches_proc_self_mountinfo_root() -> std::io::Result<()> {
-        // /proc/self/mountinfo gives "major:minor" as the kernel encodes s_dev.
-        let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-        let (dev, _, _) = identity(Path::new("/"))?;
-        let mm = info
-            .lines()
-            .map(|l| l.split_whitespace().collect::<Vec<_>>())
-            .find(|f| f.get(4) == Some(&"/"))
-            .and_then(|f| f.get(2).map(|s| (*s).to_owned()))
-            .expect("mountinfo has the root mount");
-        let (ma, mi) = mm.split_once(':').expect("major:minor");
-        let (ma, mi) = (
-            ma.parse::<u32>().expect("major"),
-            mi.parse::<u32>().expect("minor"),
-        );
-        assert_eq!(dev, kernel_dev(ma, mi));
-        Ok(())
     }
 }

@@ -121,8 +121,10 @@ impl PolicyMaps {
         slot: Option<u32>,
     ) -> Result<(), MapError> {
         let slot = slot.unwrap_or(NONE);
-        // A fresh rate budget and no suppressed count left from an earlier holder of the index.
+        // A fresh rate budget and no suppressed count left from an earlier holder of the index,
+        // and none of its grants: a new principal never inherits an old one's access.
         let _ = self.rate.remove(&index);
+        self.remove_grants_of(index);
         self.seen
             .insert(index, 0, 0)
             .map_err(op("insert", names::SEEN))?;
@@ -155,16 +157,37 @@ impl PolicyMaps {
             _ => {}
         }
         let _ = self.rate.remove(&p.index);
+        self.remove_grants_of(p.index);
+        Ok(())
+    }
+
+    /// Removes every grant entry of principal index `index` (best effort).
+    fn remove_grants_of(&mut self, index: u32) {
         let stale: Vec<GrantKey> = self
             .grants
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| k.principal == p.index)
+            .filter(|k| k.principal == index)
             .collect();
         for k in stale {
             let _ = self.grants.remove(&k);
         }
-        Ok(())
+    }
+
+    /// Every installed grant entry.
+    pub fn grants(&self) -> Result<std::collections::HashMap<GrantKey, GrantValue>, MapError> {
+        let mut out = std::collections::HashMap::new();
+        for kv in self.grants.iter() {
+            match kv {
+                Ok((k, v)) => {
+                    out.insert(k, v);
+                }
+                // Removed between the key walk and the lookup: not installed.
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(op("read", names::GRANTS)(e)),
+            }
+        }
+        Ok(out)
     }
 
     /// Zones a principal has contacted (bit per zone index).

@@ -4,6 +4,7 @@
 pub mod btf;
 pub mod events;
 pub mod exec;
+pub mod exec_rules;
 pub mod loader;
 pub mod maps;
 pub mod object;

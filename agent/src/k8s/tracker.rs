@@ -14,7 +14,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use k8s_openapi::api::core::v1::Pod;
@@ -26,7 +26,7 @@ use super::{
 };
 
 /// How long an opted-in pod may wait for its cgroup (the kubelet creates it when it starts the
-/// pod sandbox) before it counts as failed.
+/// pod sandbox) before it counts as failed, by default (`--pod-cgroup-grace`).
 pub const PENDING_GRACE: Duration = Duration::from_secs(30);
 
 /// An enrolled pod.
@@ -41,10 +41,15 @@ pub struct Enrolled {
 pub struct Unenrolled {
     pub namespace: String,
     pub name: String,
+    /// Empty when the pod object has none.
+    pub uid: String,
     pub reason: String,
-    /// Past [`PENDING_GRACE`], or not a matter of waiting (bad identity, enrol error).
+    /// Past the grace period, or not a matter of waiting (bad identity, enrol error).
     pub failed: bool,
+    /// When it was first seen opted in and not enrolled (the `now` passed to `apply`).
     pub since: Instant,
+    /// The same moment on the wall clock, for reports.
+    pub since_wall: SystemTime,
 }
 
 /// What one pod event changed.
@@ -60,6 +65,7 @@ pub enum Outcome {
 #[derive(Debug)]
 pub struct Tracker {
     cfg: MappingConfig,
+    grace: Duration,
     enrolled: BTreeMap<String, Enrolled>,
     unenrolled: BTreeMap<String, Unenrolled>,
 }
@@ -77,9 +83,18 @@ impl Tracker {
     pub fn new(cfg: MappingConfig) -> Self {
         Self {
             cfg,
+            grace: PENDING_GRACE,
             enrolled: BTreeMap::new(),
             unenrolled: BTreeMap::new(),
         }
+    }
+
+    /// How long an opted-in pod may wait for its cgroup before it counts as failed
+    /// (default [`PENDING_GRACE`]).
+    #[must_use]
+    pub fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
     }
 
     pub fn config(&self) -> &MappingConfig {
@@ -105,15 +120,16 @@ impl Tracker {
     fn note(
         &mut self,
         key: String,
-        namespace: String,
-        name: String,
+        (uid, namespace, name): (String, String, String),
         reason: String,
         permanent: bool,
         now: Instant,
     ) -> Outcome {
-        let since = self.unenrolled.get(&key).map_or(now, |u| u.since);
-        let failed = permanent || now.duration_since(since) >= PENDING_GRACE;
-        let was_failed = self.unenrolled.get(&key).is_some_and(|u| u.failed);
+        let prev = self.unenrolled.get(&key);
+        let (since, since_wall) =
+            prev.map_or_else(|| (now, SystemTime::now()), |u| (u.since, u.since_wall));
+        let failed = permanent || now.saturating_duration_since(since) >= self.grace;
+        let was_failed = prev.is_some_and(|u| u.failed);
         if failed && !was_failed {
             warn!(
                 namespace,
@@ -127,9 +143,11 @@ impl Tracker {
             Unenrolled {
                 namespace,
                 name,
+                uid,
                 reason,
                 failed,
                 since,
+                since_wall,
             },
         );
         if failed {
@@ -175,14 +193,14 @@ impl Tracker {
             }
             PodDecision::Reject(e) => {
                 let reason = super::error_chain(&e);
-                self.note(key, namespace, name, reason, true, now)
+                self.note(key, (uid, namespace, name), reason, true, now)
             }
             PodDecision::Enrol(p) => {
                 let cgroup = match locate(&p.session, p.qos) {
                     Ok(c) => c,
                     Err(e) => {
                         let reason = super::error_chain(&e);
-                        return self.note(key, namespace, name, reason, false, now);
+                        return self.note(key, (uid, namespace, name), reason, false, now);
                     }
                 };
                 match enrol(&p, &cgroup) {
@@ -199,7 +217,7 @@ impl Tracker {
                         );
                         Outcome::Enrolled
                     }
-                    Err(reason) => self.note(key, namespace, name, reason, true, now),
+                    Err(reason) => self.note(key, (uid, namespace, name), reason, true, now),
                 }
             }
         }

@@ -126,6 +126,50 @@ fn a_pod_whose_cgroup_never_appears_becomes_a_reported_failure() {
         ("agents", "research-agent-7d9f8b6c5-x2kqp")
     );
     assert_eq!(u.since, t0);
+    assert_eq!(u.uid, "8dc36b1a-4bd5-4f8e-9a0a-2d1b7e4c9f10");
+}
+
+#[test]
+fn the_grace_period_is_configurable_and_since_is_kept() {
+    let tree = Tree::new("grace");
+    let mut t = tracker().with_grace(Duration::from_millis(500));
+    let t0 = Instant::now();
+    let p = pod(SA);
+    let enrol = |_: &PodPrincipal, _: &Path| Ok(1);
+    assert_eq!(
+        t.apply(&p, None, t0, tree.locate(), enrol),
+        Outcome::Pending
+    );
+    let wall = t.unenrolled()["8dc36b1a-4bd5-4f8e-9a0a-2d1b7e4c9f10"].since_wall;
+    assert_eq!(
+        t.apply(
+            &p,
+            None,
+            t0 + Duration::from_millis(499),
+            tree.locate(),
+            enrol
+        ),
+        Outcome::Pending
+    );
+    assert_eq!(
+        t.apply(
+            &p,
+            None,
+            t0 + Duration::from_millis(500),
+            tree.locate(),
+            enrol
+        ),
+        Outcome::Failed
+    );
+    let u = &t.unenrolled()["8dc36b1a-4bd5-4f8e-9a0a-2d1b7e4c9f10"];
+    assert_eq!(
+        (u.since, u.since_wall),
+        (t0, wall),
+        "first seen, not last tried"
+    );
+    // Deleted: no longer reported.
+    assert_eq!(t.delete(&p), None);
+    assert!(t.unenrolled().is_empty());
 }
 
 #[test]

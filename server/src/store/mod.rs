@@ -1,9 +1,11 @@
 //! Policy storage: every change is one new global, monotonic revision; history is kept.
 //!
 //! [`PolicyStore`] is the seam; [`sqlite::SqliteStore`] (embedded SQLite, WAL) is the default
-//! implementation.
+//! implementation. Grants live in the same database behind [`grants::GrantStore`].
 
+pub mod grants;
 pub mod sqlite;
+mod sqlite_grants;
 
 /// One version of one policy document.
 #[derive(Debug, Clone, PartialEq, Eq)]

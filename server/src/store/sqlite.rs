@@ -5,6 +5,7 @@
 //! - `policies(name, revision, yaml, applied_by, applied_at, deleted)`, primary key
 //!   `(name, revision)`: every version of every policy; the live version of a name is its
 //!   highest revision, unless that row is a deletion.
+//! - `grants` and `grant_history`: see [`super::sqlite_grants`].
 
 use std::{
     path::Path,
@@ -44,7 +45,7 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
 }
 
-fn db(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+pub(super) fn db(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
     move |source| StoreError::Db { op, source }
 }
 
@@ -59,7 +60,7 @@ fn record(r: &rusqlite::Row<'_>) -> rusqlite::Result<PolicyRecord> {
     })
 }
 
-fn to_i64(v: u64) -> i64 {
+pub(super) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
@@ -83,12 +84,14 @@ impl SqliteStore {
         )
         .map_err(open)?;
         conn.execute_batch(SCHEMA).map_err(open)?;
+        conn.execute_batch(super::sqlite_grants::SCHEMA)
+            .map_err(open)?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
+    pub(super) fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }

@@ -11,7 +11,10 @@
 //! - `repeat:N:OP`: run OP N times, print `ok=<n> <ERR>=<n>...` counts;
 //! - `until:FILE:OP`: run OP in a loop until FILE exists, print counts as for `repeat`;
 //! - `spawn:PATH`: fork+exec PATH (no arguments) and wait for it;
-//! - `time:N:OP`: run OP N times, print `ns=<mean nanoseconds per op> ok=<n>` (benchmarks).
+//! - `time:N:OP`: run OP N times, print `ns=<mean nanoseconds per op> ok=<n>` (benchmarks);
+//! - `watch:US:OP`: run OP every US microseconds until stdin reaches EOF (or the probe is
+//!   killed); print `<CLOCK_MONOTONIC ns> <outcome>` for the first outcome and for each change
+//!   (latency benchmarks: `corral_tests::harness::Prober`).
 //!
 //! ADDR is `1.2.3.4` or `[::1]`.
 use std::{
@@ -19,6 +22,10 @@ use std::{
     io::ErrorKind,
     net::{SocketAddr, TcpStream, UdpSocket},
     path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -104,6 +111,30 @@ fn current_cgroup() -> anyhow::Result<std::path::PathBuf> {
     Ok(root.join(rel.trim_start_matches('/')))
 }
 
+/// `watch:US:OP`: OP in a loop until stdin closes (the parent's end of the pipe: it stops the
+/// probe, or the parent died), printing each change of outcome with the time it was seen
+/// (CLOCK_MONOTONIC, taken right after the operation returned).
+fn watch(op: &str, interval: Duration, out: &mut dyn std::io::Write) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopper = Arc::clone(&stop);
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+        stopper.store(true, Ordering::Relaxed);
+    });
+    let mut last = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        let outcome = one(op);
+        let at = corral_tests::harness::monotonic_ns();
+        if outcome != last {
+            writeln!(out, "{at} {outcome}")?;
+            out.flush()?;
+            last = outcome;
+        }
+        std::thread::sleep(interval);
+    }
+    Ok(())
+}
+
 fn run(ops: &[String], out: &mut dyn std::io::Write, out_path: Option<&str>) -> anyhow::Result<()> {
     let mut i = 0;
     while i < ops.len() {
@@ -142,6 +173,10 @@ fn run(ops: &[String], out: &mut dyn std::io::Write, out_path: Option<&str>) -> 
             let oks = (0..n).filter(|_| one(inner) == "ok").count();
             let ns = start.elapsed().as_nanos() / u128::from(n.max(1));
             writeln!(out, "ns={ns} ok={oks}")?;
+        } else if let Some(rest) = op.strip_prefix("watch:") {
+            let (us, inner) = rest.split_once(':').context("watch:US:OP")?;
+            let us: u64 = us.parse().context("watch interval (microseconds)")?;
+            watch(inner, Duration::from_micros(us), out)?;
         } else if let Some(rest) = op.strip_prefix("until:") {
             let (file, inner) = rest.split_once(':').context("until:FILE:OP")?;
             let stop = Path::new(file);

@@ -1,0 +1,470 @@
+//! The fleet harness of the end-to-end tests: a real `corral-server`, real `corral-agent
+//! --server` nodes and the real `corral` CLI as processes.
+//!
+//! Each test has its own server port and database, and each agent its own socket, state
+//! directory, principals' cgroup directory and pin directory; every process is stopped by pid
+//! from a Drop guard (SIGTERM, then SIGKILL), so a failing test leaves nothing running. Agents
+//! run with `--uninstall`, so a restarted agent starts from nothing but its state directory.
+
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use corral_agent::{cgroup, ebpf::PinDir, paths};
+use serde_json::Value;
+
+use crate::{e2e::bin, probe_bin};
+
+pub fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("srv-{name}-{}-{nanos}", std::process::id())
+}
+
+/// A port nobody listens on now (the kernel's pick).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Stops a child by pid: SIGTERM, then SIGKILL after 15 s. Returns whether it exited 0.
+pub fn stop_child(child: &mut Child) -> anyhow::Result<bool> {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(st.success());
+        }
+        if Instant::now() > deadline {
+            child.kill()?;
+            child.wait()?;
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A test's directory (database, logs, policy files, agent state), removed on drop.
+pub struct Dir(pub PathBuf);
+
+impl Dir {
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        let d = std::env::temp_dir().join(format!("corral-{}", unique(name)));
+        std::fs::create_dir_all(&d)?;
+        Ok(Self(d))
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> anyhow::Result<PathBuf> {
+        let p = self.0.join(name);
+        std::fs::write(&p, text)?;
+        Ok(p)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `corral-server`; stopped by pid on drop.
+pub struct Server {
+    pub child: Option<Child>,
+    pub url: String,
+    pub log: PathBuf,
+    /// Added to every CLI call to this server (mTLS files).
+    pub cli_args: Vec<String>,
+}
+
+impl Server {
+    pub fn start(dir: &Dir, port: u16) -> anyhow::Result<Self> {
+        Self::start_with(dir, port, None)
+    }
+
+    /// `tls`: the PKI directory `xtask certs` wrote; the CLI uses its `admin` certificate.
+    pub fn start_with(dir: &Dir, port: u16, tls: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let log = dir.0.join(format!("server-{}.log", unique("log")));
+        let mut c = Command::new(bin("corral-server")?);
+        c.arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--db")
+            .arg(dir.0.join("server.db"));
+        let (url, cli_args) = match tls {
+            None => {
+                c.arg("--plaintext");
+                (format!("http://127.0.0.1:{port}"), Vec::new())
+            }
+            Some(pki) => {
+                c.args(tls_args(pki, "server"));
+                (format!("https://localhost:{port}"), tls_args(pki, "admin"))
+            }
+        };
+        let child = c
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("spawn corral-server")?;
+        let mut s = Self {
+            child: Some(child),
+            url,
+            log,
+            cli_args,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(c) = s.child.as_mut()
+                && let Some(st) = c.try_wait()?
+            {
+                bail!("corral-server exited with {st}:\n{}", s.log_text());
+            }
+            if s.cli(&["policy", "list"])?.status.success() {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!("corral-server not ready in 20 s:\n{}", s.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn stop(&mut self) -> anyhow::Result<bool> {
+        match self.child.take() {
+            Some(mut c) => stop_child(&mut c),
+            None => Ok(true),
+        }
+    }
+
+    /// `corral ARGS --server URL [mTLS files]`.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let mut a: Vec<&str> = args.to_vec();
+        a.extend(["--server", self.url.as_str()]);
+        a.extend(self.cli_args.iter().map(String::as_str));
+        cli(&a)
+    }
+
+    /// [`Server::cli`] as user `user` (`CORRAL_USER`; plaintext servers record it as the
+    /// caller).
+    pub fn cli_as(&self, user: &str, args: &[&str]) -> anyhow::Result<Output> {
+        let mut a: Vec<&str> = args.to_vec();
+        a.extend(["--server", self.url.as_str()]);
+        a.extend(self.cli_args.iter().map(String::as_str));
+        Command::new(bin("corral")?)
+            .args(&a)
+            .env("CORRAL_USER", user)
+            .output()
+            .context("run corral")
+    }
+
+    pub fn status(&self) -> anyhow::Result<Value> {
+        let out = self.cli(&["policy", "status", "--json"])?;
+        ensure!(
+            out.status.success(),
+            "corral policy status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    pub fn node(&self, name: &str) -> anyhow::Result<Option<Value>> {
+        let s = self.status()?;
+        Ok(s["nodes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["node"] == name).cloned()))
+    }
+
+    /// `corral policy apply -f FILE --server URL [args]`.
+    pub fn apply(&self, file: &std::path::Path, args: &[&str]) -> anyhow::Result<Output> {
+        let f = file.display().to_string();
+        let mut a = vec!["policy", "apply", "-f", &f];
+        a.extend_from_slice(args);
+        self.cli(&a)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// `--tls-cert DIR/NAME.pem --tls-key DIR/NAME-key.pem --tls-ca DIR/ca.pem`.
+pub fn tls_args(pki: &std::path::Path, name: &str) -> Vec<String> {
+    let f = |n: String| pki.join(n).display().to_string();
+    vec![
+        "--tls-cert".into(),
+        f(format!("{name}.pem")),
+        "--tls-key".into(),
+        f(format!("{name}-key.pem")),
+        "--tls-ca".into(),
+        f("ca.pem".into()),
+    ]
+}
+
+/// A development PKI from the real generator (`cargo xtask certs`, whose binary cargo built
+/// into the same target directory).
+pub fn pki(dir: &Dir, name: &str, clients: &[&str]) -> anyhow::Result<PathBuf> {
+    let xtask = bin("xtask")?;
+    let out = dir.0.join(name);
+    let mut c = Command::new(xtask);
+    c.arg("certs").arg("--out").arg(&out);
+    for cl in clients {
+        c.args(["--client", cl]);
+    }
+    let o = c.output().context("run xtask certs")?;
+    ensure!(o.status.success(), "xtask certs: {}", text(&o));
+    Ok(out)
+}
+
+pub fn cli(args: &[&str]) -> anyhow::Result<Output> {
+    Command::new(bin("corral")?)
+        .args(args)
+        .output()
+        .context("run corral")
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// One node: its agent's paths (shared by the agents of a restart). Pins and cgroups are
+/// removed on drop whatever the agents left.
+pub struct Node {
+    pub name: String,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub pins: PathBuf,
+    pub cgroups: PathBuf,
+}
+
+impl Node {
+    pub fn new(test: &Dir, name: &str) -> anyhow::Result<Option<Self>> {
+        let Ok(bpffs) = paths::find_mount("bpf") else {
+            crate::skip("bpffs", "no bpffs mounted (cargo xtask setup mounts it)");
+            return Ok(None);
+        };
+        let id = unique(name);
+        let dir = test.0.join(name);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Some(Self {
+            name: id.clone(),
+            socket: dir.join("agent.sock"),
+            pins: bpffs.join(format!("corral-{id}")),
+            cgroups: paths::cgroup2_root()?.join("corral-test").join(&id),
+            dir,
+        }))
+    }
+
+    pub fn local(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let (sub, rest) = args.split_first().context("a subcommand")?;
+        Command::new(bin("corral")?)
+            .arg(sub)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(rest)
+            .output()
+            .context("run corral")
+    }
+
+    pub fn status(&self) -> anyhow::Result<Value> {
+        let out = self.local(&["status", "--json"])?;
+        ensure!(out.status.success(), "corral status: {}", text(&out));
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Runs the probe as a principal of `spiffe://e2e.corral/agent/srv`; one line per
+    /// operation (`ok`, `EPERM`, ...).
+    pub fn probe(&self, session: &str, ops: &[&str]) -> anyhow::Result<Vec<String>> {
+        self.probe_as("spiffe://e2e.corral/agent/srv", session, ops)
+    }
+
+    /// Runs the probe as principal (`identity`, `session`) through `corral run`.
+    pub fn probe_as(
+        &self,
+        identity: &str,
+        session: &str,
+        ops: &[&str],
+    ) -> anyhow::Result<Vec<String>> {
+        let probe = probe_bin()?.display().to_string();
+        let mut args = vec![
+            "run",
+            "--identity",
+            identity,
+            "--session",
+            session,
+            "--",
+            probe.as_str(),
+        ];
+        args.extend_from_slice(ops);
+        let out = self.local(&args)?;
+        ensure!(out.status.success(), "corral run probe: {}", text(&out));
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.pins.exists() {
+            let _ = PinDir::new(&self.pins).uninstall();
+        }
+        let _ = cgroup::remove(&self.cgroups);
+    }
+}
+
+/// A running `corral-agent --server URL`; stopped by pid on drop.
+pub struct Agent {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(node: &Node, url: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let log = node.dir.join(format!("agent-{}.log", unique("log")));
+        let child = Command::new(bin("corral-agent")?)
+            .arg("--server")
+            .arg(url)
+            .arg("--node-name")
+            .arg(&node.name)
+            .arg("--socket")
+            .arg(&node.socket)
+            .arg("--pin-dir")
+            .arg(&node.pins)
+            .arg("--state-dir")
+            .arg(node.dir.join("state"))
+            .arg("--cgroup-dir")
+            .arg(&node.cgroups)
+            .arg("--uninstall")
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("spawn corral-agent")?;
+        let mut a = Self {
+            child: Some(child),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(c) = a.child.as_mut()
+                && let Some(st) = c.try_wait()?
+            {
+                bail!("corral-agent exited with {st}:\n{}", a.log_text());
+            }
+            if node.socket.exists() && node.local(&["status"])?.status.success() {
+                return Ok(a);
+            }
+            if Instant::now() > deadline {
+                bail!("corral-agent not ready in 30 s:\n{}", a.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn stop(&mut self) -> anyhow::Result<bool> {
+        match self.child.take() {
+            Some(mut c) => stop_child(&mut c),
+            None => Ok(true),
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+pub fn connected(node: &Node) -> anyhow::Result<Option<()>> {
+    Ok((node.status()?["server_state"] == "connected").then_some(()))
+}
+
+/// `corral events --server URL --json --follow`, read on a thread; stopped on drop.
+pub struct Follower {
+    _child: crate::e2e::Reaped,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every event received so far, in order.
+    seen: std::cell::RefCell<Vec<Value>>,
+}
+
+impl Follower {
+    pub fn start(server: &Server) -> anyhow::Result<Self> {
+        let mut args = vec![
+            "events".to_owned(),
+            "--server".into(),
+            server.url.clone(),
+            "--json".into(),
+            "--follow".into(),
+        ];
+        args.extend(server.cli_args.iter().cloned());
+        let mut child = Command::new(bin("corral")?)
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn corral events --follow")?;
+        let stdout = child.stdout.take().context("follower stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for l in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Self {
+            _child: crate::e2e::Reaped(Some(child)),
+            lines,
+            seen: std::cell::RefCell::new(Vec::new()),
+        })
+    }
+
+    /// The first event (JSON) so far for which `pred` holds, waiting up to `secs` for it.
+    pub fn find(
+        &self,
+        secs: u64,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        if let Some(e) = self.seen.borrow().iter().find(|e| pred(e)) {
+            return Ok(e.clone());
+        }
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let l = self
+                .lines
+                .recv_timeout(left)
+                .with_context(|| format!("{what} on the fleet event stream within {secs} s"))?;
+            let e: Value = serde_json::from_str(&l)?;
+            self.seen.borrow_mut().push(e.clone());
+            if pred(&e) {
+                return Ok(e);
+            }
+        }
+    }
+}
