@@ -1,8 +1,9 @@
 //! `corral grant request|list|approve|deny|revoke`: just-in-time grants on the central server.
 //!
 //! Every command prints the grant(s) it touched: one readable line each, or with `--json` one
-//! JSON object per line. `request --wait` polls until the grant leaves `pending` (approved,
-//! denied, ended) or the wait times out (exit status 2; the request stays pending).
+//! JSON object per line. `request --wait` polls until the grant leaves `pending`: exit status
+//! 0 when it is issued, 3 when it is denied or ended, 2 when the wait times out (the request
+//! stays pending).
 
 use std::{
     process::ExitCode,
@@ -48,7 +49,8 @@ pub struct RequestArgs {
     /// Why the access is needed (recorded, shown to approvers).
     #[arg(long)]
     pub reason: String,
-    /// Block until the grant is approved or denied (or --timeout passes).
+    /// Block until the grant is approved (exit 0) or denied (exit 3), or --timeout passes
+    /// (exit 2).
     #[arg(long)]
     pub wait: bool,
     /// How long --wait waits, e.g. 5m.

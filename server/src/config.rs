@@ -50,6 +50,18 @@ pub struct Config {
     )]
     pub approvers: Vec<String>,
 
+    /// Who may apply and delete policies (repeatable; the env form is comma-separated): client
+    /// certificate names under mTLS, else `x-corral-user` names. Unset: every caller the
+    /// transport admits (any certificate the CA signed, nodes' included) — set it in
+    /// production so a node's certificate cannot change the fleet's policy.
+    #[arg(
+        long = "policy-admin",
+        value_name = "NAME",
+        env = "CORRAL_SERVER_POLICY_ADMINS",
+        value_delimiter = ','
+    )]
+    pub policy_admins: Vec<String>,
+
     /// Log format.
     #[arg(long, env = "CORRAL_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,

@@ -14,6 +14,9 @@ pub enum ServerError {
     NotFound { name: String },
     #[error("{0}")]
     BadRequest(String),
+    /// `--policy-admin` is set and the caller is not one of them.
+    #[error("`{user}` is not a policy admin (--policy-admin) and so may not change policies")]
+    NotPolicyAdmin { user: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -26,6 +29,7 @@ impl From<ServerError> for Status {
         match e {
             ServerError::Invalid(_) | ServerError::BadRequest(_) => Status::invalid_argument(msg),
             ServerError::NotFound { .. } => Status::not_found(msg),
+            ServerError::NotPolicyAdmin { .. } => Status::permission_denied(msg),
             ServerError::Store(StoreError::Conflict { .. }) => Status::failed_precondition(msg),
             ServerError::Store(_) => Status::internal(msg),
             ServerError::Grant(g) => match g {

@@ -82,7 +82,13 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         source,
     })?;
     let shutdown = Shutdown::new();
-    let policy = policy_service::Policies::new(store.clone(), fleet.clone());
+    let policy = policy_service::Policies::new(store.clone(), fleet.clone(), &cfg.policy_admins);
+    if cfg.tls.is_set() && cfg.policy_admins.is_empty() {
+        warn!(
+            "no --policy-admin: every client certificate the CA signed (nodes' included) may \
+             apply and delete policies"
+        );
+    }
     let sync = sync::Sync::new(fleet.clone(), shutdown.subscribe()).with_sessions(grants.clone());
     tokio::spawn(grants::service::sweep_task(
         grants.clone(),
@@ -108,7 +114,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         .add_service(GrantServiceServer::new(grant_api))
         .serve_with_incoming_shutdown(incoming, async move { stop.wait().await });
     let mut server = tokio::spawn(server);
-    info!(addr = %local, mtls = cfg.tls.is_set(), db = %cfg.db.display(), revision = current.revision, policies = current.policies.len(), grants = fleet.current().grants.len(), approvers = ?cfg.approvers, "corral-server ready");
+    info!(addr = %local, mtls = cfg.tls.is_set(), db = %cfg.db.display(), revision = current.revision, policies = current.policies.len(), grants = fleet.current().grants.len(), approvers = ?cfg.approvers, policy_admins = ?cfg.policy_admins, "corral-server ready");
     let signal = shutdown::signal();
     tokio::pin!(signal);
     tokio::select! {

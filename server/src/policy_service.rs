@@ -1,7 +1,10 @@
 //! `PolicyService`: Apply/Delete/List/Get change or read the store; every change is one new
 //! revision, validated as a whole set first and then pushed to the fleet.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use corral_proto::v1::{self as pb, policy_service_server::PolicyService};
 use tonic::{Request, Response, Status};
@@ -21,6 +24,8 @@ pub const USER_HEADER: &str = "x-corral-user";
 pub struct Policies {
     store: Arc<dyn PolicyStore>,
     fleet: Arc<Fleet>,
+    /// `--policy-admin`: who may apply and delete; empty: every caller.
+    admins: BTreeSet<String>,
     /// Read-validate-commit runs one change at a time.
     change: tokio::sync::Mutex<()>,
 }
@@ -36,12 +41,6 @@ fn doc(r: &PolicyRecord) -> pb::PolicyDocument {
     }
 }
 
-/// Who asks, as recorded: the client certificate's name under mTLS, else the user header;
-/// plus the peer address.
-fn who<T>(req: &Request<T>) -> String {
-    crate::grants::service::caller(req).display
-}
-
 fn by_name(s: &StoreSnapshot) -> BTreeMap<String, (String, u64)> {
     s.policies
         .iter()
@@ -50,12 +49,28 @@ fn by_name(s: &StoreSnapshot) -> BTreeMap<String, (String, u64)> {
 }
 
 impl Policies {
-    pub fn new(store: Arc<dyn PolicyStore>, fleet: Arc<Fleet>) -> Self {
+    /// `admins`: `--policy-admin` names (empty: every caller may change policies). A caller is
+    /// named by its client certificate under mTLS, else by the `x-corral-user` header.
+    pub fn new(store: Arc<dyn PolicyStore>, fleet: Arc<Fleet>, admins: &[String]) -> Self {
         Self {
             store,
             fleet,
+            admins: admins
+                .iter()
+                .map(|a| a.trim().to_owned())
+                .filter(|a| !a.is_empty())
+                .collect(),
             change: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Whether the caller of `req` may change policies; its name for the record if so.
+    fn admitted<T>(&self, req: &Request<T>) -> Result<String, ServerError> {
+        let caller = crate::grants::service::caller(req);
+        if !self.admins.is_empty() && !self.admins.contains(&caller.name) {
+            return Err(ServerError::NotPolicyAdmin { user: caller.name });
+        }
+        Ok(caller.display)
     }
 
     /// Commits `change` over `base` (already validated) and pushes the result.
@@ -141,7 +156,7 @@ impl PolicyService for Policies {
         &self,
         req: Request<pb::ApplyRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
-        let by = who(&req);
+        let by = self.admitted(&req)?;
         let r = req.into_inner();
         let file = if r.file_name.is_empty() {
             "policy.yaml"
@@ -157,7 +172,7 @@ impl PolicyService for Policies {
         &self,
         req: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
-        let by = who(&req);
+        let by = self.admitted(&req)?;
         let name = req.into_inner().name;
         let _one = self.change.lock().await;
         let revision = self.delete(&name, by)?;
@@ -214,5 +229,83 @@ impl PolicyService for Policies {
             events_received: self.fleet.events_received.load(Relaxed),
             events_dropped: self.fleet.events_dropped.load(Relaxed),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+
+    const DOC: &str = "apiVersion: corral.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: p\nspec:\n  identities: [\"spiffe://t/a\"]\n  zones: { z: { cidrs: [10.0.0.0/8] } }\n  connect:\n    - { action: allow, zones: [z] }\n";
+
+    fn as_user<T>(user: &str, msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        r.metadata_mut()
+            .insert(USER_HEADER, user.parse().expect("ascii user"));
+        r
+    }
+
+    fn policies(name: &str, admins: &[String]) -> anyhow::Result<(Policies, std::path::PathBuf)> {
+        let db = std::env::temp_dir().join(format!(
+            "corral-policy-admins-{name}-{}-{}.db",
+            std::process::id(),
+            crate::store::now_unix_nano()
+        ));
+        let store: Arc<dyn PolicyStore> = Arc::new(SqliteStore::open(&db)?);
+        let fleet = Arc::new(Fleet::new(&store.current()?, 16));
+        Ok((Policies::new(store, fleet, admins), db))
+    }
+
+    fn apply_req(user: &str) -> Request<pb::ApplyRequest> {
+        as_user(
+            user,
+            pb::ApplyRequest {
+                file_name: "p.yaml".into(),
+                yaml: DOC.into(),
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn only_policy_admins_change_policies_when_admins_are_set() -> anyhow::Result<()> {
+        let (p, db) = policies("set", &["alice".into()])?;
+        let denied = PolicyService::apply(&p, apply_req("node-a"))
+            .await
+            .expect_err("not an admin");
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+        assert!(denied.message().contains("node-a"), "{denied:?}");
+        let r = PolicyService::apply(&p, apply_req("alice"))
+            .await?
+            .into_inner();
+        assert_eq!(r.revision, 1);
+        let del = |u: &str| as_user(u, pb::DeleteRequest { name: "p".into() });
+        let denied = PolicyService::delete(&p, del("node-a"))
+            .await
+            .expect_err("not an admin");
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        // Reads stay open to every caller.
+        let list = PolicyService::list(&p, as_user("node-a", pb::ListRequest {})).await?;
+        assert_eq!(list.into_inner().policies.len(), 1);
+        assert_eq!(
+            PolicyService::delete(&p, del("alice"))
+                .await?
+                .into_inner()
+                .revision,
+            2
+        );
+        let _ = std::fs::remove_file(db);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn without_admins_every_caller_may_change_policies() -> anyhow::Result<()> {
+        let (p, db) = policies("unset", &[])?;
+        let r = PolicyService::apply(&p, apply_req("anyone"))
+            .await?
+            .into_inner();
+        assert_eq!(r.revision, 1);
+        let _ = std::fs::remove_file(db);
+        Ok(())
     }
 }

@@ -468,6 +468,67 @@ fn revoke_closes_the_path_chaining_beats_a_grant_bad_requests_are_refused_and_se
     println!("unknown session: {session}");
     assert!(session.contains("no-such-session"), "{session}");
 
+    // `request --wait` blocks until a person decides; a denial ends it with status 3.
+    let mut waiting = Command::new(bin("corral")?)
+        .args([
+            "grant",
+            "request",
+            "--identity",
+            ID,
+            "--session",
+            "s1",
+            "--grant",
+            "crm-write",
+            "--reason",
+            "please",
+            "--wait",
+            "--json",
+            "--server",
+            &f.server.url,
+        ])
+        .env("CORRAL_USER", "agent-bot")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let pending = wait_for(10, "the waiting request to be pending", || {
+        let out = f.server.cli(&["grant", "list", "--pending", "--json"])?;
+        ensure!(out.status.success(), "grant list --pending: {}", text(&out));
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|g| g["reason"] == "please"))
+    })?;
+    let id3 = pending["id"].as_str().context("grant id")?.to_owned();
+    let g = grant(&f.server, "alice", &["deny", &id3, "--reason", "not now"])?;
+    assert_eq!(g["state"], "denied", "{g}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = waiting.try_wait()? {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = waiting.kill();
+            let _ = waiting.wait();
+            anyhow::bail!("grant request --wait did not return after the denial");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = waiting.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(status.code(), Some(3), "denied: {stdout}");
+    assert!(
+        stdout
+            .lines()
+            .last()
+            .is_some_and(|l| l.contains("\"denied\"")),
+        "{stdout}"
+    );
+    assert_eq!(
+        probe(&s1.cgroup, &[CRM_WRITE])?,
+        ["EPERM"],
+        "a denied grant opens nothing"
+    );
+
     // The session ends (its last process exits): its grant ends with it.
     drop(s1);
     wait_for(20, "the session-bound grant to end", || {
