@@ -335,11 +335,25 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// `corral-agent --server URL` (managed).
     pub fn start(node: &Node, url: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_mode(node, &["--server", url], extra)
+    }
+
+    /// `corral-agent --policy FILE` (standalone).
+    pub fn standalone(
+        node: &Node,
+        policy: &std::path::Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let policy = policy.display().to_string();
+        Self::start_mode(node, &["--policy", &policy], extra)
+    }
+
+    fn start_mode(node: &Node, mode: &[&str], extra: &[&str]) -> anyhow::Result<Self> {
         let log = node.dir.join(format!("agent-{}.log", unique("log")));
         let child = Command::new(bin("corral-agent")?)
-            .arg("--server")
-            .arg(url)
+            .args(mode)
             .arg("--node-name")
             .arg(&node.name)
             .arg("--socket")

@@ -167,24 +167,9 @@ impl Agent {
 
     /// SIGTERM by pid and wait; returns whether it exited successfully.
     fn stop(&mut self) -> anyhow::Result<bool> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(true);
-        };
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(st) = child.try_wait()? {
-                return Ok(st.success());
-            }
-            if Instant::now() > deadline {
-                child.kill()?;
-                child.wait()?;
-                return Ok(false);
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        match self.child.take() {
+            Some(mut c) => corral_tests::fleet::stop_child(&mut c),
+            None => Ok(true),
         }
     }
 }

@@ -15,9 +15,10 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 use corral_tests::{
+    Outcome,
     e2e::{Reaped, bin, wait_for},
     fleet::{Agent, Dir, Follower, Node, Server, connected, free_port, text},
-    privileged, probe_bin,
+    privileged, probe_bin, probe_in,
 };
 use serde_json::Value;
 
@@ -142,16 +143,12 @@ fn hold(node: &Node, session: &str) -> anyhow::Result<Held> {
 
 /// Runs the probe inside `cgroup` (no agent involved); one result per operation.
 fn probe(cgroup: &Path, ops: &[&str]) -> anyhow::Result<Vec<String>> {
-    let out = Command::new(probe_bin()?)
-        .arg("--cgroup")
-        .arg(cgroup)
-        .args(ops)
-        .output()
-        .context("run corral-probe")?;
-    ensure!(out.status.success(), "corral-probe: {}", text(&out));
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
+    Ok(probe_in(cgroup, ops)?
+        .into_iter()
+        .map(|o| match o {
+            Outcome::Ok => "ok".to_owned(),
+            Outcome::Errno(e) => e,
+        })
         .collect())
 }
 
@@ -162,6 +159,32 @@ fn until(cgroup: &Path, op: &str, want: &str, secs: u64) -> anyhow::Result<Durat
         Ok((probe(cgroup, &[op])?.first().map(String::as_str) == Some(want)).then_some(()))
     })?;
     Ok(t0.elapsed())
+}
+
+/// `grant request` arguments (`session` "" and `ttl` None: left out).
+fn req<'a>(
+    identity: &'a str,
+    session: &'a str,
+    grant: &'a str,
+    ttl: Option<&'a str>,
+    reason: &'a str,
+) -> Vec<&'a str> {
+    let mut a = vec![
+        "request",
+        "--identity",
+        identity,
+        "--grant",
+        grant,
+        "--reason",
+        reason,
+    ];
+    if !session.is_empty() {
+        a.extend(["--session", session]);
+    }
+    if let Some(t) = ttl {
+        a.extend(["--ttl", t]);
+    }
+    a
 }
 
 /// `corral grant ARGS --json` as `user`; the grant object it printed last.
@@ -250,19 +273,7 @@ fn approved_grant_opens_the_path_the_kernel_expires_it_and_it_is_session_bound()
     let g = request_when_known(
         &f.server,
         "agent-bot",
-        &[
-            "request",
-            "--identity",
-            ID,
-            "--session",
-            "s1",
-            "--grant",
-            "crm-write",
-            "--ttl",
-            "5s",
-            "--reason",
-            "ticket 42",
-        ],
+        &req(ID, "s1", "crm-write", Some("5s"), "ticket 42"),
     )?;
     assert_eq!(g["state"], "pending", "{g}");
     let id = g["id"].as_str().context("grant id")?.to_owned();
@@ -344,19 +355,7 @@ fn revoke_closes_the_path_chaining_beats_a_grant_bad_requests_are_refused_and_se
     let g = request_when_known(
         &f.server,
         "agent-bot",
-        &[
-            "request",
-            "--identity",
-            ID,
-            "--session",
-            "s1",
-            "--grant",
-            "crm-read",
-            "--ttl",
-            "1m",
-            "--reason",
-            "read the CRM",
-        ],
+        &req(ID, "s1", "crm-read", Some("1m"), "read the CRM"),
     )?;
     assert_eq!(g["state"], "active", "{g}");
     assert_eq!(g["decided_by"], "auto", "{g}");
@@ -375,17 +374,7 @@ fn revoke_closes_the_path_chaining_beats_a_grant_bad_requests_are_refused_and_se
     let g = grant(
         &f.server,
         "agent-bot",
-        &[
-            "request",
-            "--identity",
-            ID,
-            "--session",
-            "s1",
-            "--grant",
-            "crm-read",
-            "--reason",
-            "again",
-        ],
+        &req(ID, "s1", "crm-read", None, "again"),
     )?;
     assert_eq!(g["state"], "active", "{g}");
     assert_eq!(g["ttl_seconds"], 60, "no --ttl: the template's maxTtl");
@@ -404,66 +393,24 @@ fn revoke_closes_the_path_chaining_beats_a_grant_bad_requests_are_refused_and_se
     let ttl = refused(
         &f.server,
         "agent-bot",
-        &[
-            "request",
-            "--identity",
-            ID,
-            "--session",
-            "s1",
-            "--grant",
-            "crm-write",
-            "--ttl",
-            "20m",
-            "--reason",
-            "x",
-        ],
+        &req(ID, "s1", "crm-write", Some("20m"), "x"),
     )?;
     println!("ttl over max: {ttl}");
     assert!(ttl.contains("15m") || ttl.contains("900"), "{ttl}");
-    let unknown = refused(
-        &f.server,
-        "agent-bot",
-        &[
-            "request",
-            "--identity",
-            ID,
-            "--grant",
-            "nope",
-            "--reason",
-            "x",
-        ],
-    )?;
+    let unknown = refused(&f.server, "agent-bot", &req(ID, "", "nope", None, "x"))?;
     println!("unknown grant: {unknown}");
     assert!(unknown.contains("nope"), "{unknown}");
     let stranger = refused(
         &f.server,
         "agent-bot",
-        &[
-            "request",
-            "--identity",
-            "spiffe://elsewhere.org/x",
-            "--grant",
-            "crm-read",
-            "--reason",
-            "x",
-        ],
+        &req("spiffe://elsewhere.org/x", "", "crm-read", None, "x"),
     )?;
     println!("identity not covered: {stranger}");
     assert!(stranger.contains("spiffe://elsewhere.org/x"), "{stranger}");
     let session = refused(
         &f.server,
         "agent-bot",
-        &[
-            "request",
-            "--identity",
-            ID,
-            "--session",
-            "no-such-session",
-            "--grant",
-            "crm-read",
-            "--reason",
-            "x",
-        ],
+        &req(ID, "no-such-session", "crm-read", None, "x"),
     )?;
     println!("unknown session: {session}");
     assert!(session.contains("no-such-session"), "{session}");

@@ -138,17 +138,6 @@ fn grpc_subscriber(socket: PathBuf, seen: Arc<Seen>) -> anyhow::Result<()> {
     })
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 struct Reaped(Child);
 
 impl Drop for Reaped {
@@ -282,7 +271,7 @@ spec:
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_secs(1));
-    let idle = rss_kib(pid);
+    let idle = corral_tests::harness::rss_kib(pid);
 
     // Two subscribers, each with its own queue in the agent: a gRPC client that only counts,
     // and `corral events --follow --json` (decode + JSON + write), counted line by line.
@@ -334,7 +323,7 @@ spec:
         let (peak, done) = (peak.clone(), done.clone());
         std::thread::spawn(move || {
             while !done.load(Ordering::Relaxed) {
-                peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                peak.fetch_max(corral_tests::harness::rss_kib(pid), Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(20));
             }
         });

@@ -52,17 +52,6 @@ impl Drop for Proc {
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn policy(round: usize) -> String {
     format!(
         "apiVersion: corral.dev/v1alpha1
@@ -141,7 +130,7 @@ async fn bench_fleet(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let connect_time = t0.elapsed();
-    let rss = rss_kib(server_pid);
+    let rss = corral_tests::harness::rss_kib(server_pid);
     let mut lat = Vec::with_capacity(rounds);
     for r in 0..rounds {
         let t = Instant::now();
@@ -233,7 +222,7 @@ fn main() -> anyhow::Result<()> {
         };
         println!(
             "policy distribution (corral-server + corral-simnode, loopback; server RSS idle {:.1} MiB)",
-            rss_kib(pid) as f64 / 1024.0
+            corral_tests::harness::rss_kib(pid) as f64 / 1024.0
         );
         for (i, n) in sizes.iter().enumerate() {
             bench_fleet(&mut c, &url, pid, *n, rounds, i * rounds).await?;
