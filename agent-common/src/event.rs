@@ -9,6 +9,8 @@ use crate::{
 pub const KIND_CONNECT: u8 = 1;
 /// [`ExecEvent`].
 pub const KIND_EXEC: u8 = 2;
+/// [`UnixEvent`]: a connect/sendmsg decision on an AF_UNIX socket.
+pub const KIND_UNIX: u8 = 3;
 
 /// `EventHeader::verdict`.
 pub const VERDICT_ALLOW: u8 = 1;
@@ -28,6 +30,15 @@ pub const HOOK_CONNECT4: u8 = 1;
 pub const HOOK_CONNECT6: u8 = 2;
 pub const HOOK_SENDMSG4: u8 = 3;
 pub const HOOK_SENDMSG6: u8 = 4;
+/// cgroup unix hooks (kernel 6.7+): `connect()` on an AF_UNIX socket, and `sendmsg()`/`sendto()`
+/// with a destination address on an AF_UNIX datagram socket.
+pub const HOOK_CONNECT_UNIX: u8 = 5;
+pub const HOOK_SENDMSG_UNIX: u8 = 6;
+
+/// `sockaddr_un.sun_family`.
+pub const AF_UNIX: u16 = 1;
+/// Bytes of `sockaddr_un.sun_path`.
+pub const UNIX_PATH_BYTES: usize = 108;
 
 /// Common first part of every event.
 #[repr(C)]
@@ -74,6 +85,27 @@ pub struct ConnectEvent {
     pub grant_id: u64,
 }
 const _: () = assert!(core::mem::size_of::<ConnectEvent>() == 96);
+
+/// A decision on an AF_UNIX destination (hooks [`HOOK_CONNECT_UNIX`], [`HOOK_SENDMSG_UNIX`]).
+/// Rules, chaining and grants are looked up as for an IP destination with port [`crate::ANY_PORT`]
+/// and protocol [`crate::ANY_PROTO`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UnixEvent {
+    pub header: EventHeader,
+    /// Zone index, or `NONE`.
+    pub zone: u32,
+    pub hook: u8,
+    pub _pad: u8,
+    /// Bytes of `path` that belong to the name (see [`crate::UnixKey::path`] for the encoding).
+    pub path_len: u16,
+    /// Grant that allowed the call, or 0.
+    pub grant_id: u64,
+    /// The destination as in [`crate::UnixKey::path`].
+    pub path: [u8; UNIX_PATH_BYTES],
+    pub _pad2: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<UnixEvent>() == 184);
 
 /// An exec decision (see [`crate::exec`]). Written in place in the ring buffer (it is larger
 /// than the BPF stack).

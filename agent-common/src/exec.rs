@@ -252,7 +252,8 @@ mod tests {
             revision: 1,
             default_action,
             mode,
-            _pad: [0; 6],
+            flags: 0,
+            _pad: [0; 5],
         }
     }
 

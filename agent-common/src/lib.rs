@@ -119,6 +119,10 @@ mod pod {
     unsafe impl aya::Pod for TaskInfo {}
     // SAFETY: as above.
     unsafe impl aya::Pod for RateState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for UnixKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for UnixEvent {}
 
     /// Copies a `T` out of possibly unaligned bytes (ring buffer records); `None` if too short.
     pub fn read_unaligned<T: aya::Pod>(bytes: &[u8]) -> Option<T> {

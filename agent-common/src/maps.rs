@@ -35,6 +35,8 @@ pub const EXEC_FILES: &str = "CORRAL_EXFILES";
 pub const EXEC_DIRS: &str = "CORRAL_EXDIRS";
 /// `LruHashMap<u32 tgid, TaskInfo>`: exec ids per process (lineage).
 pub const EXEC_TASKS: &str = "CORRAL_EXTASKS";
+/// `HashMap<UnixKey, ZoneValue>`: AF_UNIX destination → zone, per policy (kernel 6.7+ hooks).
+pub const UNIX_ZONES: &str = "CORRAL_UNIXZONE";
 
 /// Capacity limits (also the `max_entries` of the maps).
 pub mod limits {
@@ -44,6 +46,8 @@ pub mod limits {
     pub const RULES: u32 = 262_144;
     pub const CHAIN: u32 = 65_536;
     pub const GRANTS: u32 = 65_536;
+    /// Unix-socket destinations (over both generations).
+    pub const UNIX_ZONES: u32 = 16_384;
     /// Default ring buffer size in bytes (a power of two, multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 20;
     /// Zones per policy that can take part in chaining (bits of the `SEEN` mask).

@@ -1,6 +1,6 @@
 //! The compiled policy as the kernel reads it: keys and values of the policy maps.
 
-use crate::Addr;
+use crate::{Addr, UNIX_PATH_BYTES};
 
 /// `PolicyMeta::default_action` / `RuleValue` actions.
 pub const ACTION_DENY: u8 = 0;
@@ -16,6 +16,13 @@ pub const ANY_PROTO: u8 = 0;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
+/// `PolicyMeta::flags`: the unix hooks decide every unix connect/sendmsg of the policy's
+/// principals (a path in no zone takes the default action). The agent sets it for every
+/// policy: a unix socket (`/var/run/docker.sock`) is a destination like any other, so a
+/// default-deny policy denies the ones it does not allow. Without it unix sockets are not
+/// policed (kept so a future policy option can opt out).
+pub const POLICY_F_UNIX: u8 = 1;
+
 /// Per policy slot and generation.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -24,7 +31,9 @@ pub struct PolicyMeta {
     pub revision: u64,
     pub default_action: u8,
     pub mode: u8,
-    pub _pad: [u8; 6],
+    /// `POLICY_F_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 5],
 }
 const _: () = assert!(core::mem::size_of::<PolicyMeta>() == 16);
 
@@ -104,3 +113,26 @@ pub struct GrantValue {
     pub grant_id: u64,
 }
 const _: () = assert!(core::mem::size_of::<GrantValue>() == 16);
+
+/// `UNIX_ZONES` key: an AF_UNIX destination, per policy (exact match).
+///
+/// `path` holds the name as the caller passed it in `sockaddr_un.sun_path`, zero-filled after it:
+/// a filesystem path is its bytes up to the first NUL (`/run/docker.sock`); an abstract name
+/// keeps its leading NUL byte followed by the name (`@name` in policies and events is
+/// `\0name`). Trailing NUL bytes of an abstract name are not significant.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UnixKey {
+    pub policy: u32,
+    pub path: [u8; UNIX_PATH_BYTES],
+}
+const _: () = assert!(core::mem::size_of::<UnixKey>() == 112);
+
+impl Default for UnixKey {
+    fn default() -> Self {
+        Self {
+            policy: 0,
+            path: [0; UNIX_PATH_BYTES],
+        }
+    }
+}

@@ -1,15 +1,16 @@
 //! cgroup sock_addr programs: connect4/6 and sendmsg4/6 (unconnected UDP, TCP fast open).
 //!
 //! Minimum kernel: 4.17 (connect hooks), 4.18 (sendmsg hooks); attached at the cgroup v2 root.
-//! Returning 0 fails the call with EPERM; 1 lets it proceed.
+//! Returning 0 fails the call with EPERM; 1 lets it proceed. The decision itself
+//! ([`evaluate`]) is shared with the unix-socket hooks (`unix.rs`).
 
 use core::intrinsics::{AtomicOrdering, atomic_or};
 
 use agent_common::{
-    ACTION_ALLOW, ANY_PORT, ANY_PROTO, Addr, ChainKey, ConnectEvent, GrantKey, HOOK_CONNECT4,
-    HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, KIND_CONNECT, MODE_AUDIT, NONE, REASON_CHAINING,
-    REASON_DEFAULT, REASON_GRANT, REASON_NO_POLICY, REASON_RULE, RuleKey, VERDICT_ALLOW,
-    VERDICT_AUDIT_DENY, VERDICT_DENY, ZoneKey, maps::limits, policy_key, v4_mapped,
+    ACTION_ALLOW, ANY_PORT, ANY_PROTO, Addr, ChainKey, Config, ConnectEvent, EventHeader, GrantKey,
+    HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, KIND_CONNECT, MODE_AUDIT, NONE,
+    REASON_CHAINING, REASON_DEFAULT, REASON_GRANT, REASON_NO_POLICY, REASON_RULE, RuleKey,
+    VERDICT_ALLOW, VERDICT_AUDIT_DENY, VERDICT_DENY, ZoneKey, maps::limits, policy_key, v4_mapped,
     zone_prefix_len,
 };
 use aya_ebpf::{
@@ -20,10 +21,10 @@ use aya_ebpf::{
 use crate::{
     events,
     maps::{CHAIN, GRANTS, POLICIES, RULES, SEEN, ZONES},
-    principal,
+    principal::{self, Caller},
 };
 
-const ALLOW: i32 = 1;
+pub(crate) const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
@@ -55,11 +56,11 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 }
 
 /// The outcome of a decision before it is turned into a return code and an event.
-struct Decision {
-    verdict: u8,
-    reason: u8,
-    rule: u32,
-    grant_id: u64,
+pub(crate) struct Decision {
+    pub verdict: u8,
+    pub reason: u8,
+    pub rule: u32,
+    pub grant_id: u64,
 }
 
 /// The destination of the call as the kernel hands it to us.
@@ -105,6 +106,68 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
         return Ok(ALLOW);
     };
     let d = dest(ctx, hook);
+    // Every policy polices IP destinations: `evaluate` always decides.
+    let Some(out) = evaluate(&cfg, &caller, 0, d.port, d.proto, |policy| {
+        lookup_zone(policy, &d.addr)
+    }) else {
+        return Ok(ALLOW);
+    };
+    let Some(header) = event_header(&cfg, &caller, &out, KIND_CONNECT) else {
+        return Ok(out.ret());
+    };
+    let index = caller.principal.index;
+    let written = events::emit(&ConnectEvent {
+        header,
+        addr: d.addr,
+        zone: out.zone,
+        port: d.port,
+        family: d.family,
+        proto: d.proto,
+        hook,
+        _pad: [0; 6],
+        grant_id: out.decision.grant_id,
+    });
+    if !written {
+        events::restore_suppressed(index, header.suppressed);
+    }
+    Ok(out.ret())
+}
+
+/// A decision with the zone and policy key it was made under.
+pub(crate) struct Outcome {
+    pub decision: Decision,
+    /// Zone index, or `NONE`.
+    pub zone: u32,
+    /// Generation-qualified policy key, or `NONE`.
+    pub policy: u32,
+}
+
+impl Outcome {
+    /// The program's return code: 0 fails the call with EPERM.
+    #[inline(always)]
+    pub fn ret(&self) -> i32 {
+        if self.decision.verdict == VERDICT_DENY {
+            DENY
+        } else {
+            ALLOW
+        }
+    }
+}
+
+/// Decides a call of an enrolled `caller` to a destination with `port` and `proto`
+/// (`ANY_PORT`/`ANY_PROTO` where the destination has none), whose zone under a policy key
+/// `zone_of` finds; updates the chaining state of an allowed call. Shared by the IP and unix
+/// hooks. `None`: the caller's policy lacks a `POLICY_F_*` bit of `requires`, so it does not
+/// police this kind of call (allowed, no event). No policy at all: denied (fail closed).
+#[inline(always)]
+pub(crate) fn evaluate(
+    cfg: &Config,
+    caller: &Caller,
+    requires: u8,
+    port: u16,
+    proto: u8,
+    zone_of: impl FnOnce(u32) -> u32,
+) -> Option<Outcome> {
     let pol_slot = if cfg.generation & 1 == 0 {
         caller.principal.policy[0]
     } else {
@@ -133,12 +196,16 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
             Some(meta) => {
                 // SAFETY: map value pointer, valid for this run.
                 let meta = unsafe { *meta };
-                zone = lookup_zone(policy, &d.addr);
+                if meta.flags & requires != requires {
+                    return None;
+                }
+                zone = zone_of(policy);
                 let mut dec = decide(
                     policy,
                     caller.principal.index,
                     zone,
-                    &d,
+                    port,
+                    proto,
                     meta.default_action,
                 );
                 if dec.verdict == VERDICT_DENY && meta.mode == MODE_AUDIT {
@@ -152,38 +219,34 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
     if decision.verdict != VERDICT_DENY && zone < limits::CHAIN_ZONES {
         mark_seen(caller.principal.index, zone);
     }
-
-    let index = caller.principal.index;
-    let ret = if decision.verdict == VERDICT_DENY {
-        DENY
-    } else {
-        ALLOW
-    };
-    // Only allow events are rate-limited; deny and audit-deny always go out.
-    if decision.verdict == VERDICT_ALLOW && !events::allow_event_permitted(&cfg, index) {
-        return Ok(ret);
-    }
-    let mut header = events::header(KIND_CONNECT, caller.cgroup_id, index);
-    header.verdict = decision.verdict;
-    header.reason = decision.reason;
-    header.policy = policy;
-    header.rule = decision.rule;
-    header.suppressed = events::take_suppressed(index);
-    let written = events::emit(&ConnectEvent {
-        header,
-        addr: d.addr,
+    Some(Outcome {
+        decision,
         zone,
-        port: d.port,
-        family: d.family,
-        proto: d.proto,
-        hook,
-        _pad: [0; 6],
-        grant_id: decision.grant_id,
-    });
-    if !written {
-        events::restore_suppressed(index, header.suppressed);
+        policy,
+    })
+}
+
+/// The header of the event to emit, or `None` when the allow event is rate-limited (deny and
+/// audit-deny events always go out). The header carries the suppressed count taken from the
+/// principal: give it back with `events::restore_suppressed` if the event cannot be written.
+#[inline(always)]
+pub(crate) fn event_header(
+    cfg: &Config,
+    caller: &Caller,
+    out: &Outcome,
+    kind: u8,
+) -> Option<EventHeader> {
+    let index = caller.principal.index;
+    if out.decision.verdict == VERDICT_ALLOW && !events::allow_event_permitted(cfg, index) {
+        return None;
     }
-    Ok(ret)
+    let mut header = events::header(kind, caller.cgroup_id, index);
+    header.verdict = out.decision.verdict;
+    header.reason = out.decision.reason;
+    header.policy = out.policy;
+    header.rule = out.decision.rule;
+    header.suppressed = events::take_suppressed(index);
+    Some(header)
 }
 
 #[inline(always)]
@@ -204,14 +267,21 @@ fn lookup_zone(policy: u32, addr: &Addr) -> u32 {
 /// Rules (deny beats allow), then chaining (beats everything), then grants (override a deny),
 /// then the policy default.
 #[inline(always)]
-fn decide(policy: u32, principal: u32, zone: u32, d: &Dest, default_action: u8) -> Decision {
+fn decide(
+    policy: u32,
+    principal: u32,
+    zone: u32,
+    port: u16,
+    proto: u8,
+    default_action: u8,
+) -> Decision {
     let mut allow_rule = NONE;
     let mut deny_rule = NONE;
     if zone != NONE {
         for (port, proto) in [
-            (d.port, d.proto),
-            (d.port, ANY_PROTO),
-            (ANY_PORT, d.proto),
+            (port, proto),
+            (port, ANY_PROTO),
+            (ANY_PORT, proto),
             (ANY_PORT, ANY_PROTO),
         ] {
             let key = RuleKey {
@@ -270,7 +340,7 @@ fn decide(policy: u32, principal: u32, zone: u32, d: &Dest, default_action: u8) 
     };
     if base.verdict == VERDICT_DENY
         && zone != NONE
-        && let Some(grant_id) = active_grant(principal, zone, d)
+        && let Some(grant_id) = active_grant(principal, zone, port, proto)
     {
         return Decision {
             verdict: VERDICT_ALLOW,
@@ -304,13 +374,13 @@ fn mark_seen(principal: u32, zone: u32) {
 
 /// A grant counts only while `now < expires_ns`: expiry needs no userspace action.
 #[inline(always)]
-fn active_grant(principal: u32, zone: u32, d: &Dest) -> Option<u64> {
+fn active_grant(principal: u32, zone: u32, port: u16, proto: u8) -> Option<u64> {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     for (port, proto) in [
-        (d.port, d.proto),
-        (d.port, ANY_PROTO),
-        (ANY_PORT, d.proto),
+        (port, proto),
+        (port, ANY_PROTO),
+        (ANY_PORT, proto),
         (ANY_PORT, ANY_PROTO),
     ] {
         let key = GrantKey {

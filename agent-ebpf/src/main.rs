@@ -14,6 +14,7 @@ mod events;
 mod exec;
 mod maps;
 mod principal;
+mod unix;
 
 #[cfg(not(test))]
 #[panic_handler]

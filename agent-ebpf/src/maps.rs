@@ -2,7 +2,7 @@
 
 use agent_common::{
     ChainKey, Config, ExecConfig, ExecKey, GrantKey, GrantValue, PolicyMeta, Principal, RateState,
-    RuleKey, RuleValue, ScriptConfig, TaskInfo, ZoneKey, ZoneValue, maps::limits,
+    RuleKey, RuleValue, ScriptConfig, TaskInfo, UnixKey, ZoneKey, ZoneValue, maps::limits,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -25,6 +25,11 @@ pub static POLICIES: HashMap<u32, PolicyMeta> =
 
 #[map(name = "CORRAL_ZONES")]
 pub static ZONES: LpmTrie<ZoneKey, ZoneValue> = LpmTrie::with_max_entries(limits::ZONES, 0);
+
+// Unix-socket destinations (see unix.rs): exact match on (policy key, path).
+#[map(name = "CORRAL_UNIXZONE")]
+pub static UNIX_ZONES: HashMap<UnixKey, ZoneValue> =
+    HashMap::with_max_entries(limits::UNIX_ZONES, BPF_F_NO_PREALLOC);
 
 #[map(name = "CORRAL_RULES")]
 pub static RULES: HashMap<RuleKey, RuleValue> =

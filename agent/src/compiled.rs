@@ -9,7 +9,7 @@ use std::{
 
 use agent_common::{
     ACTION_ALLOW, ACTION_DENY, ANY_PORT, ANY_PROTO, Addr, ChainKey, GrantKey, MODE_AUDIT,
-    MODE_ENFORCE, NONE, PolicyMeta, RuleKey, RuleValue, ZoneKey, ZoneValue, maps::limits,
+    MODE_ENFORCE, NONE, PolicyMeta, RuleKey, RuleValue, UnixKey, ZoneKey, ZoneValue, maps::limits,
     zone_prefix_len,
 };
 
@@ -242,6 +242,41 @@ pub struct UnixDest {
     pub path: String,
 }
 
+impl UnixDest {
+    /// The `UNIX_ZONES` key of this destination under policy key `policy` (`None` if the name
+    /// does not fit `sun_path`; validation rejects such names).
+    pub fn kernel_key(&self, policy: u32) -> Option<UnixKey> {
+        let bytes = unix_name_bytes(&self.path);
+        let mut key = UnixKey {
+            policy,
+            ..UnixKey::default()
+        };
+        if bytes.len() > key.path.len() {
+            return None;
+        }
+        key.path[..bytes.len()].copy_from_slice(&bytes);
+        Some(key)
+    }
+}
+
+/// The bytes of a unix-socket name in `sun_path`: a path as is, `@name` as a NUL byte then
+/// `name` (the abstract namespace).
+pub fn unix_name_bytes(name: &str) -> Vec<u8> {
+    match name.strip_prefix('@') {
+        Some(abs) => std::iter::once(0).chain(abs.bytes()).collect(),
+        None => name.as_bytes().to_vec(),
+    }
+}
+
+/// Inverse of [`unix_name_bytes`], for events: the first `len` bytes of `sun_path`, an
+/// abstract name shown as `@name` (any byte that is not UTF-8 replaced).
+pub fn unix_name_from_bytes(path: &[u8]) -> String {
+    match path.split_first() {
+        Some((0, abs)) => format!("@{}", String::from_utf8_lossy(abs)),
+        _ => String::from_utf8_lossy(path).into_owned(),
+    }
+}
+
 /// The parts of a policy the connect maps do not carry, kept beside [`CompiledSet::policies`]
 /// (same order) so the connect form stays as the map layer knows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -353,7 +388,8 @@ pub fn expand(
             revision,
             default_action: policy.default_action.to_kernel(),
             mode: policy.mode.to_kernel(),
-            _pad: [0; 6],
+            flags: 0,
+            _pad: [0; 5],
         },
         zones,
         rules,
@@ -564,6 +600,25 @@ mod tests {
         assert!(r.matches("/opt/agent/bin/x"));
         assert!(!r.matches("/opt/agent"));
         assert!(!r.matches("/opt/agentx/y"));
+    }
+
+    #[test]
+    fn unix_keys_encode_paths_and_abstract_names() {
+        let d = |path: &str| UnixDest {
+            zone: 3,
+            path: path.into(),
+        };
+        let k = d("/run/docker.sock").kernel_key(9).expect("fits");
+        assert_eq!(k.policy, 9);
+        assert_eq!(&k.path[..17], b"/run/docker.sock\0");
+        assert!(k.path[16..].iter().all(|&b| b == 0));
+        let k = d("@corral-test").kernel_key(1).expect("fits");
+        assert_eq!(&k.path[..12], b"\0corral-test");
+        assert!(k.path[12..].iter().all(|&b| b == 0));
+        assert_eq!(unix_name_from_bytes(&k.path[..12]), "@corral-test");
+        assert_eq!(unix_name_from_bytes(b"/a/b"), "/a/b");
+        assert!(d(&format!("/{}", "x".repeat(108))).kernel_key(0).is_none());
+        assert!(d(&format!("/{}", "x".repeat(107))).kernel_key(0).is_some());
     }
 
     #[test]

@@ -20,7 +20,8 @@ use std::{
 };
 
 use agent_common::{
-    HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, PROTO_TCP, PROTO_UDP,
+    HOOK_CONNECT_UNIX, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG_UNIX, HOOK_SENDMSG4,
+    HOOK_SENDMSG6, PROTO_TCP, PROTO_UDP,
 };
 use bytes::BytesMut;
 use corral_proto::v1 as pb;
@@ -116,6 +117,8 @@ fn hook_name(h: u8) -> &'static str {
         HOOK_CONNECT6 => "connect6",
         HOOK_SENDMSG4 => "sendmsg4",
         HOOK_SENDMSG6 => "sendmsg6",
+        HOOK_CONNECT_UNIX => "connect_unix",
+        HOOK_SENDMSG_UNIX => "sendmsg_unix",
         _ => "unknown",
     }
 }
@@ -327,17 +330,23 @@ impl Enricher {
         {
             d.grant_available.push_str(name);
         }
-        set(
-            &mut call.family,
-            if c.addr.is_ipv4() { "ipv4" } else { "ipv6" },
-        );
-        set(&mut call.protocol, proto_name(c.proto));
-        // Bursts go to the same destination: format the address only when it changes.
-        if self.destination_of != Some(c.addr) {
-            call.destination.clear();
-            let _ = write!(call.destination, "{}", c.addr);
-            self.destination_of = Some(c.addr);
+        if let Some(path) = &c.unix_path {
+            set(&mut call.family, "unix");
+            set(&mut call.destination, path);
+            self.destination_of = None;
+        } else {
+            set(
+                &mut call.family,
+                if c.addr.is_ipv4() { "ipv4" } else { "ipv6" },
+            );
+            // Bursts go to the same destination: format the address only when it changes.
+            if self.destination_of != Some(c.addr) {
+                call.destination.clear();
+                let _ = write!(call.destination, "{}", c.addr);
+                self.destination_of = Some(c.addr);
+            }
         }
+        set(&mut call.protocol, proto_name(c.proto));
         call.port = u32::from(c.port);
         set(&mut call.hook, hook_name(c.hook));
         self.scratch.call = Some(pb::event::Call::Connect(call));
@@ -587,6 +596,7 @@ mod tests {
             hook: HOOK_CONNECT4,
             grant_id: 0,
             suppressed: 0,
+            unix_path: None,
         }
     }
 

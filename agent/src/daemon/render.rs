@@ -91,7 +91,9 @@ pub fn event_json(e: &pb::Event, subscriber_dropped: Option<u64>) -> Value {
 pub fn call_text(e: &pb::Event) -> String {
     match &e.call {
         Some(pb::event::Call::Connect(c)) => {
-            let dest = if c.family == "ipv6" {
+            let dest = if c.family == "unix" {
+                c.destination.clone()
+            } else if c.family == "ipv6" {
                 format!("[{}]:{}", c.destination, c.port)
             } else {
                 format!("{}:{}", c.destination, c.port)
@@ -106,7 +108,11 @@ pub fn call_text(e: &pb::Event) -> String {
             } else {
                 format!(" (zone {})", c.zone)
             };
-            format!("{verb} {} {dest}{zone}", c.protocol)
+            if c.protocol.is_empty() {
+                format!("{verb} {} {dest}{zone}", c.family)
+            } else {
+                format!("{verb} {} {dest}{zone}", c.protocol)
+            }
         }
         Some(pb::event::Call::Exec(x)) => format!("exec {}", x.path),
         Some(pb::event::Call::Grant(g)) => {

@@ -11,7 +11,7 @@ use super::{
     registry::process_count,
 };
 use crate::{
-    ebpf::{ExecMode, loader::SOCK_ADDR_PROGRAMS},
+    ebpf::{ExecMode, loader::SOCK_ADDR_PROGRAMS, unix_hooks::UNIX_PROGRAMS},
     k8s::tracker::Unenrolled,
 };
 
@@ -74,6 +74,8 @@ fn pods_not_enrolled(s: &mut String, (pending, failed): (usize, usize)) {
 }
 
 pub fn build(shared: &Shared) -> pb::AgentStatus {
+    // Before the policy lock (lock order: enforcer, then policy state).
+    let hooks = shared.enforcer().sock_addr_hooks();
     let (revision, policies, last_error, current) = {
         let st = shared.policy_state();
         let current = st.current().cloned();
@@ -122,7 +124,7 @@ pub fn build(shared: &Shared) -> pb::AgentStatus {
         node: shared.resolved.node.clone(),
         exec_enforcement: exec_enforcement(shared.exec_mode).into(),
         exec_scripts: exec_scripts(shared).into(),
-        sock_addr_hooks: SOCK_ADDR_PROGRAMS.iter().map(|s| (*s).into()).collect(),
+        sock_addr_hooks: hooks.iter().map(|s| (*s).into()).collect(),
         policy_revision: revision,
         policies,
         last_error,
@@ -157,9 +159,30 @@ pub fn build(shared: &Shared) -> pb::AgentStatus {
     }
 }
 
+/// `corral_sock_addr_hook_attached`: 1 per cgroup sock_addr hook attached, 0 for a unix-socket
+/// hook the kernel lacks (6.7+; then unix sockets are not policed).
+fn sock_addr_hooks_gauge(s: &mut String, attached: &[&str]) {
+    let name = "corral_sock_addr_hook_attached";
+    let _ = writeln!(
+        s,
+        "# HELP {name} Cgroup sock_addr hooks attached (1) or unavailable (0; the unix-socket \
+         hooks need kernel 6.7+, without them unix sockets are not policed).\n# TYPE {name} gauge"
+    );
+    let all = SOCK_ADDR_PROGRAMS
+        .iter()
+        .chain(UNIX_PROGRAMS.iter().map(|(n, _)| n));
+    for hook in all {
+        let v = u8::from(attached.contains(hook));
+        let _ = writeln!(s, "{name}{{hook=\"{hook}\"}} {v}");
+    }
+}
+
 /// Prometheus text exposition format.
 pub fn metrics(shared: &Shared) -> String {
     let mut s = String::new();
+    // Lock order: the enforcer before the policy state.
+    let hooks = shared.enforcer().sock_addr_hooks();
+    sock_addr_hooks_gauge(&mut s, &hooks);
     let mut gauge = |name: &str, help: &str, kind: &str, v: u64| {
         let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
     };
@@ -275,6 +298,32 @@ mod tests {
         assert_eq!(p.since_unix_nano, 1_700_000_000_000_000_000);
         let failed = Unenrolled { failed: true, ..u };
         assert_eq!(unenrolled_pod(&failed).state, "failed");
+    }
+
+    #[test]
+    fn the_hooks_gauge_says_which_sock_addr_hooks_are_attached() {
+        let mut s = String::new();
+        sock_addr_hooks_gauge(&mut s, &["connect4", "connect6", "sendmsg4", "sendmsg6"]);
+        assert!(
+            s.starts_with("# HELP corral_sock_addr_hook_attached "),
+            "{s}"
+        );
+        assert!(
+            s.contains("\n# TYPE corral_sock_addr_hook_attached gauge\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains("\ncorral_sock_addr_hook_attached{hook=\"sendmsg6\"} 1\n"),
+            "{s}"
+        );
+        assert!(s.ends_with(
+            "corral_sock_addr_hook_attached{hook=\"connect_unix\"} 0\n\
+             corral_sock_addr_hook_attached{hook=\"sendmsg_unix\"} 0\n"
+        ));
+        let mut s = String::new();
+        sock_addr_hooks_gauge(&mut s, &["connect4", "connect_unix", "sendmsg_unix"]);
+        assert!(s.contains("{hook=\"connect6\"} 0\n"), "{s}");
+        assert!(s.contains("{hook=\"sendmsg_unix\"} 1\n"), "{s}");
     }
 
     #[test]

@@ -1,16 +1,16 @@
 //! Reading decisions from the ring buffer and decoding them into typed values.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use agent_common::{
-    ConnectEvent, EXEC_F_NO_IDENTITY, EventHeader, ExecEvent, KIND_CONNECT, KIND_EXEC,
-    REASON_CHAINING, REASON_DEFAULT, REASON_GRANT, REASON_NO_POLICY, REASON_RULE, VERDICT_ALLOW,
-    VERDICT_AUDIT_DENY, VERDICT_DENY,
+    ConnectEvent, EXEC_F_NO_IDENTITY, EventHeader, ExecEvent, KIND_CONNECT, KIND_EXEC, KIND_UNIX,
+    REASON_CHAINING, REASON_DEFAULT, REASON_GRANT, REASON_NO_POLICY, REASON_RULE, UnixEvent,
+    VERDICT_ALLOW, VERDICT_AUDIT_DENY, VERDICT_DENY,
 };
 use aya::maps::{MapData, RingBuf};
 
 use super::maps::{MapError, PolicyMaps};
-use crate::compiled::addr_from_words;
+use crate::compiled::{addr_from_words, unix_name_from_bytes};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -70,7 +70,8 @@ pub enum DecodeError {
     Field { field: &'static str, value: u64 },
 }
 
-/// A decoded connect/sendmsg decision.
+/// A decoded connect/sendmsg decision, on an IP or (hooks `connect_unix`/`sendmsg_unix`) a
+/// unix-socket destination.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectDecision {
     pub seq: u64,
@@ -86,12 +87,17 @@ pub struct ConnectDecision {
     pub policy: Option<u32>,
     pub rule: Option<u32>,
     pub zone: Option<u32>,
+    /// The IP destination; `::` for a unix-socket destination.
     pub addr: IpAddr,
+    /// 0 for a unix-socket destination.
     pub port: u16,
+    /// 0 (any) for a unix-socket destination.
     pub proto: u8,
     pub hook: u8,
     pub grant_id: u64,
     pub suppressed: u32,
+    /// The unix-socket destination (`@name` for an abstract one), or `None` for an IP one.
+    pub unix_path: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,6 +143,32 @@ impl KernelEvent {
                     hook: e.hook,
                     grant_id: e.grant_id,
                     suppressed: h.suppressed,
+                    unix_path: None,
+                }))
+            }
+            KIND_UNIX => {
+                let e: UnixEvent = read(bytes)?;
+                let len = usize::from(e.path_len).min(e.path.len());
+                Ok(Self::Connect(ConnectDecision {
+                    seq: h.seq,
+                    time_ns: h.time_ns,
+                    cgroup_id: h.cgroup_id,
+                    pid: h.pid,
+                    tid: h.tid,
+                    uid: h.uid,
+                    principal: h.principal,
+                    verdict: h.verdict.try_into()?,
+                    reason: h.reason.try_into()?,
+                    policy: opt(h.policy),
+                    rule: opt(h.rule),
+                    zone: opt(e.zone),
+                    addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                    port: 0,
+                    proto: 0,
+                    hook: e.hook,
+                    grant_id: e.grant_id,
+                    suppressed: h.suppressed,
+                    unix_path: Some(unix_name_from_bytes(&e.path[..len])),
                 }))
             }
             k => Err(DecodeError::Kind(k)),

@@ -22,7 +22,9 @@ use super::{
     pins::{PinDir, PinError},
 };
 
-/// The sock_addr programs, by the names of their functions in `agent-ebpf`.
+/// The sock_addr programs, by the names of their functions in `agent-ebpf`. The unix-socket
+/// hooks (kernel 6.7+) are attached where the kernel has them, by [`super::unix_hooks`]:
+/// [`Enforcer::sock_addr_hooks`] lists what is attached.
 pub const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +71,7 @@ pub enum LoadError {
 pub struct Enforcer {
     // Field order matters: links drop before the object.
     links: Vec<FdLink>,
+    unix: super::unix_hooks::UnixHooks,
     maps: PolicyMaps,
     pinned: bool,
     adopted: bool,
@@ -139,6 +142,8 @@ impl Enforcer {
             }
             info!(program = name, cgroup = %cgroup.display(), pinned = pins.is_some(), "attached");
         }
+        // Before the maps are taken out of `ebpf`: the unix programs are relocated against them.
+        let unix = super::unix_hooks::attach(&ebpf, object, &cg, pins);
         let mut maps = PolicyMaps::take(&mut ebpf)?;
         // Exec: offsets first, then the LSM probe and the tracepoints.
         let exec = super::exec::attach(&mut ebpf, maps.exec(), pins)
@@ -149,6 +154,7 @@ impl Enforcer {
         }
         Ok(Self {
             links,
+            unix,
             maps,
             pinned: pins.is_some(),
             adopted,
@@ -168,6 +174,19 @@ impl Enforcer {
         self.exec_lsm_error.as_deref()
     }
 
+    /// The cgroup sock_addr hooks attached: [`SOCK_ADDR_PROGRAMS`], then `connect_unix` and
+    /// `sendmsg_unix` where the kernel has the unix hooks (6.7+).
+    pub fn sock_addr_hooks(&self) -> Vec<&'static str> {
+        let mut v = SOCK_ADDR_PROGRAMS.to_vec();
+        v.extend(self.unix.active.iter().copied());
+        v
+    }
+
+    /// Why the unix-socket hooks are not attached (`None` when they are).
+    pub fn unix_hooks_error(&self) -> Option<&str> {
+        self.unix.error.as_deref()
+    }
+
     /// Whether this start reused pinned maps of an earlier agent.
     pub fn adopted(&self) -> bool {
         self.adopted
@@ -184,6 +203,6 @@ impl Enforcer {
 
     /// Number of program links this process holds unpinned (pinned links live in bpffs).
     pub fn attached(&self) -> usize {
-        self.links.len()
+        self.links.len() + self.unix.links.len()
     }
 }

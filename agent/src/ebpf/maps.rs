@@ -7,7 +7,7 @@
 
 use agent_common::{
     ChainKey, Config, GrantKey, GrantValue, NONE, PolicyMeta, Principal, RateState, RuleKey,
-    RuleValue, ZoneKey, ZoneValue, maps as names, policy_key,
+    RuleValue, UnixKey, ZoneKey, ZoneValue, maps as names, policy_key,
 };
 use aya::{
     Ebpf,
@@ -33,6 +33,8 @@ pub enum MapError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("policy key {policy}: unix socket {path} does not fit sun_path")]
+    UnixPath { policy: u32, path: String },
     #[error("policy {policy}: zone index {zone} out of range (at most {max} zones per policy)")]
     TooManyZones {
         policy: String,
@@ -68,6 +70,7 @@ pub struct PolicyMaps {
     principals: HashMap<MapData, u64, Principal>,
     policies: HashMap<MapData, u32, PolicyMeta>,
     zones: LpmTrie<MapData, ZoneKey, ZoneValue>,
+    unix_zones: HashMap<MapData, UnixKey, ZoneValue>,
     rules: HashMap<MapData, RuleKey, RuleValue>,
     chain: HashMap<MapData, ChainKey, u64>,
     seen: HashMap<MapData, u32, u64>,
@@ -85,6 +88,7 @@ impl PolicyMaps {
             principals: take(ebpf, names::PRINCIPALS)?,
             policies: take(ebpf, names::POLICIES)?,
             zones: take(ebpf, names::ZONES)?,
+            unix_zones: take(ebpf, names::UNIX_ZONES)?,
             rules: take(ebpf, names::RULES)?,
             chain: take(ebpf, names::CHAIN)?,
             seen: take(ebpf, names::SEEN)?,
@@ -255,7 +259,8 @@ impl PolicyMaps {
     }
 
     /// [`Self::apply`], with each policy's addenda (same order as `set.policies`; missing
-    /// entries mean none): their exec rules are written under the same generation flip.
+    /// entries mean none): their exec rules and unix-socket destinations are written under
+    /// the same generation flip.
     pub fn apply_with_addenda(
         &mut self,
         set: &CompiledSet,
@@ -270,10 +275,14 @@ impl PolicyMaps {
         for (i, policy) in set.policies.iter().enumerate() {
             let slot = u32::try_from(i).unwrap_or(NONE);
             // Exec entries before the policy's meta (written last by write_policy).
+            // Unix sockets are destinations like any other: every policy polices them (a path
+            // in no zone takes the default action), whether or not it names any.
+            let flags = agent_common::POLICY_F_UNIX;
             if let Some(a) = addenda.get(i) {
                 self.exec.write(policy_key(new, slot), &a.exec)?;
+                self.write_unix(policy_key(new, slot), &a.unix)?;
             }
-            self.write_policy(policy_key(new, slot), policy, set.revision)?;
+            self.write_policy(policy_key(new, slot), policy, set.revision, flags)?;
         }
         let principals: Vec<(u64, Principal)> =
             self.principals.iter().filter_map(Result::ok).collect();
@@ -290,13 +299,15 @@ impl PolicyMaps {
         self.clear_generation(old)
     }
 
+    /// Writes one policy slot; `flags` (`POLICY_F_*`) come from its addenda.
     fn write_policy(
         &mut self,
         key: u32,
         policy: &CompiledPolicy,
         revision: u64,
+        flags: u8,
     ) -> Result<(), MapError> {
-        let kp = crate::compiled::expand(key, policy, revision).map_err(|e| match e {
+        let mut kp = crate::compiled::expand(key, policy, revision).map_err(|e| match e {
             crate::compiled::ExpandError::ChainZone { policy, zone, max } => {
                 MapError::TooManyZones {
                     policy,
@@ -310,6 +321,7 @@ impl PolicyMaps {
                 max: u32::MAX,
             },
         })?;
+        kp.meta.flags = flags;
         for (len, k, v) in &kp.zones {
             self.zones
                 .insert(&Key::new(*len, *k), *v, 0)
@@ -329,6 +341,22 @@ impl PolicyMaps {
         self.policies
             .insert(key, kp.meta, 0)
             .map_err(op("insert", names::POLICIES))
+    }
+
+    /// Unix-socket destination → zone entries of policy slot `key` (read by the unix hooks,
+    /// kernel 6.7+; written regardless, so the maps are the same on every kernel). Every
+    /// policy gets `POLICY_F_UNIX`: a path in no zone takes the default action.
+    fn write_unix(&mut self, key: u32, unix: &[crate::compiled::UnixDest]) -> Result<(), MapError> {
+        for u in unix {
+            let k = u.kernel_key(key).ok_or_else(|| MapError::UnixPath {
+                policy: key,
+                path: u.path.clone(),
+            })?;
+            self.unix_zones
+                .insert(k, ZoneValue { zone: u.zone }, 0)
+                .map_err(op("insert", names::UNIX_ZONES))?;
+        }
+        Ok(())
     }
 
     /// Deletes every policy map entry of generation `gen`.
@@ -351,6 +379,15 @@ impl PolicyMaps {
             .collect();
         for k in keys {
             let _ = self.zones.remove(&k);
+        }
+        let keys: Vec<UnixKey> = self
+            .unix_zones
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| of_gen(k.policy))
+            .collect();
+        for k in keys {
+            let _ = self.unix_zones.remove(&k);
         }
         let keys: Vec<RuleKey> = self
             .rules

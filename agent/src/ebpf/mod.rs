@@ -9,6 +9,11 @@ pub mod loader;
 pub mod maps;
 pub mod object;
 pub mod pins;
+#[expect(
+    unsafe_code,
+    reason = "raw bpf() syscalls for the unix hooks; SAFETY notes inside"
+)]
+pub mod unix_hooks;
 
 pub use exec::ExecMode;
 pub use loader::{Enforcer, LoadError};

@@ -26,6 +26,12 @@ pub enum PinError {
         #[source]
         source: aya::pin::PinError,
     },
+    #[error("pin link at {path}")]
+    PinFd {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("replace pinned link {path}")]
     Replace {
         path: PathBuf,
@@ -88,15 +94,41 @@ impl PinDir {
     /// Pins `link` as the link of `program`, replacing (and thereby detaching) an older pinned
     /// link only once the new one is pinned.
     pub fn install_link(&self, program: &str, link: FdLink) -> Result<(), PinError> {
+        self.install(program, |staged| {
+            // The pin holds the link; the returned handle is only an fd.
+            link.pin(staged).map(drop).map_err(|source| PinError::Pin {
+                path: staged.into(),
+                source,
+            })
+        })
+    }
+
+    /// [`Self::install_link`] for a link aya does not wrap (the unix hooks): `link` is a
+    /// bpf_link fd.
+    pub fn install_link_fd(
+        &self,
+        program: &str,
+        link: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), PinError> {
+        self.install(program, |staged| {
+            super::unix_hooks::pin_fd(link, staged).map_err(|source| PinError::PinFd {
+                path: staged.into(),
+                source,
+            })
+        })
+    }
+
+    fn install(
+        &self,
+        program: &str,
+        pin: impl FnOnce(&Path) -> Result<(), PinError>,
+    ) -> Result<(), PinError> {
         let path = self.link_path(program);
         let staged = self.link_path(&format!("{program}-new"));
         // A stale staging pin from an interrupted start: detach it (the old link at `path`,
         // if any, still enforces).
         remove_pin(&staged)?;
-        let pinned = link.pin(&staged).map_err(|source| PinError::Pin {
-            path: staged.clone(),
-            source,
-        })?;
+        pin(&staged)?;
         if path.exists() {
             match PinnedLink::from_pin(&path) {
                 Ok(old) => {
@@ -112,10 +144,7 @@ impl PinDir {
         std::fs::rename(&staged, &path).map_err(|source| PinError::Replace {
             path: path.clone(),
             source,
-        })?;
-        // The rename moved the pin; the fd in `pinned` now refers to the link at `path`.
-        drop(pinned);
-        Ok(())
+        })
     }
 
     /// Removes every pin: links first (detaching the programs), then maps.

@@ -16,6 +16,13 @@
 //!
 //! A call that is not denied marks its zone as contacted (chaining state).
 //!
+//! Unix-socket connect/sendmsg ([`unix_connect`]), kernel 6.7+: every policy polices them, like
+//! any destination. The zone is the one listing the exact path (`@name` for an abstract name),
+//! or none (default action), then steps 2–5 as above with no port and no
+//! protocol: only rules (and grants) without `ports` and `protocols` match a unix socket; a
+//! rule naming ports or protocols applies to IP calls only (validation rejects one whose zone
+//! has nothing but unix sockets). No policy: denied, as for IP.
+//!
 //! Exec: rules whose exact path or directory prefix matches; deny beats allow; otherwise the
 //! default action; audit mode as above. Chaining and grants do not apply to exec.
 
@@ -213,6 +220,37 @@ fn grant_for(state: &PrincipalState, zone: u32, call: &ConnectCall, now_ns: u64)
             .filter(|g| now_ns < g.expires_ns)
             .map(|g| g.id)
     })
+}
+
+/// The zone listing unix-socket `path` (exact match; `@name` for an abstract name).
+pub fn unix_zone_of(addenda: &PolicyAddenda, path: &str) -> Option<u32> {
+    addenda.unix.iter().find(|u| u.path == path).map(|u| u.zone)
+}
+
+/// Decides a connect/sendmsg to unix socket `path` by `policy` (`None`: no policy, denied).
+/// Port and protocol are "none" (0), so only rules and grants without them match. Always
+/// `Some` (kept an `Option` for a future opt-out of unix policing).
+pub fn unix_connect(
+    policy: Option<(&CompiledPolicy, &PolicyAddenda)>,
+    state: &PrincipalState,
+    path: &str,
+    now_ns: u64,
+) -> Option<Decision> {
+    let Some((policy, addenda)) = policy else {
+        return Some(Decision::new(Verdict::Deny, Reason::NoPolicy));
+    };
+    let call = ConnectCall {
+        addr: IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        port: ANY_PORT,
+        proto: ANY_PROTO,
+    };
+    let zone = unix_zone_of(addenda, path);
+    let mut d = match zone {
+        None => Decision::new(default_verdict(policy.default_action), Reason::Default),
+        Some(z) => decide_in_zone(policy, state, &call, z, now_ns),
+    };
+    d.zone = zone;
+    Some(d.audit(policy.mode))
 }
 
 /// Updates the chaining state after a decision: a call that was not denied marks its zone.

@@ -8,12 +8,14 @@ use std::{collections::HashMap, net::IpAddr};
 
 use agent_common::{
     ACTION_ALLOW, ANY_PORT, ANY_PROTO, ChainKey, GrantKey, GrantValue, MODE_AUDIT, NONE,
-    PolicyMeta, REASON_CHAINING, REASON_DEFAULT, REASON_GRANT, REASON_NO_POLICY, REASON_RULE,
-    RuleKey, RuleValue, VERDICT_ALLOW, VERDICT_AUDIT_DENY, VERDICT_DENY, ZoneKey, ZoneValue,
-    maps::limits, policy_key, zone_prefix_len,
+    POLICY_F_UNIX, PolicyMeta, REASON_CHAINING, REASON_DEFAULT, REASON_GRANT, REASON_NO_POLICY,
+    REASON_RULE, RuleKey, RuleValue, UnixKey, VERDICT_ALLOW, VERDICT_AUDIT_DENY, VERDICT_DENY,
+    ZoneKey, ZoneValue, maps::limits, policy_key, zone_prefix_len,
 };
 
-use crate::compiled::{CompiledSet, ExpandError, addr_words, expand, to_mapped};
+use crate::compiled::{
+    CompiledSet, ExpandError, PolicyAddenda, addr_words, expand, to_mapped, unix_name_bytes,
+};
 
 /// A decision in the kernel's own encoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +36,8 @@ pub struct KernelModel {
     zones: HashMap<(u32, [u8; 20]), ZoneValue>,
     rules: HashMap<RuleKey, RuleValue>,
     chain: HashMap<ChainKey, u64>,
+    /// `UNIX_ZONES`: exact match on (policy key, path bytes).
+    unix_zones: HashMap<UnixKey, ZoneValue>,
     /// principal index → policy slot (or NONE).
     principals: HashMap<u32, u32>,
     seen: HashMap<u32, u64>,
@@ -74,9 +78,26 @@ impl KernelModel {
             }
             m.rules.extend(kp.rules);
             m.chain.extend(kp.chain);
-            m.policies.insert(key, kp.meta);
+            let mut meta = kp.meta;
+            // As `PolicyMaps::apply_with_addenda` writes it: every policy polices unix sockets.
+            meta.flags |= POLICY_F_UNIX;
+            m.policies.insert(key, meta);
         }
         Ok(m)
+    }
+
+    /// Adds each policy's unix-socket destinations (same order as the set's policies), as
+    /// `PolicyMaps::apply_with_addenda` writes them.
+    pub fn with_unix(mut self, addenda: &[PolicyAddenda]) -> Self {
+        for (slot, a) in addenda.iter().enumerate() {
+            let key = policy_key(self.generation, u32::try_from(slot).unwrap_or(NONE));
+            for u in &a.unix {
+                if let Some(k) = u.kernel_key(key) {
+                    self.unix_zones.insert(k, ZoneValue { zone: u.zone });
+                }
+            }
+        }
+        self
     }
 
     /// Number of entries per map: (zones, rules, chain).
@@ -120,6 +141,52 @@ impl KernelModel {
         proto: u8,
         now_ns: u64,
     ) -> KernelDecision {
+        self.call(principal, 0, port, proto, now_ns, |m, policy| {
+            m.lookup_zone(policy, addr)
+        })
+        .unwrap_or_else(|| unreachable!("IP calls require no policy flag"))
+    }
+
+    /// A connect/sendmsg to unix socket `path` (`@name`: abstract), as `agent-ebpf/src/unix.rs`
+    /// decides it: only under a policy with `POLICY_F_UNIX` (`None`: not policed), the
+    /// exact-match zone, then the IP decision with port and protocol "any".
+    pub fn connect_unix(
+        &mut self,
+        principal: u32,
+        path: &str,
+        now_ns: u64,
+    ) -> Option<KernelDecision> {
+        let bytes = unix_name_bytes(path);
+        self.call(
+            principal,
+            POLICY_F_UNIX,
+            ANY_PORT,
+            ANY_PROTO,
+            now_ns,
+            |m, policy| {
+                let mut key = UnixKey {
+                    policy,
+                    ..UnixKey::default()
+                };
+                if bytes.len() > key.path.len() {
+                    return NONE;
+                }
+                key.path[..bytes.len()].copy_from_slice(&bytes);
+                m.unix_zones.get(&key).map_or(NONE, |v| v.zone)
+            },
+        )
+    }
+
+    /// `None`: the policy lacks a `POLICY_F_*` bit of `requires` (the call is not policed).
+    fn call(
+        &mut self,
+        principal: u32,
+        requires: u8,
+        port: u16,
+        proto: u8,
+        now_ns: u64,
+        zone_of: impl FnOnce(&Self, u32) -> u32,
+    ) -> Option<KernelDecision> {
         let slot = self.principals.get(&principal).copied().unwrap_or(NONE);
         let mut zone = NONE;
         let no_policy = KernelDecision {
@@ -136,7 +203,10 @@ impl KernelModel {
             match self.policies.get(&policy) {
                 None => no_policy,
                 Some(meta) => {
-                    zone = self.lookup_zone(policy, addr);
+                    if meta.flags & requires != requires {
+                        return None;
+                    }
+                    zone = zone_of(self, policy);
                     let mut d = self.decide(
                         policy,
                         principal,
@@ -157,7 +227,7 @@ impl KernelModel {
             *self.seen.entry(principal).or_default() |= 1u64 << zone;
         }
         d.zone = zone;
-        d
+        Some(d)
     }
 
     #[expect(clippy::too_many_arguments, reason = "mirrors the kernel's decide()")]
@@ -243,6 +313,80 @@ impl KernelModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::eval::{self, PrincipalState};
+
+    /// The unix lookup of the kernel model decides as the reference evaluator: zones by exact
+    /// path (abstract names too), rules with ports never match, default for no zone, chaining.
+    #[test]
+    fn unix_destinations_match_the_evaluator() {
+        let src = "apiVersion: corral.dev/v1alpha1\nkind: AgentPolicy\nmetadata: { name: p }\n\
+spec:\n  identities: [spiffe://t/a]\n  defaultAction: deny\n  zones:\n    \
+docker: { unix: [/run/docker.sock, '@dock'] }\n    web: { cidrs: [10.0.0.0/8], unix: [/run/web.sock] }\n    \
+secrets: { unix: [/run/secrets.sock] }\n  connect:\n    \
+- { action: allow, zones: [docker, secrets] }\n    - { action: deny, zones: [web], ports: [80] }\n    \
+- { action: allow, zones: [web] }\n  chaining:\n    - { after: [docker], deny: [secrets] }\n";
+        let compiled = crate::policy::compile_str("t.yaml", src, 1).expect("compiles");
+        let policy = &compiled.set.policies[0];
+        let addenda = &compiled.addenda[0];
+        let mut model = KernelModel::load(&compiled.set)
+            .expect("expands")
+            .with_unix(&compiled.addenda);
+        model.add_principal(1, Some(0));
+        let mut state = PrincipalState::default();
+        for path in [
+            "/run/secrets.sock",
+            "/run/web.sock",
+            "/run/other.sock",
+            "@dock",
+            "/run/docker.sock",
+            "/run/secrets.sock",
+            "@docker",
+        ] {
+            let want = eval::unix_connect(Some((policy, addenda)), &state, path, 0)
+                .expect("the policy names unix sockets");
+            eval::record(&mut state, &want);
+            let got = model.connect_unix(1, path, 0);
+            assert_eq!(
+                got,
+                Some(crate::policy::tests_props::encode(&want)),
+                "{path}"
+            );
+        }
+        // The first secrets connect was allowed; after docker, chaining denies it.
+        let d = eval::unix_connect(Some((policy, addenda)), &state, "/run/secrets.sock", 0)
+            .expect("policed");
+        assert_eq!(
+            (d.verdict, d.reason),
+            (eval::Verdict::Deny, eval::Reason::Chaining)
+        );
+        let d = eval::unix_connect(Some((policy, addenda)), &state, "/run/web.sock", 0)
+            .expect("policed");
+        assert_eq!((d.verdict, d.rule), (eval::Verdict::Allow, Some(2)));
+        // A policy that names no unix socket still polices them (default action); no policy
+        // denies.
+        let none = crate::compiled::PolicyAddenda::default();
+        assert_eq!(
+            eval::unix_connect(Some((policy, &none)), &state, "/run/docker.sock", 0)
+                .map(|d| (d.verdict, d.reason)),
+            Some((eval::Verdict::Deny, eval::Reason::Default))
+        );
+        let mut bare = KernelModel::load(&compiled.set).expect("expands");
+        bare.add_principal(1, Some(0));
+        bare.add_principal(2, None);
+        assert_eq!(
+            bare.connect_unix(1, "/run/docker.sock", 0)
+                .map(|d| d.reason),
+            Some(agent_common::REASON_DEFAULT)
+        );
+        assert_eq!(
+            bare.connect_unix(2, "/run/docker.sock", 0)
+                .map(|d| d.reason),
+            Some(agent_common::REASON_NO_POLICY)
+        );
+        let dock = addenda.unix.iter().find(|u| u.path == "@dock");
+        let docker = addenda.unix.iter().find(|u| u.path == "/run/docker.sock");
+        assert_eq!(dock.map(|u| u.zone), docker.map(|u| u.zone));
+    }
 
     #[test]
     fn prefix_compare_is_bitwise() {

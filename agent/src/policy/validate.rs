@@ -96,6 +96,46 @@ fn policy(d: &PolicyDoc, sink: &mut Sink) {
         }
     }
 
+    // A unix socket has no port and no protocol: a rule or grant that names ports or
+    // protocols never matches one. Naming such a rule's zone is a mistake when the zone has
+    // nothing else (a zone with CIDRs too: the rule applies to its IP destinations only).
+    let unix_only: HashSet<&str> = d
+        .zones
+        .iter()
+        .filter(|z| z.nets.is_empty() && !z.unix.is_empty())
+        .map(|z| z.name.value.as_str())
+        .collect();
+    let check_unix_only = |what: &str, zones: &[Spanned<String>], sink: &mut Sink| {
+        for z in zones
+            .iter()
+            .filter(|z| unix_only.contains(z.value.as_str()))
+        {
+            sink.error(
+                z.pos,
+                format!(
+                    "zone `{}` has only unix sockets, which have no port or protocol, so this \
+                     {what} (it names `ports` or `protocols`) would never apply to it: name the \
+                     zone in a {what} without `ports` and `protocols`",
+                    z.value
+                ),
+            );
+        }
+    };
+    for r in d
+        .connect
+        .iter()
+        .filter(|r| !r.ports.is_empty() || !r.protocols.is_empty())
+    {
+        check_unix_only("rule", &r.zones, sink);
+    }
+    for g in d
+        .grants
+        .iter()
+        .filter(|g| !g.ports.is_empty() || !g.protocols.is_empty())
+    {
+        check_unix_only("grant", &g.zones, sink);
+    }
+
     let mut after: Vec<&str> = Vec::new();
     for c in &d.chaining {
         for z in &c.after {
@@ -173,5 +213,46 @@ fn across(docs: &[PolicyDoc], sink: &mut Sink) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    const HEAD: &str = "apiVersion: corral.dev/v1alpha1\nkind: AgentPolicy\nmetadata: { name: p }\n\
+spec:\n  identities: [spiffe://e.org/a/*]\n  zones:\n    docker: { unix: [/run/docker.sock] }\n    \
+web: { cidrs: [10.0.0.0/8], unix: [/run/web.sock] }\n";
+
+    fn errors(tail: &str) -> Vec<String> {
+        match super::super::parse_str("p.yaml", &format!("{HEAD}{tail}")) {
+            Ok(_) => vec![],
+            Err(e) => e.diagnostics().iter().map(|d| d.message.clone()).collect(),
+        }
+    }
+
+    #[test]
+    fn ports_or_protocols_on_a_unix_only_zone_are_rejected() {
+        let e = errors("  connect:\n    - { action: allow, zones: [docker], ports: [443] }\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].contains("zone `docker` has only unix sockets"),
+            "{e:?}"
+        );
+        let e = errors("  connect:\n    - { action: deny, zones: [docker], protocols: [tcp] }\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        let e = errors(
+            "  grants:\n    - { name: g, zones: [docker], ports: [1], maxTtl: 5m, approval: auto }\n",
+        );
+        assert!(e[0].contains("this grant"), "{e:?}");
+    }
+
+    #[test]
+    fn unix_zones_without_ports_and_mixed_zones_with_ports_are_accepted() {
+        assert_eq!(
+            errors(
+                "  connect:\n    - { action: allow, zones: [docker, web] }\n    \
+                 - { action: deny, zones: [web], ports: [80] }\n"
+            ),
+            Vec::<String>::new()
+        );
     }
 }

@@ -5,6 +5,11 @@
 //! - `tcp:ADDR:PORT`: TCP connect; `udp:ADDR:PORT`: UDP connect;
 //! - `sendto:ADDR:PORT`: unconnected UDP sendto;
 //! - `tfo:ADDR:PORT`: TCP fast open (sendto with MSG_FASTOPEN on an unconnected socket);
+//! - `unix:PATH`: connect a SOCK_STREAM unix socket; `unixdgram:PATH`: sendto on an unbound,
+//!   unconnected SOCK_DGRAM unix socket (PATH `@name`: the abstract name `name`);
+//! - `unixjunk:PATH`: connect a SOCK_STREAM unix socket to `PATH\0JUNK` with the address
+//!   length covering the junk (the kernel stops at the NUL); `unixnonul:PATH`: connect with
+//!   the address length ending right after PATH, no NUL passed (the kernel adds it);
 //! - `subcg:NAME`: create a sub-cgroup of the current cgroup and move into it;
 //! - `daemon`: double-fork and setsid (via `setsid -f`), the grandchild runs the remaining
 //!   operations and writes its lines to `--out` (required);
@@ -74,10 +79,81 @@ fn net_op(kind: &str, addr: &str) -> std::io::Result<()> {
     }
 }
 
+fn unix_addr(path: &str) -> std::io::Result<std::os::unix::net::SocketAddr> {
+    match path.strip_prefix('@') {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt as _;
+            std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+        }
+        None => std::os::unix::net::SocketAddr::from_pathname(path),
+    }
+}
+
+fn unix_op(kind: &str, path: &str) -> std::io::Result<()> {
+    use std::os::unix::net::{UnixDatagram, UnixStream};
+    let addr = unix_addr(path)?;
+    match kind {
+        "unix" => UnixStream::connect_addr(&addr).map(drop),
+        _ => UnixDatagram::unbound()?
+            .send_to_addr(b"corral", &addr)
+            .map(drop),
+    }
+}
+
+/// Connects a SOCK_STREAM unix socket to the raw `sun_path` bytes `path`, passing exactly
+/// their length as the address length.
+fn unix_raw(path: &[u8]) -> std::io::Result<()> {
+    // SAFETY: an all-zero sockaddr_un is valid.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if path.len() > sa.sun_path.len() {
+        return Err(std::io::Error::other("path too long"));
+    }
+    sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    // Bytes past the passed length must not matter: make them non-zero.
+    for (d, s) in sa
+        .sun_path
+        .iter_mut()
+        .zip(path.iter().chain(std::iter::repeat(&b'X')))
+    {
+        *d = *s as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + path.len();
+    let s = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    // SAFETY: `sa` is a valid sockaddr_un and `len` does not exceed its size.
+    let r = unsafe {
+        libc::connect(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            std::ptr::from_ref(&sa).cast::<libc::sockaddr>(),
+            len as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn one(op: &str) -> String {
     let Some((kind, rest)) = op.split_once(':') else {
         return format!("bad op {op}");
     };
+    if kind == "unixjunk" || kind == "unixnonul" {
+        let mut path = rest.as_bytes().to_vec();
+        if kind == "unixjunk" {
+            path.extend_from_slice(b"\0JUNK");
+        }
+        return match unix_raw(&path) {
+            Ok(()) => "ok".into(),
+            Err(e) => errno_name(&e),
+        };
+    }
+    if kind == "unix" || kind == "unixdgram" {
+        return match unix_op(kind, rest) {
+            Ok(()) => "ok".into(),
+            Err(e) => errno_name(&e),
+        };
+    }
     if kind == "spawn" {
         return match std::process::Command::new(rest).status() {
             Ok(s) if s.success() => "ok".into(),
