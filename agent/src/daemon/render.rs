@@ -220,4 +220,48 @@ mod tests {
         assert_eq!(j["process"]["argv"][1], "x");
         assert_eq!(j["connect"]["port"], 9090);
     }
+
+    #[test]
+    fn unix_destinations_grants_and_grant_changes_read_plainly() {
+        let mut e = pb::Event {
+            time_unix_nano: 3_723_004_000_000,
+            call: Some(pb::event::Call::Connect(pb::ConnectCall {
+                family: "unix".into(),
+                destination: "/var/run/docker.sock".into(),
+                zone: "docker".into(),
+                hook: "connect_unix".into(),
+                ..Default::default()
+            })),
+            decision: Some(pb::Decision {
+                verdict: pb::Verdict::Deny as i32,
+                reason: pb::Reason::Default as i32,
+                policy: "p".into(),
+                revision: 2,
+                grant_available: "docker-admin".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            call_text(&e),
+            "connect unix /var/run/docker.sock (zone docker)"
+        );
+        assert!(
+            event_line(&e).ends_with("deny p default rev 2 grant_available=docker-admin"),
+            "{}",
+            event_line(&e)
+        );
+        e.call = Some(pb::event::Call::Grant(pb::GrantChange {
+            id: "7".into(),
+            grant: "crm-write".into(),
+            state: pb::GrantState::Active as i32,
+            actor: "alice".into(),
+            reason: "ok".into(),
+            expires_unix_nano: 0,
+        }));
+        e.decision = None;
+        assert_eq!(call_text(&e), "grant 7 (crm-write) active by alice: ok");
+        assert_eq!(event_json(&e, None)["grant"]["state"], "active");
+        assert_eq!(crate::daemon::hub::kind(&e), "grant");
+    }
 }
