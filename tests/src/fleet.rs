@@ -31,6 +31,33 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Polls `ready` every 50 ms until it holds; fails with the log if `child` exits first or
+/// `secs` pass. On failure the caller's guard still owns (and stops) the child.
+fn wait_ready(
+    child: &mut Option<Child>,
+    log: &std::path::Path,
+    what: &str,
+    secs: u64,
+    mut ready: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let log_text = || std::fs::read_to_string(log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(c) = child.as_mut()
+            && let Some(st) = c.try_wait()?
+        {
+            bail!("{what} exited with {st}:\n{}", log_text());
+        }
+        if ready()? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{what} not ready in {secs} s:\n{}", log_text());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Stops a child by pid: SIGTERM, then SIGKILL after 15 s. Returns whether it exited 0.
 pub fn stop_child(child: &mut Child) -> anyhow::Result<bool> {
     let _ = Command::new("kill")
@@ -117,21 +144,12 @@ impl Server {
             log,
             cli_args,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(c) = s.child.as_mut()
-                && let Some(st) = c.try_wait()?
-            {
-                bail!("corral-server exited with {st}:\n{}", s.log_text());
-            }
-            if s.cli(&["policy", "list"])?.status.success() {
-                return Ok(s);
-            }
-            if Instant::now() > deadline {
-                bail!("corral-server not ready in 20 s:\n{}", s.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut child = s.child.take();
+        let ready = wait_ready(&mut child, &s.log, "corral-server", 20, || {
+            Ok(s.cli(&["policy", "list"])?.status.success())
+        });
+        s.child = child;
+        ready.map(|()| s)
     }
 
     pub fn log_text(&self) -> String {
@@ -374,21 +392,12 @@ impl Agent {
             child: Some(child),
             log,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(c) = a.child.as_mut()
-                && let Some(st) = c.try_wait()?
-            {
-                bail!("corral-agent exited with {st}:\n{}", a.log_text());
-            }
-            if node.socket.exists() && node.local(&["status"])?.status.success() {
-                return Ok(a);
-            }
-            if Instant::now() > deadline {
-                bail!("corral-agent not ready in 30 s:\n{}", a.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut child = a.child.take();
+        let ready = wait_ready(&mut child, &a.log, "corral-agent", 30, || {
+            Ok(node.socket.exists() && node.local(&["status"])?.status.success())
+        });
+        a.child = child;
+        ready.map(|()| a)
     }
 
     pub fn log_text(&self) -> String {

@@ -120,21 +120,50 @@ fn event_for<'a>(events: &'a [ConnectDecision], path: &str, hook: u8) -> &'a Con
         .unwrap_or_else(|| panic!("no event for {path} (hook {hook}) in {events:#?}"))
 }
 
-#[test]
-fn unix_connect_and_sendto_are_decided_by_zone_inside_the_cgroup_only() -> anyhow::Result<()> {
-    if !privileged() {
-        return Ok(());
-    }
-    let s = Sockets::new("decide")?;
-    let cg = TestCgroup::new("unix")?;
+/// A test's sockets, its principal's cgroup, the loaded programs and the test policy applied
+/// with that cgroup enrolled; `None` (skipped) where the kernel lacks the unix hooks.
+struct Node {
+    s: Sockets,
+    cg: TestCgroup,
+    enforcer: Enforcer,
+    set: CompiledSet,
+    addenda: Vec<PolicyAddenda>,
+}
+
+fn node(tag: &str, cgroup: &str) -> anyhow::Result<Option<Node>> {
+    let s = Sockets::new(tag)?;
+    let cg = TestCgroup::new(cgroup)?;
     let mut enforcer = Enforcer::load_and_attach(&cg.root)?;
     if !hooks_active(&enforcer) {
-        return Ok(());
+        return Ok(None);
     }
     let (set, addenda) = policy(&s);
     let maps = enforcer.maps();
     maps.add_principal(cg.id()?, cg.level(), PRINCIPAL, Some(0))?;
     maps.apply_with_addenda(&set, &addenda, |_, _| Some(0))?;
+    Ok(Some(Node {
+        s,
+        cg,
+        enforcer,
+        set,
+        addenda,
+    }))
+}
+
+#[test]
+fn unix_connect_and_sendto_are_decided_by_zone_inside_the_cgroup_only() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let Some(Node {
+        s,
+        cg,
+        mut enforcer,
+        ..
+    }) = node("decide", "unix")?
+    else {
+        return Ok(());
+    };
     let mut reader = EventReader::take(enforcer.maps())?;
 
     let ops = [
@@ -229,16 +258,16 @@ fn unix_zones_follow_policy_swaps_audit_mode_and_default_deny_covers_unnamed_soc
     if !privileged() {
         return Ok(());
     }
-    let s = Sockets::new("swap")?;
-    let cg = TestCgroup::new("unix-swap")?;
-    let mut enforcer = Enforcer::load_and_attach(&cg.root)?;
-    if !hooks_active(&enforcer) {
+    let Some(Node {
+        s,
+        cg,
+        mut enforcer,
+        set,
+        addenda,
+    }) = node("swap", "unix-swap")?
+    else {
         return Ok(());
-    }
-    let (set, addenda) = policy(&s);
-    let maps = enforcer.maps();
-    maps.add_principal(cg.id()?, cg.level(), PRINCIPAL, Some(0))?;
-    maps.apply_with_addenda(&set, &addenda, |_, _| Some(0))?;
+    };
     let mut reader = EventReader::take(enforcer.maps())?;
     let op = format!("unix:{}", s.path("no.sock"));
     assert_eq!(
@@ -301,16 +330,16 @@ fn a_grant_for_a_unix_zone_allows_a_denied_socket_until_it_expires() -> anyhow::
     if !privileged() {
         return Ok(());
     }
-    let s = Sockets::new("grant")?;
-    let cg = TestCgroup::new("unix-grant")?;
-    let mut enforcer = Enforcer::load_and_attach(&cg.root)?;
-    if !hooks_active(&enforcer) {
+    let Some(Node {
+        s,
+        cg,
+        mut enforcer,
+        ..
+    }) = node("grant", "unix-grant")?
+    else {
         return Ok(());
-    }
-    let (set, addenda) = policy(&s);
+    };
     let maps = enforcer.maps();
-    maps.add_principal(cg.id()?, cg.level(), PRINCIPAL, Some(0))?;
-    maps.apply_with_addenda(&set, &addenda, |_, _| Some(0))?;
     let op = format!("unix:{}", s.path("nozone.sock"));
     let no = format!("unix:{}", s.path("no.sock"));
     // A grant for zone `no` (any port, any protocol: what a grant without ports installs)

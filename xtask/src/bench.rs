@@ -50,6 +50,26 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A binary cargo built into the shared target dir (`CARGO_TARGET_DIR`, else `target/`).
+fn built(profile: &str, name: &str) -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| crate::cmd::root().join("target"))
+        .join(profile)
+        .join(name)
+}
+
+/// `bin`, run as root: directly when we are root, else through `sudo -E`.
+fn as_root(bin: &std::path::Path) -> std::process::Command {
+    if crate::cmd::is_root() {
+        std::process::Command::new(bin)
+    } else {
+        let mut c = std::process::Command::new("sudo");
+        c.arg("-E").arg(bin);
+        c
+    }
+}
+
 /// Builds the test binaries (the bench and the probe it times) and runs `corral-bench` as root.
 pub fn enforce_bench() -> anyhow::Result<()> {
     let root = crate::cmd::root();
@@ -59,18 +79,7 @@ pub fn enforce_bench() -> anyhow::Result<()> {
         "corral-tests",
         "--bins",
     ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let bench = target.join("debug").join("corral-bench");
-    let mut c = if crate::cmd::is_root() {
-        std::process::Command::new(&bench)
-    } else {
-        let mut c = std::process::Command::new("sudo");
-        c.arg("-E").arg(&bench);
-        c
-    };
-    crate::cmd::run(&mut c)
+    crate::cmd::run(&mut as_root(&built("debug", "corral-bench")))
 }
 
 /// Policy compile (parse + validate + compile + expand) for 1, 100 and 10k rules, and load
@@ -107,19 +116,8 @@ pub fn events_bench(extra: &[String]) -> anyhow::Result<()> {
         "--bin",
         "corral-event-bench",
     ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let bench = target.join("release").join("corral-event-bench");
-    let command = || {
-        if crate::cmd::is_root() {
-            std::process::Command::new(&bench)
-        } else {
-            let mut c = std::process::Command::new("sudo");
-            c.arg("-E").arg(&bench);
-            c
-        }
-    };
+    let bench = built("release", "corral-event-bench");
+    let command = || as_root(&bench);
     if extra.is_empty() {
         // The figure (kernel → one gRPC subscriber), then with `corral events --json`
         // as a second, slower subscriber on the same two cores.
@@ -148,12 +146,10 @@ pub fn fleet_bench() -> anyhow::Result<()> {
         "--bin",
         "corral-fleet-bench",
     ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    crate::cmd::run(&mut std::process::Command::new(
-        target.join("release").join("corral-fleet-bench"),
-    ))
+    crate::cmd::run(&mut std::process::Command::new(built(
+        "release",
+        "corral-fleet-bench",
+    )))
 }
 
 /// Apply → enforced on a real node: `corral-apply-bench` starts a real `corral-server` and a
@@ -184,16 +180,9 @@ pub fn apply_bench(rounds: usize) -> anyhow::Result<()> {
         "--bin",
         "corral-apply-bench",
     ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let bench = target.join("release").join("corral-apply-bench");
-    let mut c = if crate::cmd::is_root() {
-        std::process::Command::new(&bench)
-    } else {
-        let mut c = std::process::Command::new("sudo");
-        c.arg("-E").arg(&bench);
-        c
-    };
-    crate::cmd::run(c.arg("--rounds").arg(rounds.to_string()))
+    crate::cmd::run(
+        as_root(&built("release", "corral-apply-bench"))
+            .arg("--rounds")
+            .arg(rounds.to_string()),
+    )
 }

@@ -113,10 +113,45 @@ fn read<T: aya::Pod>(bytes: &[u8]) -> Result<T, DecodeError> {
     agent_common::read_unaligned(bytes).ok_or(DecodeError::Short { len: bytes.len() })
 }
 
+/// The destination part of a connect decision, IP or unix socket.
+struct Dest {
+    zone: u32,
+    addr: IpAddr,
+    port: u16,
+    proto: u8,
+    hook: u8,
+    grant_id: u64,
+    unix_path: Option<String>,
+}
+
+fn connect_decision(h: &EventHeader, d: Dest) -> Result<ConnectDecision, DecodeError> {
+    Ok(ConnectDecision {
+        seq: h.seq,
+        time_ns: h.time_ns,
+        cgroup_id: h.cgroup_id,
+        pid: h.pid,
+        tid: h.tid,
+        uid: h.uid,
+        principal: h.principal,
+        verdict: h.verdict.try_into()?,
+        reason: h.reason.try_into()?,
+        policy: opt(h.policy),
+        rule: opt(h.rule),
+        zone: opt(d.zone),
+        addr: d.addr,
+        port: d.port,
+        proto: d.proto,
+        hook: d.hook,
+        grant_id: d.grant_id,
+        suppressed: h.suppressed,
+        unix_path: d.unix_path,
+    })
+}
+
 impl KernelEvent {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let h: EventHeader = read(bytes)?;
-        match h.kind {
+        let dest = match h.kind {
             KIND_CONNECT => {
                 let e: ConnectEvent = read(bytes)?;
                 let v6 = addr_from_words(&e.addr);
@@ -124,55 +159,32 @@ impl KernelEvent {
                     Some(v4) => IpAddr::V4(v4),
                     None => IpAddr::V6(v6),
                 };
-                Ok(Self::Connect(ConnectDecision {
-                    seq: h.seq,
-                    time_ns: h.time_ns,
-                    cgroup_id: h.cgroup_id,
-                    pid: h.pid,
-                    tid: h.tid,
-                    uid: h.uid,
-                    principal: h.principal,
-                    verdict: h.verdict.try_into()?,
-                    reason: h.reason.try_into()?,
-                    policy: opt(h.policy),
-                    rule: opt(h.rule),
-                    zone: opt(e.zone),
+                Dest {
+                    zone: e.zone,
                     addr,
                     port: e.port,
                     proto: e.proto,
                     hook: e.hook,
                     grant_id: e.grant_id,
-                    suppressed: h.suppressed,
                     unix_path: None,
-                }))
+                }
             }
             KIND_UNIX => {
                 let e: UnixEvent = read(bytes)?;
                 let len = usize::from(e.path_len).min(e.path.len());
-                Ok(Self::Connect(ConnectDecision {
-                    seq: h.seq,
-                    time_ns: h.time_ns,
-                    cgroup_id: h.cgroup_id,
-                    pid: h.pid,
-                    tid: h.tid,
-                    uid: h.uid,
-                    principal: h.principal,
-                    verdict: h.verdict.try_into()?,
-                    reason: h.reason.try_into()?,
-                    policy: opt(h.policy),
-                    rule: opt(h.rule),
-                    zone: opt(e.zone),
+                Dest {
+                    zone: e.zone,
                     addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
                     port: 0,
                     proto: 0,
                     hook: e.hook,
                     grant_id: e.grant_id,
-                    suppressed: h.suppressed,
                     unix_path: Some(unix_name_from_bytes(&e.path[..len])),
-                }))
+                }
             }
-            k => Err(DecodeError::Kind(k)),
-        }
+            k => return Err(DecodeError::Kind(k)),
+        };
+        Ok(Self::Connect(connect_decision(&h, dest)?))
     }
 
     pub fn seq(&self) -> u64 {
