@@ -116,17 +116,21 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
         return Ok(out.ret());
     };
     let index = caller.principal.index;
-    let written = events::emit(&ConnectEvent {
-        header,
-        addr: d.addr,
-        zone: out.zone,
-        port: d.port,
-        family: d.family,
-        proto: d.proto,
-        hook,
-        _pad: [0; 6],
-        grant_id: out.decision.grant_id,
-    });
+    let verdict = header.verdict;
+    let written = events::emit(
+        &ConnectEvent {
+            header,
+            addr: d.addr,
+            zone: out.zone,
+            port: d.port,
+            family: d.family,
+            proto: d.proto,
+            hook,
+            _pad: [0; 6],
+            grant_id: out.decision.grant_id,
+        },
+        verdict,
+    );
     if !written {
         events::restore_suppressed(index, header.suppressed);
     }

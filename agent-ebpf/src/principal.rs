@@ -38,7 +38,9 @@ pub fn resolve(cfg: &Config) -> Option<Caller> {
                 });
             }
         }
-        if level == 0 {
+        // No principal at a lower level: stop here (with principals at one level, the usual
+        // case, an un-enrolled caller costs one ancestor id and one hash miss).
+        if level == 0 || cfg.level_mask & ((1u32 << level) - 1) == 0 {
             return None;
         }
         level -= 1;

@@ -155,6 +155,7 @@ fn try_unix(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
     let Some(header) = event_header(&cfg, &caller, &out, KIND_UNIX) else {
         return Ok(out.ret());
     };
+    let flags = events::submit_flags(header.verdict);
     match EVENTS.reserve::<UnixEvent>(0) {
         Some(mut entry) => {
             let e = entry.as_mut_ptr();
@@ -170,7 +171,7 @@ fn try_unix(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
                 (*e).path = key.path;
                 (*e)._pad2 = [0; 4];
             }
-            entry.submit(0);
+            entry.submit(flags);
         }
         None => {
             events::count_drop();

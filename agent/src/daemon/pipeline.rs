@@ -131,7 +131,9 @@ impl AsRawFd for ReaderFd {
     }
 }
 
-/// How often the ring is drained even without a wakeup (the kernel may batch wakeups).
+/// How often the ring is drained without a wakeup. Allow events do not wake the reader until a
+/// quarter of the ring is unread (agent-ebpf `events::submit_flags`), so this bounds their
+/// delay; deny events wake it at once.
 const POLL: Duration = Duration::from_millis(20);
 
 fn drain(

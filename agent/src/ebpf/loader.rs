@@ -66,6 +66,14 @@ pub enum LoadError {
     Exec(#[source] Box<super::exec::ExecError>),
 }
 
+/// Cumulative kernel statistics of one program ([`Enforcer::program_stats`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub name: String,
+    pub runs: u64,
+    pub run_time: std::time::Duration,
+}
+
 /// Loaded programs, their links, and the typed maps. Without pins, dropping it detaches the
 /// programs; with pins, enforcement stays in force after the process is gone.
 pub struct Enforcer {
@@ -199,6 +207,24 @@ impl Enforcer {
 
     pub fn maps(&mut self) -> &mut PolicyMaps {
         &mut self.maps
+    }
+
+    /// Run count and total run time of each of this object's programs, by function name. The
+    /// kernel counts only while BPF run-time statistics are enabled (`aya::sys::enable_stats`
+    /// or `sysctl kernel.bpf_stats_enabled=1`); the unix hooks, loaded outside aya, are not
+    /// listed.
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        self._ebpf
+            .programs()
+            .filter_map(|(name, prog)| {
+                let info = prog.info().ok()?;
+                Some(ProgramStats {
+                    name: name.to_owned(),
+                    runs: info.run_count(),
+                    run_time: info.run_time(),
+                })
+            })
+            .collect()
     }
 
     /// Number of program links this process holds unpinned (pinned links live in bpffs).

@@ -11,8 +11,9 @@ pub mod object;
 pub mod pins;
 #[expect(
     unsafe_code,
-    reason = "raw bpf() syscalls for the unix hooks; SAFETY notes inside"
+    reason = "raw bpf() syscalls aya lacks; SAFETY notes inside"
 )]
+pub mod raw;
 pub mod unix_hooks;
 
 pub use exec::ExecMode;

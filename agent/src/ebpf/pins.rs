@@ -111,7 +111,7 @@ impl PinDir {
         link: std::os::fd::BorrowedFd<'_>,
     ) -> Result<(), PinError> {
         self.install(program, |staged| {
-            super::unix_hooks::pin_fd(link, staged).map_err(|source| PinError::PinFd {
+            super::raw::pin_fd(link, staged).map_err(|source| PinError::PinFd {
                 path: staged.into(),
                 source,
             })

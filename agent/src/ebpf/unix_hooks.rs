@@ -18,106 +18,21 @@
 use std::{
     ffi::CString,
     fs::File,
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
-    path::Path,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
 };
 
 use aya::{Ebpf, maps::Map};
 use aya_obj::generated::bpf_insn;
 use tracing::{info, warn};
 
-use super::{btf::KernelBtf, pins::PinDir};
+use super::{btf::KernelBtf, pins::PinDir, raw};
 
 /// The unix programs, by function name in `agent-ebpf`, with their attach types.
 pub const UNIX_PROGRAMS: [(&str, u32); 2] = [("connect_unix", 49), ("sendmsg_unix", 50)];
 
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_OBJ_PIN: libc::c_long = 6;
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
-/// Verifier log size when a load is retried to explain its failure.
-const LOG_BYTES: usize = 1 << 20;
-
 /// Offsets the kernel programs read in `struct bpf_sock_addr_kern` (see `agent-ebpf/src/unix.rs`).
 const KERN_UADDR: u32 = 8;
 const KERN_UADDRLEN: u32 = 32;
-
-/// `union bpf_attr` for `BPF_PROG_LOAD`, up to `expected_attach_type`.
-#[repr(C)]
-#[derive(Default)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
-}
-const _: () = assert!(size_of::<ProgLoadAttr>() == 72);
-
-/// `union bpf_attr` for `BPF_LINK_CREATE` (no target-specific part).
-#[repr(C)]
-#[derive(Default)]
-struct LinkCreateAttr {
-    prog_fd: u32,
-    target_fd: u32,
-    attach_type: u32,
-    flags: u32,
-}
-const _: () = assert!(size_of::<LinkCreateAttr>() == 16);
-
-/// `union bpf_attr` for `BPF_OBJ_PIN`.
-#[repr(C)]
-#[derive(Default)]
-struct ObjPinAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-}
-const _: () = assert!(size_of::<ObjPinAttr>() == 16);
-
-/// Calls `bpf(cmd, attr)`; a non-negative result is a new fd for the commands used here.
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
-    // SAFETY: `attr` is a live, initialised `#[repr(C)]` prefix of `union bpf_attr` for `cmd`,
-    // its size passed alongside (the kernel zero-extends a shorter attr); pointers inside it
-    // point to memory that outlives the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(attr),
-            size_of::<T>() as libc::c_uint,
-        )
-    };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-fn owned(fd: libc::c_long) -> std::io::Result<OwnedFd> {
-    let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
-    // SAFETY: `fd` was just returned by the kernel as a new file descriptor owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Pins the bpf object `fd` (here: a link) at `path` on bpffs.
-pub fn pin_fd(fd: BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
-    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
-    let mut attr = ObjPinAttr {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: fd.as_raw_fd() as u32,
-        file_flags: 0,
-    };
-    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
-}
 
 /// The unix hooks this process attached.
 #[derive(Debug, Default)]
@@ -153,15 +68,9 @@ fn try_attach(
     let programs = relocated(ebpf, object)?;
     let license = CString::new("Dual MIT/GPL").map_err(|e| e.to_string())?;
     for ((name, attach_type), insns) in UNIX_PROGRAMS.into_iter().zip(programs) {
-        let prog = load(name, attach_type, &insns, &license)?;
-        let mut attr = LinkCreateAttr {
-            prog_fd: prog.as_raw_fd() as u32,
-            target_fd: cgroup.as_raw_fd() as u32,
-            attach_type,
-            flags: 0,
-        };
-        let link = bpf(BPF_LINK_CREATE, &mut attr)
-            .and_then(owned)
+        let prog = raw::load_sock_addr(name, attach_type, &insns, &license)
+            .map_err(|e| format!("{e} (kernel 6.7+ is needed for the cgroup unix hooks)"))?;
+        let link = raw::link_cgroup(&prog, cgroup, attach_type)
             .map_err(|e| format!("attach {name}: {e}"))?;
         match pins {
             Some(p) => p
@@ -247,56 +156,4 @@ fn relocated(ebpf: &Ebpf, object: &[u8]) -> Result<Vec<Vec<bpf_insn>>, String> {
                 .ok_or_else(|| format!("program {name}: no function"))
         })
         .collect()
-}
-
-fn load(
-    name: &str,
-    attach_type: u32,
-    insns: &[bpf_insn],
-    license: &CString,
-) -> Result<OwnedFd, String> {
-    let mut prog_name = [0u8; 16];
-    let n = name.len().min(15);
-    prog_name[..n].copy_from_slice(&name.as_bytes()[..n]);
-    let mut attr = ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
-        insn_cnt: u32::try_from(insns.len()).map_err(|e| e.to_string())?,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        prog_name,
-        expected_attach_type: attach_type,
-        ..ProgLoadAttr::default()
-    };
-    match bpf(BPF_PROG_LOAD, &mut attr) {
-        Ok(fd) => owned(fd).map_err(|e| e.to_string()),
-        Err(e) => {
-            // Again with the verifier log, to say why.
-            let mut log = vec![0u8; LOG_BYTES];
-            attr.log_level = 1;
-            attr.log_size = LOG_BYTES as u32;
-            attr.log_buf = log.as_mut_ptr() as u64;
-            let _ = bpf(BPF_PROG_LOAD, &mut attr).map(owned);
-            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-            let text = String::from_utf8_lossy(&log[..end]);
-            let tail: String = text
-                .lines()
-                .rev()
-                .take(20)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n");
-            Err(format!(
-                "load {name} ({} instructions; kernel 6.7+ needed for the cgroup unix hooks): \
-                 {e}{}",
-                insns.len(),
-                if tail.is_empty() {
-                    String::new()
-                } else {
-                    format!("\nverifier log:\n{tail}")
-                }
-            ))
-        }
-    }
 }

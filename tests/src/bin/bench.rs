@@ -1,31 +1,42 @@
 //! `corral-bench`: enforcement overhead, as ratios against baselines measured in the same run
-//! (run by `cargo xtask bench`, as root). Rounds interleave the configurations so machine noise
-//! hits them alike; each cell is the median over rounds.
+//! (run by `cargo xtask bench`, as root).
 //!
-//! Configurations: `none` (no programs attached), `unenrolled` (programs attached, process
-//! not enrolled), `10 rules` and `10k rules` (process enrolled; policy of 10 or 10k
-//! zones+rules; the measured call is allowed, so it succeeds and records an event, which a
-//! reader thread drains as the agent would).
+//! Configurations: `none` (no programs attached), `unenrolled` (programs attached, principals
+//! and policies loaded, the process not enrolled), `10 rules` and `10k rules` (process
+//! enrolled; policy of 10 or 10k zones+rules; the measured call is allowed, so it succeeds and
+//! records an event, which a reader thread drains as the agent does: woken by the ring
+//! buffer or every 20 ms).
+//!
+//! Noise on a small VM is larger than the effects, so:
+//! - each round measures every configuration, and a round's ratios compare measurements taken
+//!   seconds apart; the table reports the median of the per-round ratios;
+//! - rounds alternate the order (`none` first, then last), so a drift over time does not favour
+//!   either side;
+//! - a second pass, with the kernel's BPF run-time statistics on, reports how much time the
+//!   programs themselves take per operation: a direct measure that no scheduler noise enters
+//!   (the statistics cost time themselves, so they are off during the timed rounds).
 use std::{
     net::{Ipv4Addr, TcpListener},
+    os::fd::{AsFd as _, AsRawFd as _},
     path::Path,
     process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
 };
 
 use anyhow::Context as _;
 use corral_agent::{
-    compiled::{Action, CompiledPolicy, ExecRule, PolicyAddenda},
+    compiled::{Action, CompiledPolicy, CompiledSet, ExecRule, PolicyAddenda},
     ebpf::Enforcer,
     ebpf::events::EventReader,
+    ebpf::{loader::ProgramStats, raw},
 };
 use corral_tests::{TestCgroup, build, probe_bin};
 
-const ROUNDS: usize = 5;
+/// Timed rounds; `CORRAL_BENCH_ROUNDS` overrides (at least 1).
+const ROUNDS: usize = 12;
 
 struct Workload {
     name: &'static str,
@@ -81,6 +92,225 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The configurations, in table order.
+const NONE: usize = 0;
+const UNENROLLED: usize = 1;
+const SMALL: usize = 2;
+const BIG: usize = 3;
+
+/// An enforcer loaded as the agent would have it: programs attached at the root, two
+/// principals enrolled, the 10- and 10k-rule policies applied.
+struct Loaded {
+    enforcer: Enforcer,
+    apply_ms: f64,
+}
+
+struct Setup {
+    plain: TestCgroup,
+    small: TestCgroup,
+    big: TestCgroup,
+    set: CompiledSet,
+}
+
+impl Setup {
+    fn load(&self) -> anyhow::Result<Loaded> {
+        let (small_id, big_id) = (self.small.id()?, self.big.id()?);
+        let mut e = Enforcer::load_and_attach(&self.plain.root)?;
+        e.maps()
+            .add_principal(small_id, self.small.level(), 1, Some(0))?;
+        e.maps()
+            .add_principal(big_id, self.big.level(), 2, Some(1))?;
+        let t = std::time::Instant::now();
+        // The exec workload runs /bin/true in the enrolled cgroups: allowed by an exact rule
+        // (default deny applies to exec too).
+        let allow_true = PolicyAddenda {
+            exec: vec![ExecRule {
+                index: 0,
+                action: Action::Allow,
+                exact: vec!["/bin/true".into()],
+                prefixes: vec![],
+            }],
+            ..PolicyAddenda::default()
+        };
+        e.maps()
+            .apply_with_addenda(&self.set, &[allow_true.clone(), allow_true], |cg, _| {
+                Some(if cg == small_id { 0 } else { 1 })
+            })?;
+        Ok(Loaded {
+            enforcer: e,
+            apply_ms: t.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    fn cgroup(&self, config: usize) -> &Path {
+        match config {
+            SMALL => &self.small.path,
+            BIG => &self.big.path,
+            _ => &self.plain.path,
+        }
+    }
+}
+
+/// Drains the ring buffer as the agent does: woken by the kernel (a deny, or a quarter of the
+/// ring unread) or every 20 ms.
+struct Drainer {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<usize>,
+}
+
+impl Drainer {
+    fn start(mut reader: EventReader) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let fd = reader.ring().as_fd().as_raw_fd();
+            let mut buf = Vec::new();
+            let mut n = 0usize;
+            while !stop2.load(Ordering::Relaxed) {
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd; the ring buffer's fd outlives this loop.
+                unsafe { libc::poll(&mut pfd, 1, 20) };
+                reader.drain(&mut buf);
+                n += buf.len();
+                buf.clear();
+            }
+            n
+        });
+        Self { stop, thread }
+    }
+
+    fn stop(self) -> anyhow::Result<usize> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("drainer panicked"))
+    }
+}
+
+/// Times every workload in the enrolled configurations and `unenrolled`, with the enforcer
+/// loaded; returns the events read and the kernel's drop count.
+fn time_loaded(
+    setup: &Setup,
+    loaded: &mut Loaded,
+    workloads: &[Workload],
+    cells: &mut [[Vec<f64>; 4]],
+) -> anyhow::Result<(usize, u64)> {
+    let drainer = Drainer::start(EventReader::take(loaded.enforcer.maps())?);
+    for (w, wl) in workloads.iter().enumerate() {
+        for config in [UNENROLLED, SMALL, BIG] {
+            cells[w][config].push(time(Some(setup.cgroup(config)), &wl.op, wl.iters)?);
+        }
+    }
+    let events = drainer.stop()?;
+    Ok((events, loaded.enforcer.maps().kernel_drops()?))
+}
+
+/// One configuration's share of the kernel's BPF run-time statistics for a workload.
+#[derive(Default)]
+struct KernelCost {
+    /// Program time per operation, each run net of the empty program's run time.
+    net_ns_per_op: f64,
+    /// `name ns/run` (gross) of each program that ran.
+    programs: Vec<String>,
+}
+
+/// The kernel's own accounting of the programs' time, one pass per workload and configuration,
+/// and the run time it reports for an empty program (what the statistics and the bare call
+/// cost), which is subtracted from each run.
+struct KernelCosts {
+    empty_ns_per_run: f64,
+    rows: Vec<[KernelCost; 3]>,
+}
+
+const CALIBRATION: &str = "corral_calib";
+
+fn kernel_cost(setup: &Setup, workloads: &[Workload]) -> anyhow::Result<KernelCosts> {
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("enable BPF run-time statistics")?;
+    let mut loaded = setup.load()?;
+    // The empty program runs beside the real ones for every connect in the un-enrolled cgroup.
+    let empty = raw::constant_sock_addr(CALIBRATION, raw::ATTACH_INET4_CONNECT, 1)
+        .map_err(anyhow::Error::msg)?;
+    let _empty_link = raw::link_cgroup(
+        &empty,
+        &std::fs::File::open(&setup.plain.path)?,
+        raw::ATTACH_INET4_CONNECT,
+    )?;
+    let drainer = Drainer::start(EventReader::take(loaded.enforcer.maps())?);
+    let mut passes = Vec::new();
+    let (mut empty_runs, mut empty_ns) = (0u64, 0u128);
+    for wl in workloads {
+        let mut row: [Vec<(String, u64, u128)>; 3] = Default::default();
+        for (i, config) in [UNENROLLED, SMALL, BIG].into_iter().enumerate() {
+            let (before, e0) = (loaded.enforcer.program_stats(), calibration_stats());
+            time(Some(setup.cgroup(config)), &wl.op, wl.iters)?;
+            let (after, e1) = (loaded.enforcer.program_stats(), calibration_stats());
+            empty_runs += e1.0.saturating_sub(e0.0);
+            empty_ns += e1.1.saturating_sub(e0.1);
+            row[i] = stats_delta(&before, &after);
+        }
+        passes.push(row);
+    }
+    drainer.stop()?;
+    anyhow::ensure!(empty_runs > 0, "the calibration program never ran");
+    let empty_ns_per_run = empty_ns as f64 / empty_runs as f64;
+    let rows = passes
+        .into_iter()
+        .zip(workloads)
+        .map(|(row, wl)| {
+            row.map(|progs| KernelCost {
+                net_ns_per_op: progs
+                    .iter()
+                    .map(|(_, runs, ns)| (*ns as f64 - empty_ns_per_run * *runs as f64).max(0.0))
+                    .sum::<f64>()
+                    / f64::from(wl.iters),
+                programs: progs
+                    .iter()
+                    .map(|(name, runs, ns)| format!("{name} {:.0}", *ns as f64 / *runs as f64))
+                    .collect(),
+            })
+        })
+        .collect();
+    Ok(KernelCosts {
+        empty_ns_per_run,
+        rows,
+    })
+}
+
+/// Runs and nanoseconds of the calibration program so far.
+fn calibration_stats() -> (u64, u128) {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str() == Some(CALIBRATION))
+        .fold((0, 0), |(r, t), p| {
+            (r + p.run_count(), t + p.run_time().as_nanos())
+        })
+}
+
+/// (program, runs, nanoseconds) of each program that ran between two snapshots.
+fn stats_delta(before: &[ProgramStats], after: &[ProgramStats]) -> Vec<(String, u64, u128)> {
+    let mut ran: Vec<(String, u64, u128)> = after
+        .iter()
+        .filter_map(|a| {
+            let b = before.iter().find(|b| b.name == a.name)?;
+            let runs = a.runs.saturating_sub(b.runs);
+            (runs > 0).then(|| {
+                (
+                    a.name.clone(),
+                    runs,
+                    a.run_time.saturating_sub(b.run_time).as_nanos(),
+                )
+            })
+        })
+        .collect();
+    ran.sort();
+    ran
+}
+
 fn main() -> anyhow::Result<()> {
     // A deep accept queue: with std's default backlog (128) the loop of connects overflows it
     // and SYN retransmits (1 s) dominate the TCP timing.
@@ -114,70 +344,45 @@ fn main() -> anyhow::Result<()> {
             goal_vs_unenrolled: 1.03,
         },
     ];
-    let plain = TestCgroup::new("bench-plain")?;
-    let small = TestCgroup::new("bench-10")?;
-    let big = TestCgroup::new("bench-10k")?;
-    let set = build::set(1, vec![policy_with(10, port), policy_with(10_000, port)]);
-    let (small_id, big_id) = (small.id()?, big.id()?);
+    let setup = Setup {
+        plain: TestCgroup::new("bench-plain")?,
+        small: TestCgroup::new("bench-10")?,
+        big: TestCgroup::new("bench-10k")?,
+        set: build::set(1, vec![policy_with(10, port), policy_with(10_000, port)]),
+    };
 
-    // cells[workload][config]
+    // cells[workload][config]: one measurement per round.
     let mut cells: Vec<[Vec<f64>; 4]> = workloads.iter().map(|_| Default::default()).collect();
     let mut apply_ms = Vec::new();
-    for round in 0..ROUNDS {
-        for (w, wl) in workloads.iter().enumerate() {
-            cells[w][0].push(time(Some(&plain.path), &wl.op, wl.iters)?);
-        }
-        let mut e = Enforcer::load_and_attach(&plain.root)?;
-        e.maps()
-            .add_principal(small_id, small.level(), 1, Some(0))?;
-        e.maps().add_principal(big_id, big.level(), 2, Some(1))?;
-        let t = std::time::Instant::now();
-        // The exec workload runs /bin/true in the enrolled cgroups: allowed by an exact rule
-        // (default deny applies to exec too).
-        let allow_true = PolicyAddenda {
-            exec: vec![ExecRule {
-                index: 0,
-                action: Action::Allow,
-                exact: vec!["/bin/true".into()],
-                prefixes: vec![],
-            }],
-            ..PolicyAddenda::default()
-        };
-        e.maps()
-            .apply_with_addenda(&set, &[allow_true.clone(), allow_true], |cg, _| {
-                Some(if cg == small_id { 0 } else { 1 })
-            })?;
-        apply_ms.push(t.elapsed().as_secs_f64() * 1e3);
-        let mut reader = EventReader::take(e.maps())?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let drainer = std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let mut n = 0usize;
-            while !stop2.load(Ordering::Relaxed) {
-                reader.drain(&mut buf);
-                n += buf.len();
-                buf.clear();
-                std::thread::sleep(Duration::from_millis(2));
+    let rounds = std::env::var("CORRAL_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(ROUNDS)
+        .max(1);
+    for round in 0..rounds {
+        let none_first = round % 2 == 0;
+        let time_none = |cells: &mut [[Vec<f64>; 4]]| -> anyhow::Result<()> {
+            for (w, wl) in workloads.iter().enumerate() {
+                cells[w][NONE].push(time(Some(&setup.plain.path), &wl.op, wl.iters)?);
             }
-            n
-        });
-        for (w, wl) in workloads.iter().enumerate() {
-            cells[w][1].push(time(Some(&plain.path), &wl.op, wl.iters)?);
-            cells[w][2].push(time(Some(&small.path), &wl.op, wl.iters)?);
-            cells[w][3].push(time(Some(&big.path), &wl.op, wl.iters)?);
+            Ok(())
+        };
+        if none_first {
+            time_none(&mut cells)?;
         }
-        stop.store(true, Ordering::Relaxed);
-        let events = drainer
-            .join()
-            .map_err(|_| anyhow::anyhow!("drainer panicked"))?;
-        let drops = e.maps().kernel_drops()?;
+        let mut loaded = setup.load()?;
+        apply_ms.push(loaded.apply_ms);
+        let (events, drops) = time_loaded(&setup, &mut loaded, &workloads, &mut cells)?;
+        drop(loaded);
+        if !none_first {
+            time_none(&mut cells)?;
+        }
         eprintln!(
-            "round {}/{ROUNDS}: {events} events read, {drops} dropped",
+            "round {}/{rounds}: {events} events read, {drops} dropped",
             round + 1
         );
-        drop(e);
     }
+    let cost = kernel_cost(&setup, &workloads)?;
 
     println!();
     println!(
@@ -192,24 +397,58 @@ fn main() -> anyhow::Result<()> {
         "10k/unenr"
     );
     for (w, wl) in workloads.iter().enumerate() {
-        let m: Vec<f64> = cells[w].iter().map(|v| median(v.clone())).collect();
+        let c = &cells[w];
+        let m: Vec<f64> = c.iter().map(|v| median(v.clone())).collect();
+        let ratio = |num: usize, den: usize| {
+            median(c[num].iter().zip(&c[den]).map(|(a, b)| a / b).collect())
+        };
         println!(
             "{:<22} {:>10.0} {:>12.0} {:>10.0} {:>10.0} | {:>12.3} {:>12.3} {:>12.3}  enrolled <= {:.2}x, unenrolled <= 1.01x",
             wl.name,
-            m[0],
-            m[1],
-            m[2],
-            m[3],
-            m[1] / m[0],
-            m[2] / m[1],
-            m[3] / m[1],
+            m[NONE],
+            m[UNENROLLED],
+            m[SMALL],
+            m[BIG],
+            ratio(UNENROLLED, NONE),
+            ratio(SMALL, UNENROLLED),
+            ratio(BIG, UNENROLLED),
             wl.goal_vs_unenrolled
         );
     }
     println!(
-        "policy apply (10 + 10k rules, into the kernel maps): median {:.1} ms over {ROUNDS} rounds",
+        "ns/op: medians over {rounds} rounds; ratios: medians of the {rounds} per-round ratios \
+         (rounds alternate whether `none` runs first or last)"
+    );
+    println!(
+        "policy apply (10 + 10k rules, into the kernel maps): median {:.1} ms over {rounds} rounds",
         median(apply_ms)
     );
-    println!("medians over {ROUNDS} interleaved rounds; 2-core VM, expect noise of a few percent");
+    println!();
+    println!(
+        "time in the programs per op, from the kernel's BPF run-time statistics (one pass): \
+         each run net of the {:.0} ns/run an empty program reports",
+        cost.empty_ns_per_run
+    );
+    println!(
+        "{:<22} {:>12} {:>10} {:>10} | {:>12}  programs that ran un-enrolled (gross ns/run)",
+        "workload (ns/op)", "unenrolled", "10 rules", "10k rules", "1+unenr/none"
+    );
+    for (w, wl) in workloads.iter().enumerate() {
+        let row = &cost.rows[w];
+        let none = median(cells[w][NONE].clone());
+        println!(
+            "{:<22} {:>12.1} {:>10.1} {:>10.1} | {:>12.4}  {}",
+            wl.name,
+            row[0].net_ns_per_op,
+            row[1].net_ns_per_op,
+            row[2].net_ns_per_op,
+            1.0 + row[0].net_ns_per_op / none,
+            row[0].programs.join(", ")
+        );
+    }
+    println!(
+        "(the programs also run for the node's other processes during a pass: exec_fork and \
+         exec_exit from other tasks can appear)"
+    );
     Ok(())
 }

@@ -1,0 +1,127 @@
+//! When the kernel wakes the event reader, against the real kernel and ring buffer: a deny at
+//! once; allow events only once a quarter of the ring is unread (below that the reader drains
+//! on its own timer, every 20 ms in the agent), so a principal's allowed calls do not each
+//! cost an interrupt.
+
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _, RawFd},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use corral_agent::ebpf::{
+    Enforcer,
+    events::{Event, EventReader, Verdict},
+};
+use corral_tests::{
+    Outcome, TestCgroup,
+    build::{policy, set},
+    privileged, probe_in,
+};
+
+/// How long a reader sleeping in poll() on `fd` (timeout `timeout`) takes to return while
+/// `produce` runs 100 ms into its sleep.
+fn poll_while(
+    fd: RawFd,
+    timeout: Duration,
+    produce: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<Duration> {
+    let sleeper = std::thread::spawn(move || {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let start = Instant::now();
+        // SAFETY: one valid pollfd; the ring buffer's fd outlives the thread (joined below).
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+        (n, start.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    produce()?;
+    let (n, took) = sleeper
+        .join()
+        .map_err(|_| anyhow::anyhow!("poll thread panicked"))?;
+    anyhow::ensure!(
+        n == 1,
+        "poll returned {n}: the ring must be readable by then"
+    );
+    Ok(took)
+}
+
+fn connects(cg: &Path, op: &str) -> anyhow::Result<()> {
+    probe_in(cg, &[op]).map(drop)
+}
+
+#[test]
+fn denies_wake_the_reader_and_allows_wait_for_a_quarter_of_the_ring() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let cg = TestCgroup::new("wakeup")?;
+    let mut e = Enforcer::load_and_attach(&cg.root)?;
+    e.maps().add_principal(cg.id()?, cg.level(), 4, Some(0))?;
+    e.maps().apply(
+        &set(
+            1,
+            vec![
+                policy("wakeup")
+                    .zone("local", &["127.0.0.0/8"])
+                    .allow(&["local"], &[9], &[])
+                    .build(),
+            ],
+        ),
+        |_, _| Some(0),
+    )?;
+    let mut reader = EventReader::take(e.maps())?;
+    let fd = reader.ring().as_fd().as_raw_fd();
+    let mut events = Vec::new();
+
+    // One allowed connect: its event is in the ring, but nothing wakes the sleeping reader; it
+    // sees the event when its own timeout ends.
+    let took = poll_while(fd, Duration::from_secs(1), || {
+        assert_eq!(probe_in(&cg.path, &["udp:127.0.0.1:9"])?, [Outcome::Ok]);
+        Ok(())
+    })?;
+    println!("allow: the reader returned after {took:?}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "an allow woke the reader after {took:?}"
+    );
+    reader.drain_all(&mut events);
+    assert_eq!(events.len(), 1);
+    assert!(matches!(&events[0], Event::Connect(c) if c.verdict == Verdict::Allow));
+
+    // A denied connect wakes it at once (long before its 10 s timeout).
+    events.clear();
+    let took = poll_while(fd, Duration::from_secs(10), || {
+        assert_eq!(
+            probe_in(&cg.path, &["udp:127.0.0.1:10"])?,
+            [Outcome::Errno("EPERM".into())]
+        );
+        Ok(())
+    })?;
+    println!("deny: the reader returned after {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "a deny did not wake the reader ({took:?})"
+    );
+    reader.drain_all(&mut events);
+    assert_eq!(events.len(), 1);
+    assert!(matches!(&events[0], Event::Connect(c) if c.verdict == Verdict::Deny));
+
+    // Allowed connects filling a quarter of the 1 MiB ring (~104 bytes each) wake it.
+    events.clear();
+    let took = poll_while(fd, Duration::from_secs(10), || {
+        connects(&cg.path, "repeat:4000:udp:127.0.0.1:9")
+    })?;
+    println!("4000 allows: the reader returned after {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "a quarter of the ring did not wake the reader ({took:?})"
+    );
+    reader.drain_all(&mut events);
+    assert_eq!(events.len(), 4000);
+    assert_eq!(e.maps().kernel_drops()?, 0);
+    Ok(())
+}
