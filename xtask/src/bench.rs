@@ -50,6 +50,30 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Packages of every release-built benchmark binary. Each benchmark builds with this same set,
+/// so cargo unifies features once and one benchmark's build does not rebuild another's
+/// dependencies (a narrower `--package` list resolves features differently).
+const BENCH_PACKAGES: [&str; 4] = [
+    "corral-agent",
+    "corral-cli",
+    "corral-server",
+    "corral-tests",
+];
+
+/// Release build of the binaries `bins` (found in [`BENCH_PACKAGES`]).
+fn build_release(bins: &[&str]) -> anyhow::Result<()> {
+    let mut c = crate::cmd::cargo();
+    c.current_dir(crate::cmd::root())
+        .args(["build", "--release"]);
+    for p in BENCH_PACKAGES {
+        c.args(["--package", p]);
+    }
+    for b in bins {
+        c.args(["--bin", b]);
+    }
+    crate::cmd::run(&mut c)
+}
+
 /// A binary cargo built into the shared target dir (`CARGO_TARGET_DIR`, else `target/`).
 fn built(profile: &str, name: &str) -> std::path::PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
@@ -99,23 +123,7 @@ pub fn compile_bench() -> anyhow::Result<()> {
 /// Release binaries (agent, CLI, `corral-event-bench` from `tests/src/bin/event_bench.rs`), run
 /// as root (through `sudo -E` when not).
 pub fn events_bench(extra: &[String]) -> anyhow::Result<()> {
-    let root = crate::cmd::root();
-    crate::cmd::run(crate::cmd::cargo().current_dir(&root).args([
-        "build",
-        "--release",
-        "--package",
-        "corral-agent",
-        "--package",
-        "corral-cli",
-        "--package",
-        "corral-tests",
-        "--bin",
-        "corral-agent",
-        "--bin",
-        "corral",
-        "--bin",
-        "corral-event-bench",
-    ]))?;
+    build_release(&["corral-agent", "corral", "corral-event-bench"])?;
     let bench = built("release", "corral-event-bench");
     let command = || as_root(&bench);
     if extra.is_empty() {
@@ -131,21 +139,7 @@ pub fn events_bench(extra: &[String]) -> anyhow::Result<()> {
 /// (`corral-simnode`: the agent's sync client, compiling and ACKing, no kernel), and the
 /// server's RSS. Release binaries; no root needed.
 pub fn fleet_bench() -> anyhow::Result<()> {
-    let root = crate::cmd::root();
-    crate::cmd::run(crate::cmd::cargo().current_dir(&root).args([
-        "build",
-        "--release",
-        "--package",
-        "corral-server",
-        "--package",
-        "corral-tests",
-        "--bin",
-        "corral-server",
-        "--bin",
-        "corral-simnode",
-        "--bin",
-        "corral-fleet-bench",
-    ]))?;
+    build_release(&["corral-server", "corral-simnode", "corral-fleet-bench"])?;
     crate::cmd::run(&mut std::process::Command::new(built(
         "release",
         "corral-fleet-bench",
@@ -157,29 +151,13 @@ pub fn fleet_bench() -> anyhow::Result<()> {
 /// times `rounds` applies that flip the probed port between allow and deny (p50/p99; goal
 /// p99 ≤ 100 ms). Release binaries; root (through `sudo -E` when not).
 pub fn apply_bench(rounds: usize) -> anyhow::Result<()> {
-    let root = crate::cmd::root();
-    crate::cmd::run(crate::cmd::cargo().current_dir(&root).args([
-        "build",
-        "--release",
-        "--package",
+    build_release(&[
         "corral-server",
-        "--package",
         "corral-agent",
-        "--package",
-        "corral-cli",
-        "--package",
-        "corral-tests",
-        "--bin",
-        "corral-server",
-        "--bin",
-        "corral-agent",
-        "--bin",
         "corral",
-        "--bin",
         "corral-probe",
-        "--bin",
         "corral-apply-bench",
-    ]))?;
+    ])?;
     crate::cmd::run(
         as_root(&built("release", "corral-apply-bench"))
             .arg("--rounds")
