@@ -458,7 +458,7 @@ fn emit(
     } else {
         arg_end.saturating_sub(arg_start)
     };
-    let submit_flags = events::submit_flags(header.verdict);
+    let wake_flags = events::submit_flags(header.verdict);
     match EVENTS.reserve::<ExecEvent>(0) {
         Some(mut entry) => {
             let e = entry.as_mut_ptr();
@@ -515,7 +515,7 @@ fn emit(
                 }
                 (*e).flags = flags;
             }
-            entry.submit(submit_flags);
+            entry.submit(wake_flags);
         }
         None => events::count_drop(),
     }

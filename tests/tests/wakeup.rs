@@ -5,7 +5,6 @@
 
 use std::{
     os::fd::{AsFd as _, AsRawFd as _, RawFd},
-    path::Path,
     time::{Duration, Instant},
 };
 
@@ -47,10 +46,6 @@ fn poll_while(
         "poll returned {n}: the ring must be readable by then"
     );
     Ok(took)
-}
-
-fn connects(cg: &Path, op: &str) -> anyhow::Result<()> {
-    probe_in(cg, &[op]).map(drop)
 }
 
 #[test]
@@ -113,7 +108,7 @@ fn denies_wake_the_reader_and_allows_wait_for_a_quarter_of_the_ring() -> anyhow:
     // Allowed connects filling a quarter of the 1 MiB ring (~104 bytes each) wake it.
     events.clear();
     let took = poll_while(fd, Duration::from_secs(10), || {
-        connects(&cg.path, "repeat:4000:udp:127.0.0.1:9")
+        probe_in(&cg.path, &["repeat:4000:udp:127.0.0.1:9"]).map(drop)
     })?;
     println!("4000 allows: the reader returned after {took:?}");
     assert!(
