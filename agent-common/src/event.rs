@@ -11,19 +11,8 @@ pub const KIND_CONNECT: u8 = 1;
 pub const KIND_EXEC: u8 = 2;
 /// [`UnixEvent`]: a connect/sendmsg decision on an AF_UNIX socket.
 pub const KIND_UNIX: u8 = 3;
-
-/// `EventHeader::verdict`.
-pub const VERDICT_ALLOW: u8 = 1;
-pub const VERDICT_DENY: u8 = 2;
-/// Would have been denied; allowed because the policy is in audit mode.
-pub const VERDICT_AUDIT_DENY: u8 = 3;
-
-/// `EventHeader::reason`.
-pub const REASON_RULE: u8 = 1;
-pub const REASON_DEFAULT: u8 = 2;
-pub const REASON_CHAINING: u8 = 3;
-pub const REASON_GRANT: u8 = 4;
-pub const REASON_NO_POLICY: u8 = 5;
+/// [`SocketEvent`]: a containment guard refused a socket or a socket option.
+pub const KIND_SOCKET: u8 = 4;
 
 /// `ConnectEvent::hook`: which cgroup sock_addr hook decided.
 pub const HOOK_CONNECT4: u8 = 1;
@@ -34,6 +23,14 @@ pub const HOOK_SENDMSG6: u8 = 4;
 /// with a destination address on an AF_UNIX datagram socket.
 pub const HOOK_CONNECT_UNIX: u8 = 5;
 pub const HOOK_SENDMSG_UNIX: u8 = 6;
+
+/// [`SocketEvent::hook`]: `socket()` (cgroup `sock_create`, kernel 4.10+).
+pub const HOOK_SOCK_CREATE: u8 = 7;
+/// [`SocketEvent::hook`]: `setsockopt()` (cgroup `setsockopt`, kernel 5.3+).
+pub const HOOK_SETSOCKOPT: u8 = 8;
+/// [`SocketEvent::hook`]: `socket()` of a family `sock_create` does not see (tracepoint
+/// `syscalls:sys_enter_socket`; a deny kills the process).
+pub const HOOK_SOCKET_SYSCALL: u8 = 9;
 
 /// `sockaddr_un.sun_family`.
 pub const AF_UNIX: u16 = 1;
@@ -55,7 +52,9 @@ pub struct EventHeader {
     pub uid: u32,
     pub principal: u32,
     pub kind: u8,
+    /// `VERDICT_*` ([`crate::Verdict`]).
     pub verdict: u8,
+    /// `REASON_*` ([`crate::Reason`]).
     pub reason: u8,
     pub _pad: u8,
     /// Policy key (generation-qualified slot) that decided, or `NONE`.
@@ -106,6 +105,29 @@ pub struct UnixEvent {
     pub _pad2: [u8; 4],
 }
 const _: () = assert!(core::mem::size_of::<UnixEvent>() == 184);
+
+/// A containment guard's decision on a socket: a family, type or protocol no connect hook
+/// polices (raw and ping sockets, AF_PACKET, AF_VSOCK, ...) at `socket()`, or a source-routing
+/// option at `setsockopt()`. Guards only deny: allowed sockets are not recorded here (their
+/// connects and sends are).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SocketEvent {
+    pub header: EventHeader,
+    /// `AF_*`.
+    pub family: u16,
+    /// `SOCK_*` (`SOCK_RAW` is 3).
+    pub sock_type: u16,
+    /// `IPPROTO_*` (or the family's protocol number).
+    pub protocol: u16,
+    /// [`HOOK_SOCK_CREATE`], [`HOOK_SETSOCKOPT`] or [`HOOK_SOCKET_SYSCALL`].
+    pub hook: u8,
+    pub _pad: u8,
+    /// `setsockopt()` level and option name; 0 for `socket()`.
+    pub level: u32,
+    pub optname: u32,
+}
+const _: () = assert!(core::mem::size_of::<SocketEvent>() == 72);
 
 /// An exec decision (see [`crate::exec`]). Written in place in the ring buffer (it is larger
 /// than the BPF stack).

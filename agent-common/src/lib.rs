@@ -6,13 +6,23 @@
 //!
 //! Addresses are always 16 bytes in network byte order: IPv4 is stored as the IPv4-mapped IPv6
 //! address `::ffff:a.b.c.d`, so an IPv4-mapped IPv6 destination is decided exactly as IPv4.
+//!
+//! - [`decision`]: verdicts, reasons and policy keys: the constants the kernel writes and their
+//!   one userspace decoding.
+//! - [`event`]: the ring-buffer records (one [`EventHeader`] first in each).
+//! - [`policy`]: the policy map keys and values.
+//! - [`exec`]: the exec decision's maps, configuration and shared logic.
+//! - [`maps`]: every map name (and [`maps::ALL`], checked against the built object) and the
+//!   capacity limits.
 #![no_std]
 
+pub mod decision;
 pub mod event;
 pub mod exec;
 pub mod maps;
 pub mod policy;
 
+pub use decision::*;
 pub use event::*;
 pub use exec::*;
 pub use policy::*;
@@ -73,12 +83,6 @@ pub const fn is_v4_mapped(addr: &Addr) -> bool {
     addr[0] == 0 && addr[1] == 0 && addr[2] == 0xffffu32.to_be()
 }
 
-/// Key of a policy-generation-qualified slot: every policy map key starts with this.
-#[inline(always)]
-pub const fn policy_key(generation: u32, slot: u32) -> u32 {
-    (generation << 31) | (slot & 0x7fff_ffff)
-}
-
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -123,6 +127,8 @@ mod pod {
     unsafe impl aya::Pod for UnixKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for UnixEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SocketEvent {}
 
     /// Copies a `T` out of possibly unaligned bytes (ring buffer records); `None` if too short.
     pub fn read_unaligned<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
@@ -155,11 +161,5 @@ mod tests {
             [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 20, 30, 40]
         );
         assert!(is_v4_mapped(&a));
-    }
-
-    #[test]
-    fn policy_key_separates_generations() {
-        assert_ne!(policy_key(0, 5), policy_key(1, 5));
-        assert_eq!(policy_key(1, 5) & 0x7fff_ffff, 5);
     }
 }

@@ -38,6 +38,44 @@ pub const EXEC_TASKS: &str = "CORRAL_EXTASKS";
 /// `HashMap<UnixKey, ZoneValue>`: AF_UNIX destination → zone, per policy (kernel 6.7+ hooks).
 pub const UNIX_ZONES: &str = "CORRAL_UNIXZONE";
 
+/// Every map name above: the kernel object must define exactly these (checked by the agent's
+/// `ebpf::object` tests against the built object).
+pub const ALL: &[&str] = &[
+    CONFIG,
+    PRINCIPALS,
+    POLICIES,
+    ZONES,
+    RULES,
+    CHAIN,
+    SEEN,
+    GRANTS,
+    EVENTS,
+    SEQ,
+    DROPS,
+    RATE,
+    EXEC_CFG,
+    EXEC_SCRIPT,
+    EXEC_FILES,
+    EXEC_DIRS,
+    EXEC_TASKS,
+    UNIX_ZONES,
+];
+
+/// The kernel keeps at most this many bytes of a map name (`BPF_OBJ_NAME_LEN` - 1) and cuts
+/// longer ones silently.
+pub const MAX_NAME_BYTES: usize = 15;
+
+const _: () = {
+    let mut i = 0;
+    while i < ALL.len() {
+        assert!(
+            ALL[i].len() <= MAX_NAME_BYTES,
+            "a map name is over 15 bytes"
+        );
+        i += 1;
+    }
+};
+
 /// Capacity limits (also the `max_entries` of the maps).
 pub mod limits {
     pub const PRINCIPALS: u32 = 16_384;

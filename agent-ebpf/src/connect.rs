@@ -91,11 +91,25 @@ fn dest(ctx: &SockAddrContext, hook: u8) -> Dest {
             ]
         };
         Dest {
-            addr,
+            addr: effective(addr),
             port,
             family,
             proto,
         }
+    }
+}
+
+/// The destination the kernel really connects to. `connect()`/`sendto()` to the unspecified
+/// address (`0.0.0.0`, `::`, `::ffff:0.0.0.0`) reaches this host's loopback, so it is decided
+/// (and recorded) as `127.0.0.1` or `::1`, never as whatever zone covers `0.0.0.0/0`.
+#[inline(always)]
+fn effective(addr: Addr) -> Addr {
+    if addr == [0; 4] {
+        [0, 0, 0, 1u32.to_be()]
+    } else if addr == v4_mapped(0) {
+        v4_mapped(0x7f00_0001u32.to_be())
+    } else {
+        addr
     }
 }
 

@@ -55,8 +55,8 @@ pub fn header(kind: u8, cgroup_id: u64, principal: u32) -> EventHeader {
 /// The submit flags for a record with `verdict`: when to wake the reader.
 ///
 /// A deny or audit-deny wakes it at once (the kernel's default: only if the reader has caught
-/// up). An allow does not, unless `limits::EVENTS_WAKE_BYTES` of unread records have piled
-/// up: waking the reader costs an interrupt per record (an inter-processor interrupt, which a
+/// up). An allow does not, unless a quarter of the ring (`BPF_RB_RING_SIZE`) is unread
+/// records: waking the reader costs an interrupt per record (an inter-processor interrupt, which a
 /// VM pays dearly), which tripled the cost of an allowed UDP connect when the reader kept up.
 /// The reader also drains on a timer (the agent every 20 ms), which bounds an allow event's
 /// delay. Minimum kernel: 5.8 (as the ring buffer itself).

@@ -12,6 +12,7 @@
 mod connect;
 mod events;
 mod exec;
+mod guard;
 mod maps;
 mod principal;
 mod unix;

@@ -6,7 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use corral_agent::{ebpf::Enforcer, paths, policy::bench};
+use corral_agent::{ebpf::Enforcer, paths};
+use corral_policy::bench;
 
 fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1e3)
@@ -44,7 +45,7 @@ fn main() -> anyhow::Result<()> {
                 let mut best = Duration::MAX;
                 for _ in 0..runs {
                     let t = Instant::now();
-                    e.maps().apply(&row.compiled.set, |_, _| None)?;
+                    e.maps().apply(&row.compiled, |_, _| None)?;
                     best = best.min(t.elapsed());
                 }
                 Some(best)

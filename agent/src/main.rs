@@ -7,7 +7,7 @@ use corral_agent::daemon::{self, config::Config};
 
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    corral_agent::logging::init(config.log_format);
+    corral_runtime::logging::init(config.log_format);
     let resolved = config.resolve().context("resolve the configuration")?;
     tracing::info!(config = ?resolved.config, cgroup2 = %resolved.cgroup_root.display(), "corral-agent starting");
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -15,5 +15,5 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("start the async runtime")?;
     rt.block_on(daemon::run(resolved))
-        .map_err(|e| anyhow::anyhow!(daemon::policy::error_chain(&e)))
+        .map_err(|e| anyhow::anyhow!(corral_runtime::error_chain(&e)))
 }

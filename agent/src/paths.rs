@@ -13,6 +13,13 @@ pub enum PathError {
     },
     #[error("no {fstype} filesystem is mounted (looked in {path})")]
     NotMounted { fstype: &'static str, path: PathBuf },
+    #[error("mount {fstype} at {path}")]
+    Mount {
+        fstype: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 const MOUNTINFO: &str = "/proc/self/mountinfo";
@@ -28,6 +35,31 @@ pub fn find_mount(fstype: &'static str) -> Result<PathBuf, PathError> {
         path: MOUNTINFO.into(),
     })
 }
+
+/// Where tracefs is mounted, mounting it at `/sys/kernel/tracing` first if it is nowhere (as
+/// root; per-syscall tracepoints are found through it). Kernel 4.1+.
+pub fn ensure_tracefs() -> Result<PathBuf, PathError> {
+    if let Ok(p) = find_mount("tracefs") {
+        return Ok(p);
+    }
+    let at = PathBuf::from(TRACEFS);
+    rustix::mount::mount(
+        "nodev",
+        &at,
+        "tracefs",
+        rustix::mount::MountFlags::empty(),
+        None,
+    )
+    .map_err(|e| PathError::Mount {
+        fstype: "tracefs",
+        path: at.clone(),
+        source: e.into(),
+    })?;
+    Ok(at)
+}
+
+/// Where tracefs is mounted when nothing mounted it.
+pub const TRACEFS: &str = "/sys/kernel/tracing";
 
 /// `mountinfo` lines: `id parent maj:min root mountpoint opts [optional...] - fstype source sopts`.
 fn parse_mountinfo(text: &str, fstype: &str) -> Option<PathBuf> {
@@ -78,8 +110,7 @@ pub fn bpffs_pin_dir(bpffs: &Path) -> PathBuf {
     bpffs.join("corral")
 }
 
-/// The agent's local API socket.
-pub const AGENT_SOCKET: &str = "/run/corral/agent.sock";
+pub use corral_runtime::paths::AGENT_SOCKET;
 /// Last-known-good policy and other state.
 pub const STATE_DIR: &str = "/var/lib/corral";
 

@@ -2,11 +2,14 @@
 
 use std::{io::Write as _, process::ExitCode};
 
-use corral_agent::daemon::render;
+use corral_events::render;
 use corral_proto::v1 as pb;
 use tokio_stream::StreamExt as _;
 
-use crate::client::{self, SocketArgs};
+use crate::{
+    client::{self, SocketArgs},
+    error::CliError,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum VerdictArg {
@@ -39,7 +42,7 @@ pub struct Args {
     #[arg(long, env = "CORRAL_SERVER")]
     server: Option<String>,
     #[command(flatten)]
-    tls: corral_agent::daemon::tls::TlsFiles,
+    tls: corral_runtime::tls::TlsFiles,
     /// With --server: only this node's events.
     #[arg(long, requires = "server")]
     node: Option<String>,
@@ -59,7 +62,12 @@ fn filter(a: &Args) -> pb::EventFilter {
     }
 }
 
-async fn watch(a: &Args) -> Result<(), String> {
+/// Prints the events until the stream ends (or stdout is closed).
+pub async fn run(a: &Args) -> Result<ExitCode, CliError> {
+    watch(a).await.map(|()| ExitCode::SUCCESS)
+}
+
+async fn watch(a: &Args) -> Result<(), CliError> {
     if let Some(url) = &a.server {
         let server = crate::server_client::ServerArgs {
             server: url.clone(),
@@ -75,7 +83,7 @@ async fn watch(a: &Args) -> Result<(), String> {
     let mut stream = c
         .watch_events(req)
         .await
-        .map_err(|s| client::status_text(&s))?
+        .map_err(CliError::agent)?
         .into_inner();
     // Buffered; flushed whenever no further event is ready, so a follower sees each event at
     // once and a burst costs one write per buffer, not one per event.
@@ -86,13 +94,13 @@ async fn watch(a: &Args) -> Result<(), String> {
             Ok(n) => n,
             Err(_) => {
                 if let Err(e) = out.flush() {
-                    return write_error(&e);
+                    return write_error(e);
                 }
                 stream.next().await
             }
         };
         let Some(item) = next else { break };
-        let r = item.map_err(|s| client::status_text(&s))?;
+        let r = item.map_err(CliError::agent)?;
         let Some(e) = r.event else { continue };
         let res = if a.json {
             serde_json::to_writer(
@@ -105,7 +113,7 @@ async fn watch(a: &Args) -> Result<(), String> {
             writeln!(out, "{}", render::event_line(&e))
         };
         if let Err(e) = res {
-            return write_error(&e);
+            return write_error(e);
         }
         if !a.json && r.subscriber_dropped > reported_drops {
             eprintln!(
@@ -115,25 +123,14 @@ async fn watch(a: &Args) -> Result<(), String> {
             reported_drops = r.subscriber_dropped;
         }
     }
-    out.flush().or_else(|e| write_error(&e))
+    out.flush().or_else(write_error)
 }
 
 /// A closed pipe (`| head`) ends the command quietly; other write errors are reported.
-fn write_error(e: &std::io::Error) -> Result<(), String> {
+pub fn write_error(e: std::io::Error) -> Result<(), CliError> {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
         Ok(())
     } else {
-        Err(format!("cannot write events: {e}"))
-    }
-}
-
-pub fn run(a: &Args) -> ExitCode {
-    let res = client::runtime().and_then(|rt| rt.block_on(watch(a)));
-    match res {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(msg) => {
-            eprintln!("corral events: {msg}");
-            ExitCode::FAILURE
-        }
+        Err(CliError::WriteEvents { source: e })
     }
 }

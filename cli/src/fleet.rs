@@ -8,11 +8,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use corral_agent::daemon::render;
+use corral_events::render;
 use corral_proto::v1 as pb;
 use tokio_stream::StreamExt as _;
 
-use crate::server_client::{self, ServerArgs, request, status_text};
+use crate::{
+    error::CliError,
+    server_client::{self, ServerArgs, request},
+};
 
 #[derive(Debug, clap::Args)]
 pub struct ApplyArgs {
@@ -57,49 +60,37 @@ pub struct ListArgs {
     pub json: bool,
 }
 
-fn finish(r: Result<ExitCode, String>) -> ExitCode {
-    match r {
-        Ok(c) => c,
-        Err(msg) => {
-            eprintln!("{msg}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn block_on<F: Future<Output = Result<ExitCode, String>>>(f: F) -> ExitCode {
-    finish(crate::client::runtime().and_then(|rt| rt.block_on(f)))
-}
-
 fn time(unix_nano: u64) -> String {
     let secs = unix_nano / 1_000_000_000;
     format!("@{secs}")
 }
 
-pub fn apply(a: &ApplyArgs) -> ExitCode {
-    block_on(async {
-        let yaml = std::fs::read_to_string(&a.file)
-            .map_err(|e| format!("cannot read policy file {}: {e}", a.file.display()))?;
-        let mut c = server_client::policies(&a.server).await?;
-        let r = c
-            .apply(request(pb::ApplyRequest {
-                file_name: a.file.display().to_string(),
-                yaml,
-            }))
-            .await
-            .map_err(|s| status_text(&s))?
-            .into_inner();
-        let names = r.policies.join(", ");
-        if r.unchanged {
-            println!("revision {}: unchanged ({names})", r.revision);
-        } else {
-            println!("revision {}: applied {names}", r.revision);
-        }
-        if a.no_wait {
-            return Ok(ExitCode::SUCCESS);
-        }
-        wait_for_nodes(&mut c, r.revision, r.applied_unix_nano, a.timeout).await
-    })
+pub async fn apply(a: &ApplyArgs) -> Result<ExitCode, CliError> {
+    let yaml = std::fs::read_to_string(&a.file).map_err(|source| {
+        CliError::from(corral_policy::PolicyError::Read {
+            file: a.file.display().to_string(),
+            source,
+        })
+    })?;
+    let mut c = server_client::policies(&a.server).await?;
+    let r = c
+        .apply(request(pb::ApplyRequest {
+            file_name: a.file.display().to_string(),
+            yaml,
+        }))
+        .await
+        .map_err(CliError::server)?
+        .into_inner();
+    let names = r.policies.join(", ");
+    if r.unchanged {
+        println!("revision {}: unchanged ({names})", r.revision);
+    } else {
+        println!("revision {}: applied {names}", r.revision);
+    }
+    if a.no_wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    wait_for_nodes(&mut c, r.revision, r.applied_unix_nano, a.timeout).await
 }
 
 /// Polls `Status` until every connected node has ACKed or NACKed `revision`; prints each
@@ -109,14 +100,14 @@ async fn wait_for_nodes(
     revision: u64,
     applied: u64,
     timeout: u64,
-) -> Result<ExitCode, String> {
+) -> Result<ExitCode, CliError> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(timeout);
     let nodes = loop {
         let s = c
             .status(request(pb::PolicyStatusRequest {}))
             .await
-            .map_err(|s| status_text(&s))?
+            .map_err(CliError::server)?
             .into_inner();
         let pending = s
             .nodes
@@ -126,18 +117,18 @@ async fn wait_for_nodes(
             break s.nodes;
         }
         if Instant::now() > deadline {
-            let waiting: Vec<&str> = s
-                .nodes
-                .iter()
-                .filter(|n| {
-                    n.connected && n.acked_revision < revision && n.nacked_revision < revision
-                })
-                .map(|n| n.node.as_str())
-                .collect();
-            return Err(format!(
-                "timed out after {timeout} s waiting for nodes to answer revision {revision}: {}",
-                waiting.join(", ")
-            ));
+            return Err(CliError::NodesTimedOut {
+                timeout_secs: timeout,
+                revision,
+                waiting: s
+                    .nodes
+                    .into_iter()
+                    .filter(|n| {
+                        n.connected && n.acked_revision < revision && n.nacked_revision < revision
+                    })
+                    .map(|n| n.node)
+                    .collect(),
+            });
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
@@ -187,82 +178,76 @@ async fn wait_for_nodes(
     })
 }
 
-pub fn list(a: &ListArgs) -> ExitCode {
-    block_on(async {
-        let mut c = server_client::policies(&a.server).await?;
-        let r = c
-            .list(request(pb::ListRequest {}))
-            .await
-            .map_err(|s| status_text(&s))?
-            .into_inner();
-        if a.json {
-            for p in &r.policies {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "name": p.name, "revision": p.revision, "applied_by": p.applied_by,
-                        "applied_unix_nano": p.applied_unix_nano,
-                    })
-                );
-            }
-        } else {
-            println!("revision {}", r.revision);
-            for p in &r.policies {
-                println!(
-                    "{}\trevision {}\tby {}\t{}",
-                    p.name,
-                    p.revision,
-                    p.applied_by,
-                    time(p.applied_unix_nano)
-                );
-            }
+pub async fn list(a: &ListArgs) -> Result<ExitCode, CliError> {
+    let mut c = server_client::policies(&a.server).await?;
+    let r = c
+        .list(request(pb::ListRequest {}))
+        .await
+        .map_err(CliError::server)?
+        .into_inner();
+    if a.json {
+        for p in &r.policies {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "name": p.name, "revision": p.revision, "applied_by": p.applied_by,
+                    "applied_unix_nano": p.applied_unix_nano,
+                })
+            );
         }
-        Ok(ExitCode::SUCCESS)
-    })
+    } else {
+        println!("revision {}", r.revision);
+        for p in &r.policies {
+            println!(
+                "{}\trevision {}\tby {}\t{}",
+                p.name,
+                p.revision,
+                p.applied_by,
+                time(p.applied_unix_nano)
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
-pub fn get(a: &GetArgs) -> ExitCode {
-    block_on(async {
-        let mut c = server_client::policies(&a.server).await?;
-        let r = c
-            .get(request(pb::GetRequest {
-                name: a.name.clone(),
-                history: a.history,
-            }))
-            .await
-            .map_err(|s| status_text(&s))?
-            .into_inner();
-        if a.history {
-            for h in &r.history {
-                println!(
-                    "# revision {} by {} {}{}",
-                    h.revision,
-                    h.applied_by,
-                    time(h.applied_unix_nano),
-                    if h.deleted { " (deleted)" } else { "" }
-                );
-            }
+pub async fn get(a: &GetArgs) -> Result<ExitCode, CliError> {
+    let mut c = server_client::policies(&a.server).await?;
+    let r = c
+        .get(request(pb::GetRequest {
+            name: a.name.clone(),
+            history: a.history,
+        }))
+        .await
+        .map_err(CliError::server)?
+        .into_inner();
+    if a.history {
+        for h in &r.history {
+            println!(
+                "# revision {} by {} {}{}",
+                h.revision,
+                h.applied_by,
+                time(h.applied_unix_nano),
+                if h.deleted { " (deleted)" } else { "" }
+            );
         }
-        if let Some(p) = r.policy {
-            print!("{}", p.yaml);
-        }
-        Ok(ExitCode::SUCCESS)
-    })
+    }
+    if let Some(p) = r.policy {
+        print!("{}", p.yaml);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
-pub fn delete(a: &NameArgs) -> ExitCode {
-    block_on(async {
-        let mut c = server_client::policies(&a.server).await?;
-        let r = c
-            .delete(request(pb::DeleteRequest {
-                name: a.name.clone(),
-            }))
-            .await
-            .map_err(|s| status_text(&s))?
-            .into_inner();
-        println!("revision {}: deleted {}", r.revision, a.name);
-        Ok(ExitCode::SUCCESS)
-    })
+pub async fn delete(a: &NameArgs) -> Result<ExitCode, CliError> {
+    let mut c = server_client::policies(&a.server).await?;
+    let r = c
+        .delete(request(pb::DeleteRequest {
+            name: a.name.clone(),
+        }))
+        .await
+        .map_err(CliError::server)?
+        .into_inner();
+    println!("revision {}: deleted {}", r.revision, a.name);
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, clap::Args)]
@@ -274,59 +259,57 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
-pub fn status(a: &StatusArgs) -> ExitCode {
-    block_on(async {
-        let mut c = server_client::policies(&a.server).await?;
-        let s = c
-            .status(request(pb::PolicyStatusRequest {}))
-            .await
-            .map_err(|s| status_text(&s))?
-            .into_inner();
-        if a.json {
-            let nodes: Vec<_> = s
-                .nodes
-                .iter()
-                .map(|n| {
-                    serde_json::json!({
-                        "node": n.node, "connected": n.connected,
-                        "acked_revision": n.acked_revision, "nacked_revision": n.nacked_revision,
-                        "nack_detail": n.nack_detail, "peer": n.peer,
-                        "events_forwarded": n.events_forwarded,
-                    })
-                })
-                .collect();
-            println!(
-                "{}",
+pub async fn status(a: &StatusArgs) -> Result<ExitCode, CliError> {
+    let mut c = server_client::policies(&a.server).await?;
+    let s = c
+        .status(request(pb::PolicyStatusRequest {}))
+        .await
+        .map_err(CliError::server)?
+        .into_inner();
+    if a.json {
+        let nodes: Vec<_> = s
+            .nodes
+            .iter()
+            .map(|n| {
                 serde_json::json!({
-                    "revision": s.revision, "nodes": nodes,
-                    "events_received": s.events_received, "events_dropped": s.events_dropped,
+                    "node": n.node, "connected": n.connected,
+                    "acked_revision": n.acked_revision, "nacked_revision": n.nacked_revision,
+                    "nack_detail": n.nack_detail, "peer": n.peer,
+                    "events_forwarded": n.events_forwarded,
                 })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "revision": s.revision, "nodes": nodes,
+                "events_received": s.events_received, "events_dropped": s.events_dropped,
+            })
+        );
+    } else {
+        println!("revision {}", s.revision);
+        for n in &s.nodes {
+            let mut line = format!(
+                "{}\t{}\tacked {}",
+                n.node,
+                if n.connected {
+                    "connected"
+                } else {
+                    "disconnected"
+                },
+                n.acked_revision
             );
-        } else {
-            println!("revision {}", s.revision);
-            for n in &s.nodes {
-                let mut line = format!(
-                    "{}\t{}\tacked {}",
-                    n.node,
-                    if n.connected {
-                        "connected"
-                    } else {
-                        "disconnected"
-                    },
-                    n.acked_revision
-                );
-                if n.nacked_revision > 0 {
-                    line.push_str(&format!(
-                        "\tNACKed {}: {}",
-                        n.nacked_revision,
-                        n.nack_detail.replace('\n', "; ")
-                    ));
-                }
-                println!("{line}");
+            if n.nacked_revision > 0 {
+                line.push_str(&format!(
+                    "\tNACKed {}: {}",
+                    n.nacked_revision,
+                    n.nack_detail.replace('\n', "; ")
+                ));
             }
+            println!("{line}");
         }
-        Ok(ExitCode::SUCCESS)
-    })
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `corral events --server URL [--follow]`: the fleet's events (the server keeps no
@@ -336,7 +319,7 @@ pub async fn watch_events(
     filter: pb::EventFilter,
     node: Option<String>,
     json: bool,
-) -> Result<(), String> {
+) -> Result<(), CliError> {
     let mut c = server_client::events(server).await?;
     let mut stream = c
         .watch_events(request(pb::FleetWatchRequest {
@@ -344,11 +327,11 @@ pub async fn watch_events(
             node: node.unwrap_or_default(),
         }))
         .await
-        .map_err(|s| status_text(&s))?
+        .map_err(CliError::server)?
         .into_inner();
     let mut out = std::io::stdout().lock();
     while let Some(e) = stream.next().await {
-        let e = e.map_err(|s| status_text(&s))?;
+        let e = e.map_err(CliError::server)?;
         let res = if json {
             serde_json::to_writer(&mut out, &render::event_json(&e, None))
                 .map_err(std::io::Error::from)
@@ -356,10 +339,8 @@ pub async fn watch_events(
         } else {
             writeln!(out, "{} {}", e.node, render::event_line(&e))
         };
-        match res.and_then(|()| out.flush()) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
-            Err(e) => return Err(format!("cannot write events: {e}")),
+        if let Err(e) = res.and_then(|()| out.flush()) {
+            return crate::events::write_error(e);
         }
     }
     Ok(())

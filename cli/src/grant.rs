@@ -10,11 +10,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use corral_agent::{daemon::render::grant_state_name, policy::fields::parse_duration};
+use corral_events::render::grant_state_name;
+use corral_policy::fields::parse_duration;
 use corral_proto::v1 as pb;
 use serde_json::json;
 
-use crate::server_client::{self, ServerArgs, request, status_text};
+use crate::{
+    error::CliError,
+    server_client::{self, ServerArgs, request},
+};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -99,37 +103,23 @@ pub struct Out {
     pub json: bool,
 }
 
-fn ttl(s: &str) -> Result<Duration, String> {
-    parse_duration(s).ok_or_else(|| format!("`{s}` is not a duration like 10m, 1h30m or 45s"))
+fn ttl(s: &str) -> Result<Duration, CliError> {
+    parse_duration(s).ok_or_else(|| CliError::BadDuration {
+        value: s.to_owned(),
+    })
 }
 
-pub fn run(c: Command) -> ExitCode {
-    let rt = match crate::client::runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let r = rt.block_on(async {
-        match c {
-            Command::Request(a) => request_cmd(&a).await,
-            Command::List(a) => list(&a).await,
-            Command::Approve(a) => decide(&a, Decision::Approve).await,
-            Command::Deny(a) => decide(&a, Decision::Deny).await,
-            Command::Revoke(a) => decide(&a, Decision::Revoke).await,
-        }
-    });
-    match r {
-        Ok(c) => c,
-        Err(msg) => {
-            eprintln!("{msg}");
-            ExitCode::FAILURE
-        }
+pub async fn run(c: Command) -> Result<ExitCode, CliError> {
+    match c {
+        Command::Request(a) => request_cmd(&a).await,
+        Command::List(a) => list(&a).await,
+        Command::Approve(a) => decide(&a, Decision::Approve).await,
+        Command::Deny(a) => decide(&a, Decision::Deny).await,
+        Command::Revoke(a) => decide(&a, Decision::Revoke).await,
     }
 }
 
-async fn request_cmd(a: &RequestArgs) -> Result<ExitCode, String> {
+async fn request_cmd(a: &RequestArgs) -> Result<ExitCode, CliError> {
     let mut c = server_client::grants(&a.server).await?;
     let g = c
         .request(request(pb::GrantRequest {
@@ -140,7 +130,7 @@ async fn request_cmd(a: &RequestArgs) -> Result<ExitCode, String> {
             reason: a.reason.clone(),
         }))
         .await
-        .map_err(|s| status_text(&s))?
+        .map_err(CliError::server)?
         .into_inner();
     print_grant(&g, a.out, false);
     if !a.wait || g.state != pb::GrantState::Pending as i32 {
@@ -155,12 +145,12 @@ async fn request_cmd(a: &RequestArgs) -> Result<ExitCode, String> {
                 ..Default::default()
             }))
             .await
-            .map_err(|s| status_text(&s))?
+            .map_err(CliError::server)?
             .into_inner()
             .grants
             .into_iter()
             .find(|x| x.id == g.id)
-            .ok_or_else(|| format!("grant {} disappeared from the server", g.id))?;
+            .ok_or_else(|| CliError::GrantVanished { id: g.id.clone() })?;
         if cur.state != pb::GrantState::Pending as i32 {
             print_grant(&cur, a.out, false);
             return Ok(if cur.state == pb::GrantState::Active as i32 {
@@ -180,7 +170,7 @@ async fn request_cmd(a: &RequestArgs) -> Result<ExitCode, String> {
     }
 }
 
-async fn list(a: &ListArgs) -> Result<ExitCode, String> {
+async fn list(a: &ListArgs) -> Result<ExitCode, CliError> {
     let mut c = server_client::grants(&a.server).await?;
     let r = c
         .list(request(pb::ListGrantsRequest {
@@ -189,7 +179,7 @@ async fn list(a: &ListArgs) -> Result<ExitCode, String> {
             identity: a.identity.clone(),
         }))
         .await
-        .map_err(|s| status_text(&s))?
+        .map_err(CliError::server)?
         .into_inner();
     if r.grants.is_empty() && !a.out.json {
         println!("no grants");
@@ -207,7 +197,7 @@ enum Decision {
     Revoke,
 }
 
-async fn decide(a: &DecideArgs, d: Decision) -> Result<ExitCode, String> {
+async fn decide(a: &DecideArgs, d: Decision) -> Result<ExitCode, CliError> {
     let mut c = server_client::grants(&a.server).await?;
     let msg = request(pb::GrantDecisionRequest {
         id: a.id.clone(),
@@ -218,7 +208,7 @@ async fn decide(a: &DecideArgs, d: Decision) -> Result<ExitCode, String> {
         Decision::Deny => c.deny(msg).await,
         Decision::Revoke => c.revoke(msg).await,
     }
-    .map_err(|s| status_text(&s))?
+    .map_err(CliError::server)?
     .into_inner();
     print_grant(&g, a.out, false);
     Ok(ExitCode::SUCCESS)
@@ -338,7 +328,10 @@ mod tests {
 
     #[test]
     fn ttls_parse_like_policy_durations() {
-        assert_eq!(ttl("10m"), Ok(Duration::from_secs(600)));
-        assert!(ttl("10 minutes").is_err());
+        assert_eq!(ttl("10m").ok(), Some(Duration::from_secs(600)));
+        assert_eq!(
+            ttl("10 minutes").map_err(|e| e.to_string()),
+            Err("`10 minutes` is not a duration like 10m, 1h30m or 45s".to_owned())
+        );
     }
 }

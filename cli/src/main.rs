@@ -4,10 +4,34 @@
 //! (locally with `--policy FILE`, else through the agent), and against the central server
 //! (`--server URL`): `policy apply/list/get/delete/status`, `events --server` and
 //! `grant request/list/approve/deny/revoke`.
+//!
+//! Modules, one job each:
+//!
+//! - `main`: parses the arguments and runs the chosen command through `exec::block_on`.
+//! - `exec`: runs one command: the single-threaded runtime, the error line on stderr, the exit
+//!   status.
+//! - `error`: `error::CliError`, every way a command fails, and the one sentence shown for it.
+//! - `client`: connects to the local agent over its unix socket (`--socket`).
+//! - `server_client`: connects to the central server (`--server`, mTLS) and tags requests with
+//!   the user.
+//! - `policy`: `policy check` and `policy explain`; hands the server's `policy` subcommands
+//!   to `fleet`.
+//! - `fleet`: `policy apply|list|get|delete|status` and `events --server` on the server.
+//! - `grant`: `grant request|list|approve|deny|revoke` on the server.
+//! - `run`: `corral run`: enrol through the agent, join the principal's cgroup, exec CMD.
+//! - `events`: `corral events`: the local agent's event stream (or the fleet's with
+//!   `--server`).
+//! - `status`: `corral status`: what the local agent enforces.
+//!
+//! Every command is an `async fn` returning `Result<ExitCode, CliError>`; `exec::block_on`
+//! prints an error as `corral run: `, `corral events: ` or `corral status: ` and the message,
+//! or (for `policy` and `grant`) the message alone.
 #![forbid(unsafe_code)]
 
 mod client;
+mod error;
 mod events;
+mod exec;
 mod fleet;
 mod grant;
 mod policy;
@@ -45,10 +69,10 @@ enum Command {
 fn main() -> ExitCode {
     let args = Args::parse();
     match args.command {
-        Command::Policy(c) => policy::run(c),
-        Command::Grant(c) => grant::run(c),
-        Command::Run(a) => run::run(&a),
-        Command::Events(a) => events::run(&a),
-        Command::Status(a) => status::run(&a),
+        Command::Policy(c) => exec::block_on("", policy::run(c)),
+        Command::Grant(c) => exec::block_on("", grant::run(c)),
+        Command::Run(a) => exec::block_on("corral run: ", run::run(&a)),
+        Command::Events(a) => exec::block_on("corral events: ", events::run(&a)),
+        Command::Status(a) => exec::block_on("corral status: ", status::run(&a)),
     }
 }

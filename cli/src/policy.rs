@@ -12,14 +12,14 @@ use std::{
 };
 
 use clap::{Args, Subcommand};
-use corral_agent::{
+use corral_policy::{
+    self as policy, PolicyError,
+    eval::ConnectCall,
+    explain::{Call, explain},
     identity,
-    policy::{
-        self, PolicyError,
-        eval::ConnectCall,
-        explain::{Call, explain},
-    },
 };
+
+use crate::error::CliError;
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -61,73 +61,59 @@ pub struct ExplainArgs {
     exec: Option<String>,
 }
 
-pub fn run(c: Command) -> ExitCode {
+pub async fn run(c: Command) -> Result<ExitCode, CliError> {
     match c {
         Command::Check { file } => check(&file),
-        Command::Apply(a) => crate::fleet::apply(&a),
-        Command::List(a) => crate::fleet::list(&a),
-        Command::Get(a) => crate::fleet::get(&a),
-        Command::Delete(a) => crate::fleet::delete(&a),
-        Command::Status(a) => crate::fleet::status(&a),
-        Command::Explain(a) => match explain_cmd(&a) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(msg) => {
-                eprintln!("{msg}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Explain(a) => explain_cmd(&a).await.map(|()| ExitCode::SUCCESS),
+        Command::Apply(a) => crate::fleet::apply(&a).await,
+        Command::List(a) => crate::fleet::list(&a).await,
+        Command::Get(a) => crate::fleet::get(&a).await,
+        Command::Delete(a) => crate::fleet::delete(&a).await,
+        Command::Status(a) => crate::fleet::status(&a).await,
     }
 }
 
-fn report(e: &PolicyError) {
-    match e {
-        PolicyError::Read { file, source } => eprintln!("cannot read policy file {file}: {source}"),
-        PolicyError::Invalid(d) => {
-            for d in d {
-                eprintln!("{d}");
-            }
-        }
-    }
-}
-
-fn check(file: &Path) -> ExitCode {
+/// Prints a summary and exits 0, or one `file:line:col: message` line per problem on stderr
+/// and exits 1; an unreadable file is an error.
+fn check(file: &Path) -> Result<ExitCode, CliError> {
     match policy::compile_file(file, 0) {
         Ok(c) => {
-            let rules: usize = c.set.policies.iter().map(|p| p.connect.len()).sum();
-            let exec: usize = c.addenda.iter().map(|a| a.exec.len()).sum();
+            let rules: usize = c.policies.iter().map(|p| p.connect.len()).sum();
+            let exec: usize = c.policies.iter().map(|p| p.exec.len()).sum();
             println!(
                 "{}: ok: {} polic{}, {rules} connect and {exec} exec rules",
                 file.display(),
-                c.set.policies.len(),
-                if c.set.policies.len() == 1 {
-                    "y"
-                } else {
-                    "ies"
-                }
+                c.policies.len(),
+                if c.policies.len() == 1 { "y" } else { "ies" }
             );
-            ExitCode::SUCCESS
+            Ok(ExitCode::SUCCESS)
         }
-        Err(e) => {
-            report(&e);
-            ExitCode::FAILURE
+        Err(PolicyError::Invalid(diags)) => {
+            for d in diags {
+                eprintln!("{d}");
+            }
+            Ok(ExitCode::FAILURE)
         }
+        Err(e) => Err(e.into()),
     }
 }
 
 /// `ADDR:PORT[/tcp|udp]`.
-pub fn parse_connect(s: &str) -> Result<ConnectCall, String> {
+pub fn parse_connect(s: &str) -> Result<ConnectCall, CliError> {
     let (addr, proto) = match s.rsplit_once('/') {
         Some((a, "tcp")) => (a, agent_common::PROTO_TCP),
         Some((a, "udp")) => (a, agent_common::PROTO_UDP),
         Some((_, p)) => {
-            return Err(format!(
+            return Err(CliError::usage(format!(
                 "--connect {s}: protocol `{p}` is not supported; write /tcp or /udp"
-            ));
+            )));
         }
         None => (s, agent_common::PROTO_TCP),
     };
     let sa: SocketAddr = addr.parse().map_err(|_| {
-        format!("--connect {s}: write ADDR:PORT[/tcp|udp], e.g. 10.0.0.1:443/tcp or [::1]:53/udp")
+        CliError::usage(format!(
+            "--connect {s}: write ADDR:PORT[/tcp|udp], e.g. 10.0.0.1:443/tcp or [::1]:53/udp"
+        ))
     })?;
     let addr = match sa.ip() {
         IpAddr::V6(a) => a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4),
@@ -140,18 +126,19 @@ pub fn parse_connect(s: &str) -> Result<ConnectCall, String> {
     })
 }
 
-fn explain_cmd(a: &ExplainArgs) -> Result<(), String> {
-    identity::validate_id(&a.identity).map_err(|e| format!("--identity: {e}"))?;
+async fn explain_cmd(a: &ExplainArgs) -> Result<(), CliError> {
+    identity::validate_id(&a.identity).map_err(|source| CliError::BadIdentity { source })?;
     let call = match (&a.connect, &a.exec) {
         (Some(c), _) => Call::Connect(parse_connect(c)?),
         (None, Some(p)) => {
             let resolved = match std::fs::canonicalize(p) {
                 Ok(r) => r.display().to_string(),
                 Err(_) if p.starts_with('/') => p.clone(),
-                Err(e) => {
-                    return Err(format!(
-                        "--exec {p}: {e}; give an absolute path (it need not exist here)"
-                    ));
+                Err(source) => {
+                    return Err(CliError::BadExecPath {
+                        path: p.clone(),
+                        source,
+                    });
                 }
             };
             Call::Exec {
@@ -159,39 +146,37 @@ fn explain_cmd(a: &ExplainArgs) -> Result<(), String> {
                 resolved,
             }
         }
-        (None, None) => return Err("give --connect ADDR:PORT[/tcp|udp] or --exec PATH".into()),
+        (None, None) => return Err(no_call()),
     };
     let Some(file) = &a.policy else {
-        return explain_by_agent(a);
+        return explain_by_agent(a).await;
     };
-    let compiled = policy::compile_file(file, 0).map_err(|e| match &e {
-        PolicyError::Read { file, source } => format!("cannot read policy file {file}: {source}"),
-        PolicyError::Invalid(_) => format!("the policy file is invalid:\n{e}"),
-    })?;
+    let compiled = policy::compile_file(file, 0)?;
     println!("{}", explain(&compiled, &a.identity, call));
     Ok(())
 }
 
+fn no_call() -> CliError {
+    CliError::usage("give --connect ADDR:PORT[/tcp|udp] or --exec PATH")
+}
+
 /// Asks the agent, which explains against the policy it enforces now.
-fn explain_by_agent(a: &ExplainArgs) -> Result<(), String> {
+async fn explain_by_agent(a: &ExplainArgs) -> Result<(), CliError> {
     use corral_proto::v1 as pb;
     let call = match (&a.connect, &a.exec) {
         (Some(c), _) => pb::explain_request::Call::Connect(c.clone()),
         (None, Some(p)) => pb::explain_request::Call::Exec(p.clone()),
-        (None, None) => return Err("give --connect ADDR:PORT[/tcp|udp] or --exec PATH".into()),
+        (None, None) => return Err(no_call()),
     };
-    let rt = crate::client::runtime()?;
-    let resp = rt.block_on(async {
-        let mut client = crate::client::connect(&a.socket.socket).await?;
-        client
-            .explain(pb::ExplainRequest {
-                identity: a.identity.clone(),
-                call: Some(call),
-            })
-            .await
-            .map_err(|s| crate::client::status_text(&s))
-    })?;
-    let r = resp.into_inner();
+    let mut client = crate::client::connect(&a.socket.socket).await?;
+    let r = client
+        .explain(pb::ExplainRequest {
+            identity: a.identity.clone(),
+            call: Some(call),
+        })
+        .await
+        .map_err(CliError::agent)?
+        .into_inner();
     println!("{}", r.explanation);
     if let Some(d) = r.decision {
         println!("(agent policy revision {})", d.revision);

@@ -5,7 +5,10 @@ use std::{os::unix::process::CommandExt as _, path::Path, process::ExitCode};
 
 use corral_proto::v1 as pb;
 
-use crate::client::{self, SocketArgs};
+use crate::{
+    client::{self, SocketArgs},
+    error::CliError,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -25,28 +28,24 @@ pub struct Args {
     command: Vec<String>,
 }
 
-fn enroll(a: &Args) -> Result<pb::EnrollResponse, String> {
-    let rt = client::runtime()?;
-    rt.block_on(async {
+/// Enrols, joins the principal's cgroup and execs CMD: returns only if that fails.
+pub async fn run(a: &Args) -> Result<ExitCode, CliError> {
+    let r = {
         let mut c = client::connect(&a.socket.socket).await?;
         c.enroll(pb::EnrollRequest {
             identity: a.identity.clone(),
             session: a.session.clone().unwrap_or_default(),
         })
         .await
-        .map(tonic::Response::into_inner)
-        .map_err(|s| client::status_text(&s))
-    })
-}
-
-fn run_inner(a: &Args) -> Result<std::convert::Infallible, (String, u8)> {
-    let r = enroll(a).map_err(|e| (e, 1))?;
+        .map_err(CliError::agent)?
+        .into_inner()
+    };
     let cg = Path::new(&r.cgroup_path);
-    std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string()).map_err(|e| {
-        (
-            format!("cannot join the principal's cgroup {}: {e}", cg.display()),
-            1,
-        )
+    std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string()).map_err(|source| {
+        CliError::JoinCgroup {
+            cgroup: cg.to_path_buf(),
+            source,
+        }
     })?;
     if a.verbose {
         let p = r.principal.unwrap_or_default();
@@ -55,25 +54,11 @@ fn run_inner(a: &Args) -> Result<std::convert::Infallible, (String, u8)> {
             p.identity, p.session, r.cgroup_path
         );
     }
-    let (cmd, args) = a
-        .command
-        .split_first()
-        .ok_or_else(|| ("no command given".to_owned(), 2))?;
-    let err = std::process::Command::new(cmd).args(args).exec();
-    let code = if err.kind() == std::io::ErrorKind::NotFound {
-        127
-    } else {
-        126
-    };
-    Err((format!("cannot run {cmd}: {err}"), code))
-}
-
-pub fn run(a: &Args) -> ExitCode {
-    match run_inner(a) {
-        Ok(never) => match never {},
-        Err((msg, code)) => {
-            eprintln!("corral run: {msg}");
-            ExitCode::from(code)
-        }
-    }
+    let (cmd, args) = a.command.split_first().ok_or(CliError::NoCommand)?;
+    // The runtime's descriptors (epoll, the agent's socket) are close-on-exec.
+    let source = std::process::Command::new(cmd).args(args).exec();
+    Err(CliError::Exec {
+        command: cmd.clone(),
+        source,
+    })
 }

@@ -6,6 +6,8 @@ use corral_proto::v1::{
 };
 use tonic::transport::{Channel, Endpoint};
 
+use crate::error::CliError;
+
 /// `--server` for every fleet command.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServerArgs {
@@ -14,58 +16,51 @@ pub struct ServerArgs {
     pub server: String,
     /// mTLS to the server (needed for an `https://` --server).
     #[command(flatten)]
-    pub tls: corral_agent::daemon::tls::TlsFiles,
+    pub tls: corral_runtime::tls::TlsFiles,
 }
 
 /// The metadata key the server records as `applied_by` (must match the server's).
 pub const USER_HEADER: &str = "x-corral-user";
 
-async fn channel(s: &ServerArgs) -> Result<Channel, String> {
+async fn channel(s: &ServerArgs) -> Result<Channel, CliError> {
     let url = s.server.as_str();
-    let mut ep = Endpoint::from_shared(url.to_owned())
-        .map_err(|e| format!("bad --server URL {url}: {e}"))?;
+    let mut ep =
+        Endpoint::from_shared(url.to_owned()).map_err(|source| CliError::BadServerUrl {
+            url: url.to_owned(),
+            source,
+        })?;
     if s.tls.is_set() {
         let tls = s
             .tls
             .client_config()
-            .map_err(|e| format!("cannot load the TLS files: {}", root_cause(&e)))?;
+            .map_err(|source| CliError::TlsFiles { source })?;
         ep = ep
             .tls_config(tls)
-            .map_err(|e| format!("cannot configure TLS: {}", root_cause(&e)))?;
+            .map_err(|source| CliError::TlsConfig { source })?;
     } else if url.starts_with("https://") {
-        return Err(format!(
-            "--server {url}: give --tls-cert, --tls-key and --tls-ca for mTLS"
-        ));
+        return Err(CliError::TlsMissing {
+            url: url.to_owned(),
+        });
     }
     ep.connect_timeout(std::time::Duration::from_secs(5))
         .tcp_nodelay(true)
         .connect()
         .await
-        .map_err(|e| {
-            format!(
-                "cannot reach the corral server at {url}: {} (is `corral-server` running?)",
-                root_cause(&e)
-            )
+        .map_err(|source| CliError::ServerUnreachable {
+            url: url.to_owned(),
+            source,
         })
 }
 
-fn root_cause(e: &dyn std::error::Error) -> String {
-    let mut cur: &dyn std::error::Error = e;
-    while let Some(s) = cur.source() {
-        cur = s;
-    }
-    cur.to_string()
-}
-
-pub async fn policies(s: &ServerArgs) -> Result<PolicyServiceClient<Channel>, String> {
+pub async fn policies(s: &ServerArgs) -> Result<PolicyServiceClient<Channel>, CliError> {
     Ok(PolicyServiceClient::new(channel(s).await?))
 }
 
-pub async fn grants(s: &ServerArgs) -> Result<GrantServiceClient<Channel>, String> {
+pub async fn grants(s: &ServerArgs) -> Result<GrantServiceClient<Channel>, CliError> {
     Ok(GrantServiceClient::new(channel(s).await?))
 }
 
-pub async fn events(s: &ServerArgs) -> Result<EventServiceClient<Channel>, String> {
+pub async fn events(s: &ServerArgs) -> Result<EventServiceClient<Channel>, CliError> {
     Ok(EventServiceClient::new(channel(s).await?))
 }
 
@@ -81,17 +76,4 @@ pub fn request<T>(msg: T) -> tonic::Request<T> {
         req.metadata_mut().insert(USER_HEADER, v);
     }
     req
-}
-
-/// One sentence for a failed call (policy rejections keep their `file:line:col` lines).
-pub fn status_text(s: &tonic::Status) -> String {
-    let what = match s.code() {
-        tonic::Code::InvalidArgument => "the server rejected it",
-        tonic::Code::NotFound => "not found",
-        tonic::Code::FailedPrecondition => "the server cannot do that now",
-        tonic::Code::PermissionDenied => "not allowed",
-        tonic::Code::Unavailable => "the server is unavailable",
-        _ => "the server failed",
-    };
-    format!("{what}: {}", s.message())
 }

@@ -5,7 +5,10 @@ use std::process::ExitCode;
 use corral_proto::v1 as pb;
 use serde_json::json;
 
-use crate::client::{self, SocketArgs};
+use crate::{
+    client::{self, SocketArgs},
+    error::CliError,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -158,30 +161,20 @@ fn until(unix_nano: u64) -> String {
     format!("{}s", (unix_nano / 1_000_000_000).saturating_sub(now))
 }
 
-pub fn run(a: &Args) -> ExitCode {
-    let res = client::runtime().and_then(|rt| {
-        rt.block_on(async {
-            let mut c = client::connect(&a.socket.socket).await?;
-            c.status(pb::StatusRequest {})
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(|s| client::status_text(&s))
-        })
-    });
-    match res {
-        Ok(s) => {
-            if a.json {
-                println!("{}", to_json(&s));
-            } else {
-                print!("{}", human(&s));
-            }
-            ExitCode::SUCCESS
-        }
-        Err(msg) => {
-            eprintln!("corral status: {msg}");
-            ExitCode::FAILURE
-        }
+/// Asks the agent for its status and prints it.
+pub async fn run(a: &Args) -> Result<ExitCode, CliError> {
+    let mut c = client::connect(&a.socket.socket).await?;
+    let s = c
+        .status(pb::StatusRequest {})
+        .await
+        .map_err(CliError::agent)?
+        .into_inner();
+    if a.json {
+        println!("{}", to_json(&s));
+    } else {
+        print!("{}", human(&s));
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

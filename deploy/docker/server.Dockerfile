@@ -1,13 +1,12 @@
 # corral-server. Build from the repository root:
 #   docker build -f deploy/docker/server.Dockerfile -t corral-server .
-# The server links corral-agent's library (policy validation and compilation), whose build
-# script builds the kernel programs, so this stage needs the same toolchain as the agent's.
+# The server validates and compiles policies with corral-policy, which needs no kernel and no
+# eBPF toolchain: stable Rust alone builds it (`cargo xtask deps` checks this in CI).
 # SQLite is compiled in (rusqlite's `bundled` feature).
 FROM docker.io/library/rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo xtask setup \
- && cargo build --release --locked -p corral-server \
+RUN cargo build --release --locked -p corral-server \
  && install -D -m 0755 target/release/corral-server /out/corral-server
 
 # Stage 2: distroless `nonroot` (uid/gid 65532), no shell.

@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-pub use corral_agent::logging::LogFormat;
+pub use corral_runtime::logging::LogFormat;
 
 /// `corral-server`: Corral's central policy server.
 #[derive(Debug, Clone, clap::Parser)]
@@ -32,7 +32,7 @@ pub struct Config {
     /// mTLS: the server's certificate and key, and the CA that signs the clients' (agents'
     /// and CLI users') certificates. Required unless --plaintext.
     #[command(flatten)]
-    pub tls: corral_agent::daemon::tls::TlsFiles,
+    pub tls: corral_runtime::tls::TlsFiles,
 
     /// Fleet events buffered for `corral events --server` followers; a follower that falls
     /// further behind loses events (counted and logged).

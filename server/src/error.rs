@@ -25,7 +25,7 @@ pub enum ServerError {
 
 impl From<ServerError> for Status {
     fn from(e: ServerError) -> Self {
-        let msg = corral_agent::daemon::policy::error_chain(&e);
+        let msg = corral_runtime::error_chain(&e);
         match e {
             ServerError::Invalid(_) | ServerError::BadRequest(_) => Status::invalid_argument(msg),
             ServerError::NotFound { .. } => Status::not_found(msg),

@@ -4,8 +4,9 @@
 
 use std::{pin::Pin, sync::Arc, sync::atomic::Ordering};
 
-use corral_agent::daemon::{hub::Filter, shutdown::ShutdownSignal};
+use corral_events::hub::Filter;
 use corral_proto::v1::{self as pb, event_service_server::EventService};
+use corral_runtime::shutdown::ShutdownSignal;
 use tokio::sync::{broadcast::error::RecvError, mpsc};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};

@@ -11,7 +11,7 @@ use std::{
     },
 };
 
-use corral_agent::daemon::hub::HubEvent;
+use corral_events::hub::HubEvent;
 use corral_proto::v1 as pb;
 use tokio::sync::{broadcast, watch};
 

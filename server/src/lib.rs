@@ -4,7 +4,7 @@
 //! - [`store`]: the [`store::PolicyStore`] trait and its SQLite implementation (WAL, full
 //!   history, one monotonic revision per change).
 //! - [`validate`]: a change is accepted only if the whole resulting policy set compiles with
-//!   the node's own compiler (`corral_agent::policy`).
+//!   the node's own compiler (`corral_policy`).
 //! - [`fleet`]: the current revision every node should converge to, and each node's state
 //!   (connected, acknowledged revision, last NACK).
 //! - [`policy_service`]: `PolicyService` (Apply/Delete/List/Get/Status).
@@ -13,9 +13,11 @@
 //!   server's own grant changes).
 //! - [`grants`]: `GrantService` (Request/Approve/Deny/Revoke/List), the grant state machine,
 //!   the expiry sweep; active grants travel to nodes in the sync snapshots.
+//! - [`auth`]: who is calling (client certificate name, or the user header on loopback).
 //! - [`error`]: the one mapping of errors to gRPC codes.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod events;
@@ -28,11 +30,11 @@ pub mod validate;
 
 use std::{sync::Arc, time::Duration};
 
-use corral_agent::daemon::shutdown::{self, Shutdown};
 use corral_proto::v1::{
     event_service_server::EventServiceServer, grant_service_server::GrantServiceServer,
     node_sync_server::NodeSyncServer, policy_service_server::PolicyServiceServer,
 };
+use corral_runtime::shutdown::{self, Shutdown};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
@@ -53,7 +55,7 @@ pub enum RunError {
         source: std::io::Error,
     },
     #[error("load the TLS files")]
-    Tls(#[from] corral_agent::daemon::tls::TlsError),
+    Tls(#[from] corral_runtime::tls::TlsError),
     #[error("configure TLS")]
     TlsConfig(#[source] tonic::transport::Error),
     #[error("install signal handlers")]

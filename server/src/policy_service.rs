@@ -17,10 +17,6 @@ use crate::{
     validate,
 };
 
-/// The metadata key the CLI puts its user name in (recorded as `applied_by`; without mTLS,
-/// also the caller's name for grants).
-pub const USER_HEADER: &str = "x-corral-user";
-
 pub struct Policies {
     store: Arc<dyn PolicyStore>,
     fleet: Arc<Fleet>,
@@ -66,7 +62,7 @@ impl Policies {
 
     /// Whether the caller of `req` may change policies; its name for the record if so.
     fn admitted<T>(&self, req: &Request<T>) -> Result<String, ServerError> {
-        let caller = crate::grants::service::caller(req);
+        let caller = crate::auth::caller(req);
         if !self.admins.is_empty() && !self.admins.contains(&caller.name) {
             return Err(ServerError::NotPolicyAdmin { user: caller.name });
         }
@@ -242,7 +238,7 @@ mod tests {
     fn as_user<T>(user: &str, msg: T) -> Request<T> {
         let mut r = Request::new(msg);
         r.metadata_mut()
-            .insert(USER_HEADER, user.parse().expect("ascii user"));
+            .insert(crate::auth::USER_HEADER, user.parse().expect("ascii user"));
         r
     }
 

@@ -14,8 +14,8 @@
 
 use std::{pin::Pin, sync::Arc};
 
-use corral_agent::daemon::shutdown::ShutdownSignal;
 use corral_proto::v1::{self as pb, node_message::Msg, node_sync_server::NodeSync};
+use corral_runtime::shutdown::ShutdownSignal;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt as _, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
@@ -263,8 +263,8 @@ impl NodeSync for Sync {
 mod tests {
     use std::time::Duration;
 
-    use corral_agent::daemon::shutdown::Shutdown;
     use corral_proto::v1::{node_sync_client::NodeSyncClient, node_sync_server::NodeSyncServer};
+    use corral_runtime::shutdown::Shutdown;
     use tonic::transport::server::TcpIncoming;
 
     use super::*;

@@ -1,14 +1,14 @@
 //! Validation with the node's own compiler: a change is accepted only if the whole policy set
 //! it produces compiles exactly as the nodes will compile it
-//! ([`corral_agent::daemon::sync::compile_snapshot`]). Errors are `file:line:col: message`,
+//! ([`corral_policy::snapshot::compile_snapshot`]). Errors are `file:line:col: message`,
 //! with positions mapped back to the file the user applied (or to the stored policy they are
 //! in).
 
 use std::collections::BTreeMap;
 
-use corral_agent::{
-    daemon::sync::{compile_snapshot, snapshot_starts},
-    policy::{self, PolicyError},
+use corral_policy::{
+    self as policy, PolicyError,
+    snapshot::{compile_snapshot, snapshot_starts},
 };
 
 use crate::error::ServerError;

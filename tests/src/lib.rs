@@ -153,8 +153,10 @@ pub mod harness;
 pub mod build {
     use std::net::IpAddr;
 
-    use corral_agent::{
-        compiled::{Action, ChainRule, CompiledPolicy, CompiledSet, ConnectRule, Mode, Net, Zone},
+    use corral_policy::{
+        compiled::{
+            Action, ChainRule, CompiledPolicy, CompiledSet, ConnectRule, ExecRule, Mode, Net, Zone,
+        },
         identity::IdentityPattern,
     };
 
@@ -169,9 +171,7 @@ pub mod build {
             ],
             mode: Mode::Enforce,
             default_action: Action::Deny,
-            zones: vec![],
-            connect: vec![],
-            chaining: vec![],
+            ..CompiledPolicy::default()
         })
     }
 
@@ -227,6 +227,17 @@ pub mod build {
             self
         }
 
+        /// Adds exec rules (in order; their indices are taken as given).
+        pub fn exec(mut self, rules: Vec<ExecRule>) -> Self {
+            self.0.exec.extend(rules);
+            self
+        }
+
+        /// Allows every exec (see [`crate::exec_rules::allow_all`]).
+        pub fn allow_all_exec(self) -> Self {
+            self.exec(crate::exec_rules::allow_all())
+        }
+
         pub fn audit(mut self) -> Self {
             self.0.mode = Mode::Audit;
             self
@@ -250,19 +261,16 @@ pub mod build {
 /// Exec rules for tests that are not about exec: under default deny, an enrolled process may
 /// exec nothing that no rule allows (e.g. `setsid` or a helper binary).
 pub mod exec_rules {
-    use corral_agent::compiled::{Action, ExecRule, PolicyAddenda};
+    use corral_policy::compiled::{Action, ExecRule};
 
-    /// Addenda allowing every exec: the prefix `/` (the agent adds every filesystem mounted
-    /// below it). Pass one per policy to `PolicyMaps::apply_with_addenda`.
-    pub fn allow_all() -> PolicyAddenda {
-        PolicyAddenda {
-            exec: vec![ExecRule {
-                index: 0,
-                action: Action::Allow,
-                exact: vec![],
-                prefixes: vec!["/".into()],
-            }],
-            ..PolicyAddenda::default()
-        }
+    /// Exec rules allowing every exec: the prefix `/` (the agent adds every filesystem mounted
+    /// below it). See `build::PolicyBuilder::allow_all_exec`.
+    pub fn allow_all() -> Vec<ExecRule> {
+        vec![ExecRule {
+            index: 0,
+            action: Action::Allow,
+            exact: vec![],
+            prefixes: vec!["/".into()],
+        }]
     }
 }

@@ -3,12 +3,12 @@
 
 use std::net::{IpAddr, Ipv4Addr, TcpStream};
 
-use corral_agent::{
+use corral_agent::ebpf::{
+    Enforcer,
+    events::{EventReader, KernelEvent, Reason, Verdict},
+};
+use corral_policy::{
     compiled::{Action, CompiledPolicy, CompiledSet, ConnectRule, Mode, Net, Zone},
-    ebpf::{
-        Enforcer,
-        events::{EventReader, KernelEvent, Reason, Verdict},
-    },
     identity::IdentityPattern,
 };
 use corral_tests::{Listener, Outcome, TestCgroup, privileged, probe_in};
@@ -36,6 +36,7 @@ fn loopback_policy(allowed_port: u16) -> anyhow::Result<CompiledSet> {
                 protocols: vec![agent_common::PROTO_TCP],
             }],
             chaining: vec![],
+            ..CompiledPolicy::default()
         }],
     })
 }
@@ -85,9 +86,9 @@ fn connect4_denies_with_eperm_inside_the_cgroup_only() -> anyhow::Result<()> {
             _ => None,
         })
         .ok_or_else(|| anyhow::anyhow!("no event for the denied connect in {events:?}"))?;
-    assert_eq!(deny.verdict, Verdict::Deny);
-    assert_eq!(deny.reason, Reason::Default);
-    assert_eq!(deny.principal, 7);
+    assert_eq!(deny.header.verdict, Verdict::Deny);
+    assert_eq!(deny.header.reason, Reason::Default);
+    assert_eq!(deny.header.principal, 7);
     assert_eq!(deny.addr, IpAddr::V4(Ipv4Addr::LOCALHOST));
     let allow = events
         .iter()
@@ -97,12 +98,12 @@ fn connect4_denies_with_eperm_inside_the_cgroup_only() -> anyhow::Result<()> {
         })
         .ok_or_else(|| anyhow::anyhow!("no event for the allowed connect"))?;
     assert_eq!(
-        (allow.verdict, allow.reason, allow.rule),
+        (allow.header.verdict, allow.header.reason, allow.header.rule),
         (Verdict::Allow, Reason::Rule, Some(0))
     );
     assert!(
         events.iter().all(|e| match e {
-            KernelEvent::Connect(c) => c.principal == 7,
+            KernelEvent::Connect(c) => c.header.principal == 7,
         }),
         "un-enrolled connects must not produce events"
     );

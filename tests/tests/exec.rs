@@ -12,14 +12,12 @@ use std::{
 };
 
 use anyhow::Context as _;
-use corral_agent::{
-    compiled::Action,
-    ebpf::{
-        Enforcer, ExecMode,
-        events::{ExecDecision, Reason, Verdict},
-        exec::identity,
-    },
+use corral_agent::ebpf::{
+    Enforcer, ExecMode,
+    events::{ExecDecision, Reason, Verdict},
+    exec::identity,
 };
+use corral_policy::compiled::Action;
 use corral_tests::{TestCgroup, build, privileged};
 
 #[allow(
@@ -130,7 +128,12 @@ fn denied_binary_never_runs_through_any_name_and_a_copy_takes_the_default() -> a
         let Some(pid) = pid else { continue };
         let e = event_for(&events, *pid)?;
         assert_eq!(
-            (e.verdict, e.reason, e.rule, e.principal),
+            (
+                e.header.verdict,
+                e.header.reason,
+                e.header.rule,
+                e.header.principal
+            ),
             (Verdict::Deny, Reason::Rule, Some(0), 11),
             "{what}"
         );
@@ -145,7 +148,7 @@ fn denied_binary_never_runs_through_any_name_and_a_copy_takes_the_default() -> a
     let copy_pid = got.pid().context("copy pid")?;
     let e = event_for(&events, copy_pid)?;
     assert_eq!(
-        (e.verdict, e.reason, e.rule),
+        (e.header.verdict, e.header.reason, e.header.rule),
         (Verdict::Allow, Reason::Default, None)
     );
     println!(
@@ -201,18 +204,18 @@ fn default_deny_allows_only_allowed_files_and_prefixes() -> anyhow::Result<()> {
     let events = st.exec_events();
     let e = event_for(&events, got_allowed.pid().context("pid")?)?;
     assert_eq!(
-        (e.verdict, e.reason, e.rule),
+        (e.header.verdict, e.header.reason, e.header.rule),
         (Verdict::Allow, Reason::Rule, Some(0))
     );
     let e = event_for(&events, got_prefix.pid().context("pid")?)?;
     assert_eq!(
-        (e.verdict, e.reason, e.rule),
+        (e.header.verdict, e.header.reason, e.header.rule),
         (Verdict::Allow, Reason::Rule, Some(1))
     );
     if let Some(pid) = got_copy.pid() {
         let e = event_for(&events, pid)?;
         assert_eq!(
-            (e.verdict, e.reason, e.rule),
+            (e.header.verdict, e.header.reason, e.header.rule),
             (Verdict::Deny, Reason::Default, None)
         );
     }
@@ -239,7 +242,7 @@ fn audit_mode_runs_the_denied_binary_and_records_audit_deny() -> anyhow::Result<
     assert!(marker.exists(), "audit mode blocks nothing");
     let e = event_for(&st.exec_events(), got.pid().context("pid")?)?;
     assert_eq!(
-        (e.verdict, e.reason, e.rule),
+        (e.header.verdict, e.header.reason, e.header.rule),
         (Verdict::AuditDeny, Reason::Rule, Some(0))
     );
     Ok(())
@@ -275,14 +278,19 @@ fn enrolled_without_policy_cannot_exec_and_unenrolled_is_unaffected() -> anyhow:
     if let Some(pid) = got.pid() {
         let e = event_for(&events, pid)?;
         assert_eq!(
-            (e.verdict, e.reason, e.policy, e.rule),
+            (
+                e.header.verdict,
+                e.header.reason,
+                e.header.policy,
+                e.header.rule
+            ),
             (Verdict::Deny, Reason::NoPolicy, None, None)
         );
     }
     assert!(
         events
             .iter()
-            .all(|e| e.pid != outside_pid && e.principal == 14),
+            .all(|e| e.header.pid != outside_pid && e.header.principal == 14),
         "un-enrolled execs must not produce events: {events:#?}"
     );
     Ok(())
@@ -306,7 +314,7 @@ fn exec_events_carry_argv_and_exec_lineage() -> anyhow::Result<()> {
     assert_ran(&got, "env true");
     let pid = got.pid().context("pid")?;
     let events = st.exec_events();
-    let mine: Vec<&ExecDecision> = events.iter().filter(|e| e.pid == pid).collect();
+    let mine: Vec<&ExecDecision> = events.iter().filter(|e| e.header.pid == pid).collect();
     assert_eq!(mine.len(), 2, "two execs in one process: {mine:#?}");
     let (first, second) = (mine[0], mine[1]);
     assert_eq!(
@@ -325,13 +333,13 @@ fn exec_events_carry_argv_and_exec_lineage() -> anyhow::Result<()> {
     );
     assert_eq!(second.path, s(&tru));
     assert_eq!(
-        first.exec_id, first.seq,
+        first.exec_id, first.header.seq,
         "an exec id names the exec's own event"
     );
-    assert_eq!(second.exec_id, second.seq);
+    assert_eq!(second.exec_id, second.header.seq);
     assert!(second.exec_id > first.exec_id);
     assert_eq!(second.parent_exec_id, first.exec_id);
-    assert!(second.seq > first.seq);
+    assert!(second.header.seq > first.header.seq);
 
     // sh forks, and the child execs `true`: the child's parent exec is sh's.
     let script = format!("{} from-sh; exit 0", s(&tru));
@@ -342,7 +350,7 @@ fn exec_events_carry_argv_and_exec_lineage() -> anyhow::Result<()> {
     let sh_event = event_for(&events, sh_pid)?;
     let child = events
         .iter()
-        .find(|e| e.pid != sh_pid && e.argv.first() == Some(&s(&tru)))
+        .find(|e| e.header.pid != sh_pid && e.argv.first() == Some(&s(&tru)))
         .ok_or_else(|| anyhow::anyhow!("no exec event for sh's child in {events:#?}"))?;
     assert_eq!(child.argv, vec![s(&tru), "from-sh".to_owned()]);
     assert_eq!(child.parent_exec_id, sh_event.exec_id);
@@ -420,12 +428,12 @@ fn bind_mounts_and_filesystems_mounted_below_a_prefix_are_covered() -> anyhow::R
     if let (Some(a), Some(b)) = (got_bound.pid(), got_tmpfs.pid()) {
         let e = event_for(&events, a)?;
         assert_eq!(
-            (e.verdict, e.reason, e.rule),
+            (e.header.verdict, e.header.reason, e.header.rule),
             (Verdict::Deny, Reason::Rule, Some(0))
         );
         let e = event_for(&events, b)?;
         assert_eq!(
-            (e.verdict, e.reason, e.rule),
+            (e.header.verdict, e.header.reason, e.header.rule),
             (Verdict::Deny, Reason::Rule, Some(1))
         );
     }
@@ -481,9 +489,8 @@ fn allow_all_helper_allows_every_exec_under_default_deny() -> anyhow::Result<()>
     enforcer
         .maps()
         .add_principal(cg.id()?, cg.level(), 18, Some(0))?;
-    enforcer.maps().apply_with_addenda(
-        &build::set(1, vec![build::policy("allowall").build()]),
-        &[corral_tests::exec_rules::allow_all()],
+    enforcer.maps().apply(
+        &build::set(1, vec![build::policy("allowall").allow_all_exec().build()]),
         |_, _| Some(0),
     )?;
     let marker = dir.path("marker");

@@ -7,7 +7,8 @@
 
 use std::path::Path;
 
-use corral_agent::{compiled::Action, ebpf::exec::identity};
+use corral_agent::ebpf::exec::identity;
+use corral_policy::compiled::Action;
 use corral_tests::{TestCgroup, build, privileged};
 
 #[allow(
@@ -98,12 +99,11 @@ fn replaced_and_late_created_rule_paths_are_denied_after_a_restat() -> anyhow::R
     assert_eq!(st.enforcer.maps().exec().refresh_all()?, 0, "stable again");
 
     // A re-applied policy replaces what is watched: the old rules are no longer refreshed.
-    st.enforcer.maps().apply_with_addenda(
+    st.enforcer.maps().apply(
         &build::set(
             2,
             vec![build::policy("exec-restat").default_allow().build()],
         ),
-        &[],
         |_, _| Some(0),
     )?;
     assert!(st.enforcer.maps().exec().watched().is_empty());

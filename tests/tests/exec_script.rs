@@ -9,14 +9,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use corral_agent::{
-    compiled::Action,
-    ebpf::{
-        ExecMode,
-        events::{ExecDecision, Reason, Verdict},
-        exec::identity,
-    },
+use corral_agent::ebpf::{
+    ExecMode,
+    events::{ExecDecision, Reason, Verdict},
+    exec::identity,
 };
+use corral_policy::compiled::Action;
 use corral_tests::{TestCgroup, build, privileged};
 
 #[allow(
@@ -159,7 +157,12 @@ fn denied_script_never_runs_although_its_interpreter_is_allowed() -> anyhow::Res
         let e = event_for(&events, *pid)?;
         let rule = if what.contains("prefix") { 2 } else { 1 };
         assert_eq!(
-            (e.verdict, e.reason, e.rule, e.principal),
+            (
+                e.header.verdict,
+                e.header.reason,
+                e.header.rule,
+                e.header.principal
+            ),
             (Verdict::Deny, Reason::Rule, Some(rule), 31),
             "{what}"
         );
@@ -170,21 +173,21 @@ fn denied_script_never_runs_although_its_interpreter_is_allowed() -> anyhow::Res
         let pid = got_launched.pid().context("pid")?;
         let e = events
             .iter()
-            .find(|e| e.pid == pid && e.path == s(&denied))
+            .find(|e| e.header.pid == pid && e.path == s(&denied))
             .with_context(|| format!("no event for the script exec'd by env: {events:#?}"))?;
-        assert_eq!((e.verdict, e.rule), (Verdict::Deny, Some(1)));
+        assert_eq!((e.header.verdict, e.header.rule), (Verdict::Deny, Some(1)));
         assert_script_event(mode, e, &s(&denied), &denied, false)?;
         // The launcher itself is a plain binary: no script flags, its own identity.
         let e = events
             .iter()
-            .find(|e| e.pid == pid && e.path == s(&launcher))
+            .find(|e| e.header.pid == pid && e.path == s(&launcher))
             .with_context(|| format!("no event for the launcher: {events:#?}"))?;
         assert_eq!(e.flags & (EXEC_F_SCRIPT | EXEC_F_BY_INTERPRETER), 0);
         assert_eq!(e.file, Some(identity(&launcher).map(|(d, i, _)| (d, i))?));
     }
     let e = event_for(&events, got_allowed.pid().context("pid")?)?;
     assert_eq!(
-        (e.verdict, e.reason, e.rule),
+        (e.header.verdict, e.header.reason, e.header.rule),
         (Verdict::Allow, Reason::Rule, Some(3)),
         "the allowed script's own rule decides"
     );
@@ -192,7 +195,7 @@ fn denied_script_never_runs_although_its_interpreter_is_allowed() -> anyhow::Res
     if let Some(pid) = got_interp.pid() {
         let e = event_for(&events, pid)?;
         assert_eq!(
-            (e.verdict, e.reason, e.rule),
+            (e.header.verdict, e.header.reason, e.header.rule),
             (Verdict::Deny, Reason::Rule, Some(4)),
             "the interpreter's deny rule decides"
         );
@@ -236,14 +239,14 @@ fn default_deny_runs_a_script_only_when_script_and_interpreter_are_allowed() -> 
     let events = st.exec_events();
     let e = event_for(&events, got.pid().context("pid")?)?;
     assert_eq!(
-        (e.verdict, e.reason, e.rule),
+        (e.header.verdict, e.header.reason, e.header.rule),
         (Verdict::Allow, Reason::Rule, Some(1))
     );
     assert_script_event(mode, &e, &s(&allowed), &allowed, false)?;
     if let Some(pid) = got_other.pid() {
         let e = event_for(&events, pid)?;
         assert_eq!(
-            (e.verdict, e.reason, e.rule),
+            (e.header.verdict, e.header.reason, e.header.rule),
             (Verdict::Deny, Reason::Default, None)
         );
         assert_script_event(mode, &e, &s(&other), &other, false)?;
@@ -251,7 +254,7 @@ fn default_deny_runs_a_script_only_when_script_and_interpreter_are_allowed() -> 
     if let Some(pid) = got_copy.pid() {
         let e = event_for(&events, pid)?;
         assert_eq!(
-            (e.verdict, e.reason, e.rule),
+            (e.header.verdict, e.header.reason, e.header.rule),
             (Verdict::Deny, Reason::Default, None)
         );
         assert_script_event(mode, &e, &s(&by_unlisted_sh), &sh_copy, true)?;

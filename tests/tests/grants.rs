@@ -19,15 +19,15 @@ use corral_agent::{
         Enforcer,
         events::{EventReader, Reason, Verdict},
     },
-    policy::{Compiled, compile_str},
 };
+use corral_policy::{CompiledSet, compile_str};
 use corral_tests::{Listener, Outcome, TestCgroup, privileged, probe_in};
 
 const ID: &str = "spiffe://test.corral/grants/a";
 
 /// Loopback is zone `zone_index` (other zones before it shift it); nothing is allowed there
 /// but template `loop` grants TCP to `port`.
-fn policy(port: u16, shift: bool) -> anyhow::Result<Compiled> {
+fn policy(port: u16, shift: bool) -> anyhow::Result<CompiledSet> {
     let before = if shift {
         "    elsewhere: { cidrs: [192.0.2.0/24] }\n    more: { cidrs: [198.51.100.0/24] }\n"
     } else {
@@ -89,7 +89,7 @@ fn a_reconciled_grant_allows_until_removed_rekeyed_on_flip_and_expired_by_the_ke
     let mut reader = EventReader::take(e.maps())?;
     let maps = e.maps();
     maps.add_principal(cg.id()?, cg.level(), index, Some(0))?;
-    maps.apply_with_addenda(&v1.set, &v1.addenda, |_, _| Some(0))?;
+    maps.apply(&v1, |_, _| Some(0))?;
 
     let dir = std::env::temp_dir().join(format!("corral-grants-test-{}", std::process::id()));
     let book = GrantBook::managed(PathBuf::from(&dir).join("grants.json"));
@@ -122,14 +122,14 @@ fn a_reconciled_grant_allows_until_removed_rekeyed_on_flip_and_expired_by_the_ke
         .find(|c| c.port == l.port)
         .ok_or_else(|| anyhow::anyhow!("no event for the granted connect"))?;
     assert_eq!(
-        (ev.verdict, ev.reason, ev.grant_id),
+        (ev.header.verdict, ev.header.reason, ev.grant_id),
         (Verdict::Allow, Reason::Grant, 42)
     );
 
     // A new policy moves `local` from zone 0 to zone 2: the grant follows it.
     let v2 = policy(l.port, true)?;
     book.prepare_flip(maps, &principals, &v2)?;
-    maps.apply_with_addenda(&v2.set, &v2.addenda, |_, _| Some(0))?;
+    maps.apply(&v2, |_, _| Some(0))?;
     book.reconcile(maps, &principals, Some(&v2))?;
     let zones: BTreeSet<u32> = maps.grants()?.keys().map(|k| k.zone).collect();
     assert_eq!(zones, BTreeSet::from([2]), "re-keyed to the new zone index");

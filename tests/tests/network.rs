@@ -113,7 +113,7 @@ fn tcp_udp_sendto_ipv6_mapped_and_fast_open() -> anyhow::Result<()> {
         .find(|c| c.port == p4 ^ 1 && c.proto == PROTO_TCP && c.hook == agent_common::HOOK_CONNECT6)
         .ok_or_else(|| anyhow::anyhow!("no event for the IPv4-mapped denied connect"))?;
     assert_eq!(mapped.addr, IpAddr::V4(Ipv4Addr::LOCALHOST));
-    assert_eq!(mapped.verdict, Verdict::Deny);
+    assert_eq!(mapped.header.verdict, Verdict::Deny);
     println!("ran {} ops, {} events", got.len(), events.len());
     Ok(())
 }
@@ -128,12 +128,16 @@ fn daemonised_and_nested_cgroup_children_stay_attributed() -> anyhow::Result<()>
     let mut e = enforcer_with(&cg, 2)?;
     // The daemon op execs `setsid` and the probe inside the cgroup: allow exec (default deny
     // applies to exec too).
-    e.maps().apply_with_addenda(
+    e.maps().apply(
         &set(
             1,
-            vec![policy("lineage").zone("local", &["127.0.0.0/8"]).build()],
+            vec![
+                policy("lineage")
+                    .zone("local", &["127.0.0.0/8"])
+                    .allow_all_exec()
+                    .build(),
+            ],
         ),
-        &[corral_tests::exec_rules::allow_all()],
         |_, _| Some(0),
     )?;
     let target = format!("tcp:127.0.0.1:{}", l.port);
@@ -222,9 +226,12 @@ fn chaining_blocks_after_internal_zone_per_session() -> anyhow::Result<()> {
     let events = EventReader::take(e.maps())?.drain_connects();
     let chained = events
         .iter()
-        .find(|c| c.reason == Reason::Chaining)
+        .find(|c| c.header.reason == Reason::Chaining)
         .ok_or_else(|| anyhow::anyhow!("no chaining event in {events:?}"))?;
-    assert_eq!((chained.principal, chained.verdict), (31, Verdict::Deny));
+    assert_eq!(
+        (chained.header.principal, chained.header.verdict),
+        (31, Verdict::Deny)
+    );
     assert_eq!(chained.addr, IpAddr::V4(Ipv4Addr::new(127, 0, 2, 1)));
     Ok(())
 }
@@ -255,12 +262,12 @@ fn audit_mode_allows_and_records_audit_deny() -> anyhow::Result<()> {
     let by_port = |p: u16| events.iter().find(|c| c.port == p).cloned();
     let rule = by_port(9).ok_or_else(|| anyhow::anyhow!("no event for port 9"))?;
     assert_eq!(
-        (rule.verdict, rule.reason, rule.rule),
+        (rule.header.verdict, rule.header.reason, rule.header.rule),
         (Verdict::AuditDeny, Reason::Rule, Some(0))
     );
     let dflt = by_port(10).ok_or_else(|| anyhow::anyhow!("no event for port 10"))?;
     assert_eq!(
-        (dflt.verdict, dflt.reason),
+        (dflt.header.verdict, dflt.header.reason),
         (Verdict::AuditDeny, Reason::Default)
     );
     Ok(())
@@ -287,9 +294,9 @@ fn enrolled_without_policy_is_denied_and_default_allow_works() -> anyhow::Result
     assert_eq!(probe_in(&open.path, &["udp:127.0.0.1:9"])?, vec![ok()]);
     let events = EventReader::take(e.maps())?.drain_connects();
     assert!(
-        events.iter().any(|c| c.principal == 5
-            && c.reason == Reason::NoPolicy
-            && c.verdict == Verdict::Deny),
+        events.iter().any(|c| c.header.principal == 5
+            && c.header.reason == Reason::NoPolicy
+            && c.header.verdict == Verdict::Deny),
         "no-policy deny recorded: {events:?}"
     );
     Ok(())
@@ -335,9 +342,9 @@ fn expired_grant_denies_without_userspace_action() -> anyhow::Result<()> {
     assert_eq!(probe_in(&cg.path, &["udp:127.0.3.1:5433"])?, vec![eperm()]);
     let events = EventReader::take(e.maps())?.drain_connects();
     assert!(
-        events
-            .iter()
-            .any(|c| c.reason == Reason::Grant && c.grant_id == 99 && c.verdict == Verdict::Allow),
+        events.iter().any(|c| c.header.reason == Reason::Grant
+            && c.grant_id == 99
+            && c.header.verdict == Verdict::Allow),
         "grant-allowed event with the grant id: {events:?}"
     );
     Ok(())

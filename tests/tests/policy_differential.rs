@@ -10,15 +10,13 @@
 use std::{fmt::Write as _, net::IpAddr};
 
 use agent_common::{GrantKey, GrantValue, PROTO_TCP, PROTO_UDP};
-use corral_agent::{
-    ebpf::{
-        Enforcer,
-        events::{ConnectDecision, EventReader},
-    },
-    policy::{
-        compile_str,
-        eval::{self, ActiveGrant, ConnectCall, PrincipalState, Verdict},
-    },
+use corral_agent::ebpf::{
+    Enforcer,
+    events::{ConnectDecision, EventReader},
+};
+use corral_policy::{
+    compile_str,
+    eval::{self, ActiveGrant, ConnectCall, PrincipalState, Verdict},
 };
 use corral_tests::{Outcome, TestCgroup, privileged, probe_in};
 
@@ -209,7 +207,7 @@ fn kernel_decides_random_policies_like_the_reference_evaluator() -> anyhow::Resu
         let case = random_case(&mut r, n);
         let compiled = compile_str("diff.yaml", &case.yaml, n as u64 + 1)
             .map_err(|e| anyhow::anyhow!("generated policy rejected: {e}\n{}", case.yaml))?;
-        let policy = &compiled.set.policies[0];
+        let policy = &compiled.policies[0];
         assert_eq!(case.zones, policy.zones.len());
 
         // A fresh principal per policy: empty chaining state, its own grants.
@@ -217,7 +215,7 @@ fn kernel_decides_random_policies_like_the_reference_evaluator() -> anyhow::Resu
         let maps = enforcer.maps();
         maps.remove_principal(cg_id)?;
         maps.add_principal(cg_id, cg.level(), principal, Some(0))?;
-        maps.apply(&compiled.set, |_, _| Some(0))?;
+        maps.apply(&compiled, |_, _| Some(0))?;
         let mut state = PrincipalState::default();
         for (i, (zone, port, proto, active)) in case.grants.iter().enumerate() {
             // Expiry is absolute CLOCK_BOOTTIME: far future, or long past (1 ns after boot).
@@ -276,7 +274,7 @@ fn kernel_decides_random_policies_like_the_reference_evaluator() -> anyhow::Resu
         let events: Vec<ConnectDecision> = reader
             .drain_connects()
             .into_iter()
-            .filter(|e| e.principal == principal)
+            .filter(|e| e.header.principal == principal)
             .collect();
         assert_eq!(
             events.len(),
@@ -306,7 +304,13 @@ fn kernel_decides_random_policies_like_the_reference_evaluator() -> anyhow::Resu
                 ctx()
             );
             assert_eq!(
-                (ev.verdict, ev.reason, ev.rule, ev.zone, ev.grant_id),
+                (
+                    ev.header.verdict,
+                    ev.header.reason,
+                    ev.header.rule,
+                    ev.zone,
+                    ev.grant_id
+                ),
                 (
                     want.verdict,
                     want.reason,

@@ -69,8 +69,8 @@ fn allow_events_are_rate_limited_and_every_one_is_accounted() -> anyhow::Result<
     let (mut allow, mut deny, mut suppressed) = (0u64, 0u64, 0u64);
     for ev in &events {
         let KernelEvent::Connect(c) = ev;
-        suppressed += u64::from(c.suppressed);
-        match c.verdict {
+        suppressed += u64::from(c.header.suppressed);
+        match c.header.verdict {
             Verdict::Allow => allow += 1,
             Verdict::Deny => deny += 1,
             Verdict::AuditDeny => {}
@@ -112,7 +112,7 @@ fn allow_events_are_rate_limited_and_every_one_is_accounted() -> anyhow::Result<
     assert_eq!(events.len(), 500);
     assert!(events.iter().all(|ev| {
         let KernelEvent::Connect(c) = ev;
-        c.suppressed == 0 && c.verdict == Verdict::Allow
+        c.header.suppressed == 0 && c.header.verdict == Verdict::Allow
     }));
     Ok(())
 }

@@ -13,13 +13,11 @@ use std::{
 };
 
 use agent_common::{HOOK_CONNECT_UNIX, HOOK_SENDMSG_UNIX};
-use corral_agent::{
-    compiled::{CompiledSet, PolicyAddenda, UnixDest},
-    ebpf::{
-        Enforcer, PinDir,
-        events::{ConnectDecision, EventReader, Reason, Verdict},
-    },
+use corral_agent::ebpf::{
+    Enforcer, PinDir,
+    events::{ConnectDecision, EventReader, Reason, Verdict},
 };
+use corral_policy::compiled::{CompiledSet, UnixDest};
 use corral_tests::{Outcome, TestCgroup, build, privileged, probe_in};
 
 const PRINCIPAL: u32 = 11;
@@ -88,8 +86,8 @@ impl Drop for Sockets {
 
 /// Zone `ok` (allowed) and zone `no` (denied) of unix sockets, an unrelated IP zone first (so
 /// the unix zones' indices are not 0), default deny.
-fn policy(s: &Sockets) -> (CompiledSet, Vec<PolicyAddenda>) {
-    let p = build::policy("unix")
+fn policy(s: &Sockets) -> CompiledSet {
+    let mut p = build::policy("unix")
         .zone("ip", &["192.0.2.0/24"])
         .zone("ok", &[])
         .zone("no", &[])
@@ -99,18 +97,15 @@ fn policy(s: &Sockets) -> (CompiledSet, Vec<PolicyAddenda>) {
         .allow(&["no"], &[80], &[])
         .build();
     let dest = |zone: u32, path: String| UnixDest { zone, path };
-    let addenda = PolicyAddenda {
-        unix: vec![
-            dest(1, s.path("ok.sock")),
-            dest(1, s.path("ok.dgram")),
-            dest(1, s.abstract_ok.clone()),
-            dest(2, s.path("no.sock")),
-            dest(2, s.path("no.dgram")),
-            dest(2, s.abstract_no.clone()),
-        ],
-        ..PolicyAddenda::default()
-    };
-    (build::set(1, vec![p]), vec![addenda])
+    p.unix = vec![
+        dest(1, s.path("ok.sock")),
+        dest(1, s.path("ok.dgram")),
+        dest(1, s.abstract_ok.clone()),
+        dest(2, s.path("no.sock")),
+        dest(2, s.path("no.dgram")),
+        dest(2, s.abstract_no.clone()),
+    ];
+    build::set(1, vec![p])
 }
 
 fn event_for<'a>(events: &'a [ConnectDecision], path: &str, hook: u8) -> &'a ConnectDecision {
@@ -127,7 +122,6 @@ struct Node {
     cg: TestCgroup,
     enforcer: Enforcer,
     set: CompiledSet,
-    addenda: Vec<PolicyAddenda>,
 }
 
 fn node(tag: &str, cgroup: &str) -> anyhow::Result<Option<Node>> {
@@ -137,16 +131,15 @@ fn node(tag: &str, cgroup: &str) -> anyhow::Result<Option<Node>> {
     if !hooks_active(&enforcer) {
         return Ok(None);
     }
-    let (set, addenda) = policy(&s);
+    let set = policy(&s);
     let maps = enforcer.maps();
     maps.add_principal(cg.id()?, cg.level(), PRINCIPAL, Some(0))?;
-    maps.apply_with_addenda(&set, &addenda, |_, _| Some(0))?;
+    maps.apply(&set, |_, _| Some(0))?;
     Ok(Some(Node {
         s,
         cg,
         enforcer,
         set,
-        addenda,
     }))
 }
 
@@ -209,18 +202,24 @@ fn unix_connect_and_sendto_are_decided_by_zone_inside_the_cgroup_only() -> anyho
 
     let events = reader.drain_connects();
     assert!(
-        events.iter().all(|c| c.principal == PRINCIPAL),
+        events.iter().all(|c| c.header.principal == PRINCIPAL),
         "un-enrolled calls must not produce events: {events:#?}"
     );
     let policy = Some(agent_common::policy_key(1, 0));
     let e = event_for(&events, &s.path("ok.sock"), HOOK_CONNECT_UNIX);
     assert_eq!(
-        (e.verdict, e.reason, e.zone, e.rule, e.policy),
+        (
+            e.header.verdict,
+            e.header.reason,
+            e.zone,
+            e.header.rule,
+            e.header.policy
+        ),
         (Verdict::Allow, Reason::Rule, Some(1), Some(0), policy)
     );
     let e = event_for(&events, &s.path("no.sock"), HOOK_CONNECT_UNIX);
     assert_eq!(
-        (e.verdict, e.reason, e.zone, e.rule),
+        (e.header.verdict, e.header.reason, e.zone, e.header.rule),
         (Verdict::Deny, Reason::Rule, Some(2), Some(1))
     );
     assert_eq!((e.port, e.proto), (0, 0));
@@ -228,22 +227,22 @@ fn unix_connect_and_sendto_are_decided_by_zone_inside_the_cgroup_only() -> anyho
     let ok_events = events
         .iter()
         .filter(|c| c.unix_path.as_deref() == Some(s.path("ok.sock").as_str()))
-        .filter(|c| c.verdict == Verdict::Allow && c.zone == Some(1))
+        .filter(|c| c.header.verdict == Verdict::Allow && c.zone == Some(1))
         .count();
     assert_eq!(ok_events, 3, "{events:#?}");
     let e = event_for(&events, &s.path("nozone.sock"), HOOK_CONNECT_UNIX);
     assert_eq!(
-        (e.verdict, e.reason, e.zone, e.rule),
+        (e.header.verdict, e.header.reason, e.zone, e.header.rule),
         (Verdict::Deny, Reason::Default, None, None)
     );
     let e = event_for(&events, &s.path("ok.dgram"), HOOK_SENDMSG_UNIX);
-    assert_eq!((e.verdict, e.zone), (Verdict::Allow, Some(1)));
+    assert_eq!((e.header.verdict, e.zone), (Verdict::Allow, Some(1)));
     let e = event_for(&events, &s.path("no.dgram"), HOOK_SENDMSG_UNIX);
-    assert_eq!((e.verdict, e.zone), (Verdict::Deny, Some(2)));
+    assert_eq!((e.header.verdict, e.zone), (Verdict::Deny, Some(2)));
     let e = event_for(&events, &s.abstract_ok, HOOK_CONNECT_UNIX);
-    assert_eq!((e.verdict, e.zone), (Verdict::Allow, Some(1)));
+    assert_eq!((e.header.verdict, e.zone), (Verdict::Allow, Some(1)));
     let e = event_for(&events, &s.abstract_no, HOOK_CONNECT_UNIX);
-    assert_eq!((e.verdict, e.zone), (Verdict::Deny, Some(2)));
+    assert_eq!((e.header.verdict, e.zone), (Verdict::Deny, Some(2)));
     println!(
         "ran: {} unix decisions; hooks {:?}",
         events.len(),
@@ -263,7 +262,6 @@ fn unix_zones_follow_policy_swaps_audit_mode_and_default_deny_covers_unnamed_soc
         cg,
         mut enforcer,
         set,
-        addenda,
     }) = node("swap", "unix-swap")?
     else {
         return Ok(());
@@ -278,17 +276,15 @@ fn unix_zones_follow_policy_swaps_audit_mode_and_default_deny_covers_unnamed_soc
     // The same zones in audit mode (the other generation): the call goes through.
     let mut audit = set.clone();
     audit.revision = 2;
-    audit.policies[0].mode = corral_agent::compiled::Mode::Audit;
-    enforcer
-        .maps()
-        .apply_with_addenda(&audit, &addenda, |_, _| Some(0))?;
+    audit.policies[0].mode = corral_policy::compiled::Mode::Audit;
+    enforcer.maps().apply(&audit, |_, _| Some(0))?;
     assert_eq!(probe_in(&cg.path, &[&op])?, vec![Outcome::Ok]);
 
     // A policy that names no unix socket still polices them: default deny denies them (with
     // an event), like an IP destination in no zone.
-    enforcer
-        .maps()
-        .apply_with_addenda(&set, &[], |_, _| Some(0))?;
+    let mut no_unix = set.clone();
+    no_unix.policies[0].unix.clear();
+    enforcer.maps().apply(&no_unix, |_, _| Some(0))?;
     let earlier = reader.drain_connects();
     assert_eq!(
         earlier.len(),
@@ -306,7 +302,7 @@ fn unix_zones_follow_policy_swaps_audit_mode_and_default_deny_covers_unnamed_soc
     let events = reader.drain_connects();
     let e = event_for(&events, &s.path("no.sock"), HOOK_CONNECT_UNIX);
     assert_eq!(
-        (e.verdict, e.reason, e.zone),
+        (e.header.verdict, e.header.reason, e.zone),
         (Verdict::Deny, Reason::Default, None)
     );
 
@@ -321,7 +317,10 @@ fn unix_zones_follow_policy_swaps_audit_mode_and_default_deny_covers_unnamed_soc
     );
     let events = reader.drain_connects();
     let e = event_for(&events, &s.path("no.sock"), HOOK_CONNECT_UNIX);
-    assert_eq!((e.verdict, e.reason), (Verdict::Deny, Reason::NoPolicy));
+    assert_eq!(
+        (e.header.verdict, e.header.reason),
+        (Verdict::Deny, Reason::NoPolicy)
+    );
     Ok(())
 }
 
@@ -367,7 +366,7 @@ fn a_grant_for_a_unix_zone_allows_a_denied_socket_until_it_expires() -> anyhow::
     let events = reader.drain_connects();
     let e = event_for(&events, &s.path("no.sock"), HOOK_CONNECT_UNIX);
     assert_eq!(
-        (e.verdict, e.reason, e.grant_id),
+        (e.header.verdict, e.header.reason, e.grant_id),
         (Verdict::Allow, Reason::Grant, 42)
     );
     // Expired (CLOCK_BOOTTIME 1 ns): denied again with no other change.
@@ -433,10 +432,10 @@ fn pinned_unix_hooks_outlive_the_agent_are_adopted_and_uninstalled() -> anyhow::
             "unix links are not pinned under {}",
             pins.root().display()
         );
-        let (set, addenda) = policy(&s);
+        let set = policy(&s);
         let maps = first.maps();
         maps.add_principal(cg.id()?, cg.level(), PRINCIPAL, Some(0))?;
-        maps.apply_with_addenda(&set, &addenda, |_, _| Some(0))?;
+        maps.apply(&set, |_, _| Some(0))?;
         assert_eq!(probe_one(&cg.path, &op)?, eperm);
         // The agent goes away without uninstalling (as after kill -9): still enforced.
         drop(first);

@@ -85,7 +85,7 @@ fn denies_wake_the_reader_and_allows_wait_for_a_quarter_of_the_ring() -> anyhow:
     );
     reader.drain_all(&mut events);
     assert_eq!(events.len(), 1);
-    assert!(matches!(&events[0], Event::Connect(c) if c.verdict == Verdict::Allow));
+    assert!(matches!(&events[0], Event::Connect(c) if c.header.verdict == Verdict::Allow));
 
     // A denied connect wakes it at once (long before its 10 s timeout).
     events.clear();
@@ -103,7 +103,7 @@ fn denies_wake_the_reader_and_allows_wait_for_a_quarter_of_the_ring() -> anyhow:
     );
     reader.drain_all(&mut events);
     assert_eq!(events.len(), 1);
-    assert!(matches!(&events[0], Event::Connect(c) if c.verdict == Verdict::Deny));
+    assert!(matches!(&events[0], Event::Connect(c) if c.header.verdict == Verdict::Deny));
 
     // Allowed connects filling a quarter of the 1 MiB ring (~104 bytes each) wake it.
     events.clear();

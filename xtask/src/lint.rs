@@ -1,4 +1,5 @@
-//! rustfmt and clippy. The eBPF crate is linted separately, for its own target with nightly.
+//! rustfmt and clippy, then the kernel-free dependency checks ([`crate::deps`]). The eBPF
+//! crate is linted separately, for its own target with nightly.
 
 use crate::cmd;
 
@@ -41,5 +42,6 @@ pub fn run() -> anyhow::Result<()> {
             ])
             .env_remove("RUSTC")
             .env_remove("RUSTC_WORKSPACE_WRAPPER"),
-    )
+    )?;
+    crate::deps::run()
 }

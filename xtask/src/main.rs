@@ -6,6 +6,7 @@
 mod bench;
 mod certs;
 mod cmd;
+mod deps;
 mod lint;
 mod setup;
 mod test;
@@ -28,8 +29,10 @@ enum Command {
     Up(up::Args),
     /// Run every test: unit, privileged integration (real kernel), end-to-end.
     Test(test::Args),
-    /// rustfmt check and clippy (workspace, then the eBPF crate for its own target).
+    /// rustfmt check, clippy (workspace, then the eBPF crate for its own target), and `deps`.
     Lint,
+    /// Check that the server, the CLI and their shared crates need no eBPF toolchain.
+    Deps,
     /// Benchmarks: ratios against a baseline measured in the same run, latencies as p50/p99.
     Bench(bench::Args),
     /// Write a development CA and mTLS certificates (server, clients) as PEM files.
@@ -47,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         Command::Up(a) => up::run(&a),
         Command::Test(a) => test::run(&a),
         Command::Lint => lint::run(),
+        Command::Deps => deps::run(),
         Command::Bench(a) => bench::run(&a),
         Command::Certs(a) => certs::run(&a),
     }

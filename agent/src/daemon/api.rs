@@ -9,6 +9,11 @@ use std::{
     sync::{Arc, atomic::Ordering},
 };
 
+use corral_events::hub::{Filter, FilterError};
+use corral_policy::{
+    eval::ConnectCall,
+    explain::{Call, explain},
+};
 use corral_proto::v1::{self as pb, agent_service_server::AgentService};
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status, transport::server::UdsConnectInfo};
@@ -16,14 +21,9 @@ use tracing::{info, instrument};
 
 use super::{
     Shared,
-    hub::{Filter, FilterError},
     pipeline::{grant_could_help, reason_pb, verdict_pb},
     registry::{RegistryError, random_session},
     status,
-};
-use crate::policy::{
-    eval::ConnectCall,
-    explain::{Call, explain},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +44,7 @@ pub enum ApiError {
 
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
-        let msg = super::policy::error_chain(&e);
+        let msg = corral_runtime::error_chain(&e);
         match e {
             ApiError::Denied(_) => Status::permission_denied(msg),
             ApiError::Registry(RegistryError::Identity(_) | RegistryError::Session(_))
@@ -142,12 +142,12 @@ fn explain_grant_available(
     generation: &super::policy::Generation,
     identity: &str,
     c: &ConnectCall,
-    d: &crate::policy::eval::Decision,
+    d: &corral_policy::eval::Decision,
 ) -> Option<String> {
     if !grant_could_help(d.verdict, d.reason) {
         return None;
     }
-    let slot = generation.compiled.set.policy_for(identity)?;
+    let slot = generation.compiled.policy_for(identity)?;
     generation
         .grant_available(slot, d.zone?, c.port, c.proto)
         .map(str::to_owned)
@@ -199,7 +199,7 @@ impl AgentService for Api {
                 .shared
                 .policy_state()
                 .current()
-                .and_then(|g| g.compiled.set.policy_for(&r.identity));
+                .and_then(|g| g.compiled.policy_for(&r.identity));
             let rec = self
                 .shared
                 .registry
@@ -265,7 +265,7 @@ impl AgentService for Api {
         req: Request<pb::ExplainRequest>,
     ) -> Result<Response<pb::ExplainResponse>, Status> {
         let r = req.into_inner();
-        crate::identity::validate_id(&r.identity)
+        corral_policy::identity::validate_id(&r.identity)
             .map_err(|e| ApiError::Registry(RegistryError::Identity(e)))?;
         let call = match r.call {
             Some(pb::explain_request::Call::Connect(c)) => Call::Connect(parse_connect(&c)?),
@@ -327,7 +327,7 @@ mod tests {
         let src = "apiVersion: corral.dev/v1alpha1\nkind: AgentPolicy\nmetadata: { name: p }\nspec:\n  identities: [spiffe://t/a]\n  zones:\n    db: { cidrs: [10.20.0.0/16] }\n  connect:\n    - { action: allow, zones: [db], ports: [5432] }\n  grants:\n    - { name: db-write, zones: [db], ports: [5433], maxTtl: 15m, approval: required }\n";
         let generation = super::super::policy::Generation {
             revision: 1,
-            compiled: Arc::new(crate::policy::compile_str("p.yaml", src, 1).expect("valid")),
+            compiled: Arc::new(corral_policy::compile_str("p.yaml", src, 1).expect("valid")),
         };
         let ask = |identity: &str, to: &str| -> Result<Option<String>, ApiError> {
             let c = parse_connect(to)?;

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::paths;
 
-pub use crate::logging::LogFormat;
+pub use corral_runtime::logging::LogFormat;
 
 /// `corral-agent`: Corral's node daemon.
 #[derive(Debug, Clone, clap::Parser, Serialize)]
@@ -38,7 +38,7 @@ pub struct Config {
 
     /// mTLS to the server (required for an `https://` --server).
     #[command(flatten)]
-    pub tls: super::tls::TlsFiles,
+    pub tls: corral_runtime::tls::TlsFiles,
 
     /// Local API socket (gRPC over a unix socket).
     #[arg(long, env = "CORRAL_SOCKET", default_value = paths::AGENT_SOCKET)]
@@ -147,7 +147,7 @@ impl Config {
             return Err(ConfigError::MetricsNotLoopback { addr });
         }
         if let Some(url) = &self.server
-            && !(super::tls::plaintext_loopback(url)
+            && !(corral_runtime::tls::plaintext_loopback(url)
                 || (url.starts_with("https://") && self.tls.is_set()))
         {
             return Err(ConfigError::ServerUrl { url: url.clone() });

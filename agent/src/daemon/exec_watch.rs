@@ -10,9 +10,10 @@
 
 use std::sync::Arc;
 
+use corral_runtime::shutdown::ShutdownSignal;
 use tracing::{error, info, warn};
 
-use super::{Shared, shutdown::ShutdownSignal};
+use super::Shared;
 use crate::ebpf::exec_rules::{RESTAT_INTERVAL, resolve};
 
 /// One pass: re-stat every policy's exec rules and install what changed.
@@ -33,7 +34,7 @@ pub fn restat(shared: &Shared) {
                 "exec rule paths changed on disk; exec maps updated"
             ),
             Err(e) => {
-                warn!(policy, error = %super::policy::error_chain(&e), "update exec maps after a re-stat")
+                warn!(policy, error = %corral_runtime::error_chain(&e), "update exec maps after a re-stat")
             }
         }
     }

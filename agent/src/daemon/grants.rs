@@ -44,12 +44,13 @@ use corral_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, info, warn};
 
-use super::registry::{PrincipalRecord, write_atomic};
-use crate::{
+use corral_policy::{
+    CompiledSet,
     compiled::{GrantTemplate, grant_keys},
-    ebpf::{MapError, PolicyMaps},
-    policy::Compiled,
 };
+
+use super::registry::{PrincipalRecord, write_atomic};
+use crate::ebpf::{MapError, PolicyMaps};
 
 /// Installed expiries within this of the wanted one are left alone: the Unix → boottime
 /// conversion moves by clock-sampling jitter (and NTP slew) between two reconciles, and
@@ -150,14 +151,12 @@ pub struct Desired {
 
 /// The grant template `name` in the policy that governs `identity` under `compiled`.
 pub fn template_for<'a>(
-    compiled: &'a Compiled,
+    compiled: &'a CompiledSet,
     identity: &str,
     name: &str,
 ) -> Option<&'a GrantTemplate> {
-    let slot = compiled.set.policy_for(identity)?;
     compiled
-        .addenda
-        .get(slot as usize)?
+        .governing(identity)?
         .grants
         .iter()
         .find(|t| t.name == name)
@@ -167,7 +166,7 @@ pub fn template_for<'a>(
 pub fn desired(
     grants: &[DesiredGrant],
     principals: &[Arc<PrincipalRecord>],
-    compiled: &Compiled,
+    compiled: &CompiledSet,
     clock: &Clock,
 ) -> Desired {
     let mut out = Desired::default();
@@ -395,7 +394,7 @@ impl GrantBook {
     }
 
     /// The wanted entries under `compiled`; warns once per new missing template.
-    fn wanted(&self, principals: &[Arc<PrincipalRecord>], compiled: &Compiled) -> Desired {
+    fn wanted(&self, principals: &[Arc<PrincipalRecord>], compiled: &CompiledSet) -> Desired {
         let mut st = self.lock();
         let d = match Clock::now() {
             Ok(clock) => desired(&st.grants, principals, compiled, &clock),
@@ -420,7 +419,7 @@ impl GrantBook {
         &self,
         maps: &mut PolicyMaps,
         principals: &[Arc<PrincipalRecord>],
-        compiled: Option<&Compiled>,
+        compiled: Option<&CompiledSet>,
     ) -> Result<Applied, MapError> {
         let Some(compiled) = compiled else {
             return Ok(Applied::default());
@@ -450,7 +449,7 @@ impl GrantBook {
         &self,
         maps: &mut PolicyMaps,
         principals: &[Arc<PrincipalRecord>],
-        next: &Compiled,
+        next: &CompiledSet,
     ) -> Result<usize, MapError> {
         let want = self.wanted(principals, next);
         let installed = maps.grants()?;

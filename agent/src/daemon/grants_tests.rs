@@ -6,7 +6,7 @@ use std::{path::PathBuf, sync::Arc};
 use agent_common::{ANY_PORT, ANY_PROTO, PROTO_TCP};
 
 use super::*;
-use crate::policy::compile_str;
+use corral_policy::compile_str;
 
 const SEC: u64 = 1_000_000_000;
 
@@ -44,7 +44,7 @@ spec:
     - { name: crm, zones: [db], ports: [5433], protocols: [tcp], maxTtl: 15m, approval: required }
 "#;
 
-fn compiled(src: &str) -> Compiled {
+fn compiled(src: &str) -> CompiledSet {
     compile_str("t.yaml", src, 1).expect("valid policy")
 }
 

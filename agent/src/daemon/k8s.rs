@@ -21,6 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use corral_runtime::shutdown::ShutdownSignal;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
     Api, Client,
@@ -30,10 +31,9 @@ use tokio::sync::oneshot;
 use tokio_stream::StreamExt as _;
 use tracing::{error, info, warn};
 
-use super::{Shared, shutdown::ShutdownSignal};
+use super::Shared;
 use crate::k8s::{
     cgroup_path::PodCgroups,
-    error_chain,
     pods::{AnnotationScope, IdentityMode, MappingConfig, PodPrincipal},
     tracker::{Enrolled, PENDING_GRACE, Tracker, Unenrolled},
 };
@@ -131,7 +131,8 @@ impl K8sArgs {
             return Ok(None);
         }
         let td = self.trust_domain.clone().unwrap_or_default();
-        if crate::identity::validate_id(&format!("spiffe://{td}")).is_err() || td.is_empty() {
+        if corral_policy::identity::validate_id(&format!("spiffe://{td}")).is_err() || td.is_empty()
+        {
             return Err(K8sError::TrustDomain(td));
         }
         Ok(Some(MappingConfig {
@@ -177,12 +178,12 @@ impl Watch {
                 let slot = shared
                     .policy_state()
                     .current()
-                    .and_then(|g| g.compiled.set.policy_for(&p.identity));
+                    .and_then(|g| g.compiled.policy_for(&p.identity));
                 shared
                     .registry
                     .enroll_cgroup(&p.identity, &p.session, cgroup, slot, enf.maps())
                     .map(|r| r.index)
-                    .map_err(|e| error_chain(&e))
+                    .map_err(|e| corral_runtime::error_chain(&e))
             },
         );
     }
@@ -268,7 +269,7 @@ pub async fn run(
         match Client::try_default().await {
             Ok(c) => break c,
             Err(e) => {
-                error!(error = %error_chain(&e), "connect to the Kubernetes API; retrying in 5 s");
+                error!(error = %corral_runtime::error_chain(&e), "connect to the Kubernetes API; retrying in 5 s");
                 tokio::select! {
                     _ = stop.wait() => return,
                     _ = tokio::time::sleep(Duration::from_secs(5)) => {}
@@ -329,7 +330,7 @@ pub async fn run(
                         w.namespaces.remove(n);
                     }
                 }
-                Some(Err(e)) => warn!(error = %error_chain(&e), "namespace watch"),
+                Some(Err(e)) => warn!(error = %corral_runtime::error_chain(&e), "namespace watch"),
                 None => return,
             },
             ev = pods.next() => match ev {
@@ -341,7 +342,7 @@ pub async fn run(
                 }
                 Some(Ok(watcher::Event::Apply(p))) => w.pod_seen(p),
                 Some(Ok(watcher::Event::Delete(p))) => w.pod_deleted(&p),
-                Some(Err(e)) => warn!(error = %error_chain(&e), "pod watch"),
+                Some(Err(e)) => warn!(error = %corral_runtime::error_chain(&e), "pod watch"),
                 None => return,
             },
         }

@@ -3,13 +3,14 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use corral_runtime::shutdown::ShutdownSignal;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpListener,
 };
 use tracing::{debug, info};
 
-use super::{Shared, shutdown::ShutdownSignal, status};
+use super::{Shared, status};
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await

@@ -1,10 +1,9 @@
 //! `corral-agent --policy FILE` (standalone) or `--server URL` (managed): the node daemon.
 //!
 //! - [`config`]: the one configuration struct (flags, `CORRAL_*` env, defaults).
-//! - [`shutdown`]: SIGTERM/SIGINT → one signal broadcast to every task.
 //! - [`registry`]: principals (identity + session + cgroup), persisted in the state dir.
 //! - [`policy`]: compile, apply atomically, keep the previous policy on rejection.
-//! - [`pipeline`] and [`hub`]: ring buffer → enrichment → subscribers; [`render`]: JSON/lines.
+//! - [`pipeline`]: ring buffer → enrichment → the event hub (`corral_events::hub`).
 //! - [`api`]: `AgentService` on the unix socket; [`status`] and [`metrics`].
 //! - [`k8s`]: `--kubernetes`: the pods on this node that opt in, enrolled as principals.
 //! - [`sync`]: with `--server`, the node side of `NodeSync` (snapshots, ACK/NACK, events,
@@ -20,17 +19,13 @@ pub mod api;
 pub mod config;
 pub mod exec_watch;
 pub mod grants;
-pub mod hub;
 pub mod k8s;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;
 pub mod registry;
-pub mod render;
-pub mod shutdown;
 pub mod status;
 pub mod sync;
-pub mod tls;
 
 use std::{
     os::unix::fs::PermissionsExt as _,
@@ -39,21 +34,24 @@ use std::{
     time::Duration,
 };
 
+use corral_events::hub::{self, Hub};
+use corral_policy::CompiledSet;
 use corral_proto::v1::agent_service_server::AgentServiceServer;
+use corral_runtime::{
+    shutdown::{self, Shutdown, ShutdownSignal},
+    tls,
+};
 use tokio::net::UnixListener;
 use tracing::{error, info, warn};
 
 use self::{
     config::Resolved,
-    hub::Hub,
     pipeline::{AuditLog, Counters},
     policy::{ApplyError, LastKnownGood, PolicyState},
     registry::{Registry, RegistryError},
-    shutdown::{Shutdown, ShutdownSignal},
 };
-use crate::{
-    ebpf::{Enforcer, ExecMode, LoadError, MapError, PinDir, events::EventReader, pins::PinError},
-    policy::Compiled,
+use crate::ebpf::{
+    Enforcer, ExecMode, LoadError, MapError, PinDir, events::EventReader, pins::PinError,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -143,7 +141,7 @@ impl Shared {
             &principals,
             generation.as_ref().map(|g| g.compiled.as_ref()),
         ) {
-            warn!(error = %policy::error_chain(&e), "update the kernel grant map; retried on the next change");
+            warn!(error = %corral_runtime::error_chain(&e), "update the kernel grant map; retried on the next change");
         }
     }
 
@@ -210,11 +208,7 @@ impl Shared {
                 warn!("no valid policy: the pinned policy of the previous agent stays in force");
                 None
             }
-            None => Some(Compiled {
-                set: crate::compiled::CompiledSet::default(),
-                addenda: Vec::new(),
-                sources: Vec::new(),
-            }),
+            None => Some(CompiledSet::default()),
         };
         if let Some(c) = fallback {
             let err = st.last_error.clone();
@@ -468,7 +462,7 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
     while tasks.join_next().await.is_some() {}
     let _ = std::fs::remove_file(&cfg.socket);
     match served {
-        Ok(Ok(Err(e))) => error!(error = %policy::error_chain(&e), "local API"),
+        Ok(Ok(Err(e))) => error!(error = %corral_runtime::error_chain(&e), "local API"),
         Err(_) => warn!("local API did not drain in 5 s"),
         _ => {}
     }

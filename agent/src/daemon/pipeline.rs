@@ -8,6 +8,7 @@
 mod audit;
 mod enrich;
 mod procs;
+mod socket_names;
 
 use std::{
     os::fd::{AsRawFd, RawFd},
@@ -22,20 +23,22 @@ use agent_common::{
     HOOK_CONNECT_UNIX, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG_UNIX, HOOK_SENDMSG4,
     HOOK_SENDMSG6, PROTO_TCP, PROTO_UDP,
 };
+use corral_events::hub::Hub;
 use corral_proto::v1 as pb;
+use corral_runtime::shutdown::ShutdownSignal;
 use tokio::io::{Interest, unix::AsyncFd};
 use tracing::{debug, warn};
 
 pub use self::audit::AuditLog;
 use self::enrich::{Enricher, boot_to_unix};
-use super::{Shared, hub::Hub, policy::Generation, shutdown::ShutdownSignal};
+use super::{Shared, policy::Generation};
 use crate::ebpf::events::{ConnectDecision, Event, EventReader, Reason, Verdict};
 
 /// Decisions by verdict and reason, for metrics.
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// `[verdict][reason]`, indices as in [`verdict_index`] / [`reason_index`].
-    pub decisions: [[AtomicU64; 5]; 3],
+    /// `[verdict][reason]`, indexed by `Verdict::index` / `Reason::index`.
+    pub decisions: [[AtomicU64; Reason::ALL.len()]; Verdict::ALL.len()],
     pub undecodable: AtomicU64,
     pub audit_errors: AtomicU64,
     /// Allow events the kernel's per-principal rate limit suppressed, as reported by the events
@@ -43,26 +46,19 @@ pub struct Counters {
     pub suppressed: AtomicU64,
 }
 
-pub const VERDICTS: [&str; 3] = ["allow", "deny", "audit-deny"];
-pub const REASONS: [&str; 5] = ["rule", "default", "chaining", "grant", "no-policy"];
-
-fn verdict_index(v: Verdict) -> usize {
-    match v {
-        Verdict::Allow => 0,
-        Verdict::Deny => 1,
-        Verdict::AuditDeny => 2,
-    }
-}
-
-fn reason_index(r: Reason) -> usize {
-    match r {
-        Reason::Rule => 0,
-        Reason::Default => 1,
-        Reason::Chaining => 2,
-        Reason::Grant => 3,
-        Reason::NoPolicy => 4,
-    }
-}
+pub const VERDICTS: [&str; 3] = [
+    Verdict::ALL[0].name(),
+    Verdict::ALL[1].name(),
+    Verdict::ALL[2].name(),
+];
+pub const REASONS: [&str; 6] = [
+    Reason::ALL[0].name(),
+    Reason::ALL[1].name(),
+    Reason::ALL[2].name(),
+    Reason::ALL[3].name(),
+    Reason::ALL[4].name(),
+    Reason::ALL[5].name(),
+];
 
 pub(super) fn verdict_pb(v: Verdict) -> pb::Verdict {
     match v {
@@ -79,6 +75,7 @@ pub(super) fn reason_pb(r: Reason) -> pb::Reason {
         Reason::Chaining => pb::Reason::Chaining,
         Reason::Grant => pb::Reason::Grant,
         Reason::NoPolicy => pb::Reason::NoPolicy,
+        Reason::Containment => pb::Reason::Containment,
     }
 }
 
@@ -95,12 +92,12 @@ fn grant_available<'a>(
     generations: &'a [Option<Arc<Generation>>; 2],
     c: &ConnectDecision,
 ) -> Option<&'a str> {
-    if !grant_could_help(c.verdict, c.reason) {
+    if !grant_could_help(c.header.verdict, c.header.reason) {
         return None;
     }
-    let key = c.policy?;
-    let generation = generations[(key >> 31) as usize].as_ref()?;
-    generation.grant_available(key & 0x7fff_ffff, c.zone?, c.port, c.proto)
+    let key = c.header.policy?;
+    let generation = generations[agent_common::policy_key_generation(key) as usize].as_ref()?;
+    generation.grant_available(agent_common::policy_key_slot(key), c.zone?, c.port, c.proto)
 }
 
 fn hook_name(h: u8) -> &'static str {
@@ -176,6 +173,7 @@ fn publish(enricher: &mut Enricher, hub: &Hub, audit: &mut Option<AuditLog>, raw
     batch.extend(raw.iter().map(|e| match e {
         Event::Connect(c) => enricher.connect(c, offset, now),
         Event::Exec(x) => enricher.exec(x, offset),
+        Event::Socket(s) => enricher.socket(s, offset, now),
     }));
     if let Some(a) = audit.as_mut()
         && let Err(e) = a.write(&batch)
@@ -207,7 +205,7 @@ pub async fn run(
         let cfg = &shared.resolved.config;
         let (rate, burst) = (cfg.allow_event_rate, cfg.allow_event_burst);
         if let Err(e) = shared.enforcer().maps().set_allow_rate(rate, burst) {
-            warn!(error = %super::policy::error_chain(&e), "set the allow-event rate limit");
+            warn!(error = %corral_runtime::error_chain(&e), "set the allow-event rate limit");
         }
     }
     let mut enricher = Enricher::new(shared.clone());
@@ -267,33 +265,36 @@ mod tests {
     const POLICY: &str = "apiVersion: corral.dev/v1alpha1\nkind: AgentPolicy\nmetadata: { name: p }\nspec:\n  identities: [spiffe://t/a]\n  zones:\n    internet: { cidrs: [0.0.0.0/0] }\n    db: { cidrs: [10.20.0.0/16] }\n  connect:\n    - { action: deny, zones: [db], ports: [22] }\n  grants:\n    - { name: db-write, zones: [db], ports: [5433], protocols: [tcp], maxTtl: 15m, approval: required }\n    - { name: db-any, zones: [db], maxTtl: 15m, approval: auto }\n";
 
     fn connect(verdict: Verdict, reason: Reason, zone: Option<u32>, port: u16) -> ConnectDecision {
+        use crate::ebpf::events::DecisionHeader;
         ConnectDecision {
-            seq: 1,
-            time_ns: 0,
-            cgroup_id: 1,
-            pid: 1,
-            tid: 1,
-            uid: 0,
-            principal: 1,
-            verdict,
-            reason,
-            // Generation 1, slot 0.
-            policy: Some(agent_common::policy_key(1, 0)),
-            rule: None,
+            header: DecisionHeader {
+                seq: 1,
+                time_ns: 0,
+                cgroup_id: 1,
+                pid: 1,
+                tid: 1,
+                uid: 0,
+                principal: 1,
+                verdict,
+                reason,
+                // Generation 1, slot 0.
+                policy: Some(agent_common::policy_key(1, 0)),
+                rule: None,
+                suppressed: 0,
+            },
             zone,
             addr: IpAddr::V4(Ipv4Addr::new(10, 20, 0, 1)),
             port,
             proto: PROTO_TCP,
             hook: HOOK_CONNECT4,
             grant_id: 0,
-            suppressed: 0,
             unix_path: None,
         }
     }
 
     #[test]
     fn denied_connects_name_the_first_template_that_would_allow_them() {
-        let compiled = crate::policy::compile_str("p.yaml", POLICY, 3).expect("valid");
+        let compiled = corral_policy::compile_str("p.yaml", POLICY, 3).expect("valid");
         let generations = [
             None,
             Some(Arc::new(Generation {
@@ -320,7 +321,7 @@ mod tests {
         assert_eq!(name(connect(deny, Reason::Default, None, 5433)), None);
         // A generation the event's key does not point to.
         let mut other = connect(deny, Reason::Default, Some(1), 5433);
-        other.policy = Some(agent_common::policy_key(0, 0));
+        other.header.policy = Some(agent_common::policy_key(0, 0));
         assert_eq!(name(other), None);
     }
 }

@@ -13,6 +13,8 @@ use std::{
     sync::Arc,
 };
 
+use corral_policy::{self as policy, CompiledSet, PolicyError, snapshot::compile_snapshot};
+use corral_runtime::error_chain;
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
@@ -23,7 +25,6 @@ use super::{
 use crate::{
     cgroup,
     ebpf::{MapError, PolicyMaps},
-    policy::{self, Compiled, PolicyError},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -38,28 +39,27 @@ pub enum ApplyError {
 #[derive(Debug)]
 pub struct Generation {
     pub revision: u64,
-    pub compiled: Arc<Compiled>,
+    pub compiled: Arc<CompiledSet>,
 }
 
 impl Generation {
     pub fn policy_name(&self, slot: u32) -> Option<&str> {
         self.compiled
-            .set
             .policies
             .get(slot as usize)
             .map(|p| p.name.as_str())
     }
 
     /// The first grant template of policy `slot` that would allow a connect to `zone`,
-    /// `port`, `proto` (see [`crate::compiled::grant_available`]).
+    /// `port`, `proto` (see [`corral_policy::compiled::grant_available`]).
     pub fn grant_available(&self, slot: u32, zone: u32, port: u16, proto: u8) -> Option<&str> {
-        let templates = &self.compiled.addenda.get(slot as usize)?.grants;
-        crate::compiled::grant_available(templates, zone, port, proto).map(|t| t.name.as_str())
+        let templates = &self.compiled.policies.get(slot as usize)?.grants;
+        corral_policy::compiled::grant_available(templates, zone, port, proto)
+            .map(|t| t.name.as_str())
     }
 
     pub fn zone_name(&self, slot: u32, zone: u32) -> Option<&str> {
         self.compiled
-            .set
             .policies
             .get(slot as usize)?
             .zones
@@ -94,7 +94,9 @@ impl PolicyState {
 
     /// The generation a kernel policy key belongs to.
     pub fn by_key(&self, key: u32) -> Option<&Arc<Generation>> {
-        self.generations.get((key >> 31) as usize)?.as_ref()
+        self.generations
+            .get(agent_common::policy_key_generation(key) as usize)?
+            .as_ref()
     }
 }
 
@@ -150,11 +152,11 @@ impl LastKnownGood {
     }
 
     /// The stored policy, compiled (for a start whose file is invalid).
-    pub fn compiled(&self, file: &str) -> Option<(u64, String, Compiled)> {
+    pub fn compiled(&self, file: &str) -> Option<(u64, String, CompiledSet)> {
         let l = self.load()?;
         // A server snapshot may be the empty set (enrolled principals denied everything).
         let c = if l.source.trim().is_empty() {
-            super::sync::compile_snapshot(file, l.revision, &[]).ok()?
+            compile_snapshot(file, l.revision, &[]).ok()?
         } else {
             policy::compile_str(file, &l.source, l.revision).ok()?
         };
@@ -192,7 +194,7 @@ pub fn apply_source(
 /// entries are added after it (see [`super::grants`]). If the flip fails, the grants are
 /// reconciled against the policy still in force.
 pub fn apply_compiled(
-    compiled: Compiled,
+    compiled: CompiledSet,
     state: &mut PolicyState,
     maps: &mut PolicyMaps,
     registry: &Registry,
@@ -204,14 +206,14 @@ pub fn apply_compiled(
         principals
             .iter()
             .find(|p| p.cgroup_id == cg)
-            .and_then(|p| compiled.set.policy_for(&p.identity))
+            .and_then(|p| compiled.policy_for(&p.identity))
     };
     // Fail closed: a grant entry that could mean something else after the flip must go first.
     let mut in_kernel = HashSet::new();
     let flipped = grants
         .prepare_flip(maps, &principals, &compiled)
         .and_then(|_| {
-            maps.apply_with_addenda(&compiled.set, &compiled.addenda, |cg, _| {
+            maps.apply(&compiled, |cg, _| {
                 in_kernel.insert(cg);
                 slot_for(cg)
             })
@@ -228,7 +230,7 @@ pub fn apply_compiled(
         .filter(|p| !in_kernel.contains(&p.cgroup_id))
     {
         let level = cgroup::level(cgroup_root, &p.cgroup).unwrap_or(0);
-        let slot = compiled.set.policy_for(&p.identity);
+        let slot = compiled.policy_for(&p.identity);
         maps.add_principal(p.cgroup_id, level, p.index, slot)?;
         info!(identity = %p.identity, session = %p.session, "re-enrolled principal missing from the kernel maps");
     }
@@ -237,13 +239,8 @@ pub fn apply_compiled(
         warn!(error = %error_chain(&e), "install the grants under the new policy");
     }
     let live = maps.config()?.generation & 1;
-    let revision = compiled.set.revision;
-    let names: Vec<String> = compiled
-        .set
-        .policies
-        .iter()
-        .map(|p| p.name.clone())
-        .collect();
+    let revision = compiled.revision;
+    let names: Vec<String> = compiled.policies.iter().map(|p| p.name.clone()).collect();
     state.generations[live as usize] = Some(Arc::new(Generation {
         revision,
         compiled: Arc::new(compiled),
@@ -266,18 +263,6 @@ pub fn record_error(state: &mut PolicyState, e: &ApplyError) {
         "{msg}; the previous policy stays in force"
     );
     state.last_error = Some(msg);
-}
-
-/// `error: cause: cause` on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Reads the policy file; a read failure is an error to show like a rejection.

@@ -17,13 +17,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use corral_policy::identity::{self, IdentityError};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::{
     cgroup::{self, CgroupError},
     ebpf::{MapError, PolicyMaps},
-    identity::{self, IdentityError},
 };
 
 /// How long an enrolled principal may stay empty before its first process joins.

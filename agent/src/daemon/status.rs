@@ -81,14 +81,7 @@ pub fn build(shared: &Shared) -> pb::AgentStatus {
         let current = st.current().cloned();
         let names = current
             .as_ref()
-            .map(|g| {
-                g.compiled
-                    .set
-                    .policies
-                    .iter()
-                    .map(|p| p.name.clone())
-                    .collect()
-            })
+            .map(|g| g.compiled.policies.iter().map(|p| p.name.clone()).collect())
             .unwrap_or_default();
         (
             st.revision(),
@@ -105,7 +98,7 @@ pub fn build(shared: &Shared) -> pb::AgentStatus {
             let policy = current
                 .as_ref()
                 .and_then(|g| {
-                    let slot = g.compiled.set.policy_for(&r.identity)?;
+                    let slot = g.compiled.policy_for(&r.identity)?;
                     g.policy_name(slot).map(str::to_owned)
                 })
                 .unwrap_or_default();

@@ -6,7 +6,7 @@
 //! with, checked against this node's limits, applied in one map generation flip, stored as
 //! last-known-good, and ACKed; any failure is NACKed with its detail and the previous policy
 //! stays in force. A lost connection is retried with jittered exponential backoff
-//! ([`Backoff`], 10 ms to 15 s); the next `Hello` resyncs. Events from the hub are forwarded
+//! (`corral_runtime::backoff::Backoff`, 10 ms to 15 s); the next `Hello` resyncs. Events from the hub are forwarded
 //! on the same stream through the hub's bounded per-subscriber queue (drops are counted in
 //! the hub's subscriber drops).
 //!
@@ -20,7 +20,6 @@
 //! of the tests and benchmarks (`corral-simnode`), which compile and ACK but load nothing.
 
 use std::{
-    hash::{BuildHasher as _, RandomState},
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
@@ -34,81 +33,11 @@ use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
 use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
-use super::{Shared, hub::HubEvent, policy, shutdown::ShutdownSignal};
-use crate::{
-    compiled::CompiledSet,
-    policy::{Compiled, PolicyError},
-};
+use corral_events::hub::HubEvent;
+use corral_policy::snapshot::{check_limits, compile_snapshot, snapshot_source};
+use corral_runtime::{backoff::Backoff, shutdown::ShutdownSignal};
 
-/// The text a snapshot's policies compile from: the documents in order, `---`-separated.
-/// The server validates exactly this text, so node and server agree on every position.
-pub fn snapshot_source(policies: &[String]) -> String {
-    let mut s = String::new();
-    for (i, p) in policies.iter().enumerate() {
-        if i > 0 {
-            s.push_str("---\n");
-        }
-        s.push_str(p);
-        if !p.ends_with('\n') {
-            s.push('\n');
-        }
-    }
-    s
-}
-
-/// The 1-based line of [`snapshot_source`] on which each document starts.
-pub fn snapshot_starts(policies: &[String]) -> Vec<u32> {
-    let mut starts = Vec::with_capacity(policies.len());
-    let mut line = 1u32;
-    for (i, p) in policies.iter().enumerate() {
-        if i > 0 {
-            line += 1;
-        }
-        starts.push(line);
-        let n = u32::try_from(p.lines().count().max(1)).unwrap_or(u32::MAX);
-        line = line.saturating_add(n);
-    }
-    starts
-}
-
-/// Compiles a snapshot's policy set at `revision`. No policies is a valid set: enrolled
-/// principals are denied everything.
-pub fn compile_snapshot(
-    file: &str,
-    revision: u64,
-    policies: &[String],
-) -> Result<Compiled, PolicyError> {
-    if policies.is_empty() {
-        return Ok(Compiled {
-            set: CompiledSet {
-                revision,
-                policies: Vec::new(),
-            },
-            addenda: Vec::new(),
-            sources: Vec::new(),
-        });
-    }
-    crate::policy::compile_str(file, &snapshot_source(policies), revision)
-}
-
-/// Connect and exec rules in a compiled set (what `--max-rules` limits).
-pub fn rule_count(c: &Compiled) -> usize {
-    let connect: usize = c.set.policies.iter().map(|p| p.connect.len()).sum();
-    let exec: usize = c.addenda.iter().map(|a| a.exec.len()).sum();
-    connect + exec
-}
-
-/// This node's limits; a snapshot over one is NACKed.
-pub fn check_limits(c: &Compiled, max_rules: Option<usize>) -> Result<(), String> {
-    let n = rule_count(c);
-    match max_rules {
-        Some(max) if n > max => Err(format!(
-            "node limit exceeded: the policy set has {n} connect and exec rules, this node \
-             allows at most {max} (--max-rules)"
-        )),
-        _ => Ok(()),
-    }
-}
+use super::{Shared, policy};
 
 /// What a sync client applies snapshots to.
 pub trait SnapshotSink: Send + Sync + 'static {
@@ -182,44 +111,6 @@ impl SyncStatus {
     }
 }
 
-/// Jittered exponential backoff: the n-th delay is drawn from [d/2, d] with
-/// d = min(max, min * 2^n) ("equal jitter"), so a fleet that lost the server does not
-/// reconnect in lockstep.
-#[derive(Debug)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    attempt: u32,
-    random: RandomState,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Self {
-        Self {
-            min,
-            max,
-            attempt: 0,
-            random: RandomState::new(),
-        }
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        let d = self
-            .min
-            .saturating_mul(1u32 << self.attempt.min(20))
-            .min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
-        let half = d / 2;
-        let span = u64::try_from((d - half).as_nanos()).unwrap_or(u64::MAX);
-        let r = self.random.hash_one(self.attempt) % span.max(1);
-        half + Duration::from_nanos(r)
-    }
-}
-
 /// Where and as whom to sync.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -283,7 +174,7 @@ pub async fn run(
         let delay = backoff.next_delay();
         match res {
             Err(e) => {
-                warn!(server = %cfg.url, error = %policy::error_chain(&e), retry_in = ?delay, "policy server unreachable; the last-known-good policy stays in force")
+                warn!(server = %cfg.url, error = %corral_runtime::error_chain(&e), retry_in = ?delay, "policy server unreachable; the last-known-good policy stays in force")
             }
             Ok(()) => return,
         }
@@ -499,7 +390,8 @@ impl SnapshotSink for AgentSink {
                 st.last_error.clone().unwrap_or_default()
             })
             .map_err(keep)?;
-        if let Err(msg) = check_limits(&res, shared.resolved.config.max_rules) {
+        if let Err(e) = check_limits(&res, shared.resolved.config.max_rules) {
+            let msg = e.to_string();
             let mut st = shared.policy_state_mut();
             st.apply_errors += 1;
             warn!(
@@ -522,63 +414,10 @@ impl SnapshotSink for AgentSink {
         ) {
             let e = policy::ApplyError::Maps(e);
             policy::record_error(&mut st, &e);
-            return Err(policy::error_chain(&e));
+            return Err(corral_runtime::error_chain(&e));
         }
         shared.lkg.store(snap.revision, &source);
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_the_cap_with_jitter_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(10), Duration::from_secs(15));
-        let first = b.next_delay();
-        assert!(first >= Duration::from_millis(5) && first <= Duration::from_millis(10));
-        let mut last = first;
-        for _ in 0..30 {
-            last = b.next_delay();
-            assert!(last <= Duration::from_secs(15));
-        }
-        assert!(
-            last >= Duration::from_millis(7500),
-            "capped near 15 s: {last:?}"
-        );
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(10));
-    }
-
-    #[test]
-    fn snapshot_text_and_starts_agree() {
-        let p = vec![
-            "a: 1\nb: 2\n".to_owned(),
-            "c: 3".to_owned(),
-            "d: 4\n".to_owned(),
-        ];
-        let s = snapshot_source(&p);
-        assert_eq!(s, "a: 1\nb: 2\n---\nc: 3\n---\nd: 4\n");
-        let starts = snapshot_starts(&p);
-        let lines: Vec<&str> = s.lines().collect();
-        assert_eq!(starts, [1, 4, 6]);
-        for (i, st) in starts.iter().enumerate() {
-            assert_eq!(lines[*st as usize - 1], p[i].lines().next().unwrap_or(""));
-        }
-    }
-
-    #[test]
-    fn an_empty_set_compiles_and_limits_count_rules() {
-        let c = compile_snapshot("s", 7, &[]).expect("empty set");
-        assert_eq!(c.set.revision, 7);
-        assert!(check_limits(&c, Some(0)).is_ok());
-        let doc = "apiVersion: corral.dev/v1alpha1\nkind: AgentPolicy\nmetadata: { name: p }\nspec:\n  identities: [spiffe://t/a]\n  zones: { z: { cidrs: [10.0.0.0/8] } }\n  connect:\n    - { action: allow, zones: [z] }\n    - { action: deny, zones: [z], ports: [25] }\n";
-        let c = compile_snapshot("s", 1, &[doc.into()]).expect("valid");
-        assert_eq!(rule_count(&c), 2);
-        assert!(check_limits(&c, Some(2)).is_ok());
-        assert!(check_limits(&c, Some(1)).is_err_and(|e| e.contains("at most 1")));
-        assert!(check_limits(&c, None).is_ok());
     }
 }
 

@@ -8,7 +8,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::*;
-use crate::daemon::shutdown::Shutdown;
+use corral_runtime::shutdown::Shutdown;
 
 /// Forwards every node message to the test and pushes one snapshot.
 struct Server {

@@ -3,62 +3,15 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use agent_common::{
-    ConnectEvent, EXEC_F_NO_IDENTITY, EventHeader, ExecEvent, KIND_CONNECT, KIND_EXEC, KIND_UNIX,
-    REASON_CHAINING, REASON_DEFAULT, REASON_GRANT, REASON_NO_POLICY, REASON_RULE, UnixEvent,
-    VERDICT_ALLOW, VERDICT_AUDIT_DENY, VERDICT_DENY,
+    ConnectEvent, EXEC_F_NO_IDENTITY, EventHeader, ExecEvent, KIND_CONNECT, KIND_EXEC, KIND_SOCKET,
+    KIND_UNIX, SocketEvent, UnixEvent, UnknownValue,
 };
 use aya::maps::{MapData, RingBuf};
 
-use super::maps::{MapError, PolicyMaps};
-use crate::compiled::{addr_from_words, unix_name_from_bytes};
+use super::{map_access::MapError, maps::PolicyMaps};
+use corral_policy::compiled::{addr_from_words, unix_name_from_bytes};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    Allow,
-    Deny,
-    AuditDeny,
-}
-
-impl TryFrom<u8> for Verdict {
-    type Error = DecodeError;
-    fn try_from(v: u8) -> Result<Self, DecodeError> {
-        match v {
-            VERDICT_ALLOW => Ok(Self::Allow),
-            VERDICT_DENY => Ok(Self::Deny),
-            VERDICT_AUDIT_DENY => Ok(Self::AuditDeny),
-            other => Err(DecodeError::Field {
-                field: "verdict",
-                value: other.into(),
-            }),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    Rule,
-    Default,
-    Chaining,
-    Grant,
-    NoPolicy,
-}
-
-impl TryFrom<u8> for Reason {
-    type Error = DecodeError;
-    fn try_from(v: u8) -> Result<Self, DecodeError> {
-        match v {
-            REASON_RULE => Ok(Self::Rule),
-            REASON_DEFAULT => Ok(Self::Default),
-            REASON_CHAINING => Ok(Self::Chaining),
-            REASON_GRANT => Ok(Self::Grant),
-            REASON_NO_POLICY => Ok(Self::NoPolicy),
-            other => Err(DecodeError::Field {
-                field: "reason",
-                value: other.into(),
-            }),
-        }
-    }
-}
+pub use agent_common::{Reason, Verdict};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -66,14 +19,13 @@ pub enum DecodeError {
     Short { len: usize },
     #[error("unknown event kind {0}")]
     Kind(u8),
-    #[error("bad {field} value {value}")]
-    Field { field: &'static str, value: u64 },
+    #[error(transparent)]
+    Field(#[from] UnknownValue),
 }
 
-/// A decoded connect/sendmsg decision, on an IP or (hooks `connect_unix`/`sendmsg_unix`) a
-/// unix-socket destination.
+/// What every decision carries: the decoded [`EventHeader`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConnectDecision {
+pub struct DecisionHeader {
     pub seq: u64,
     pub time_ns: u64,
     pub cgroup_id: u64,
@@ -86,6 +38,35 @@ pub struct ConnectDecision {
     /// Generation-qualified policy key, or `None`.
     pub policy: Option<u32>,
     pub rule: Option<u32>,
+    /// Allow events of this principal suppressed by rate limiting since its previous event.
+    pub suppressed: u32,
+}
+
+impl TryFrom<&EventHeader> for DecisionHeader {
+    type Error = DecodeError;
+    fn try_from(h: &EventHeader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            seq: h.seq,
+            time_ns: h.time_ns,
+            cgroup_id: h.cgroup_id,
+            pid: h.pid,
+            tid: h.tid,
+            uid: h.uid,
+            principal: h.principal,
+            verdict: h.verdict.try_into()?,
+            reason: h.reason.try_into()?,
+            policy: opt(h.policy),
+            rule: opt(h.rule),
+            suppressed: h.suppressed,
+        })
+    }
+}
+
+/// A decoded connect/sendmsg decision, on an IP or (hooks `connect_unix`/`sendmsg_unix`) a
+/// unix-socket destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectDecision {
+    pub header: DecisionHeader,
     pub zone: Option<u32>,
     /// The IP destination; `::` for a unix-socket destination.
     pub addr: IpAddr,
@@ -95,7 +76,6 @@ pub struct ConnectDecision {
     pub proto: u8,
     pub hook: u8,
     pub grant_id: u64,
-    pub suppressed: u32,
     /// The unix-socket destination (`@name` for an abstract one), or `None` for an IP one.
     pub unix_path: Option<String>,
 }
@@ -126,24 +106,13 @@ struct Dest {
 
 fn connect_decision(h: &EventHeader, d: Dest) -> Result<ConnectDecision, DecodeError> {
     Ok(ConnectDecision {
-        seq: h.seq,
-        time_ns: h.time_ns,
-        cgroup_id: h.cgroup_id,
-        pid: h.pid,
-        tid: h.tid,
-        uid: h.uid,
-        principal: h.principal,
-        verdict: h.verdict.try_into()?,
-        reason: h.reason.try_into()?,
-        policy: opt(h.policy),
-        rule: opt(h.rule),
+        header: h.try_into()?,
         zone: opt(d.zone),
         addr: d.addr,
         port: d.port,
         proto: d.proto,
         hook: d.hook,
         grant_id: d.grant_id,
-        suppressed: h.suppressed,
         unix_path: d.unix_path,
     })
 }
@@ -189,7 +158,7 @@ impl KernelEvent {
 
     pub fn seq(&self) -> u64 {
         match self {
-            Self::Connect(c) => c.seq,
+            Self::Connect(c) => c.header.seq,
         }
     }
 }
@@ -197,18 +166,7 @@ impl KernelEvent {
 /// A decoded exec decision (see `agent_common::exec`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecDecision {
-    pub seq: u64,
-    pub time_ns: u64,
-    pub cgroup_id: u64,
-    pub pid: u32,
-    pub tid: u32,
-    pub uid: u32,
-    pub principal: u32,
-    pub verdict: Verdict,
-    pub reason: Reason,
-    /// Generation-qualified policy key, or `None`.
-    pub policy: Option<u32>,
-    pub rule: Option<u32>,
+    pub header: DecisionHeader,
     /// Exec id of the new image; 0 when the exec never happened (LSM deny).
     pub exec_id: u64,
     /// Exec id of the image that exec'd or forked this process; 0 if unknown.
@@ -239,17 +197,7 @@ impl ExecDecision {
             argv.pop();
         }
         Ok(Self {
-            seq: h.seq,
-            time_ns: h.time_ns,
-            cgroup_id: h.cgroup_id,
-            pid: h.pid,
-            tid: h.tid,
-            uid: h.uid,
-            principal: h.principal,
-            verdict: h.verdict.try_into()?,
-            reason: h.reason.try_into()?,
-            policy: opt(h.policy),
-            rule: opt(h.rule),
+            header: h.try_into()?,
             exec_id: e.exec_id,
             parent_exec_id: e.parent_exec_id,
             file: (e.flags & EXEC_F_NO_IDENTITY == 0).then_some((e.dev, e.ino)),
@@ -261,12 +209,42 @@ impl ExecDecision {
     }
 }
 
+/// A containment guard's decision on a socket (see `agent_common::SocketEvent`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketDecision {
+    pub header: DecisionHeader,
+    pub family: u16,
+    pub sock_type: u16,
+    pub protocol: u16,
+    /// `HOOK_SOCK_CREATE` or `HOOK_SETSOCKOPT`.
+    pub hook: u8,
+    /// `setsockopt()` level and option name (0 for `socket()`).
+    pub level: u32,
+    pub optname: u32,
+}
+
+impl SocketDecision {
+    fn decode(h: &EventHeader, bytes: &[u8]) -> Result<Self, DecodeError> {
+        let e: SocketEvent = read(bytes)?;
+        Ok(Self {
+            header: h.try_into()?,
+            family: e.family,
+            sock_type: e.sock_type,
+            protocol: e.protocol,
+            hook: e.hook,
+            level: e.level,
+            optname: e.optname,
+        })
+    }
+}
+
 /// Every kind of kernel event. ([`KernelEvent`] predates exec events and carries connect
 /// decisions only; fold the two when its users are updated.)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Connect(ConnectDecision),
     Exec(ExecDecision),
+    Socket(SocketDecision),
 }
 
 impl Event {
@@ -274,6 +252,7 @@ impl Event {
         let h: EventHeader = read(bytes)?;
         match h.kind {
             KIND_EXEC => Ok(Self::Exec(ExecDecision::decode(&h, bytes)?)),
+            KIND_SOCKET => Ok(Self::Socket(SocketDecision::decode(&h, bytes)?)),
             _ => match KernelEvent::decode(bytes)? {
                 KernelEvent::Connect(c) => Ok(Self::Connect(c)),
             },
@@ -282,8 +261,9 @@ impl Event {
 
     pub fn seq(&self) -> u64 {
         match self {
-            Self::Connect(c) => c.seq,
-            Self::Exec(e) => e.seq,
+            Self::Connect(c) => c.header.seq,
+            Self::Exec(e) => e.header.seq,
+            Self::Socket(s) => s.header.seq,
         }
     }
 }
@@ -293,7 +273,8 @@ pub struct EventReader {
     ring: RingBuf<MapData>,
     /// Events that could not be decoded (a version skew between kernel and agent).
     pub undecodable: u64,
-    /// Exec events consumed by [`Self::drain`], which returns connect decisions only.
+    /// Exec and socket events consumed by [`Self::drain`], which returns connect decisions
+    /// only.
     pub exec_skipped: u64,
 }
 
@@ -315,7 +296,7 @@ impl EventReader {
         while let Some(item) = self.ring.next() {
             match KernelEvent::decode(&item) {
                 Ok(e) => out.push(e),
-                Err(DecodeError::Kind(KIND_EXEC)) => self.exec_skipped += 1,
+                Err(DecodeError::Kind(KIND_EXEC | KIND_SOCKET)) => self.exec_skipped += 1,
                 Err(_) => self.undecodable += 1,
             }
         }

@@ -27,10 +27,11 @@ use super::exec_rules::{EntriesDiff, Sticky};
 pub use super::exec_rules::{ExecEntries, identity, mounts_below, resolve};
 use super::{
     btf::{FPUT_TASK_WORK, KernelBtf, kernel_symbol},
-    maps::{MapError, op, take},
+    map_access::{MapError, op, take},
     pins::PinDir,
 };
-use crate::compiled::ExecRule;
+use corral_policy::compiled::ExecRule;
+use corral_runtime::error_chain;
 
 /// The LSM program and the hook it attaches to.
 pub const LSM_PROGRAM: &str = "exec_lsm";
@@ -153,17 +154,6 @@ fn try_lsm(ebpf: &mut Ebpf, pins: Option<&PinDir>, links: &mut Vec<FdLink>) -> R
         .take_link(id)
         .map_err(|e| format!("take link of {LSM_PROGRAM}: {e}"))?;
     keep(LSM_PROGRAM, link.into(), pins, links).map_err(|e| error_chain(&e))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Writes the kernel offsets, probes the LSM, and attaches the tracepoint programs.
@@ -301,8 +291,13 @@ impl ExecMaps {
 
     /// Writes the exec rules of policy slot `policy` (generation-qualified key). Paths that
     /// cannot be statted are skipped with a warning (see the module docs); the rules are kept
-    /// for [`Self::refresh`].
+    /// for [`Self::refresh`]. The key's entries must be empty (a freshly cleared generation).
+    /// A policy without exec rules writes nothing and has nothing to re-stat.
     pub fn write(&mut self, policy: u32, rules: &[ExecRule]) -> Result<(), MapError> {
+        if rules.is_empty() {
+            self.installed.remove(&policy);
+            return Ok(());
+        }
         let entries = resolve(rules);
         for (path, why) in &entries.skipped {
             warn!(path = %path.display(), reason = %why, "exec rule path skipped");
@@ -405,12 +400,13 @@ impl ExecMaps {
 
     /// Deletes every exec entry of generation `generation`.
     pub fn clear_generation(&mut self, generation: u32) {
-        self.installed.retain(|k, _| k >> 31 != generation);
+        self.installed
+            .retain(|k, _| agent_common::policy_key_generation(*k) != generation);
         for map in [&mut self.files, &mut self.dirs] {
             let keys: Vec<ExecKey> = map
                 .keys()
                 .filter_map(Result::ok)
-                .filter(|k| k.policy >> 31 == generation)
+                .filter(|k| agent_common::policy_key_generation(k.policy) == generation)
                 .collect();
             for k in keys {
                 let _ = map.remove(&k);

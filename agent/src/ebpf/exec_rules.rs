@@ -31,7 +31,7 @@ use std::{
 
 use agent_common::{NONE, RuleValue, kernel_dev, merge_rules};
 
-use crate::compiled::{Action, ExecRule};
+use corral_policy::compiled::{Action, ExecRule};
 
 /// How often the daemon re-stats the exec rule paths in force.
 pub const RESTAT_INTERVAL: Duration = Duration::from_secs(1);

@@ -8,17 +8,22 @@
 
 use std::{
     fs::File,
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, TracePoint, links::FdLink,
+    },
 };
+use aya_obj::generated::bpf_attach_type;
 use tracing::info;
 
 use super::{
-    maps::{MapError, PolicyMaps},
+    map_access::MapError,
+    maps::PolicyMaps,
     pins::{PinDir, PinError},
 };
 
@@ -26,6 +31,14 @@ use super::{
 /// hooks (kernel 6.7+) are attached where the kernel has them, by [`super::unix_hooks`]:
 /// [`Enforcer::sock_addr_hooks`] lists what is attached.
 pub const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+
+/// The containment guards (`agent-ebpf/src/guard.rs`): `socket()` (cgroup `sock_create`) and
+/// `setsockopt()` (cgroup `setsockopt`), attached like the sock_addr programs.
+pub const GUARD_PROGRAMS: [&str; 2] = ["sock_create", "setsockopt"];
+
+/// The guard for the families `sock_create` does not see: the `syscalls:sys_enter_socket`
+/// tracepoint (a deny kills the process).
+pub const SOCKET_TRACEPOINT: (&str, &str, &str) = ("socket_enter", "syscalls", "sys_enter_socket");
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -62,6 +75,15 @@ pub enum LoadError {
     Maps(#[from] MapError),
     #[error(transparent)]
     Pins(#[from] PinError),
+    #[error("link {name} to {path}")]
+    Guard {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("find or mount tracefs")]
+    Tracefs(#[source] crate::paths::PathError),
     #[error("attach the exec programs")]
     Exec(#[source] Box<super::exec::ExecError>),
 }
@@ -79,6 +101,8 @@ pub struct ProgramStats {
 pub struct Enforcer {
     // Field order matters: links drop before the object.
     links: Vec<FdLink>,
+    /// The containment guards' links, held unpinned (without pins).
+    guard_links: Vec<OwnedFd>,
     unix: super::unix_hooks::UnixHooks,
     maps: PolicyMaps,
     pinned: bool,
@@ -150,6 +174,24 @@ impl Enforcer {
             }
             info!(program = name, cgroup = %cgroup.display(), pinned = pins.is_some(), "attached");
         }
+        let mut guard_links = Vec::new();
+        for name in GUARD_PROGRAMS {
+            let link = attach_guard(&mut ebpf, name, &cg, cgroup)?;
+            match pins {
+                Some(p) => p.install_link_fd(name, link.as_fd())?,
+                None => guard_links.push(link),
+            }
+            info!(program = name, cgroup = %cgroup.display(), pinned = pins.is_some(), "attached");
+        }
+        {
+            let (name, category, event) = SOCKET_TRACEPOINT;
+            let link = attach_socket_tracepoint(&mut ebpf)?;
+            match pins {
+                Some(p) => p.install_link(name, link)?,
+                None => links.push(link),
+            }
+            info!(program = name, tracepoint = %format!("{category}:{event}"), pinned = pins.is_some(), "attached");
+        }
         // Before the maps are taken out of `ebpf`: the unix programs are relocated against them.
         let unix = super::unix_hooks::attach(&ebpf, object, &cg, pins);
         let mut maps = PolicyMaps::take(&mut ebpf)?;
@@ -162,6 +204,7 @@ impl Enforcer {
         }
         Ok(Self {
             links,
+            guard_links,
             unix,
             maps,
             pinned: pins.is_some(),
@@ -187,6 +230,13 @@ impl Enforcer {
     pub fn sock_addr_hooks(&self) -> Vec<&'static str> {
         let mut v = SOCK_ADDR_PROGRAMS.to_vec();
         v.extend(self.unix.active.iter().copied());
+        v
+    }
+
+    /// The containment guards attached ([`GUARD_PROGRAMS`], then the socket tracepoint).
+    pub fn guard_hooks(&self) -> Vec<&'static str> {
+        let mut v = GUARD_PROGRAMS.to_vec();
+        v.push(SOCKET_TRACEPOINT.2);
         v
     }
 
@@ -229,6 +279,59 @@ impl Enforcer {
 
     /// Number of program links this process holds unpinned (pinned links live in bpffs).
     pub fn attached(&self) -> usize {
-        self.links.len() + self.unix.links.len()
+        self.links.len() + self.guard_links.len() + self.unix.links.len()
     }
+}
+
+/// Loads guard program `name` (a cgroup `sock_create` or `setsockopt` program) and links it
+/// to `cg`. The link is made with a raw `BPF_LINK_CREATE`: aya 0.14 cannot turn a sockopt link
+/// into an `FdLink` to pin.
+fn attach_guard(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cg: &File,
+    path: &Path,
+) -> Result<OwnedFd, LoadError> {
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::MissingProgram { name })?;
+    let program = |source| LoadError::Program { name, source };
+    let (fd, attach_type) = if let Ok(p) = <&mut CgroupSock>::try_from(&mut *prog) {
+        p.load().map_err(program)?;
+        (
+            p.fd().map_err(program)?.as_fd().try_clone_to_owned(),
+            bpf_attach_type::BPF_CGROUP_INET_SOCK_CREATE,
+        )
+    } else {
+        let p: &mut CgroupSockopt = prog.try_into().map_err(program)?;
+        p.load().map_err(program)?;
+        (
+            p.fd().map_err(program)?.as_fd().try_clone_to_owned(),
+            bpf_attach_type::BPF_CGROUP_SETSOCKOPT,
+        )
+    };
+    let io = |source| LoadError::Guard {
+        name,
+        path: path.into(),
+        source,
+    };
+    let fd = fd.map_err(io)?;
+    super::raw::link_cgroup(&fd, cg, attach_type as u32).map_err(io)
+}
+
+/// Loads and attaches the socket tracepoint ([`SOCKET_TRACEPOINT`]) as a bpf_link (kernel
+/// 5.15+ makes perf-event links bpf_links, which can be pinned).
+fn attach_socket_tracepoint(ebpf: &mut Ebpf) -> Result<FdLink, LoadError> {
+    let (name, category, event) = SOCKET_TRACEPOINT;
+    crate::paths::ensure_tracefs().map_err(LoadError::Tracefs)?;
+    let program = |source| LoadError::Program { name, source };
+    let prog: &mut TracePoint = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::MissingProgram { name })?
+        .try_into()
+        .map_err(program)?;
+    prog.load().map_err(program)?;
+    let id = prog.attach(category, event).map_err(program)?;
+    let link = prog.take_link(id).map_err(program)?;
+    FdLink::try_from(link).map_err(|source| LoadError::Link { name, source })
 }

@@ -14,51 +14,12 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, lpm_trie::Key, lpm_trie::LpmTrie},
 };
 
-use crate::compiled::{CompiledPolicy, CompiledSet};
+use corral_policy::compiled::{CompiledPolicy, CompiledSet};
 
-#[derive(Debug, thiserror::Error)]
-pub enum MapError {
-    #[error("map {name} is missing from the kernel object")]
-    Missing { name: &'static str },
-    #[error("map {name} has an unexpected type or size")]
-    Type {
-        name: &'static str,
-        #[source]
-        source: aya::maps::MapError,
-    },
-    #[error("{op} in map {name}")]
-    Op {
-        op: &'static str,
-        name: &'static str,
-        #[source]
-        source: aya::maps::MapError,
-    },
-    #[error("policy key {policy}: unix socket {path} does not fit sun_path")]
-    UnixPath { policy: u32, path: String },
-    #[error("policy {policy}: zone index {zone} out of range (at most {max} zones per policy)")]
-    TooManyZones {
-        policy: String,
-        zone: usize,
-        max: u32,
-    },
-}
-
-/// Takes map `name` out of the loaded object as its typed wrapper.
-pub(super) fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, MapError>
-where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf.take_map(name).ok_or(MapError::Missing { name })?;
-    T::try_from(map).map_err(|source| MapError::Type { name, source })
-}
-
-/// Names the failed map operation in the error.
-pub(super) fn op(
-    op: &'static str,
-    name: &'static str,
-) -> impl FnOnce(aya::maps::MapError) -> MapError {
-    move |source| MapError::Op { op, name, source }
-}
+use super::{
+    exec::ExecMaps,
+    map_access::{MapError, op, take},
+};
 
 fn is_not_found(e: &aya::maps::MapError) -> bool {
     matches!(e, aya::maps::MapError::KeyNotFound)
@@ -78,7 +39,7 @@ pub struct PolicyMaps {
     drops: PerCpuArray<MapData, u64>,
     rate: HashMap<MapData, u32, RateState>,
     pub(super) events: Option<aya::maps::Map>,
-    exec: super::exec::ExecMaps,
+    exec: ExecMaps,
 }
 
 impl PolicyMaps {
@@ -95,7 +56,7 @@ impl PolicyMaps {
             grants: take(ebpf, names::GRANTS)?,
             drops: take(ebpf, names::DROPS)?,
             rate: take(ebpf, names::RATE)?,
-            exec: super::exec::ExecMaps::take(ebpf)?,
+            exec: ExecMaps::take(ebpf)?,
             events: Some(ebpf.take_map(names::EVENTS).ok_or(MapError::Missing {
                 name: names::EVENTS,
             })?),
@@ -242,29 +203,18 @@ impl PolicyMaps {
             .sum()
     }
 
-    /// The exec maps (rules are written by [`Self::apply_with_addenda`]).
-    pub fn exec(&mut self) -> &mut super::exec::ExecMaps {
+    /// The exec maps (rules are written by [`Self::apply`]).
+    pub fn exec(&mut self) -> &mut ExecMaps {
         &mut self.exec
     }
 
-    /// Atomically replaces the enforced policy set. `slot_of` gives each enrolled principal
-    /// (by cgroup id) its policy slot in `set`, or `None` for no policy.
-    /// No exec rules: every exec takes the default action (see [`Self::apply_with_addenda`]).
+    /// Atomically replaces the enforced policy set: every policy's connect rules, exec rules
+    /// and unix-socket destinations are written under one generation flip. `slot_of` gives
+    /// each enrolled principal (by cgroup id) its policy slot in `set`, or `None` for no
+    /// policy.
     pub fn apply(
         &mut self,
         set: &CompiledSet,
-        slot_of: impl FnMut(u64, &Principal) -> Option<u32>,
-    ) -> Result<(), MapError> {
-        self.apply_with_addenda(set, &[], slot_of)
-    }
-
-    /// [`Self::apply`], with each policy's addenda (same order as `set.policies`; missing
-    /// entries mean none): their exec rules and unix-socket destinations are written under
-    /// the same generation flip.
-    pub fn apply_with_addenda(
-        &mut self,
-        set: &CompiledSet,
-        addenda: &[crate::compiled::PolicyAddenda],
         mut slot_of: impl FnMut(u64, &Principal) -> Option<u32>,
     ) -> Result<(), MapError> {
         let cfg = self.config()?;
@@ -278,10 +228,8 @@ impl PolicyMaps {
             // Unix sockets are destinations like any other: every policy polices them (a path
             // in no zone takes the default action), whether or not it names any.
             let flags = agent_common::POLICY_F_UNIX;
-            if let Some(a) = addenda.get(i) {
-                self.exec.write(policy_key(new, slot), &a.exec)?;
-                self.write_unix(policy_key(new, slot), &a.unix)?;
-            }
+            self.exec.write(policy_key(new, slot), &policy.exec)?;
+            self.write_unix(policy_key(new, slot), &policy.unix)?;
             self.write_policy(policy_key(new, slot), policy, set.revision, flags)?;
         }
         let principals: Vec<(u64, Principal)> =
@@ -299,7 +247,7 @@ impl PolicyMaps {
         self.clear_generation(old)
     }
 
-    /// Writes one policy slot; `flags` (`POLICY_F_*`) come from its addenda.
+    /// Writes one policy slot's connect entries and, last, its meta with `flags` (`POLICY_F_*`).
     fn write_policy(
         &mut self,
         key: u32,
@@ -307,20 +255,23 @@ impl PolicyMaps {
         revision: u64,
         flags: u8,
     ) -> Result<(), MapError> {
-        let mut kp = crate::compiled::expand(key, policy, revision).map_err(|e| match e {
-            crate::compiled::ExpandError::ChainZone { policy, zone, max } => {
-                MapError::TooManyZones {
-                    policy,
-                    zone: zone as usize,
-                    max,
+        let mut kp =
+            corral_policy::compiled::expand(key, policy, revision).map_err(|e| match e {
+                corral_policy::compiled::ExpandError::ChainZone { policy, zone, max } => {
+                    MapError::TooManyZones {
+                        policy,
+                        zone: zone as usize,
+                        max,
+                    }
                 }
-            }
-            crate::compiled::ExpandError::ZoneCount { policy } => MapError::TooManyZones {
-                policy,
-                zone: usize::MAX,
-                max: u32::MAX,
-            },
-        })?;
+                corral_policy::compiled::ExpandError::ZoneCount { policy } => {
+                    MapError::TooManyZones {
+                        policy,
+                        zone: usize::MAX,
+                        max: u32::MAX,
+                    }
+                }
+            })?;
         kp.meta.flags = flags;
         for (len, k, v) in &kp.zones {
             self.zones
@@ -346,7 +297,11 @@ impl PolicyMaps {
     /// Unix-socket destination → zone entries of policy slot `key` (read by the unix hooks,
     /// kernel 6.7+; written regardless, so the maps are the same on every kernel). Every
     /// policy gets `POLICY_F_UNIX`: a path in no zone takes the default action.
-    fn write_unix(&mut self, key: u32, unix: &[crate::compiled::UnixDest]) -> Result<(), MapError> {
+    fn write_unix(
+        &mut self,
+        key: u32,
+        unix: &[corral_policy::compiled::UnixDest],
+    ) -> Result<(), MapError> {
         for u in unix {
             let k = u.kernel_key(key).ok_or_else(|| MapError::UnixPath {
                 policy: key,
@@ -361,7 +316,7 @@ impl PolicyMaps {
 
     /// Deletes every policy map entry of generation `gen`.
     fn clear_generation(&mut self, generation: u32) -> Result<(), MapError> {
-        let of_gen = |k: u32| k >> 31 == generation;
+        let of_gen = |k: u32| agent_common::policy_key_generation(k) == generation;
         let keys: Vec<u32> = self
             .policies
             .keys()

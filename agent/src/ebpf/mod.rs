@@ -6,6 +6,7 @@ pub mod events;
 pub mod exec;
 pub mod exec_rules;
 pub mod loader;
+pub mod map_access;
 pub mod maps;
 pub mod object;
 pub mod pins;
@@ -18,5 +19,6 @@ pub mod unix_hooks;
 
 pub use exec::ExecMode;
 pub use loader::{Enforcer, LoadError};
-pub use maps::{MapError, PolicyMaps};
+pub use map_access::MapError;
+pub use maps::PolicyMaps;
 pub use pins::PinDir;

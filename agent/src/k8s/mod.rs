@@ -11,15 +11,3 @@
 pub mod cgroup_path;
 pub mod pods;
 pub mod tracker;
-
-/// An error and its sources, `: `-joined, for reports.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}

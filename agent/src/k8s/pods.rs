@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Pod;
 
 use super::cgroup_path::QosClass;
-use crate::identity::{self, IdentityError};
+use corral_policy::identity::{self, IdentityError};
 
 /// Pod annotation naming the pod's identity.
 pub const IDENTITY_ANNOTATION: &str = "corral.dev/identity";

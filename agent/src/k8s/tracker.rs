@@ -192,14 +192,14 @@ impl Tracker {
                 Outcome::Ignored
             }
             PodDecision::Reject(e) => {
-                let reason = super::error_chain(&e);
+                let reason = corral_runtime::error_chain(&e);
                 self.note(key, (uid, namespace, name), reason, true, now)
             }
             PodDecision::Enrol(p) => {
                 let cgroup = match locate(&p.session, p.qos) {
                     Ok(c) => c,
                     Err(e) => {
-                        let reason = super::error_chain(&e);
+                        let reason = corral_runtime::error_chain(&e);
                         return self.note(key, (uid, namespace, name), reason, false, now);
                     }
                 };

@@ -8,7 +8,7 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-use corral_agent::compiled::Approval;
+use corral_policy::compiled::Approval;
 use corral_proto::v1::{self as pb, GrantState};
 use tracing::{info, warn};
 

@@ -5,7 +5,8 @@
 //! - [`ledger`]: the state machine over the [`crate::store::grants::GrantStore`]; every change is
 //!   recorded, published as an event, and (when the active set changes) pushed to the fleet.
 //! - [`convert`]: grants as the API, nodes and events see them.
-//! - [`service`]: `GrantService` on gRPC, the caller's name, and the expiry sweep task.
+//! - [`service`]: `GrantService` on gRPC and the expiry sweep task (callers are named by
+//!   [`crate::auth`]).
 //!
 //! # Semantics
 //!
@@ -33,26 +34,7 @@ use crate::store::StoreError;
 
 pub use self::ledger::Grants;
 
-/// Who is calling, as grants record and compare it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
-    /// The name compared for separation of duties and `--approver` (certificate name, or
-    /// the user header).
-    pub name: String,
-    /// As recorded (`requested_by`, `decided_by`, history actors): the name, plus the peer
-    /// address when known.
-    pub display: String,
-}
-
-impl Caller {
-    pub fn new(name: &str, peer: Option<std::net::SocketAddr>) -> Self {
-        let name = if name.is_empty() { "unknown" } else { name };
-        Self {
-            name: name.to_owned(),
-            display: peer.map_or_else(|| name.to_owned(), |a| format!("{name} from {a}")),
-        }
-    }
-}
+pub use crate::auth::Caller;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GrantError {
@@ -130,7 +112,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ids_are_positive_decimals_and_callers_show_their_peer() {
+    fn ids_are_positive_decimals_and_durations_read_as_people_write_them() {
         assert_eq!(parse_id("42").ok(), Some(42));
         for bad in ["", "0", "-1", "x1", "1.5"] {
             assert!(
@@ -138,12 +120,6 @@ mod tests {
                 "{bad}"
             );
         }
-        let c = Caller::new("alice", "127.0.0.1:9".parse().ok());
-        assert_eq!(
-            (c.name.as_str(), c.display.as_str()),
-            ("alice", "alice from 127.0.0.1:9")
-        );
-        assert_eq!(Caller::new("", None).display, "unknown");
         assert_eq!(
             [human(0), human(90), human(900), human(5400), human(3601)],
             ["0s", "1m30s", "15m", "1h30m", "1h1s"]

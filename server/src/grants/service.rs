@@ -1,47 +1,21 @@
-//! `GrantService` on gRPC, the caller's name, the expiry sweep, and the session observer.
+//! `GrantService` on gRPC, the expiry sweep, and the session observer.
 
 use std::{sync::Arc, time::Duration};
 
-use corral_agent::daemon::shutdown::ShutdownSignal;
 use corral_proto::v1::{self as pb, grant_service_server::GrantService};
+use corral_runtime::shutdown::ShutdownSignal;
 use tonic::{Request, Response, Status};
 use tracing::{instrument, warn};
 
-use super::{Caller, Grants, convert::to_pb};
+use super::{Grants, convert::to_pb};
 use crate::{
-    error::ServerError, fleet::PrincipalKey, policy_service::USER_HEADER, store::now_unix_nano,
+    auth::caller, error::ServerError, fleet::PrincipalKey, store::now_unix_nano,
     sync::SessionObserver,
 };
 
 /// How often active grants past their expiry are marked `EXPIRED`. The kernel stops honouring
 /// a grant at its expiry by itself; this keeps records and snapshots accurate.
 pub const SWEEP_EVERY: Duration = Duration::from_millis(500);
-
-/// The name a client certificate is issued to: its first DNS, else its first URI, subject
-/// alternative name.
-pub fn cert_name(certs: &[rustls_pki_types::CertificateDer<'static>]) -> Option<String> {
-    let cert = webpki::EndEntityCert::try_from(certs.first()?).ok()?;
-    let name = cert
-        .valid_dns_names()
-        .next()
-        .or_else(|| cert.valid_uri_names().next())?;
-    Some(name.to_owned())
-}
-
-/// The caller: its certificate name under mTLS, else the `x-corral-user` header.
-pub fn caller<T>(req: &Request<T>) -> Caller {
-    let name = match req.peer_certs() {
-        Some(certs) => cert_name(&certs).unwrap_or_default(),
-        None => req
-            .metadata()
-            .get(USER_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .trim()
-            .to_owned(),
-    };
-    Caller::new(&name, req.remote_addr())
-}
 
 /// The gRPC face of [`Grants`].
 pub struct GrantApi {
@@ -114,7 +88,7 @@ impl GrantService for GrantApi {
 impl SessionObserver for Grants {
     fn sessions_ended(&self, gone: &[PrincipalKey]) {
         if let Err(e) = self.end_sessions(gone) {
-            warn!(error = %corral_agent::daemon::policy::error_chain(&e), "ending session-bound grants failed");
+            warn!(error = %corral_runtime::error_chain(&e), "ending session-bound grants failed");
         }
     }
 }
@@ -128,7 +102,7 @@ pub async fn sweep_task(grants: Arc<Grants>, mut stop: ShutdownSignal) {
             _ = stop.wait() => return,
             _ = tick.tick() => {
                 if let Err(e) = grants.sweep(now_unix_nano()) {
-                    warn!(error = %corral_agent::daemon::policy::error_chain(&e), "grant expiry sweep failed");
+                    warn!(error = %corral_runtime::error_chain(&e), "grant expiry sweep failed");
                 }
             }
         }

@@ -1,14 +1,10 @@
 //! Which grant templates an identity may request: the policy set nodes receive, compiled with
 //! the node's own compiler ([`compile_snapshot`]) once per revision, and the governing policy
-//! found as nodes find it ([`corral_agent::compiled::CompiledSet::policy_for`]).
+//! found as nodes find it ([`corral_policy::compiled::CompiledSet::policy_for`]).
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use corral_agent::{
-    compiled::Approval,
-    daemon::sync::compile_snapshot,
-    policy::{Compiled, PolicyError},
-};
+use corral_policy::{CompiledSet, PolicyError, compiled::Approval, snapshot::compile_snapshot};
 
 use super::GrantError;
 use crate::fleet::Current;
@@ -25,11 +21,11 @@ pub struct Offer {
 /// The compiled policy set, cached by revision.
 #[derive(Default)]
 pub struct Templates {
-    cache: Mutex<Option<(u64, Arc<Compiled>)>>,
+    cache: Mutex<Option<(u64, Arc<CompiledSet>)>>,
 }
 
 impl Templates {
-    fn compiled(&self, cur: &Current) -> Result<Arc<Compiled>, GrantError> {
+    fn compiled(&self, cur: &Current) -> Result<Arc<CompiledSet>, GrantError> {
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some((rev, c)) = cache.as_ref()
             && *rev == cur.revision
@@ -56,20 +52,13 @@ impl Templates {
     /// The template `grant` in the policy that governs `identity` in `cur`.
     pub fn offer(&self, cur: &Current, identity: &str, grant: &str) -> Result<Offer, GrantError> {
         let c = self.compiled(cur)?;
-        let idx = c
-            .set
-            .policy_for(identity)
-            .and_then(|i| usize::try_from(i).ok())
-            .ok_or_else(|| GrantError::NotCovered {
-                identity: identity.to_owned(),
-            })?;
-        let (Some(policy), Some(addenda)) = (c.set.policies.get(idx), c.addenda.get(idx)) else {
+        let Some(policy) = c.governing(identity) else {
             return Err(GrantError::NotCovered {
                 identity: identity.to_owned(),
             });
         };
-        let Some(t) = addenda.grants.iter().find(|t| t.name == grant) else {
-            let names: Vec<&str> = addenda.grants.iter().map(|t| t.name.as_str()).collect();
+        let Some(t) = policy.grants.iter().find(|t| t.name == grant) else {
+            let names: Vec<&str> = policy.grants.iter().map(|t| t.name.as_str()).collect();
             return Err(GrantError::UnknownTemplate {
                 identity: identity.to_owned(),
                 policy: policy.name.clone(),

@@ -6,6 +6,7 @@
 pub mod grants;
 pub mod sqlite;
 mod sqlite_grants;
+mod sqlite_schema;
 
 /// One version of one policy document.
 #[derive(Debug, Clone, PartialEq, Eq)]

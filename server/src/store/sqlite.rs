@@ -5,7 +5,9 @@
 //! - `policies(name, revision, yaml, applied_by, applied_at, deleted)`, primary key
 //!   `(name, revision)`: every version of every policy; the live version of a name is its
 //!   highest revision, unless that row is a deletion.
-//! - `grants` and `grant_history`: see [`super::sqlite_grants`].
+//! - `grants` and `grant_history`: the grant store's tables (`sqlite_grants.rs`).
+//!
+//! Every table is created from [`super::sqlite_schema`].
 
 use std::{
     path::Path,
@@ -14,24 +16,10 @@ use std::{
 
 use rusqlite::{Connection, OptionalExtension as _, params};
 
-use super::{Change, PolicyRecord, PolicyStore, StoreError, StoreSnapshot, now_unix_nano};
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS revisions (
-    revision   INTEGER PRIMARY KEY,
-    applied_by TEXT NOT NULL,
-    applied_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS policies (
-    name       TEXT NOT NULL,
-    revision   INTEGER NOT NULL REFERENCES revisions(revision),
-    yaml       TEXT NOT NULL,
-    applied_by TEXT NOT NULL,
-    applied_at INTEGER NOT NULL,
-    deleted    INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (name, revision)
-);
-";
+use super::{
+    Change, PolicyRecord, PolicyStore, StoreError, StoreSnapshot, now_unix_nano,
+    sqlite_schema::{SCHEMAS, db, to_i64},
+};
 
 const LIVE: &str = "
 SELECT p.name, p.yaml, p.revision, p.applied_by, p.applied_at, p.deleted
@@ -45,10 +33,6 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
 }
 
-pub(super) fn db(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
-    move |source| StoreError::Db { op, source }
-}
-
 fn record(r: &rusqlite::Row<'_>) -> rusqlite::Result<PolicyRecord> {
     Ok(PolicyRecord {
         name: r.get(0)?,
@@ -58,10 +42,6 @@ fn record(r: &rusqlite::Row<'_>) -> rusqlite::Result<PolicyRecord> {
         applied_unix_nano: r.get::<_, i64>(4)?.try_into().unwrap_or(0),
         deleted: r.get::<_, i64>(5)? != 0,
     })
-}
-
-pub(super) fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 impl SqliteStore {
@@ -83,9 +63,9 @@ impl SqliteStore {
             "PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;",
         )
         .map_err(open)?;
-        conn.execute_batch(SCHEMA).map_err(open)?;
-        conn.execute_batch(super::sqlite_grants::SCHEMA)
-            .map_err(open)?;
+        for schema in SCHEMAS {
+            conn.execute_batch(schema).map_err(open)?;
+        }
         Ok(Self {
             conn: Mutex::new(conn),
         })

@@ -15,39 +15,10 @@ use super::{
         GrantFilter, GrantRecord, GrantStore, HistoryEntry, NewGrant, Transition, Transitioned,
         parse_state, state_name,
     },
-    sqlite::{SqliteStore, db, to_i64},
+    sqlite::SqliteStore,
+    sqlite_schema::{db, to_i64},
 };
 use corral_proto::v1::GrantState;
-
-pub(super) const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS grants (
-    id              INTEGER PRIMARY KEY AUTOINCREMENT,
-    identity        TEXT NOT NULL,
-    session         TEXT NOT NULL,
-    template        TEXT NOT NULL,
-    policy          TEXT NOT NULL,
-    ttl_seconds     INTEGER NOT NULL,
-    reason          TEXT NOT NULL,
-    requested_by    TEXT NOT NULL,
-    requester       TEXT NOT NULL,
-    requested_at    INTEGER NOT NULL,
-    state           TEXT NOT NULL,
-    decided_by      TEXT NOT NULL DEFAULT '',
-    decided_at      INTEGER NOT NULL DEFAULT 0,
-    decision_reason TEXT NOT NULL DEFAULT '',
-    expires_at      INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS grants_state ON grants(state);
-CREATE TABLE IF NOT EXISTS grant_history (
-    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
-    grant_id INTEGER NOT NULL REFERENCES grants(id),
-    at       INTEGER NOT NULL,
-    state    TEXT NOT NULL,
-    actor    TEXT NOT NULL,
-    reason   TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS grant_history_grant ON grant_history(grant_id, seq);
-";
 
 const COLUMNS: &str = "id, identity, session, template, policy, ttl_seconds, reason, requested_by,
     requester, requested_at, state, decided_by, decided_at, decision_reason, expires_at";

@@ -28,11 +28,11 @@ use std::{
 
 use anyhow::Context as _;
 use corral_agent::{
-    compiled::{Action, CompiledPolicy, CompiledSet, ExecRule, PolicyAddenda},
     ebpf::Enforcer,
     ebpf::events::EventReader,
     ebpf::{loader::ProgramStats, raw},
 };
+use corral_policy::compiled::{Action, CompiledPolicy, CompiledSet, ExecRule};
 use corral_tests::{TestCgroup, build, probe_bin};
 
 /// Timed rounds; `CORRAL_BENCH_ROUNDS` overrides (at least 1).
@@ -123,19 +123,18 @@ impl Setup {
         let t = std::time::Instant::now();
         // The exec workload runs /bin/true in the enrolled cgroups: allowed by an exact rule
         // (default deny applies to exec too).
-        let allow_true = PolicyAddenda {
-            exec: vec![ExecRule {
-                index: 0,
-                action: Action::Allow,
-                exact: vec!["/bin/true".into()],
-                prefixes: vec![],
-            }],
-            ..PolicyAddenda::default()
-        };
+        let allow_true = vec![ExecRule {
+            index: 0,
+            action: Action::Allow,
+            exact: vec!["/bin/true".into()],
+            prefixes: vec![],
+        }];
+        let mut set = self.set.clone();
+        for p in &mut set.policies {
+            p.exec.clone_from(&allow_true);
+        }
         e.maps()
-            .apply_with_addenda(&self.set, &[allow_true.clone(), allow_true], |cg, _| {
-                Some(if cg == small_id { 0 } else { 1 })
-            })?;
+            .apply(&set, |cg, _| Some(if cg == small_id { 0 } else { 1 }))?;
         Ok(Loaded {
             enforcer: e,
             apply_ms: t.elapsed().as_secs_f64() * 1e3,

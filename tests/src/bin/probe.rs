@@ -10,6 +10,9 @@
 //! - `unixjunk:PATH`: connect a SOCK_STREAM unix socket to `PATH\0JUNK` with the address
 //!   length covering the junk (the kernel stops at the NUL); `unixnonul:PATH`: connect with
 //!   the address length ending right after PATH, no NUL passed (the kernel adds it);
+//! - `socket:FAMILY:TYPE:PROTO`: `socket()` with these numbers, then close it;
+//! - `ipopts:HEX`: `setsockopt(IP_OPTIONS)` with the bytes HEX on an IPv4 UDP socket;
+//! - `rthdr6:HEX`: `setsockopt(IPV6_RTHDR)` with the bytes HEX on an IPv6 UDP socket;
 //! - `subcg:NAME`: create a sub-cgroup of the current cgroup and move into it;
 //! - `daemon`: double-fork and setsid (via `setsid -f`), the grandchild runs the remaining
 //!   operations and writes its lines to `--out` (required);
@@ -44,6 +47,8 @@ fn errno_name(e: &std::io::Error) -> String {
         Some(libc::ECONNREFUSED) => "ECONNREFUSED".into(),
         Some(libc::ENETUNREACH) => "ENETUNREACH".into(),
         Some(libc::EINPROGRESS) => "EINPROGRESS".into(),
+        Some(libc::EINVAL) => "EINVAL".into(),
+        Some(libc::EAFNOSUPPORT) => "EAFNOSUPPORT".into(),
         Some(n) => format!("errno{n}"),
         None if e.kind() == ErrorKind::TimedOut => "ETIMEDOUT".into(),
         None => format!("{e}"),
@@ -134,6 +139,50 @@ fn unix_raw(path: &[u8]) -> std::io::Result<()> {
     }
 }
 
+/// `socket(family, type, proto)`, closed at once.
+fn socket_op(spec: &str) -> std::io::Result<()> {
+    let n: Vec<i32> = spec
+        .split(':')
+        .map(|v| v.parse().map_err(std::io::Error::other))
+        .collect::<Result<_, _>>()?;
+    let [family, ty, proto] = n[..] else {
+        return Err(std::io::Error::other("socket:FAMILY:TYPE:PROTO"));
+    };
+    // SAFETY: plain syscall with integer arguments; the fd is closed below.
+    let fd = unsafe { libc::socket(family, ty, proto) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor owned by nothing else.
+    drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    Ok(())
+}
+
+/// `setsockopt(level, name, HEX bytes)` on a new UDP socket of `domain`.
+fn sockopt_op(domain: Domain, level: i32, name: i32, hex: &str) -> std::io::Result<()> {
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map_err(std::io::Error::other)?;
+    let s = Socket::new(domain, Type::DGRAM, None)?;
+    // SAFETY: `bytes` outlives the call and its length is passed with it.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            level,
+            name,
+            bytes.as_ptr().cast(),
+            bytes.len() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn one(op: &str) -> String {
     let Some((kind, rest)) = op.split_once(':') else {
         return format!("bad op {op}");
@@ -150,6 +199,28 @@ fn one(op: &str) -> String {
     }
     if kind == "unix" || kind == "unixdgram" {
         return match unix_op(kind, rest) {
+            Ok(()) => "ok".into(),
+            Err(e) => errno_name(&e),
+        };
+    }
+    let guarded = match kind {
+        "socket" => Some(socket_op(rest)),
+        "ipopts" => Some(sockopt_op(
+            Domain::IPV4,
+            libc::IPPROTO_IP,
+            libc::IP_OPTIONS,
+            rest,
+        )),
+        "rthdr6" => Some(sockopt_op(
+            Domain::IPV6,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_RTHDR,
+            rest,
+        )),
+        _ => None,
+    };
+    if let Some(r) = guarded {
+        return match r {
             Ok(()) => "ok".into(),
             Err(e) => errno_name(&e),
         };

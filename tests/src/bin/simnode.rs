@@ -13,11 +13,10 @@ use std::sync::{
 };
 
 use anyhow::Context as _;
-use corral_agent::daemon::{
-    shutdown::{self, Shutdown},
-    sync::{self, ClientConfig, SnapshotSink, SyncStatus},
-};
+use corral_agent::daemon::sync::{self, ClientConfig, SnapshotSink, SyncStatus};
+use corral_policy::snapshot::{check_limits, compile_snapshot};
 use corral_proto::v1 as pb;
+use corral_runtime::shutdown::{self, Shutdown};
 
 /// A node that only compiles: the revision it would enforce.
 struct Simulated {
@@ -32,9 +31,9 @@ impl SnapshotSink for Simulated {
 
     fn apply(&self, s: &pb::Snapshot) -> Result<(), String> {
         let file = format!("server revision {}", s.revision);
-        let c = sync::compile_snapshot(&file, s.revision, &s.policies_yaml)
+        let c = compile_snapshot(&file, s.revision, &s.policies_yaml)
             .map_err(|e| format!("policy rejected:\n{e}"))?;
-        sync::check_limits(&c, self.max_rules)?;
+        check_limits(&c, self.max_rules).map_err(|e| e.to_string())?;
         self.revision.store(s.revision, Ordering::Relaxed);
         Ok(())
     }

@@ -7,13 +7,11 @@ use std::{
 };
 
 use anyhow::Context as _;
-use corral_agent::{
-    compiled::{Action, CompiledPolicy, ExecRule, PolicyAddenda},
-    ebpf::{
-        Enforcer, ExecMode,
-        events::{Event, EventReader, ExecDecision},
-    },
+use corral_agent::ebpf::{
+    Enforcer, ExecMode,
+    events::{Event, EventReader, ExecDecision},
 };
+use corral_policy::compiled::{Action, CompiledPolicy, ExecRule};
 use corral_tests::{TestCgroup, build};
 
 /// A temp directory of the test's own, removed on drop.
@@ -162,14 +160,11 @@ pub fn setup(
     enforcer
         .maps()
         .add_principal(cg.id()?, cg.level(), index, slot)?;
-    if let Some((p, exec)) = policy {
-        let addenda = [PolicyAddenda {
-            exec,
-            ..PolicyAddenda::default()
-        }];
+    if let Some((mut p, exec)) = policy {
+        p.exec = exec;
         enforcer
             .maps()
-            .apply_with_addenda(&build::set(1, vec![p]), &addenda, |_, _| Some(0))?;
+            .apply(&build::set(1, vec![p]), |_, _| Some(0))?;
     }
     let reader = EventReader::take(enforcer.maps())?;
     Ok(Setup { enforcer, reader })
@@ -182,7 +177,7 @@ impl Setup {
         v.into_iter()
             .filter_map(|e| match e {
                 Event::Exec(x) => Some(x),
-                Event::Connect(_) => None,
+                Event::Connect(_) | Event::Socket(_) => None,
             })
             .collect()
     }
@@ -192,7 +187,7 @@ impl Setup {
 pub fn event_for(events: &[ExecDecision], pid: u32) -> anyhow::Result<ExecDecision> {
     events
         .iter()
-        .find(|e| e.pid == pid && e.exec_id != 0)
+        .find(|e| e.header.pid == pid && e.exec_id != 0)
         .cloned()
         .ok_or_else(|| anyhow::anyhow!("no exec event for pid {pid} in {events:#?}"))
 }

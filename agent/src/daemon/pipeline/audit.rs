@@ -2,7 +2,7 @@
 
 use std::{io::Write as _, path::PathBuf, sync::Arc};
 
-use super::super::{hub::HubEvent, render};
+use corral_events::{hub::HubEvent, render};
 
 pub struct AuditLog {
     path: PathBuf,

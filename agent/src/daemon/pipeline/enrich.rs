@@ -9,17 +9,18 @@ use std::{
 };
 
 use bytes::BytesMut;
+use corral_events::hub::HubEvent;
 use corral_proto::v1 as pb;
 use prost::Message as _;
 
 use super::{
     PUBLISH_BATCH, grant_available, hook_name,
     procs::{self, ExecInfo, ExecTable, ProcCache},
-    proto_name, reason_index, reason_pb, verdict_index, verdict_pb,
+    proto_name, reason_pb, socket_names, verdict_pb,
 };
 use crate::{
-    daemon::{Shared, hub::HubEvent, policy::Generation},
-    ebpf::events::{ConnectDecision, ExecDecision, Reason, Verdict},
+    daemon::{Shared, policy::Generation},
+    ebpf::events::{ConnectDecision, ExecDecision, Reason, SocketDecision, Verdict},
 };
 
 const PROC_TTL: Duration = Duration::from_secs(1);
@@ -140,8 +141,10 @@ impl Enricher {
         grant_id: u64,
         zone_out: Option<&mut String>,
     ) {
-        let generation = policy.and_then(|k| self.generations[(k >> 31) as usize].as_ref());
-        let slot = policy.map(|k| k & 0x7fff_ffff);
+        let generation = policy.and_then(|k| {
+            self.generations[agent_common::policy_key_generation(k) as usize].as_ref()
+        });
+        let slot = policy.map(agent_common::policy_key_slot);
         let d = self.scratch.decision.get_or_insert_with(Default::default);
         d.verdict = verdict_pb(verdict) as i32;
         d.reason = reason_pb(reason) as i32;
@@ -165,8 +168,7 @@ impl Enricher {
     }
 
     pub(super) fn count(&self, v: Verdict, r: Reason) {
-        self.shared.counters.decisions[verdict_index(v)][reason_index(r)]
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.counters.decisions[v.index()][r.index()].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Encodes the scratch event into the shared block.
@@ -197,14 +199,14 @@ impl Enricher {
         boot_to_unix: i128,
         now: Instant,
     ) -> Arc<HubEvent> {
-        self.count(c.verdict, c.reason);
-        if c.suppressed != 0 {
+        self.count(c.header.verdict, c.header.reason);
+        if c.header.suppressed != 0 {
             self.shared
                 .counters
                 .suppressed
-                .fetch_add(u64::from(c.suppressed), Ordering::Relaxed);
+                .fetch_add(u64::from(c.header.suppressed), Ordering::Relaxed);
         }
-        let identity = self.principal(c.principal, c.cgroup_id);
+        let identity = self.principal(c.header.principal, c.header.cgroup_id);
         let mut call = match self.scratch.call.take() {
             Some(pb::event::Call::Connect(call)) => call,
             _ => {
@@ -213,10 +215,10 @@ impl Enricher {
             }
         };
         self.decision(
-            c.verdict,
-            c.reason,
-            c.policy,
-            c.rule,
+            c.header.verdict,
+            c.header.reason,
+            c.header.policy,
+            c.header.rule,
             c.zone,
             c.grant_id,
             Some(&mut call.zone),
@@ -246,11 +248,51 @@ impl Enricher {
         call.port = u32::from(c.port);
         set(&mut call.hook, hook_name(c.hook));
         self.scratch.call = Some(pb::event::Call::Connect(call));
+        self.process(c.header.pid, c.header.uid, now);
+        self.scratch.seq = c.header.seq;
+        self.scratch.time_unix_nano = to_unix(c.header.time_ns, boot_to_unix);
+        self.scratch.suppressed = c.header.suppressed;
+        self.finish(c.header.seq, identity, c.header.verdict, "connect")
+    }
 
+    /// A containment guard's refusal of a socket or socket option.
+    pub(super) fn socket(
+        &mut self,
+        s: &SocketDecision,
+        boot_to_unix: i128,
+        now: Instant,
+    ) -> Arc<HubEvent> {
+        self.count(s.header.verdict, s.header.reason);
+        let identity = self.principal(s.header.principal, s.header.cgroup_id);
+        self.decision(
+            s.header.verdict,
+            s.header.reason,
+            s.header.policy,
+            s.header.rule,
+            None,
+            0,
+            None,
+        );
+        self.scratch.call = Some(pb::event::Call::Socket(pb::SocketCall {
+            family: socket_names::family(s.family),
+            r#type: socket_names::sock_type(s.sock_type),
+            protocol: socket_names::protocol(s.family, s.protocol),
+            hook: socket_names::hook(s.hook).into(),
+            option: socket_names::option(s.level, s.optname),
+        }));
+        self.process(s.header.pid, s.header.uid, now);
+        self.scratch.seq = s.header.seq;
+        self.scratch.time_unix_nano = to_unix(s.header.time_ns, boot_to_unix);
+        self.scratch.suppressed = s.header.suppressed;
+        self.finish(s.header.seq, identity, s.header.verdict, "socket")
+    }
+
+    /// Fills the scratch event's process from what is known of `pid`.
+    fn process(&mut self, pid: u32, uid: u32, now: Instant) {
         let p = self.scratch.process.get_or_insert_with(Default::default);
-        p.pid = c.pid;
-        p.uid = c.uid;
-        match self.execs.get(c.pid) {
+        p.pid = pid;
+        p.uid = uid;
+        match self.execs.get(pid) {
             Some(x) => {
                 p.ppid = x.ppid;
                 set(&mut p.binary, &x.binary);
@@ -259,7 +301,7 @@ impl Enricher {
                 p.parent_exec_id = x.parent_exec_id;
             }
             None => {
-                let info = self.procs.get(c.pid, now);
+                let info = self.procs.get(pid, now);
                 p.ppid = info.ppid;
                 set(&mut p.binary, &info.binary);
                 set_argv(&mut p.argv, &info.argv);
@@ -267,28 +309,32 @@ impl Enricher {
                 p.parent_exec_id = 0;
             }
         }
-        self.scratch.seq = c.seq;
-        self.scratch.time_unix_nano = to_unix(c.time_ns, boot_to_unix);
-        self.scratch.suppressed = c.suppressed;
-        self.finish(c.seq, identity, c.verdict, "connect")
     }
 
     pub(super) fn exec(&mut self, x: &ExecDecision, boot_to_unix: i128) -> Arc<HubEvent> {
-        self.count(x.verdict, x.reason);
+        self.count(x.header.verdict, x.header.reason);
         // A new image: whatever was cached for the pid is stale.
-        self.procs.forget(x.pid);
-        self.decision(x.verdict, x.reason, x.policy, x.rule, None, 0, None);
-        let identity = self.principal(x.principal, x.cgroup_id);
+        self.procs.forget(x.header.pid);
+        self.decision(
+            x.header.verdict,
+            x.header.reason,
+            x.header.policy,
+            x.header.rule,
+            None,
+            0,
+            None,
+        );
+        let identity = self.principal(x.header.principal, x.header.cgroup_id);
         let ppid = self
             .execs
-            .get(x.pid)
+            .get(x.header.pid)
             .map(|e| e.ppid)
             .filter(|p| *p != 0)
-            .unwrap_or_else(|| procs::read_ppid(x.pid));
+            .unwrap_or_else(|| procs::read_ppid(x.header.pid));
         // An exec that happened (exec_id != 0) is the pid's image from now on.
-        if x.exec_id != 0 && x.verdict != Verdict::Deny {
+        if x.exec_id != 0 && x.header.verdict != Verdict::Deny {
             self.execs.insert(
-                x.pid,
+                x.header.pid,
                 ExecInfo {
                     binary: x.path.clone(),
                     argv: x.argv.clone(),
@@ -299,9 +345,9 @@ impl Enricher {
             );
         }
         let p = self.scratch.process.get_or_insert_with(Default::default);
-        p.pid = x.pid;
+        p.pid = x.header.pid;
         p.ppid = ppid;
-        p.uid = x.uid;
+        p.uid = x.header.uid;
         set(&mut p.binary, &x.path);
         set_argv(&mut p.argv, &x.argv);
         p.exec_id = x.exec_id;
@@ -309,10 +355,10 @@ impl Enricher {
         self.scratch.call = Some(pb::event::Call::Exec(pb::ExecCall {
             path: x.path.clone(),
         }));
-        self.scratch.seq = x.seq;
-        self.scratch.time_unix_nano = to_unix(x.time_ns, boot_to_unix);
+        self.scratch.seq = x.header.seq;
+        self.scratch.time_unix_nano = to_unix(x.header.time_ns, boot_to_unix);
         self.scratch.suppressed = 0;
-        self.finish(x.seq, identity, x.verdict, "exec")
+        self.finish(x.header.seq, identity, x.header.verdict, "exec")
     }
 }
 

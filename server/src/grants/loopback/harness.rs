@@ -3,12 +3,12 @@
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use corral_agent::daemon::shutdown::Shutdown;
 use corral_proto::v1::{
     self as pb, event_service_client::EventServiceClient, event_service_server::EventServiceServer,
     grant_service_client::GrantServiceClient, grant_service_server::GrantServiceServer,
     node_message::Msg, node_sync_client::NodeSyncClient, node_sync_server::NodeSyncServer,
 };
+use corral_runtime::shutdown::Shutdown;
 use tokio::sync::mpsc;
 use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
 use tonic::{Request, Streaming, transport::Channel, transport::server::TcpIncoming};

@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
-use corral_agent::daemon::shutdown::Shutdown;
 use corral_proto::v1::{
     grant_service_client::GrantServiceClient, grant_service_server::GrantServiceServer,
 };
+use corral_runtime::shutdown::Shutdown;
 use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,

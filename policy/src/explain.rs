@@ -7,7 +7,7 @@ use std::{fmt, net::IpAddr};
 use crate::compiled::Action;
 
 use super::{
-    compile::Compiled,
+    compiled::CompiledSet,
     eval::{self, ConnectCall, Decision, PrincipalState, Reason, Verdict},
 };
 
@@ -53,11 +53,11 @@ fn proto_name(p: u8) -> String {
 }
 
 /// Explains `call` by `identity` against `compiled`.
-pub fn explain(compiled: &Compiled, identity: &str, call: Call) -> Explanation {
-    let slot = compiled.set.policy_for(identity).map(|s| s as usize);
+pub fn explain(compiled: &CompiledSet, identity: &str, call: Call) -> Explanation {
+    let slot = compiled.policy_for(identity).map(|s| s as usize);
     let governing = slot.and_then(|s| {
-        let p = compiled.set.policies.get(s)?;
-        let src = compiled.sources.get(s)?;
+        let p = compiled.policies.get(s)?;
+        let src = &p.source;
         let (pi, pat) = p
             .identities
             .iter()
@@ -69,10 +69,7 @@ pub fn explain(compiled: &Compiled, identity: &str, call: Call) -> Explanation {
     let state = PrincipalState::default();
     let decision = match (&call, governing) {
         (Call::Connect(c), g) => eval::connect(g.map(|g| g.1), &state, c, 0),
-        (Call::Exec { resolved, .. }, g) => eval::exec(
-            g.and_then(|(s, p, ..)| compiled.addenda.get(s).map(|a| (p, a))),
-            resolved,
-        ),
+        (Call::Exec { resolved, .. }, g) => eval::exec(g.map(|g| g.1), resolved),
     };
     let Some((_, policy, src, pi, pat)) = governing else {
         return Explanation {
@@ -161,6 +158,7 @@ pub fn explain(compiled: &Compiled, identity: &str, call: Call) -> Explanation {
         }
         Reason::Grant => "an active grant allows it".into(),
         Reason::NoPolicy => "no policy governs this identity".into(),
+        Reason::Containment => "a containment guard refuses it whatever the policy says".into(),
     };
     let mut why = why;
     if policy.mode == crate::compiled::Mode::Audit && decision.verdict == Verdict::AuditDeny {
@@ -171,8 +169,8 @@ pub fn explain(compiled: &Compiled, identity: &str, call: Call) -> Explanation {
         && let Some(zi) = decision.zone
     {
         let grants: Vec<&str> = slot
-            .and_then(|s| compiled.addenda.get(s))
-            .map(|a| a.grants.as_slice())
+            .and_then(|s| compiled.policies.get(s))
+            .map(|p| p.grants.as_slice())
             .unwrap_or_default()
             .iter()
             .filter(|g| g.zones.contains(&zi))
@@ -222,13 +220,7 @@ impl fmt::Display for Explanation {
             }
             None => writeln!(f, "policy:   none")?,
         }
-        let reason = match self.decision.reason {
-            Reason::Rule => "rule",
-            Reason::Default => "default",
-            Reason::Chaining => "chaining",
-            Reason::Grant => "grant",
-            Reason::NoPolicy => "no-policy",
-        };
+        let reason = self.decision.reason.name();
         match (&self.rule_at, self.decision.rule) {
             (Some(at), Some(r)) => writeln!(f, "rule:     #{r} at {at}")?,
             _ => writeln!(f, "rule:     none ({reason})")?,

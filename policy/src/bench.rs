@@ -7,7 +7,7 @@ use std::{fmt::Write as _, time::Duration, time::Instant};
 
 use crate::compiled::{ExpandError, expand};
 
-use super::{Compiled, PolicyError, compile_str};
+use super::{CompiledSet, PolicyError, compile_str};
 
 /// A policy with `rules` connect rules over 32 zones, alternating allow/deny, with ports and
 /// protocols, plus chaining and exec rules, as a YAML document.
@@ -52,7 +52,7 @@ pub struct Row {
     pub expand: Duration,
     /// Map entries produced: zones, rules, chaining.
     pub entries: (usize, usize, usize),
-    pub compiled: Compiled,
+    pub compiled: CompiledSet,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +76,7 @@ pub fn measure(rules: usize, runs: usize) -> Result<Row, BenchError> {
         best_c = best_c.min(t.elapsed());
         let t = Instant::now();
         let mut n = (0, 0, 0);
-        for p in &compiled.set.policies {
+        for p in &compiled.policies {
             let kp = expand(0, p, 1)?;
             n.0 += kp.zones.len();
             n.1 += kp.rules.len();
@@ -106,7 +106,7 @@ mod tests {
     #[test]
     fn generated_policies_compile_with_every_rule() {
         let row = measure(100, 1).expect("bench policy compiles");
-        let p = &row.compiled.set.policies[0];
+        let p = &row.compiled.policies[0];
         assert_eq!(p.connect.len(), 100);
         assert_eq!(row.entries.1, 100);
         assert_eq!(row.entries.0, 64);

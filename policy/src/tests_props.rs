@@ -10,7 +10,7 @@ use proptest::prelude::*;
 
 use super::{
     compile_str,
-    eval::{self, ActiveGrant, ConnectCall, GrantKey, PrincipalState, Reason, Verdict},
+    eval::{self, ActiveGrant, ConnectCall, GrantKey, PrincipalState},
     model::{KernelDecision, KernelModel},
 };
 
@@ -182,18 +182,8 @@ pub(crate) fn render(s: &Spec, name: &str, identity: &str) -> String {
 /// The reference decision in the kernel's encoding.
 pub(crate) fn encode(d: &eval::Decision) -> KernelDecision {
     KernelDecision {
-        verdict: match d.verdict {
-            Verdict::Allow => agent_common::VERDICT_ALLOW,
-            Verdict::Deny => agent_common::VERDICT_DENY,
-            Verdict::AuditDeny => agent_common::VERDICT_AUDIT_DENY,
-        },
-        reason: match d.reason {
-            Reason::Rule => agent_common::REASON_RULE,
-            Reason::Default => agent_common::REASON_DEFAULT,
-            Reason::Chaining => agent_common::REASON_CHAINING,
-            Reason::Grant => agent_common::REASON_GRANT,
-            Reason::NoPolicy => agent_common::REASON_NO_POLICY,
-        },
+        verdict: d.verdict.to_kernel(),
+        reason: d.reason.to_kernel(),
         rule: d.rule.unwrap_or(NONE),
         zone: d.zone.unwrap_or(NONE),
         grant_id: d.grant.unwrap_or(0),
@@ -233,14 +223,14 @@ proptest! {
         let src = render(&s, "prop", "spiffe://prop.corral/agent/*");
         let compiled = compile_str("prop.yaml", &src, 1)
             .map_err(|e| TestCaseError::fail(format!("generated policy rejected: {e}\n{src}")))?;
-        let mut model = KernelModel::load(&compiled.set)
+        let mut model = KernelModel::load(&compiled)
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         let principal = 3;
-        let slot = compiled.set.policy_for("spiffe://prop.corral/agent/a1");
+        let slot = compiled.policy_for("spiffe://prop.corral/agent/a1");
         prop_assert_eq!(slot, Some(0));
         let slot = if enrolled_without_policy { None } else { slot };
         model.add_principal(principal, slot);
-        let policy = slot.and_then(|s| compiled.set.policies.get(s as usize));
+        let policy = slot.and_then(|s| compiled.policies.get(s as usize));
 
         let now = 500;
         let mut state = PrincipalState::default();

@@ -1,5 +1,5 @@
-//! Validated [`PolicyDoc`]s → the kernel form ([`CompiledSet`]) plus what the connect maps do
-//! not carry ([`PolicyAddenda`]) and where every compiled item was written ([`Sources`]).
+//! Validated [`PolicyDoc`]s → the compiled form ([`CompiledSet`]): one [`CompiledPolicy`] per
+//! document, with where every compiled item was written ([`Sources`]).
 //!
 //! Indices are stable: connect rule `i` is the `i`-th entry of the policy's `connect` list and
 //! exec rule `i` the `i`-th entry of its `exec` list, so an event's rule index names the line.
@@ -9,71 +9,22 @@
 
 use std::collections::HashMap;
 
+pub use crate::compiled::Sources;
 use crate::compiled::{
-    ChainRule, CompiledPolicy, CompiledSet, ConnectRule, ExecRule, GrantTemplate, PolicyAddenda,
-    UnixDest, Zone,
+    ChainRule, CompiledPolicy, CompiledSet, ConnectRule, ExecRule, GrantTemplate, UnixDest, Zone,
 };
 
 use super::{
     ast::{ExecPath, PolicyDoc},
-    diag::{Pos, Spanned},
+    diag::Spanned,
 };
-
-/// Where a policy's compiled items were written, for `explain` and events.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sources {
-    pub file: String,
-    pub policy: Pos,
-    /// By connect rule index.
-    pub connect: Vec<Pos>,
-    /// By exec rule index.
-    pub exec: Vec<Pos>,
-    /// By compiled zone index.
-    pub zones: Vec<Pos>,
-    /// By chaining rule index.
-    pub chaining: Vec<Pos>,
-    /// By grant template index.
-    pub grants: Vec<Pos>,
-    /// By identity pattern index.
-    pub identities: Vec<Pos>,
-}
-
-impl Sources {
-    /// `file:line:col` of `pos`.
-    pub fn at(&self, pos: Pos) -> String {
-        format!("{}:{pos}", self.file)
-    }
-}
-
-/// A compiled policy file.
-#[derive(Debug, Clone)]
-pub struct Compiled {
-    pub set: CompiledSet,
-    /// Same order as `set.policies`.
-    pub addenda: Vec<PolicyAddenda>,
-    /// Same order as `set.policies`.
-    pub sources: Vec<Sources>,
-}
 
 /// Compiles documents that [`super::validate::check`] accepted. Unknown zone names (which
 /// validation rejects) are left out rather than panicking.
-pub fn compile(file: &str, docs: &[PolicyDoc], revision: u64) -> Compiled {
-    let mut set = CompiledSet {
+pub fn compile(file: &str, docs: &[PolicyDoc], revision: u64) -> CompiledSet {
+    CompiledSet {
         revision,
-        policies: Vec::with_capacity(docs.len()),
-    };
-    let mut addenda = Vec::with_capacity(docs.len());
-    let mut sources = Vec::with_capacity(docs.len());
-    for d in docs {
-        let (p, a, s) = policy(file, d);
-        set.policies.push(p);
-        addenda.push(a);
-        sources.push(s);
-    }
-    Compiled {
-        set,
-        addenda,
-        sources,
+        policies: docs.iter().map(|d| policy(file, d)).collect(),
     }
 }
 
@@ -81,7 +32,7 @@ fn index(i: usize) -> u32 {
     u32::try_from(i).unwrap_or(u32::MAX)
 }
 
-fn policy(file: &str, d: &PolicyDoc) -> (CompiledPolicy, PolicyAddenda, Sources) {
+fn policy(file: &str, d: &PolicyDoc) -> CompiledPolicy {
     let chained: Vec<&str> = d
         .chaining
         .iter()
@@ -194,7 +145,7 @@ fn policy(file: &str, d: &PolicyDoc) -> (CompiledPolicy, PolicyAddenda, Sources)
             approval: g.approval,
         })
         .collect();
-    let sources = Sources {
+    let source = Sources {
         file: file.to_owned(),
         policy: d.name.pos,
         connect: d.connect.iter().map(|r| r.pos).collect(),
@@ -204,17 +155,17 @@ fn policy(file: &str, d: &PolicyDoc) -> (CompiledPolicy, PolicyAddenda, Sources)
         grants: d.grants.iter().map(|g| g.pos).collect(),
         identities: d.identities.iter().map(|i| i.pos).collect(),
     };
-    (
-        CompiledPolicy {
-            name: d.name.value.clone(),
-            identities: d.identities.iter().map(|i| i.value.clone()).collect(),
-            mode: d.mode,
-            default_action: d.default_action,
-            zones,
-            connect,
-            chaining,
-        },
-        PolicyAddenda { exec, grants, unix },
-        sources,
-    )
+    CompiledPolicy {
+        name: d.name.value.clone(),
+        identities: d.identities.iter().map(|i| i.value.clone()).collect(),
+        mode: d.mode,
+        default_action: d.default_action,
+        zones,
+        connect,
+        chaining,
+        exec,
+        grants,
+        unix,
+        source,
+    }
 }

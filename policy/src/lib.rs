@@ -1,9 +1,15 @@
-//! The policy language: `AgentPolicy` YAML (see `DESIGN.md`) → validated documents →
-//! the compiled kernel form, plus the reference evaluator and `explain`.
+//! Corral's policy language, with no kernel in sight: `AgentPolicy` YAML (see `DESIGN.md`) →
+//! validated documents → the compiled form the agent writes into the kernel maps, plus the
+//! reference evaluator and `explain`. The agent, the server and the CLI all compile with this
+//! one crate, so node and server agree on every verdict and every `file:line:col`.
 //!
+//! - [`identity`]: SPIFFE ID patterns and matching.
+//! - [`compiled`]: the compiled form ([`CompiledSet`], one [`CompiledPolicy`] per policy) and
+//!   its expansion into kernel map entries.
+//! - [`snapshot`]: a server snapshot's policy set as one source text, node limits.
 //! - [`yaml`]: YAML with node positions; [`parse`] and [`fields`]: shape and values;
 //!   [`validate`]: references and cross-document rules; [`diag`]: `file:line:col: message`.
-//! - [`compile`]: documents → [`crate::compiled::CompiledSet`] with stable rule indices and a
+//! - [`compile`]: documents → [`CompiledSet`] with stable rule indices and a
 //!   source table.
 //! - [`eval`]: the reference evaluator; [`model`]: the kernel lookups modelled in userspace;
 //!   [`explain`]: why a call gets its verdict.
@@ -14,12 +20,15 @@
 pub mod ast;
 pub mod bench;
 pub mod compile;
+pub mod compiled;
 pub mod diag;
 pub mod eval;
 pub mod explain;
 pub mod fields;
+pub mod identity;
 pub mod model;
 pub mod parse;
+pub mod snapshot;
 pub mod validate;
 pub mod yaml;
 
@@ -32,7 +41,8 @@ mod tests_reject;
 
 use std::path::Path;
 
-pub use compile::{Compiled, Sources};
+pub use compiled::Sources;
+pub use compiled::{CompiledPolicy, CompiledSet};
 pub use diag::{Diagnostic, PolicyError, Pos};
 
 use ast::PolicyDoc;
@@ -63,13 +73,13 @@ pub fn parse_str(file: &str, src: &str) -> Result<Vec<PolicyDoc>, PolicyError> {
 }
 
 /// Parses, validates and compiles `src` at `revision`.
-pub fn compile_str(file: &str, src: &str, revision: u64) -> Result<Compiled, PolicyError> {
+pub fn compile_str(file: &str, src: &str, revision: u64) -> Result<CompiledSet, PolicyError> {
     let docs = parse_str(file, src)?;
     Ok(compile::compile(file, &docs, revision))
 }
 
 /// Reads, parses, validates and compiles the policy file at `path`.
-pub fn compile_file(path: &Path, revision: u64) -> Result<Compiled, PolicyError> {
+pub fn compile_file(path: &Path, revision: u64) -> Result<CompiledSet, PolicyError> {
     let file = path.display().to_string();
     let src = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
         file: file.clone(),

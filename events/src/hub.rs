@@ -20,7 +20,7 @@ use corral_proto::v1 as pb;
 use prost::Message as _;
 use tokio::sync::mpsc;
 
-use crate::identity::{IdentityError, IdentityPattern};
+use corral_policy::identity::{IdentityError, IdentityPattern};
 
 /// One published event: its encoding and what filters need.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,7 +69,7 @@ pub struct Filter {
 pub enum FilterError {
     #[error("bad identity filter")]
     Identity(#[from] IdentityError),
-    #[error("unknown event kind `{0}` (connect, exec, process, grant)")]
+    #[error("unknown event kind `{0}` (connect, exec, socket, process, grant)")]
     Kind(String),
 }
 
@@ -79,6 +79,7 @@ pub fn kind(e: &pb::Event) -> &'static str {
         Some(pb::event::Call::Connect(_)) => "connect",
         Some(pb::event::Call::Exec(_)) => "exec",
         Some(pb::event::Call::Grant(_)) => "grant",
+        Some(pb::event::Call::Socket(_)) => "socket",
         None => "process",
     }
 }
@@ -94,7 +95,10 @@ impl Filter {
             Some(IdentityPattern::parse(&f.identity)?)
         };
         for k in &f.kinds {
-            if !matches!(k.as_str(), "connect" | "exec" | "process" | "grant") {
+            if !matches!(
+                k.as_str(),
+                "connect" | "exec" | "socket" | "process" | "grant"
+            ) {
                 return Err(FilterError::Kind(k.clone()));
             }
         }

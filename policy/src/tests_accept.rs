@@ -53,8 +53,8 @@ fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
 #[test]
 fn design_example_compiles() {
     let c = compile_str("design.yaml", DESIGN_EXAMPLE, 3).expect("design example is valid");
-    assert_eq!(c.set.revision, 3);
-    let p = &c.set.policies[0];
+    assert_eq!(c.revision, 3);
+    let p = &c.policies[0];
     assert_eq!(p.name, "research-agents");
     assert_eq!((p.mode, p.default_action), (Mode::Enforce, Action::Deny));
     // `internal-data` is in chaining.after: it gets zone index 0.
@@ -75,13 +75,13 @@ fn design_example_compiles() {
     assert_eq!(p.connect[2].zones, vec![3]);
     assert_eq!(p.chaining[0].after, vec![0]);
     assert_eq!(p.chaining[0].deny, vec![1, 3]);
-    let a = &c.addenda[0];
+    let a = p;
     assert_eq!(a.exec[0].prefixes, vec!["/opt/agent/".to_owned()]);
     assert_eq!(a.exec[1].exact, vec!["/usr/bin/curl", "/usr/bin/ssh"]);
     assert_eq!(a.grants[0].approval, Approval::Required);
     assert_eq!(a.grants[0].max_ttl.as_secs(), 900);
     assert_eq!(a.unix[0].zone, 5);
-    let s = &c.sources[0];
+    let s = &p.source;
     assert_eq!(s.connect[0], Pos { line: 18, col: 7 });
     assert_eq!(s.exec[1], Pos { line: 23, col: 7 });
     assert_eq!(s.at(s.connect[2]), "design.yaml:20:7");
@@ -90,7 +90,7 @@ fn design_example_compiles() {
 #[test]
 fn design_example_decides_as_documented() {
     let c = compile_str("design.yaml", DESIGN_EXAMPLE, 1).expect("valid");
-    let p = &c.set.policies[0];
+    let p = &c.policies[0];
     let mut st = PrincipalState::default();
     let call = |addr, port, proto| ConnectCall { addr, port, proto };
     let tcp = agent_common::PROTO_TCP;
@@ -126,18 +126,11 @@ fn design_example_decides_as_documented() {
         Some(0)
     );
 
-    let a = &c.addenda[0];
-    assert_eq!(eval::exec(Some((p, a)), "/opt/agent/bin/x").rule, Some(0));
-    assert_eq!(
-        eval::exec(Some((p, a)), "/usr/bin/curl").verdict,
-        Verdict::Deny
-    );
-    let d = eval::exec(Some((p, a)), "/usr/bin/perl");
+    assert_eq!(eval::exec(Some(p), "/opt/agent/bin/x").rule, Some(0));
+    assert_eq!(eval::exec(Some(p), "/usr/bin/curl").verdict, Verdict::Deny);
+    let d = eval::exec(Some(p), "/usr/bin/perl");
     assert_eq!((d.verdict, d.reason), (Verdict::Deny, Reason::Default));
-    assert_eq!(
-        eval::exec(Some((p, a)), "/opt/agent").reason,
-        Reason::Default
-    );
+    assert_eq!(eval::exec(Some(p), "/opt/agent").reason, Reason::Default);
 }
 
 #[test]
@@ -183,14 +176,14 @@ fn most_specific_identity_pattern_governs() {
     );
     let c = compile_str("two.yaml", &src, 1).expect("valid: different specificity");
     assert_eq!(
-        c.set.policy_for("spiffe://example.org/agent/research/r1"),
+        c.policy_for("spiffe://example.org/agent/research/r1"),
         Some(1)
     );
     assert_eq!(
-        c.set.policy_for("spiffe://example.org/agent/research/r2"),
+        c.policy_for("spiffe://example.org/agent/research/r2"),
         Some(0)
     );
-    assert_eq!(c.set.policy_for("spiffe://example.org/agent/x/r2"), None);
+    assert_eq!(c.policy_for("spiffe://example.org/agent/x/r2"), None);
 }
 
 #[test]

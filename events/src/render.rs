@@ -20,6 +20,7 @@ pub fn reason_name(r: i32) -> &'static str {
         Ok(pb::Reason::Chaining) => "chaining",
         Ok(pb::Reason::Grant) => "grant",
         Ok(pb::Reason::NoPolicy) => "no-policy",
+        Ok(pb::Reason::Containment) => "containment",
         _ => "unspecified",
     }
 }
@@ -73,6 +74,12 @@ pub fn event_json(e: &pb::Event, subscriber_dropped: Option<u64>) -> Value {
             });
         }
         Some(pb::event::Call::Exec(x)) => v["exec"] = json!({"path": x.path}),
+        Some(pb::event::Call::Socket(s)) => {
+            v["socket"] = json!({
+                "family": s.family, "type": s.r#type, "protocol": s.protocol, "hook": s.hook,
+                "option": s.option,
+            });
+        }
         Some(pb::event::Call::Grant(g)) => {
             v["grant"] = json!({
                 "id": g.id, "grant": g.grant, "state": grant_state_name(g.state),
@@ -87,7 +94,8 @@ pub fn event_json(e: &pb::Event, subscriber_dropped: Option<u64>) -> Value {
     v
 }
 
-/// The call in a few words: `connect tcp 127.0.0.1:9090 (zone local)` or `exec /usr/bin/curl`.
+/// The call in a few words: `connect tcp 127.0.0.1:9090 (zone local)`, `exec /usr/bin/curl`,
+/// `socket ipv4 raw icmp`.
 pub fn call_text(e: &pb::Event) -> String {
     match &e.call {
         Some(pb::event::Call::Connect(c)) => {
@@ -115,6 +123,12 @@ pub fn call_text(e: &pb::Event) -> String {
             }
         }
         Some(pb::event::Call::Exec(x)) => format!("exec {}", x.path),
+        Some(pb::event::Call::Socket(s)) if s.hook == "setsockopt" => {
+            format!("setsockopt {} {} {}", s.family, s.protocol, s.option)
+        }
+        Some(pb::event::Call::Socket(s)) => {
+            format!("socket {} {} {}", s.family, s.r#type, s.protocol)
+        }
         Some(pb::event::Call::Grant(g)) => {
             let mut s = format!(
                 "grant {} ({}) {} by {}",
@@ -262,6 +276,6 @@ mod tests {
         e.decision = None;
         assert_eq!(call_text(&e), "grant 7 (crm-write) active by alice: ok");
         assert_eq!(event_json(&e, None)["grant"]["state"], "active");
-        assert_eq!(crate::daemon::hub::kind(&e), "grant");
+        assert_eq!(crate::hub::kind(&e), "grant");
     }
 }

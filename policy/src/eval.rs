@@ -33,8 +33,8 @@ use std::{
 
 use agent_common::{ANY_PORT, ANY_PROTO};
 
-use crate::compiled::{Action, CompiledPolicy, Mode, PolicyAddenda};
-pub use crate::ebpf::events::{Reason, Verdict};
+use crate::compiled::{Action, CompiledPolicy, Mode};
+pub use agent_common::{Reason, Verdict};
 
 /// A connect (or sendmsg) call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,20 +223,20 @@ fn grant_for(state: &PrincipalState, zone: u32, call: &ConnectCall, now_ns: u64)
 }
 
 /// The zone listing unix-socket `path` (exact match; `@name` for an abstract name).
-pub fn unix_zone_of(addenda: &PolicyAddenda, path: &str) -> Option<u32> {
-    addenda.unix.iter().find(|u| u.path == path).map(|u| u.zone)
+pub fn unix_zone_of(policy: &CompiledPolicy, path: &str) -> Option<u32> {
+    policy.unix.iter().find(|u| u.path == path).map(|u| u.zone)
 }
 
 /// Decides a connect/sendmsg to unix socket `path` by `policy` (`None`: no policy, denied).
 /// Port and protocol are "none" (0), so only rules and grants without them match. Always
 /// `Some` (kept an `Option` for a future opt-out of unix policing).
 pub fn unix_connect(
-    policy: Option<(&CompiledPolicy, &PolicyAddenda)>,
+    policy: Option<&CompiledPolicy>,
     state: &PrincipalState,
     path: &str,
     now_ns: u64,
 ) -> Option<Decision> {
-    let Some((policy, addenda)) = policy else {
+    let Some(policy) = policy else {
         return Some(Decision::new(Verdict::Deny, Reason::NoPolicy));
     };
     let call = ConnectCall {
@@ -244,7 +244,7 @@ pub fn unix_connect(
         port: ANY_PORT,
         proto: ANY_PROTO,
     };
-    let zone = unix_zone_of(addenda, path);
+    let zone = unix_zone_of(policy, path);
     let mut d = match zone {
         None => Decision::new(default_verdict(policy.default_action), Reason::Default),
         Some(z) => decide_in_zone(policy, state, &call, z, now_ns),
@@ -263,12 +263,12 @@ pub fn record(state: &mut PrincipalState, d: &Decision) {
 }
 
 /// Decides an exec of `path` (already resolved to the real file's path).
-pub fn exec(policy: Option<(&CompiledPolicy, &PolicyAddenda)>, path: &str) -> Decision {
-    let Some((policy, addenda)) = policy else {
+pub fn exec(policy: Option<&CompiledPolicy>, path: &str) -> Decision {
+    let Some(policy) = policy else {
         return Decision::new(Verdict::Deny, Reason::NoPolicy);
     };
     let first = |action: Action| {
-        addenda
+        policy
             .exec
             .iter()
             .filter(|r| r.action == action && r.matches(path))

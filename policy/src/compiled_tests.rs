@@ -47,6 +47,7 @@ fn policy(chaining: Vec<ChainRule>) -> CompiledPolicy {
             },
         ],
         chaining,
+        ..CompiledPolicy::default()
     }
 }
 

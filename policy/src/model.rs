@@ -13,9 +13,7 @@ use agent_common::{
     ZoneKey, ZoneValue, maps::limits, policy_key, zone_prefix_len,
 };
 
-use crate::compiled::{
-    CompiledSet, ExpandError, PolicyAddenda, addr_words, expand, to_mapped, unix_name_bytes,
-};
+use crate::compiled::{CompiledSet, ExpandError, addr_words, expand, to_mapped, unix_name_bytes};
 
 /// A decision in the kernel's own encoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,25 +77,16 @@ impl KernelModel {
             m.rules.extend(kp.rules);
             m.chain.extend(kp.chain);
             let mut meta = kp.meta;
-            // As `PolicyMaps::apply_with_addenda` writes it: every policy polices unix sockets.
+            // As `PolicyMaps::apply` writes it: every policy polices unix sockets.
             meta.flags |= POLICY_F_UNIX;
             m.policies.insert(key, meta);
-        }
-        Ok(m)
-    }
-
-    /// Adds each policy's unix-socket destinations (same order as the set's policies), as
-    /// `PolicyMaps::apply_with_addenda` writes them.
-    pub fn with_unix(mut self, addenda: &[PolicyAddenda]) -> Self {
-        for (slot, a) in addenda.iter().enumerate() {
-            let key = policy_key(self.generation, u32::try_from(slot).unwrap_or(NONE));
-            for u in &a.unix {
+            for u in &p.unix {
                 if let Some(k) = u.kernel_key(key) {
-                    self.unix_zones.insert(k, ZoneValue { zone: u.zone });
+                    m.unix_zones.insert(k, ZoneValue { zone: u.zone });
                 }
             }
         }
-        self
+        Ok(m)
     }
 
     /// Number of entries per map: (zones, rules, chain).
@@ -313,7 +302,7 @@ impl KernelModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::eval::{self, PrincipalState};
+    use crate::eval::{self, PrincipalState};
 
     /// The unix lookup of the kernel model decides as the reference evaluator: zones by exact
     /// path (abstract names too), rules with ports never match, default for no zone, chaining.
@@ -325,12 +314,9 @@ docker: { unix: [/run/docker.sock, '@dock'] }\n    web: { cidrs: [10.0.0.0/8], u
 secrets: { unix: [/run/secrets.sock] }\n  connect:\n    \
 - { action: allow, zones: [docker, secrets] }\n    - { action: deny, zones: [web], ports: [80] }\n    \
 - { action: allow, zones: [web] }\n  chaining:\n    - { after: [docker], deny: [secrets] }\n";
-        let compiled = crate::policy::compile_str("t.yaml", src, 1).expect("compiles");
-        let policy = &compiled.set.policies[0];
-        let addenda = &compiled.addenda[0];
-        let mut model = KernelModel::load(&compiled.set)
-            .expect("expands")
-            .with_unix(&compiled.addenda);
+        let compiled = crate::compile_str("t.yaml", src, 1).expect("compiles");
+        let policy = &compiled.policies[0];
+        let mut model = KernelModel::load(&compiled).expect("expands");
         model.add_principal(1, Some(0));
         let mut state = PrincipalState::default();
         for path in [
@@ -342,35 +328,30 @@ secrets: { unix: [/run/secrets.sock] }\n  connect:\n    \
             "/run/secrets.sock",
             "@docker",
         ] {
-            let want = eval::unix_connect(Some((policy, addenda)), &state, path, 0)
+            let want = eval::unix_connect(Some(policy), &state, path, 0)
                 .expect("the policy names unix sockets");
             eval::record(&mut state, &want);
             let got = model.connect_unix(1, path, 0);
-            assert_eq!(
-                got,
-                Some(crate::policy::tests_props::encode(&want)),
-                "{path}"
-            );
+            assert_eq!(got, Some(crate::tests_props::encode(&want)), "{path}");
         }
         // The first secrets connect was allowed; after docker, chaining denies it.
-        let d = eval::unix_connect(Some((policy, addenda)), &state, "/run/secrets.sock", 0)
-            .expect("policed");
+        let d = eval::unix_connect(Some(policy), &state, "/run/secrets.sock", 0).expect("policed");
         assert_eq!(
             (d.verdict, d.reason),
             (eval::Verdict::Deny, eval::Reason::Chaining)
         );
-        let d = eval::unix_connect(Some((policy, addenda)), &state, "/run/web.sock", 0)
-            .expect("policed");
+        let d = eval::unix_connect(Some(policy), &state, "/run/web.sock", 0).expect("policed");
         assert_eq!((d.verdict, d.rule), (eval::Verdict::Allow, Some(2)));
         // A policy that names no unix socket still polices them (default action); no policy
         // denies.
-        let none = crate::compiled::PolicyAddenda::default();
+        let mut no_unix = compiled.clone();
+        no_unix.policies[0].unix.clear();
         assert_eq!(
-            eval::unix_connect(Some((policy, &none)), &state, "/run/docker.sock", 0)
+            eval::unix_connect(no_unix.policies.first(), &state, "/run/docker.sock", 0)
                 .map(|d| (d.verdict, d.reason)),
             Some((eval::Verdict::Deny, eval::Reason::Default))
         );
-        let mut bare = KernelModel::load(&compiled.set).expect("expands");
+        let mut bare = KernelModel::load(&no_unix).expect("expands");
         bare.add_principal(1, Some(0));
         bare.add_principal(2, None);
         assert_eq!(
@@ -383,8 +364,8 @@ secrets: { unix: [/run/secrets.sock] }\n  connect:\n    \
                 .map(|d| d.reason),
             Some(agent_common::REASON_NO_POLICY)
         );
-        let dock = addenda.unix.iter().find(|u| u.path == "@dock");
-        let docker = addenda.unix.iter().find(|u| u.path == "/run/docker.sock");
+        let dock = policy.unix.iter().find(|u| u.path == "@dock");
+        let docker = policy.unix.iter().find(|u| u.path == "/run/docker.sock");
         assert_eq!(dock.map(|u| u.zone), docker.map(|u| u.zone));
     }
 

@@ -1,5 +1,7 @@
-//! The compiled policy: a plain Rust value, produced from YAML by the policy compiler and
-//! written into the kernel maps by [`crate::ebpf::maps::PolicyMaps::apply`].
+//! The compiled policy: a plain Rust value, produced from YAML by the policy compiler, one
+//! [`CompiledPolicy`] per policy holding everything it says (connect, exec, unix, grants and
+//! where each item was written), and written into the kernel maps by the agent's map layer
+//! (`PolicyMaps::apply`) through [`expand`].
 
 use std::{
     collections::HashMap,
@@ -13,11 +15,13 @@ use agent_common::{
     zone_prefix_len,
 };
 
-use crate::identity::IdentityPattern;
+use crate::{diag::Pos, identity::IdentityPattern};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Action {
     Allow,
+    /// The default: fail closed.
+    #[default]
     Deny,
 }
 
@@ -30,8 +34,9 @@ impl Action {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Mode {
+    #[default]
     Enforce,
     Audit,
 }
@@ -141,7 +146,35 @@ pub struct ChainRule {
     pub deny: Vec<u32>,
 }
 
-#[derive(Debug, Clone)]
+/// Where a policy's compiled items were written, for `explain` and events. Empty for a
+/// policy built in code rather than compiled from a file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sources {
+    pub file: String,
+    pub policy: Pos,
+    /// By connect rule index.
+    pub connect: Vec<Pos>,
+    /// By exec rule index.
+    pub exec: Vec<Pos>,
+    /// By compiled zone index.
+    pub zones: Vec<Pos>,
+    /// By chaining rule index.
+    pub chaining: Vec<Pos>,
+    /// By grant template index.
+    pub grants: Vec<Pos>,
+    /// By identity pattern index.
+    pub identities: Vec<Pos>,
+}
+
+impl Sources {
+    /// `file:line:col` of `pos`.
+    pub fn at(&self, pos: Pos) -> String {
+        format!("{}:{pos}", self.file)
+    }
+}
+
+/// One policy, compiled: everything it says, in one value.
+#[derive(Debug, Clone, Default)]
 pub struct CompiledPolicy {
     pub name: String,
     pub identities: Vec<IdentityPattern>,
@@ -150,6 +183,11 @@ pub struct CompiledPolicy {
     pub zones: Vec<Zone>,
     pub connect: Vec<ConnectRule>,
     pub chaining: Vec<ChainRule>,
+    pub exec: Vec<ExecRule>,
+    pub grants: Vec<GrantTemplate>,
+    /// The unix-socket destinations of its zones.
+    pub unix: Vec<UnixDest>,
+    pub source: Sources,
 }
 
 /// Everything the node enforces at one revision.
@@ -160,6 +198,20 @@ pub struct CompiledSet {
 }
 
 impl CompiledSet {
+    /// No policies at `revision`: enrolled principals are denied everything.
+    pub fn empty(revision: u64) -> Self {
+        Self {
+            revision,
+            policies: Vec::new(),
+        }
+    }
+
+    /// The policy that governs `identity` (see [`Self::policy_for`]).
+    pub fn governing(&self, identity: &str) -> Option<&CompiledPolicy> {
+        self.policy_for(identity)
+            .and_then(|slot| self.policies.get(slot as usize))
+    }
+
     /// Index of the policy that governs `identity`: the most specific matching pattern.
     pub fn policy_for(&self, identity: &str) -> Option<u32> {
         self.policies
@@ -275,15 +327,6 @@ pub fn unix_name_from_bytes(path: &[u8]) -> String {
         Some((0, abs)) => format!("@{}", String::from_utf8_lossy(abs)),
         _ => String::from_utf8_lossy(path).into_owned(),
     }
-}
-
-/// The parts of a policy the connect maps do not carry, kept beside [`CompiledSet::policies`]
-/// (same order) so the connect form stays as the map layer knows it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PolicyAddenda {
-    pub exec: Vec<ExecRule>,
-    pub grants: Vec<GrantTemplate>,
-    pub unix: Vec<UnixDest>,
 }
 
 /// The kernel map entries of one policy slot: the single expansion used both to fill the

@@ -9,16 +9,16 @@ fuzz_target!(|data: &[u8]| {
     let Ok(src) = std::str::from_utf8(data) else {
         return;
     };
-    match corral_agent::policy::compile_str("fuzz.yaml", src, 1) {
+    match corral_policy::compile_str("fuzz.yaml", src, 1) {
         Ok(c) => {
-            for p in &c.set.policies {
-                let _ = corral_agent::compiled::expand(0, p, 1);
-                let call = corral_agent::policy::eval::ConnectCall {
+            for p in &c.policies {
+                let _ = corral_policy::compiled::expand(0, p, 1);
+                let call = corral_policy::eval::ConnectCall {
                     addr: std::net::IpAddr::from([127, 0, 0, 1]),
                     port: 443,
                     proto: 6,
                 };
-                let _ = corral_agent::policy::eval::connect(Some(p), &Default::default(), &call, 0);
+                let _ = corral_policy::eval::connect(Some(p), &Default::default(), &call, 0);
             }
         }
         Err(e) => {

@@ -1,0 +1,298 @@
+//! Containment guards: cgroup `sock_create` and `setsockopt` programs that refuse principals
+//! the sockets and options that would get around the connect/sendmsg hooks.
+//!
+//! - `socket()`: only AF_UNIX, AF_INET, AF_INET6 and AF_NETLINK; for IP only TCP (and MPTCP,
+//!   whose subflows are TCP sockets that pass the connect hooks) and UDP (and UDP-Lite, which
+//!   shares UDP's send path). Raw sockets, ping sockets (`SOCK_DGRAM` + `IPPROTO_ICMP`, whose
+//!   `sendto` has no cgroup hook), SCTP, AF_PACKET, AF_VSOCK and every other family are
+//!   refused. Minimum kernel: 4.10.
+//! - `setsockopt()`: IPv4 `IP_OPTIONS` carrying a loose or strict source route, and the IPv6
+//!   routing header options (`IPV6_RTHDR`, `IPV6_2292RTHDR`, `IPV6_2292PKTOPTIONS`): the hook
+//!   decides on the address given to `connect()`, but a source-routed packet goes to the
+//!   route's first hop. Minimum kernel: 5.3.
+//!
+//! - `socket()` of any other family: cgroup `sock_create` runs for AF_INET/AF_INET6 only, so
+//!   `socket_enter`, on the `syscalls:sys_enter_socket` tracepoint, refuses AF_PACKET,
+//!   AF_VSOCK and every family but AF_UNIX, AF_INET, AF_INET6 and AF_NETLINK: a tracepoint
+//!   cannot fail the call, so the process is killed (`bpf_send_signal(SIGKILL)`, delivered
+//!   before the syscall returns to user space), as on the exec fallback path. Where BPF LSM
+//!   loads, `lsm/socket_create` would fail it with EPERM instead (not implemented: the
+//!   machines this is tested on refuse BPF LSM). Minimum kernel: 5.3.
+//!
+//! The cgroup guards are attached at the cgroup v2 root and leave at once for sockets of processes that are
+//! not enrolled (the option check comes before the principal lookup). A refusal returns 0
+//! (the call fails with EPERM) and records a [`SocketEvent`] with reason containment; under
+//! an audit-mode policy it is recorded as audit-deny and let through.
+
+use agent_common::{
+    Config, EventHeader, HOOK_SETSOCKOPT, HOOK_SOCK_CREATE, HOOK_SOCKET_SYSCALL, KIND_SOCKET,
+    MODE_AUDIT, NONE, REASON_CONTAINMENT, SocketEvent, VERDICT_AUDIT_DENY, VERDICT_DENY,
+    policy_key,
+};
+use aya_ebpf::{
+    helpers::generated::bpf_send_signal,
+    macros::{cgroup_sock, cgroup_sockopt, tracepoint},
+    programs::{SockContext, SockoptContext, TracePointContext},
+};
+
+use crate::{
+    connect::ALLOW,
+    events,
+    maps::POLICIES,
+    principal::{self, Caller},
+};
+
+const DENY: i32 = 0;
+
+const AF_UNIX: u32 = 1;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const AF_NETLINK: u32 = 16;
+
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+const IPPROTO_UDPLITE: u32 = 136;
+const IPPROTO_MPTCP: u32 = 262;
+
+const SOL_IP: i32 = 0;
+const IP_OPTIONS: i32 = 4;
+const SOL_IPV6: i32 = 41;
+const IPV6_2292PKTOPTIONS: i32 = 6;
+const IPV6_2292RTHDR: i32 = 5;
+const IPV6_RTHDR: i32 = 57;
+
+/// IPv4 option types: end of list, no-op, loose and strict source route.
+const IPOPT_END: u8 = 0;
+const IPOPT_NOOP: u8 = 1;
+const IPOPT_LSRR: u8 = 0x83;
+const IPOPT_SSRR: u8 = 0x89;
+/// At most 40 bytes of IPv4 options.
+const MAX_IP_OPTIONS: usize = 40;
+
+const SIGKILL: u32 = 9;
+
+/// Offsets of `family`, `type` and `protocol` in the `sys_enter_socket` record (after the
+/// common header and `__syscall_nr`, each argument is 8 bytes): fixed by the syscall ABI.
+const ARG_FAMILY: usize = 16;
+const ARG_TYPE: usize = 24;
+const ARG_PROTOCOL: usize = 32;
+
+#[tracepoint(category = "syscalls", name = "sys_enter_socket")]
+pub fn socket_enter(ctx: TracePointContext) -> u32 {
+    match try_socket_enter(&ctx) {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+#[inline(always)]
+fn try_socket_enter(ctx: &TracePointContext) -> Result<u32, u32> {
+    // SAFETY: reads within the tracepoint record, whose layout is the syscall ABI's.
+    let family = unsafe { ctx.read_at::<u64>(ARG_FAMILY) }.map_err(|_| 0u32)? as u32;
+    if matches!(family, AF_UNIX | AF_INET | AF_INET6 | AF_NETLINK) {
+        // IP sockets are checked in detail by `sock_create`.
+        return Ok(0);
+    }
+    let cfg = principal::config();
+    let Some(caller) = principal::resolve(&cfg) else {
+        return Ok(0);
+    };
+    // SAFETY: as above.
+    let (sock_type, protocol) = unsafe {
+        (
+            ctx.read_at::<u64>(ARG_TYPE).unwrap_or(0) as u32,
+            ctx.read_at::<u64>(ARG_PROTOCOL).unwrap_or(0) as u32,
+        )
+    };
+    let ret = refuse(
+        &cfg,
+        &caller,
+        SocketEvent {
+            family: family as u16,
+            sock_type: sock_type as u16,
+            protocol: protocol as u16,
+            hook: HOOK_SOCKET_SYSCALL,
+            ..SocketEvent::default()
+        },
+    );
+    if ret == DENY {
+        // SAFETY: helper call with a plain integer argument.
+        unsafe { bpf_send_signal(SIGKILL) };
+    }
+    Ok(0)
+}
+
+#[cgroup_sock(sock_create)]
+pub fn sock_create(ctx: SockContext) -> i32 {
+    match try_sock_create(&ctx) {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+#[cgroup_sockopt(setsockopt)]
+pub fn setsockopt(ctx: SockoptContext) -> i32 {
+    match try_setsockopt(&ctx) {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+/// Whether a socket of this family, type and protocol is one the connect hooks police.
+#[inline(always)]
+fn policed_socket(family: u32, sock_type: u32, protocol: u32) -> bool {
+    match family {
+        AF_UNIX | AF_NETLINK => true,
+        AF_INET | AF_INET6 => match sock_type {
+            SOCK_STREAM => protocol == 0 || protocol == IPPROTO_TCP || protocol == IPPROTO_MPTCP,
+            SOCK_DGRAM => protocol == 0 || protocol == IPPROTO_UDP || protocol == IPPROTO_UDPLITE,
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+#[inline(always)]
+fn try_sock_create(ctx: &SockContext) -> Result<i32, i32> {
+    let sk = ctx.sock;
+    // SAFETY: the program's context pointer; family, type and protocol are readable in
+    // cgroup sock programs (checked by the verifier).
+    let (family, sock_type, protocol) = unsafe { ((*sk).family, (*sk).type_, (*sk).protocol) };
+    if policed_socket(family, sock_type, protocol) {
+        return Ok(ALLOW);
+    }
+    let cfg = principal::config();
+    let Some(caller) = principal::resolve(&cfg) else {
+        return Ok(ALLOW);
+    };
+    Ok(refuse(
+        &cfg,
+        &caller,
+        SocketEvent {
+            family: family as u16,
+            sock_type: sock_type as u16,
+            protocol: protocol as u16,
+            hook: HOOK_SOCK_CREATE,
+            ..SocketEvent::default()
+        },
+    ))
+}
+
+#[inline(always)]
+fn try_setsockopt(ctx: &SockoptContext) -> Result<i32, i32> {
+    let so = ctx.sockopt;
+    // SAFETY: the program's context pointer; these fields are readable in sockopt programs.
+    let (level, optname) = unsafe { ((*so).level, (*so).optname) };
+    let routes = match (level, optname) {
+        (SOL_IP, IP_OPTIONS) => ip_options_route(ctx),
+        (SOL_IPV6, IPV6_RTHDR | IPV6_2292RTHDR | IPV6_2292PKTOPTIONS) => true,
+        _ => false,
+    };
+    if !routes {
+        return Ok(ALLOW);
+    }
+    let cfg = principal::config();
+    let Some(caller) = principal::resolve(&cfg) else {
+        return Ok(ALLOW);
+    };
+    // SAFETY: as above; `sk` is readable in sockopt programs.
+    let (family, sock_type, protocol) = unsafe {
+        let sk = (*so).__bindgen_anon_1.sk;
+        ((*sk).family, (*sk).type_, (*sk).protocol)
+    };
+    Ok(refuse(
+        &cfg,
+        &caller,
+        SocketEvent {
+            family: family as u16,
+            sock_type: sock_type as u16,
+            protocol: protocol as u16,
+            hook: HOOK_SETSOCKOPT,
+            level: level as u32,
+            optname: optname as u32,
+            ..SocketEvent::default()
+        },
+    ))
+}
+
+/// Whether an `IP_OPTIONS` value carries a loose or strict source route. Options the program
+/// cannot see whole (past the kernel's copy) count as a route: fail closed.
+#[inline(always)]
+fn ip_options_route(ctx: &SockoptContext) -> bool {
+    let so = ctx.sockopt;
+    // SAFETY: the program's context pointer.
+    let (start, end, optlen) = unsafe {
+        (
+            (*so).__bindgen_anon_2.optval as usize,
+            (*so).__bindgen_anon_3.optval_end as usize,
+            (*so).optlen,
+        )
+    };
+    if optlen <= 0 {
+        return false;
+    }
+    let len = optlen as usize;
+    if len > MAX_IP_OPTIONS || start + len > end {
+        // The kernel rejects more than 40 bytes anyway; an unseen tail is refused.
+        return len <= MAX_IP_OPTIONS;
+    }
+    let mut i = 0usize;
+    for _ in 0..MAX_IP_OPTIONS {
+        if i >= len || i >= MAX_IP_OPTIONS {
+            return false;
+        }
+        let p = start + i;
+        if p + 2 > end {
+            // One byte left: END or NOOP, or a truncated option the kernel rejects.
+            return false;
+        }
+        // SAFETY: `p + 2 <= optval_end`, checked above against the verifier's bound.
+        let (kind, olen) = unsafe { (*(p as *const u8), *((p + 1) as *const u8)) };
+        match kind {
+            IPOPT_END => return false,
+            IPOPT_NOOP => i += 1,
+            IPOPT_LSRR | IPOPT_SSRR => return true,
+            _ => {
+                if olen < 2 {
+                    // Malformed: the kernel rejects it.
+                    return false;
+                }
+                i += olen as usize;
+            }
+        }
+    }
+    false
+}
+
+/// Records the refusal and returns the program's code: EPERM, or (audit mode) let through.
+#[inline(always)]
+fn refuse(cfg: &Config, caller: &Caller, mut event: SocketEvent) -> i32 {
+    let index = caller.principal.index;
+    let slot = if cfg.generation & 1 == 0 {
+        caller.principal.policy[0]
+    } else {
+        caller.principal.policy[1]
+    };
+    let mut policy = NONE;
+    let mut verdict = VERDICT_DENY;
+    if slot != NONE {
+        policy = policy_key(cfg.generation & 1, slot);
+        if let Some(meta) = POLICIES.get_ptr(policy) {
+            // SAFETY: map value pointer, valid for this run.
+            if unsafe { (*meta).mode } == MODE_AUDIT {
+                verdict = VERDICT_AUDIT_DENY;
+            }
+        }
+    }
+    let mut header: EventHeader = events::header(KIND_SOCKET, caller.cgroup_id, index);
+    header.verdict = verdict;
+    header.reason = REASON_CONTAINMENT;
+    header.policy = policy;
+    header.rule = NONE;
+    header.suppressed = events::take_suppressed(index);
+    event.header = header;
+    if !events::emit(&event, verdict) {
+        events::restore_suppressed(index, header.suppressed);
+    }
+    if verdict == VERDICT_DENY { DENY } else { ALLOW }
+}

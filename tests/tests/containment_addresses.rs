@@ -1,0 +1,71 @@
+//! Containment: address forms that name one destination and reach another. `connect()` or
+//! `sendto()` to the unspecified address (`0.0.0.0`, `::`, `::ffff:0.0.0.0`) reaches this
+//! host's loopback; it must be decided as loopback, not as the zone covering `0.0.0.0/0`.
+
+use agent_common::{PROTO_TCP, PROTO_UDP};
+use corral_agent::ebpf::{
+    Enforcer,
+    events::{EventReader, Verdict},
+};
+use corral_tests::{
+    Listener, Outcome, TestCgroup,
+    build::{policy, set},
+    privileged, probe_in,
+};
+
+fn eperm() -> Outcome {
+    Outcome::Errno("EPERM".into())
+}
+
+#[test]
+fn the_unspecified_address_is_decided_as_loopback() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let l4 = Listener::tcp("127.0.0.1:0")?;
+    let l6 = Listener::tcp("[::1]:0")?;
+    let cg = TestCgroup::new("contain-unspecified")?;
+    let mut e = Enforcer::load_and_attach(&cg.root)?;
+    e.maps().add_principal(cg.id()?, cg.level(), 3, Some(0))?;
+    // Loopback denied; "the internet" allowed: an agent may reach the world, not this host.
+    e.maps().apply(
+        &set(
+            1,
+            vec![
+                policy("unspecified")
+                    .zone("local", &["127.0.0.0/8", "::1/128"])
+                    .zone("internet", &["0.0.0.0/0", "::/0"])
+                    .deny(&["local"], &[], &[])
+                    .allow(&["internet"], &[], &[PROTO_TCP, PROTO_UDP])
+                    .build(),
+            ],
+        ),
+        |_, _| Some(0),
+    )?;
+    let mut reader = EventReader::take(e.maps())?;
+    let (p4, p6) = (l4.port, l6.port);
+    let ops = [
+        format!("tcp:0.0.0.0:{p4}"),
+        format!("tcp:[::]:{p6}"),
+        format!("tcp:[::ffff:0.0.0.0]:{p4}"),
+        "udp:0.0.0.0:5353".to_owned(),
+        "sendto:0.0.0.0:5353".to_owned(),
+        "sendto:[::]:5353".to_owned(),
+    ];
+    let refs: Vec<&str> = ops.iter().map(String::as_str).collect();
+    let got = probe_in(&cg.path, &refs)?;
+    assert_eq!(got, vec![eperm(); ops.len()], "{ops:?}");
+
+    // Each was recorded as a loopback destination in zone `local` (index 0), denied.
+    let events = reader.drain_connects();
+    assert_eq!(events.len(), ops.len(), "{events:#?}");
+    for ev in &events {
+        assert_eq!(ev.header.verdict, Verdict::Deny, "{ev:?}");
+        assert_eq!(ev.zone, Some(0), "decided in zone local: {ev:?}");
+        assert!(ev.addr.is_loopback(), "recorded as loopback: {ev:?}");
+    }
+
+    // The same calls from outside the principal still reach the listeners.
+    assert!(std::net::TcpStream::connect(("0.0.0.0", p4)).is_ok());
+    Ok(())
+}
