@@ -36,7 +36,9 @@ pub const EXEC_DIRS: &str = "CORRAL_EXDIRS";
 /// `LruHashMap<u32 tgid, TaskInfo>`: exec ids per process (lineage).
 pub const EXEC_TASKS: &str = "CORRAL_EXTASKS";
 /// `HashMap<UnixKey, ZoneValue>`: AF_UNIX destination → zone, per policy (kernel 6.7+ hooks).
-pub const UNIX_ZONES: &str = "CORRAL_UNIXZONE";
+/// (`CORRAL_UNIXZ2`: the key gained the name's length; a pinned map of the old layout is not
+/// adopted.)
+pub const UNIX_ZONES: &str = "CORRAL_UNIXZ2";
 
 /// Every map name above: the kernel object must define exactly these (checked by the agent's
 /// `ebpf::object` tests against the built object).

@@ -119,20 +119,39 @@ const _: () = assert!(core::mem::size_of::<GrantValue>() == 16);
 /// `path` holds the name as the caller passed it in `sockaddr_un.sun_path`, zero-filled after it:
 /// a filesystem path is its bytes up to the first NUL (`/run/docker.sock`); an abstract name
 /// keeps its leading NUL byte followed by the name (`@name` in policies and events is
-/// `\0name`). Trailing NUL bytes of an abstract name are not significant.
+/// `\0name`). `len` is the name's length in bytes: abstract names are compared with their
+/// exact length, as the kernel compares them (`@x` and `@x\0` are different sockets).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct UnixKey {
     pub policy: u32,
+    pub len: u16,
+    pub _pad: u16,
     pub path: [u8; UNIX_PATH_BYTES],
 }
-const _: () = assert!(core::mem::size_of::<UnixKey>() == 112);
+const _: () = assert!(core::mem::size_of::<UnixKey>() == 116);
 
 impl Default for UnixKey {
     fn default() -> Self {
         Self {
             policy: 0,
+            len: 0,
+            _pad: 0,
             path: [0; UNIX_PATH_BYTES],
         }
+    }
+}
+
+impl UnixKey {
+    /// The key of the `sun_path` bytes `name` under policy key `policy`; `None` if it does not
+    /// fit `sun_path`.
+    pub fn new(policy: u32, name: &[u8]) -> Option<Self> {
+        let mut key = Self {
+            policy,
+            len: u16::try_from(name.len()).ok()?,
+            ..Self::default()
+        };
+        key.path.get_mut(..name.len())?.copy_from_slice(name);
+        Some(key)
     }
 }

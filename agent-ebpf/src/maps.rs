@@ -27,7 +27,7 @@ pub static POLICIES: HashMap<u32, PolicyMeta> =
 pub static ZONES: LpmTrie<ZoneKey, ZoneValue> = LpmTrie::with_max_entries(limits::ZONES, 0);
 
 // Unix-socket destinations (see unix.rs): exact match on (policy key, path).
-#[map(name = "CORRAL_UNIXZONE")]
+#[map(name = "CORRAL_UNIXZ2")]
 pub static UNIX_ZONES: HashMap<UnixKey, ZoneValue> =
     HashMap::with_max_entries(limits::UNIX_ZONES, BPF_F_NO_PREALLOC);
 

@@ -134,6 +134,7 @@ fn try_unix(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
     // by another task's run on the same CPU, which would overwrite shared scratch space.
     let mut key = UnixKey::default();
     let path_len = read_path(ctx, &mut key);
+    key.len = path_len;
     // Policies with `POLICY_F_UNIX` (all, as the agent writes them) police unix sockets.
     let Some(out) = evaluate(
         &cfg,

@@ -56,6 +56,7 @@ fn to_json(s: &pb::AgentStatus) -> serde_json::Value {
         "exec_enforcement": s.exec_enforcement,
         "exec_scripts": s.exec_scripts,
         "sock_addr_hooks": s.sock_addr_hooks,
+        "guard_hooks": s.guard_hooks,
         "policy_revision": s.policy_revision,
         "policies": s.policies,
         "last_error": s.last_error,
@@ -72,12 +73,17 @@ fn to_json(s: &pb::AgentStatus) -> serde_json::Value {
 
 fn human(s: &pb::AgentStatus) -> String {
     let mut out = format!(
-        "node:        {}\nmode:        {}\nexec:        {} (scripts: {})\nsock_addr:   {}\npolicy:      revision {} ({})\n",
+        "node:        {}\nmode:        {}\nexec:        {} (scripts: {})\nsock_addr:   {}\nguards:      {}\npolicy:      revision {} ({})\n",
         s.node,
         s.server_state,
         s.exec_enforcement,
         s.exec_scripts,
         s.sock_addr_hooks.join(", "),
+        if s.guard_hooks.is_empty() {
+            "none".to_owned()
+        } else {
+            s.guard_hooks.join(", ")
+        },
         s.policy_revision,
         if s.policies.is_empty() {
             "none: enrolled principals are denied everything".to_owned()

@@ -298,16 +298,7 @@ impl UnixDest {
     /// The `UNIX_ZONES` key of this destination under policy key `policy` (`None` if the name
     /// does not fit `sun_path`; validation rejects such names).
     pub fn kernel_key(&self, policy: u32) -> Option<UnixKey> {
-        let bytes = unix_name_bytes(&self.path);
-        let mut key = UnixKey {
-            policy,
-            ..UnixKey::default()
-        };
-        if bytes.len() > key.path.len() {
-            return None;
-        }
-        key.path[..bytes.len()].copy_from_slice(&bytes);
-        Some(key)
+        UnixKey::new(policy, &unix_name_bytes(&self.path))
     }
 }
 

@@ -153,15 +153,9 @@ impl KernelModel {
             ANY_PROTO,
             now_ns,
             |m, policy| {
-                let mut key = UnixKey {
-                    policy,
-                    ..UnixKey::default()
-                };
-                if bytes.len() > key.path.len() {
-                    return NONE;
-                }
-                key.path[..bytes.len()].copy_from_slice(&bytes);
-                m.unix_zones.get(&key).map_or(NONE, |v| v.zone)
+                UnixKey::new(policy, &bytes)
+                    .and_then(|key| m.unix_zones.get(&key))
+                    .map_or(NONE, |v| v.zone)
             },
         )
     }

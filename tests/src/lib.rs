@@ -102,12 +102,20 @@ pub fn probe_bin() -> anyhow::Result<PathBuf> {
 /// Runs `corral-probe` inside `cgroup` (it joins the cgroup itself before acting) and returns
 /// the outcome of each operation.
 pub fn probe_in(cgroup: &Path, ops: &[&str]) -> anyhow::Result<Vec<Outcome>> {
-    let out = Command::new(probe_bin()?)
-        .arg("--cgroup")
-        .arg(cgroup)
-        .args(ops)
-        .output()
-        .context("run corral-probe")?;
+    run_probe(Some(cgroup), ops)
+}
+
+/// Runs `corral-probe` where the test runs, outside every principal.
+pub fn probe_outside(ops: &[&str]) -> anyhow::Result<Vec<Outcome>> {
+    run_probe(None, ops)
+}
+
+fn run_probe(cgroup: Option<&Path>, ops: &[&str]) -> anyhow::Result<Vec<Outcome>> {
+    let mut cmd = Command::new(probe_bin()?);
+    if let Some(cg) = cgroup {
+        cmd.arg("--cgroup").arg(cg);
+    }
+    let out = cmd.args(ops).output().context("run corral-probe")?;
     anyhow::ensure!(
         out.status.success(),
         "corral-probe failed: {}",

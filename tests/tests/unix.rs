@@ -461,3 +461,52 @@ fn pinned_unix_hooks_outlive_the_agent_are_adopted_and_uninstalled() -> anyhow::
         Ok(())
     })()
 }
+
+/// An abstract name is compared with its exact length, as the kernel compares it: allowing
+/// `@name` does not allow `@name\0`, a different socket.
+#[test]
+fn an_allowed_abstract_name_does_not_admit_the_same_name_with_a_trailing_nul() -> anyhow::Result<()>
+{
+    if !privileged() {
+        return Ok(());
+    }
+    let Some(Node {
+        s,
+        cg,
+        mut enforcer,
+        ..
+    }) = node("absnul", "unix-absnul")?
+    else {
+        return Ok(());
+    };
+    let mut reader = EventReader::take(enforcer.maps())?;
+    // A listener on `<ok name>\0` (one more byte than the allowed name).
+    let name = &s.abstract_ok[1..];
+    let mut longer = name.as_bytes().to_vec();
+    longer.push(0);
+    let _held = UnixListener::bind_addr(&SocketAddr::from_abstract_name(&longer)?)?;
+    let allowed = format!("unix:{}", s.abstract_ok);
+    let with_nul = format!("unixabsnul:{name}");
+    assert_eq!(
+        probe_in(&cg.path, &[&allowed, &with_nul])?,
+        vec![Outcome::Ok, Outcome::Errno("EPERM".into())],
+        "the allowed name connects, the one-byte-longer name is in no zone (default deny)"
+    );
+    let events = reader.drain_connects();
+    assert_eq!(events.len(), 2, "{events:#?}");
+    assert_eq!(
+        events[1].unix_path.as_deref(),
+        Some(format!("{}\0", s.abstract_ok).as_str()),
+        "recorded with its trailing NUL"
+    );
+    assert_eq!(
+        (events[1].header.verdict, events[1].zone),
+        (Verdict::Deny, None)
+    );
+    // Outside the principal both exist and connect.
+    assert_eq!(
+        corral_tests::probe_outside(&[&allowed, &with_nul])?,
+        vec![Outcome::Ok, Outcome::Ok]
+    );
+    Ok(())
+}

@@ -75,7 +75,10 @@ fn pods_not_enrolled(s: &mut String, (pending, failed): (usize, usize)) {
 
 pub fn build(shared: &Shared) -> pb::AgentStatus {
     // Before the policy lock (lock order: enforcer, then policy state).
-    let hooks = shared.enforcer().sock_addr_hooks();
+    let (hooks, guards) = {
+        let enf = shared.enforcer();
+        (enf.sock_addr_hooks(), enf.guard_hooks())
+    };
     let (revision, policies, last_error, current) = {
         let st = shared.policy_state();
         let current = st.current().cloned();
@@ -118,6 +121,7 @@ pub fn build(shared: &Shared) -> pb::AgentStatus {
         exec_enforcement: exec_enforcement(shared.exec_mode).into(),
         exec_scripts: exec_scripts(shared).into(),
         sock_addr_hooks: hooks.iter().map(|s| (*s).into()).collect(),
+        guard_hooks: guards.iter().map(|s| (*s).into()).collect(),
         policy_revision: revision,
         policies,
         last_error,

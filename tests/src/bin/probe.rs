@@ -13,6 +13,8 @@
 //! - `socket:FAMILY:TYPE:PROTO`: `socket()` with these numbers, then close it;
 //! - `ipopts:HEX`: `setsockopt(IP_OPTIONS)` with the bytes HEX on an IPv4 UDP socket;
 //! - `rthdr6:HEX`: `setsockopt(IPV6_RTHDR)` with the bytes HEX on an IPv6 UDP socket;
+//! - `unixabsnul:NAME`: connect a SOCK_STREAM unix socket to the abstract name `NAME\0` (one
+//!   trailing NUL byte, passed in the address length: a different socket from `@NAME`);
 //! - `subcg:NAME`: create a sub-cgroup of the current cgroup and move into it;
 //! - `daemon`: double-fork and setsid (via `setsid -f`), the grandchild runs the remaining
 //!   operations and writes its lines to `--out` (required);
@@ -187,10 +189,14 @@ fn one(op: &str) -> String {
     let Some((kind, rest)) = op.split_once(':') else {
         return format!("bad op {op}");
     };
-    if kind == "unixjunk" || kind == "unixnonul" {
+    if kind == "unixjunk" || kind == "unixnonul" || kind == "unixabsnul" {
         let mut path = rest.as_bytes().to_vec();
         if kind == "unixjunk" {
             path.extend_from_slice(b"\0JUNK");
+        }
+        if kind == "unixabsnul" {
+            path.insert(0, 0);
+            path.push(0);
         }
         return match unix_raw(&path) {
             Ok(()) => "ok".into(),
