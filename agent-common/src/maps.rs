@@ -40,6 +40,13 @@ pub const EXEC_TASKS: &str = "CORRAL_EXTASKS";
 /// adopted.)
 pub const UNIX_ZONES: &str = "CORRAL_UNIXZ2";
 
+/// `HashMap<u32 tgid, u64 cgroup id>`: sticky attribution. A process that belongs to a
+/// principal (and every process it forks) stays that principal's whatever cgroup it moves to.
+pub const STICKY: &str = "CORRAL_STICKY";
+/// `Array<u32>`, one entry: the offset of `child_pid` in the `sched_process_fork` tracepoint
+/// record (it moved between kernel versions; read from tracefs by the agent), 0 if unknown.
+pub const FORK_CFG: &str = "CORRAL_FORKCFG";
+
 /// Every map name above: the kernel object must define exactly these (checked by the agent's
 /// `ebpf::object` tests against the built object).
 pub const ALL: &[&str] = &[
@@ -61,6 +68,8 @@ pub const ALL: &[&str] = &[
     EXEC_DIRS,
     EXEC_TASKS,
     UNIX_ZONES,
+    STICKY,
+    FORK_CFG,
 ];
 
 /// The kernel keeps at most this many bytes of a map name (`BPF_OBJ_NAME_LEN` - 1) and cuts
@@ -96,4 +105,6 @@ pub mod limits {
     pub const EXEC_FILES: u32 = 65_536;
     /// Processes tracked for exec lineage (LRU: the least recently used entry is evicted).
     pub const EXEC_TASKS: u32 = 65_536;
+    /// Processes (and threads) of principals attributed stickily.
+    pub const STICKY: u32 = 65_536;
 }

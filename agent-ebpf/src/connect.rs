@@ -186,11 +186,7 @@ pub(crate) fn evaluate(
     proto: u8,
     zone_of: impl FnOnce(u32) -> u32,
 ) -> Option<Outcome> {
-    let pol_slot = if cfg.generation & 1 == 0 {
-        caller.principal.policy[0]
-    } else {
-        caller.principal.policy[1]
-    };
+    let pol_slot = caller.policy_slot(cfg);
 
     let mut zone = NONE;
     let mut policy = NONE;

@@ -275,11 +275,7 @@ fn file_verdict(
 fn decide(bprm: u64, ec: &ExecConfig, script: Option<u64>) -> Option<Decision> {
     let cfg = principal::config();
     let caller = principal::resolve(&cfg)?;
-    let slot = if cfg.generation & 1 == 0 {
-        caller.principal.policy[0]
-    } else {
-        caller.principal.policy[1]
-    };
+    let slot = caller.policy_slot(&cfg);
     let mut policy = NONE;
     let mut meta: Option<PolicyMeta> = None;
     if slot != NONE {

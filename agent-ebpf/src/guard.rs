@@ -268,11 +268,7 @@ fn ip_options_route(ctx: &SockoptContext) -> bool {
 #[inline(always)]
 fn refuse(cfg: &Config, caller: &Caller, mut event: SocketEvent) -> i32 {
     let index = caller.principal.index;
-    let slot = if cfg.generation & 1 == 0 {
-        caller.principal.policy[0]
-    } else {
-        caller.principal.policy[1]
-    };
+    let slot = caller.policy_slot(cfg);
     let mut policy = NONE;
     let mut verdict = VERDICT_DENY;
     if slot != NONE {

@@ -60,6 +60,14 @@ pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map(name = "CORRAL_RATE")]
 pub static RATE: HashMap<u32, RateState> = HashMap::with_max_entries(limits::PRINCIPALS, 0);
 
+// Sticky attribution (see principal.rs).
+
+#[map(name = "CORRAL_STICKY")]
+pub static STICKY: HashMap<u32, u64> = HashMap::with_max_entries(limits::STICKY, 0);
+
+#[map(name = "CORRAL_FORKCFG")]
+pub static FORK_CFG: Array<u32> = Array::with_max_entries(1, 0);
+
 // Exec enforcement (see exec.rs).
 
 #[map(name = "CORRAL_EXECCFG")]

@@ -1,9 +1,23 @@
-//! Principal resolution: the calling task's cgroup and its ancestors, bounded walk.
+//! Principal resolution: sticky attribution first, then the calling task's cgroup and its
+//! ancestors (bounded walk).
+//!
+//! Attribution is sticky: the first time a process of a principal is seen (any hook, or the
+//! `sched_process_fork` of its parent), its tgid is recorded in `STICKY` with the principal's
+//! cgroup id; from then on it is that principal's whatever cgroup it moves to (a root process
+//! writing itself into `<cgroup2 root>/cgroup.procs` changes nothing), and so is every process
+//! it forks. `sched_process_exit` removes a task's entry, so a reused pid is never
+//! attributed. If the principal has gone (its cgroup id is no longer in `PRINCIPALS`), the
+//! cgroup walk decides again. Minimum kernel: 4.7 (tracepoints), as the rest.
 
 use agent_common::{Config, MAX_CGROUP_LEVEL, Principal};
-use aya_ebpf::helpers::generated::bpf_get_current_ancestor_cgroup_id;
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_current_ancestor_cgroup_id},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
 
-use crate::maps::{CONFIG, PRINCIPALS};
+use crate::maps::{CONFIG, FORK_CFG, PRINCIPALS, STICKY};
 
 /// A resolved caller: which principal, and which of its cgroups matched.
 pub struct Caller {
@@ -16,11 +30,53 @@ pub fn config() -> Config {
     CONFIG.get(0).copied().unwrap_or_default()
 }
 
-/// Looks up the current task's ancestors at the levels where principals exist (deepest first),
-/// so children, daemonised grandchildren and nested sub-cgroups stay attributed.
-/// `None`: not enrolled, not policed.
+impl Caller {
+    /// The caller's policy slot in the live generation, or `NONE` (enrolled without policy).
+    #[inline(always)]
+    pub fn policy_slot(&self, cfg: &Config) -> u32 {
+        if cfg.generation & 1 == 0 {
+            self.principal.policy[0]
+        } else {
+            self.principal.policy[1]
+        }
+    }
+}
+
+#[inline(always)]
+fn current_tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+/// The principal of the current task: its sticky entry, else the cgroup walk (which records a
+/// sticky entry for the process). `None`: not enrolled, not policed.
 #[inline(always)]
 pub fn resolve(cfg: &Config) -> Option<Caller> {
+    if cfg.level_mask == 0 {
+        // No principal anywhere: nothing to be attributed to (the common fast path).
+        return None;
+    }
+    let tgid = current_tgid();
+    // SAFETY: map value read, valid for this program run.
+    if let Some(cg) = unsafe { STICKY.get(tgid) }.copied()
+        && let Some(p) = PRINCIPALS.get_ptr(cg)
+    {
+        // SAFETY: pointer returned by a map lookup, valid for this program run.
+        let principal = unsafe { *p };
+        return Some(Caller {
+            principal,
+            cgroup_id: cg,
+        });
+    }
+    let caller = walk(cfg)?;
+    // A full map leaves the process to the cgroup walk, as before stickiness.
+    let _ = STICKY.insert(tgid, caller.cgroup_id, 0);
+    Some(caller)
+}
+
+/// Looks up the current task's ancestors at the levels where principals exist (deepest first),
+/// so children, daemonised grandchildren and nested sub-cgroups stay attributed.
+#[inline(always)]
+fn walk(cfg: &Config) -> Option<Caller> {
     let mut level = MAX_CGROUP_LEVEL;
     // Bounded: at most MAX_CGROUP_LEVEL + 1 iterations.
     loop {
@@ -45,4 +101,35 @@ pub fn resolve(cfg: &Config) -> Option<Caller> {
         }
         level -= 1;
     }
+}
+
+/// `sched_process_fork`, in the parent: the child (a process, or a thread: keyed by its tid,
+/// removed when it exits) inherits the parent's principal.
+#[tracepoint(category = "sched", name = "sched_process_fork")]
+pub fn sticky_fork(ctx: TracePointContext) -> u32 {
+    let cfg = config();
+    let Some(parent) = resolve(&cfg) else {
+        return 0;
+    };
+    let Some(&offset) = FORK_CFG.get(0) else {
+        return 0;
+    };
+    if offset == 0 {
+        return 0;
+    }
+    // SAFETY: a read within the tracepoint record at the offset tracefs gave for `child_pid`.
+    if let Ok(child) = unsafe { ctx.read_at::<i32>(offset as usize) } {
+        let _ = STICKY.insert(child as u32, parent.cgroup_id, u64::from(BPF_NOEXIST));
+    }
+    0
+}
+
+/// `sched_process_exit`, in the exiting task: its entry goes (the pid may be reused).
+#[tracepoint(category = "sched", name = "sched_process_exit")]
+pub fn sticky_exit(_ctx: TracePointContext) -> u32 {
+    if config().level_mask == 0 {
+        return 0;
+    }
+    let _ = STICKY.remove(bpf_get_current_pid_tgid() as u32);
+    0
 }

@@ -117,6 +117,25 @@ pub enum CliError {
         source: std::io::Error,
     },
 
+    /// `--user` names no user (exit status 126: CMD is not run).
+    #[error("--user {user}: {reason}")]
+    BadUser { user: String, reason: String },
+
+    /// `--cap` names no capability (exit status 126).
+    #[error("--cap {name}: not a capability; write e.g. net_bind_service or CAP_NET_BIND_SERVICE")]
+    BadCap { name: String },
+
+    /// A containment step before exec failed (exit status 126: CMD is not run).
+    #[error("cannot contain the command ({step}): {source}")]
+    Contain {
+        step: &'static str,
+        source: std::io::Error,
+    },
+
+    /// The seccomp filter could not be built or installed (exit status 126).
+    #[error("cannot install the seccomp filter: {source} (--no-seccomp runs without it)")]
+    Seccomp { source: seccompiler::Error },
+
     /// `corral run` without a command (exit status 2).
     #[error("no command given")]
     NoCommand,
@@ -142,6 +161,16 @@ pub enum CliError {
 }
 
 impl CliError {
+    /// Writing events to stdout failed: a closed pipe (`| head`) ends the command quietly,
+    /// other write errors are reported.
+    pub fn from_write(e: std::io::Error) -> Result<(), Self> {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            Ok(())
+        } else {
+            Err(Self::WriteEvents { source: e })
+        }
+    }
+
     /// A failed call to the local agent.
     pub fn agent(status: tonic::Status) -> Self {
         Self::Rpc {
@@ -166,13 +195,18 @@ impl CliError {
     }
 
     /// The process exit status for this failure: 1, except for `corral run`'s own (126/127
-    /// when CMD cannot be run, like a shell; 2 without a command).
+    /// when CMD cannot be run, like a shell, also when it cannot be contained; 2 without a
+    /// command).
     pub fn exit_code(&self) -> ExitCode {
         match self {
             Self::Exec { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
                 ExitCode::from(127)
             }
-            Self::Exec { .. } => ExitCode::from(126),
+            Self::Exec { .. }
+            | Self::BadUser { .. }
+            | Self::BadCap { .. }
+            | Self::Contain { .. }
+            | Self::Seccomp { .. } => ExitCode::from(126),
             Self::NoCommand => ExitCode::from(2),
             _ => ExitCode::FAILURE,
         }

@@ -94,7 +94,7 @@ async fn watch(a: &Args) -> Result<(), CliError> {
             Ok(n) => n,
             Err(_) => {
                 if let Err(e) = out.flush() {
-                    return write_error(e);
+                    return CliError::from_write(e);
                 }
                 stream.next().await
             }
@@ -113,7 +113,7 @@ async fn watch(a: &Args) -> Result<(), CliError> {
             writeln!(out, "{}", render::event_line(&e))
         };
         if let Err(e) = res {
-            return write_error(e);
+            return CliError::from_write(e);
         }
         if !a.json && r.subscriber_dropped > reported_drops {
             eprintln!(
@@ -123,14 +123,5 @@ async fn watch(a: &Args) -> Result<(), CliError> {
             reported_drops = r.subscriber_dropped;
         }
     }
-    out.flush().or_else(write_error)
-}
-
-/// A closed pipe (`| head`) ends the command quietly; other write errors are reported.
-pub fn write_error(e: std::io::Error) -> Result<(), CliError> {
-    if e.kind() == std::io::ErrorKind::BrokenPipe {
-        Ok(())
-    } else {
-        Err(CliError::WriteEvents { source: e })
-    }
+    out.flush().or_else(CliError::from_write)
 }

@@ -340,7 +340,7 @@ pub async fn watch_events(
             writeln!(out, "{} {}", e.node, render::event_line(&e))
         };
         if let Err(e) = res.and_then(|()| out.flush()) {
-            return crate::events::write_error(e);
+            return CliError::from_write(e);
         }
     }
     Ok(())

@@ -19,6 +19,8 @@
 //! - `fleet`: `policy apply|list|get|delete|status` and `events --server` on the server.
 //! - `grant`: `grant request|list|approve|deny|revoke` on the server.
 //! - `run`: `corral run`: enrol through the agent, join the principal's cgroup, exec CMD.
+//! - `contain`: what `corral run` does to itself before exec: `--user`, capabilities,
+//!   `no_new_privs`, the seccomp filter.
 //! - `events`: `corral events`: the local agent's event stream (or the fleet's with
 //!   `--server`).
 //! - `status`: `corral status`: what the local agent enforces.
@@ -29,6 +31,7 @@
 #![forbid(unsafe_code)]
 
 mod client;
+mod contain;
 mod error;
 mod events;
 mod exec;
@@ -58,7 +61,8 @@ enum Command {
     /// Just-in-time grants on the central server: request, list, approve, deny, revoke.
     #[command(subcommand)]
     Grant(grant::Command),
-    /// Enrol a principal through the local agent and run CMD inside it (exit status is CMD's).
+    /// Enrol a principal through the local agent and run CMD inside it, contained: no
+    /// capabilities, no_new_privs, a seccomp filter (exit status is CMD's).
     Run(run::Args),
     /// Decisions and process events from the local agent.
     Events(events::Args),

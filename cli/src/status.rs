@@ -28,6 +28,7 @@ fn to_json(s: &pb::AgentStatus) -> serde_json::Value {
             json!({
                 "identity": pr.identity, "session": pr.session, "cgroup_id": pr.cgroup_id,
                 "policy": p.policy, "processes": p.processes,
+                "containment_opt_outs": p.containment_opt_outs,
             })
         })
         .collect();
@@ -105,11 +106,16 @@ fn human(s: &pb::AgentStatus) -> String {
     for p in &s.principals {
         let pr = p.principal.clone().unwrap_or_default();
         out.push_str(&format!(
-            "  {} session {} policy {} processes {}\n",
+            "  {} session {} policy {} processes {}{}\n",
             pr.identity,
             pr.session,
             if p.policy.is_empty() { "-" } else { &p.policy },
-            p.processes
+            p.processes,
+            if p.containment_opt_outs.is_empty() {
+                String::new()
+            } else {
+                format!(" opt-outs {}", p.containment_opt_outs.join(", "))
+            }
         ));
     }
     if !s.grants.is_empty() {
@@ -221,7 +227,43 @@ mod tests {
         );
         assert!(h.ends_with("s ago): no cgroup for pod 0a-1\n"), "{h}");
         let none = pb::AgentStatus::default();
+        assert_eq!(to_json(&none)["principals"], json!([]));
         assert_eq!(to_json(&none)["unenrolled_pods"], json!([]));
         assert!(!human(&none).contains("NOT ENFORCED"));
+    }
+
+    #[test]
+    fn containment_opt_outs_are_shown_in_both_formats() {
+        let principal = |opt_outs: &[&str]| pb::PrincipalStatus {
+            principal: Some(pb::Principal {
+                identity: "spiffe://t/a".into(),
+                session: "s1".into(),
+                cgroup_id: 7,
+            }),
+            policy: "p".into(),
+            processes: 1,
+            containment_opt_outs: opt_outs.iter().map(|o| (*o).to_owned()).collect(),
+        };
+        let s = pb::AgentStatus {
+            principals: vec![principal(&["user=1000", "no-seccomp"]), principal(&[])],
+            ..Default::default()
+        };
+        let j = to_json(&s);
+        assert_eq!(
+            j["principals"][0]["containment_opt_outs"],
+            json!(["user=1000", "no-seccomp"])
+        );
+        assert_eq!(j["principals"][1]["containment_opt_outs"], json!([]));
+        let h = human(&s);
+        assert!(
+            h.contains(
+                "  spiffe://t/a session s1 policy p processes 1 opt-outs user=1000, no-seccomp\n"
+            ),
+            "{h}"
+        );
+        assert!(
+            h.contains("  spiffe://t/a session s1 policy p processes 1\n"),
+            "{h}"
+        );
     }
 }

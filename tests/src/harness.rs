@@ -226,6 +226,7 @@ impl Harness {
         let r = self.block_on(c.enroll(pb::EnrollRequest {
             identity: identity.into(),
             session: String::new(),
+            ..Default::default()
         }))?;
         Ok(r.into_inner())
     }

@@ -82,6 +82,7 @@ fn a_reconciled_grant_allows_until_removed_rekeyed_on_flip_and_expired_by_the_ke
         cgroup: cg.path.clone(),
         cgroup_id: cg.id()?,
         external: false,
+        opt_outs: Vec::new(),
     });
     let principals = vec![me];
     let v1 = policy(l.port, false)?;

@@ -22,7 +22,7 @@ use tracing::{info, instrument};
 use super::{
     Shared,
     pipeline::{grant_could_help, reason_pb, verdict_pb},
-    registry::{RegistryError, random_session},
+    registry::{RegistryError, opt_outs, random_session},
     status,
 };
 
@@ -47,7 +47,9 @@ impl From<ApiError> for Status {
         let msg = corral_runtime::error_chain(&e);
         match e {
             ApiError::Denied(_) => Status::permission_denied(msg),
-            ApiError::Registry(RegistryError::Identity(_) | RegistryError::Session(_))
+            ApiError::Registry(
+                RegistryError::Identity(_) | RegistryError::Session(_) | RegistryError::OptOut(_),
+            )
             | ApiError::Filter(_)
             | ApiError::Connect(_)
             | ApiError::NoCall => Status::invalid_argument(msg),
@@ -188,6 +190,10 @@ impl AgentService for Api {
             return Err(e.into());
         }
         let r = req.into_inner();
+        let opt_outs = opt_outs(&r.user, &r.caps, r.no_seccomp).map_err(ApiError::from)?;
+        if !opt_outs.is_empty() {
+            info!(identity = %r.identity, opt_outs = ?opt_outs, "containment opt-outs");
+        }
         let session = if r.session.is_empty() {
             random_session()
         } else {
@@ -203,7 +209,7 @@ impl AgentService for Api {
             let rec = self
                 .shared
                 .registry
-                .enroll(&r.identity, &session, slot, enf.maps())
+                .enroll(&r.identity, &session, &opt_outs, slot, enf.maps())
                 .map_err(ApiError::from)?;
             // Its grants before the caller starts anything in it.
             self.shared.reconcile_grants(enf.maps());

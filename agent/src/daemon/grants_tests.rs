@@ -56,6 +56,7 @@ fn principal(index: u32, identity: &str, session: &str) -> Arc<PrincipalRecord> 
         cgroup: PathBuf::from(format!("/sys/fs/cgroup/corral/{session}-{index}")),
         cgroup_id: 1000 + u64::from(index),
         external: false,
+        opt_outs: Vec::new(),
     })
 }
 

@@ -40,6 +40,8 @@ pub enum RegistryError {
         "invalid session id `{0}`: use 1 to {MAX_SESSION_LEN} letters, digits, `-`, `_` or `.`"
     )]
     Session(String),
+    #[error("invalid containment opt-out `{0}`: a uid, or a capability name like net_bind_service")]
+    OptOut(String),
     #[error("no free principal index")]
     Full,
     #[error(transparent)]
@@ -82,6 +84,47 @@ pub struct PrincipalRecord {
     /// deleted ([`Registry::remove_cgroup`]).
     #[serde(default, skip_serializing_if = "is_false")]
     pub external: bool,
+    /// `corral run`'s containment opt-outs, from every enrolment of this principal, as shown
+    /// in status ([`opt_outs`]). Older state files have none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub opt_outs: Vec<String>,
+}
+
+/// Longest `--user` or `--cap` value recorded.
+const MAX_OPT_OUT_LEN: usize = 32;
+
+/// The containment opt-outs of an enrolment in their stable form: `user=UID`, `cap=NAME`
+/// (lower case, no `cap_` prefix), `no-seccomp`.
+pub fn opt_outs(
+    user: &str,
+    caps: &[String],
+    no_seccomp: bool,
+) -> Result<Vec<String>, RegistryError> {
+    let mut out = Vec::new();
+    if !user.is_empty() {
+        if user.len() > MAX_OPT_OUT_LEN || !user.bytes().all(|c| c.is_ascii_digit()) {
+            return Err(RegistryError::OptOut(user.into()));
+        }
+        out.push(format!("user={user}"));
+    }
+    for c in caps {
+        let lower = c.to_ascii_lowercase();
+        let name = lower.strip_prefix("cap_").unwrap_or(&lower);
+        if name.is_empty()
+            || name.len() > MAX_OPT_OUT_LEN
+            || !name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+        {
+            return Err(RegistryError::OptOut(c.clone()));
+        }
+        let o = format!("cap={name}");
+        if !out.contains(&o) {
+            out.push(o);
+        }
+    }
+    if no_seccomp {
+        out.push("no-seccomp".into());
+    }
+    Ok(out)
 }
 
 fn is_false(b: &bool) -> bool {
@@ -299,6 +342,7 @@ impl Registry {
         &self,
         identity: &str,
         session: &str,
+        opt_outs: &[String],
         slot: Option<u32>,
         maps: &mut PolicyMaps,
     ) -> Result<Arc<PrincipalRecord>, RegistryError> {
@@ -308,10 +352,26 @@ impl Registry {
         }
         let mut inner = self.lock();
         if let Some(e) = inner
-            .values()
+            .values_mut()
             .find(|e| e.rec.identity == identity && e.rec.session == session)
         {
-            return Ok(e.rec.clone());
+            // Another `corral run` in the session: its opt-outs are the principal's too.
+            let new: Vec<&String> = opt_outs
+                .iter()
+                .filter(|o| !e.rec.opt_outs.contains(o))
+                .collect();
+            if new.is_empty() {
+                return Ok(e.rec.clone());
+            }
+            let mut rec = (*e.rec).clone();
+            rec.opt_outs.extend(new.into_iter().cloned());
+            e.rec = Arc::new(rec);
+            let rec = e.rec.clone();
+            let persisted = self.persist(&inner);
+            drop(inner);
+            self.notify();
+            persisted?;
+            return Ok(rec);
         }
         let index = self.allocate(&inner)?;
         let path = self.dir.join(format!("{session}-{index}"));
@@ -338,6 +398,7 @@ impl Registry {
             cgroup: path,
             cgroup_id,
             external: false,
+            opt_outs: opt_outs.to_vec(),
         });
         inner.insert(
             index,
@@ -402,6 +463,7 @@ impl Registry {
             cgroup: cgroup.into(),
             cgroup_id,
             external: true,
+            opt_outs: Vec::new(),
         });
         inner.insert(
             index,
@@ -458,10 +520,22 @@ impl Registry {
 
     /// Removes principals whose processes have all exited (and those never joined within
     /// [`JOIN_GRACE`]): kernel entry, chaining state and grants, cgroup. Returns the removed.
+    /// A principal whose process left its cgroup but still lives (attribution is sticky: see
+    /// `PolicyMaps::sticky`) is not removed: it is still policed as that principal.
     pub fn sweep(&self, maps: &mut PolicyMaps) -> Vec<Arc<PrincipalRecord>> {
         let mut inner = self.lock();
         let mut gone = Vec::new();
+        let sticky = maps.sticky();
+        let has_live_member = |cgroup_id: u64| {
+            sticky
+                .iter()
+                .any(|(pid, cg)| *cg == cgroup_id && Path::new(&format!("/proc/{pid}")).exists())
+        };
         for e in inner.values_mut() {
+            if !e.rec.external && has_live_member(e.rec.cgroup_id) {
+                e.seen_populated = true;
+                continue;
+            }
             match populated(&e.rec.cgroup) {
                 None => gone.push(e.rec.index),
                 // An external (pod) cgroup stays enrolled while it exists, empty or not.
@@ -567,6 +641,30 @@ mod tests {
         let back: PrincipalRecord =
             serde_json::from_str(&serde_json::to_string(&pod).expect("json")).expect("parse");
         assert!(back.external);
+        assert!(recs[0].opt_outs.is_empty());
+        assert!(!own.contains("opt_outs"), "{own}");
+    }
+
+    #[test]
+    fn opt_outs_have_a_stable_form() {
+        let caps = vec![
+            "CAP_NET_BIND_SERVICE".to_owned(),
+            "net_bind_service".to_owned(),
+            "sys_time".to_owned(),
+        ];
+        assert_eq!(
+            opt_outs("1000", &caps, true).expect("valid"),
+            [
+                "user=1000",
+                "cap=net_bind_service",
+                "cap=sys_time",
+                "no-seccomp"
+            ]
+        );
+        assert!(opt_outs("", &[], false).expect("valid").is_empty());
+        assert!(opt_outs("root", &[], false).is_err());
+        assert!(opt_outs("", &["net bind".to_owned()], false).is_err());
+        assert!(opt_outs("", &["cap_".to_owned()], false).is_err());
     }
 
     #[test]
@@ -580,6 +678,7 @@ mod tests {
             cgroup: dir.join("no-such-cgroup"),
             cgroup_id: 42,
             external: false,
+            opt_outs: Vec::new(),
         };
         write_atomic(&state, &serde_json::to_vec(&vec![rec]).expect("json")).map_err(|source| {
             RegistryError::Persist {

@@ -113,6 +113,7 @@ pub fn build(shared: &Shared) -> pb::AgentStatus {
                 }),
                 policy,
                 processes: process_count(&r.cgroup),
+                containment_opt_outs: r.opt_outs.clone(),
             }
         })
         .collect();

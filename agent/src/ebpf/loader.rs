@@ -40,6 +40,13 @@ pub const GUARD_PROGRAMS: [&str; 2] = ["sock_create", "setsockopt"];
 /// tracepoint (a deny kills the process).
 pub const SOCKET_TRACEPOINT: (&str, &str, &str) = ("socket_enter", "syscalls", "sys_enter_socket");
 
+/// Sticky attribution (`agent-ebpf/src/principal.rs`): a forked child inherits its parent's
+/// principal; an exiting task's entry goes.
+pub const STICKY_TRACEPOINTS: [(&str, &str, &str); 2] = [
+    ("sticky_fork", "sched", "sched_process_fork"),
+    ("sticky_exit", "sched", "sched_process_exit"),
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("load the kernel object")]
@@ -84,6 +91,12 @@ pub enum LoadError {
     },
     #[error("find or mount tracefs")]
     Tracefs(#[source] crate::paths::PathError),
+    #[error("read the sched_process_fork record layout from {path}")]
+    ForkFormat {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("attach the exec programs")]
     Exec(#[source] Box<super::exec::ExecError>),
 }
@@ -183,9 +196,11 @@ impl Enforcer {
             }
             info!(program = name, cgroup = %cgroup.display(), pinned = pins.is_some(), "attached");
         }
+        let tracefs = crate::paths::ensure_tracefs().map_err(LoadError::Tracefs)?;
+        write_fork_offset(&mut ebpf, &tracefs)?;
+        for (name, category, event) in std::iter::once(SOCKET_TRACEPOINT).chain(STICKY_TRACEPOINTS)
         {
-            let (name, category, event) = SOCKET_TRACEPOINT;
-            let link = attach_socket_tracepoint(&mut ebpf)?;
+            let link = attach_tracepoint(&mut ebpf, name, category, event)?;
             match pins {
                 Some(p) => p.install_link(name, link)?,
                 None => links.push(link),
@@ -319,11 +334,14 @@ fn attach_guard(
     super::raw::link_cgroup(&fd, cg, attach_type as u32).map_err(io)
 }
 
-/// Loads and attaches the socket tracepoint ([`SOCKET_TRACEPOINT`]) as a bpf_link (kernel
+/// Loads and attaches tracepoint program `name` to `category:event` as a bpf_link (kernel
 /// 5.15+ makes perf-event links bpf_links, which can be pinned).
-fn attach_socket_tracepoint(ebpf: &mut Ebpf) -> Result<FdLink, LoadError> {
-    let (name, category, event) = SOCKET_TRACEPOINT;
-    crate::paths::ensure_tracefs().map_err(LoadError::Tracefs)?;
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    category: &str,
+    event: &str,
+) -> Result<FdLink, LoadError> {
     let program = |source| LoadError::Program { name, source };
     let prog: &mut TracePoint = ebpf
         .program_mut(name)
@@ -334,4 +352,53 @@ fn attach_socket_tracepoint(ebpf: &mut Ebpf) -> Result<FdLink, LoadError> {
     let id = prog.attach(category, event).map_err(program)?;
     let link = prog.take_link(id).map_err(program)?;
     FdLink::try_from(link).map_err(|source| LoadError::Link { name, source })
+}
+
+/// Writes the offset of `child_pid` in the `sched_process_fork` record (it moved between
+/// kernel versions: 44 before the comm fields became `__data_loc`, 20 since) into `FORK_CFG`.
+fn write_fork_offset(ebpf: &mut Ebpf, tracefs: &Path) -> Result<(), LoadError> {
+    let path = tracefs.join("events/sched/sched_process_fork/format");
+    let bad = |source| LoadError::ForkFormat {
+        path: path.clone(),
+        source,
+    };
+    let text = std::fs::read_to_string(&path).map_err(bad)?;
+    let offset = child_pid_offset(&text)
+        .ok_or_else(|| bad(std::io::Error::other("no `pid_t child_pid` field")))?;
+    let name = agent_common::maps::FORK_CFG;
+    let map = ebpf.map_mut(name).ok_or(MapError::Missing { name })?;
+    let mut cfg: aya::maps::Array<&mut aya::maps::MapData, u32> =
+        aya::maps::Array::try_from(map).map_err(|source| MapError::Type { name, source })?;
+    cfg.set(0, offset, 0).map_err(|source| MapError::Op {
+        op: "set",
+        name,
+        source,
+    })?;
+    Ok(())
+}
+
+/// The `offset:N` of the `child_pid` line of a tracepoint format file.
+fn child_pid_offset(format: &str) -> Option<u32> {
+    let line = format.lines().find(|l| l.contains(" child_pid;"))?;
+    let rest = line.split("offset:").nth(1)?;
+    rest.split(';').next()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::child_pid_offset;
+
+    #[test]
+    fn the_child_pid_offset_is_read_from_both_layouts() {
+        let new = "\tfield:__data_loc char[] child_comm;\toffset:16;\tsize:4;\tsigned:0;\n\
+                   \tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
+        let old = "\tfield:char child_comm[16];\toffset:28;\tsize:16;\tsigned:0;\n\
+                   \tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;\n";
+        assert_eq!(child_pid_offset(new), Some(20));
+        assert_eq!(child_pid_offset(old), Some(44));
+        assert_eq!(
+            child_pid_offset("field:pid_t parent_pid;\toffset:12;"),
+            None
+        );
+    }
 }

@@ -38,6 +38,7 @@ pub struct PolicyMaps {
     grants: HashMap<MapData, GrantKey, GrantValue>,
     drops: PerCpuArray<MapData, u64>,
     rate: HashMap<MapData, u32, RateState>,
+    sticky: HashMap<MapData, u32, u64>,
     pub(super) events: Option<aya::maps::Map>,
     exec: ExecMaps,
 }
@@ -56,6 +57,7 @@ impl PolicyMaps {
             grants: take(ebpf, names::GRANTS)?,
             drops: take(ebpf, names::DROPS)?,
             rate: take(ebpf, names::RATE)?,
+            sticky: take(ebpf, names::STICKY)?,
             exec: ExecMaps::take(ebpf)?,
             events: Some(ebpf.take_map(names::EVENTS).ok_or(MapError::Missing {
                 name: names::EVENTS,
@@ -107,6 +109,12 @@ impl PolicyMaps {
         let mut cfg = self.config()?;
         cfg.level_mask |= 1u32 << level.min(agent_common::MAX_CGROUP_LEVEL);
         self.set_config(cfg)
+    }
+
+    /// Processes (and threads) attributed to a principal stickily, and their cgroup ids (see
+    /// `agent-ebpf/src/principal.rs`).
+    pub fn sticky(&self) -> Vec<(u32, u64)> {
+        self.sticky.iter().filter_map(Result::ok).collect()
     }
 
     /// Removes a principal and its chaining state and grants.

@@ -15,6 +15,9 @@
 //! - `rthdr6:HEX`: `setsockopt(IPV6_RTHDR)` with the bytes HEX on an IPv6 UDP socket;
 //! - `unixabsnul:NAME`: connect a SOCK_STREAM unix socket to the abstract name `NAME\0` (one
 //!   trailing NUL byte, passed in the address length: a different socket from `@NAME`);
+//! - `movecg:DIR`: move this process into the cgroup DIR (e.g. the cgroup v2 root);
+//! - `forkout:DIR=OP`: fork (no exec); the child moves itself into the cgroup DIR, runs OP and
+//!   prints its outcome; the parent waits for it;
 //! - `subcg:NAME`: create a sub-cgroup of the current cgroup and move into it;
 //! - `daemon`: double-fork and setsid (via `setsid -f`), the grandchild runs the remaining
 //!   operations and writes its lines to `--out` (required);
@@ -244,6 +247,33 @@ fn one(op: &str) -> String {
     }
 }
 
+/// `forkout:DIR=OP`: a forked child (no exec: no exec hook sees it) leaves for cgroup DIR and
+/// runs OP; its outcome line goes straight to stdout. Waits for the child.
+fn forkout(dir: &str, op: &str) -> anyhow::Result<()> {
+    // SAFETY: the child only writes a file, runs one operation, writes to fd 1 and _exits.
+    match unsafe { libc::fork() } {
+        -1 => bail!("fork: {}", std::io::Error::last_os_error()),
+        0 => {
+            let line = match std::fs::write(Path::new(dir).join("cgroup.procs"), "0") {
+                Ok(()) => one(op),
+                Err(e) => format!("movecg failed: {e}"),
+            };
+            let bytes = format!("{line}\n");
+            // SAFETY: writes a valid buffer to stdout, then ends the child without unwinding.
+            unsafe {
+                libc::write(1, bytes.as_ptr().cast(), bytes.len());
+                libc::_exit(0)
+            }
+        }
+        pid => {
+            let mut status = 0;
+            // SAFETY: waits for our own child.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            Ok(())
+        }
+    }
+}
+
 fn counts(results: impl Iterator<Item = String>) -> String {
     let mut m: BTreeMap<String, u64> = BTreeMap::new();
     for r in results {
@@ -293,7 +323,15 @@ fn run(ops: &[String], out: &mut dyn std::io::Write, out_path: Option<&str>) -> 
     while i < ops.len() {
         let op = &ops[i];
         i += 1;
-        if let Some(name) = op.strip_prefix("subcg:") {
+        if let Some(dir) = op.strip_prefix("movecg:") {
+            std::fs::write(Path::new(dir).join("cgroup.procs"), "0")
+                .with_context(|| format!("move into {dir}"))?;
+            writeln!(out, "ok")?;
+        } else if let Some(spec) = op.strip_prefix("forkout:") {
+            let (dir, child_op) = spec.split_once('=').context("forkout:DIR=OP")?;
+            out.flush()?;
+            forkout(dir, child_op)?;
+        } else if let Some(name) = op.strip_prefix("subcg:") {
             let sub = current_cgroup()?.join(name);
             std::fs::create_dir_all(&sub).with_context(|| format!("create {}", sub.display()))?;
             std::fs::write(sub.join("cgroup.procs"), "0")

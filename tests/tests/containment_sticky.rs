@@ -1,0 +1,82 @@
+//! Containment: attribution is sticky. A process of a principal (root here) that moves itself
+//! to the cgroup v2 root is still the principal's, and so is a child it forks that moves out
+//! before it makes any hooked call. Exited processes leave no attribution behind (pids are
+//! reused).
+
+use agent_common::PROTO_TCP;
+use corral_agent::ebpf::{
+    Enforcer,
+    events::{EventReader, Verdict},
+};
+use corral_tests::{
+    Listener, Outcome, TestCgroup,
+    build::{policy, set},
+    privileged, probe_in, probe_outside,
+};
+
+fn eperm() -> Outcome {
+    Outcome::Errno("EPERM".into())
+}
+
+#[test]
+fn leaving_the_cgroup_changes_nothing_for_a_process_or_its_children() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let l = Listener::tcp("127.0.0.1:0")?;
+    let cg = TestCgroup::new("contain-sticky")?;
+    let mut e = Enforcer::load_and_attach(&cg.root)?;
+    e.maps().add_principal(cg.id()?, cg.level(), 21, Some(0))?;
+    // Loopback denied (default deny, no rules): the probe's connect must fail wherever it goes.
+    e.maps().apply(
+        &set(
+            1,
+            vec![
+                policy("sticky")
+                    .zone("local", &["127.0.0.0/8"])
+                    .deny(&["local"], &[l.port], &[PROTO_TCP])
+                    .allow_all_exec()
+                    .build(),
+            ],
+        ),
+        |_, _| Some(0),
+    )?;
+    let mut reader = EventReader::take(e.maps())?;
+    let root = cg.root.display().to_string();
+    let tcp = format!("tcp:127.0.0.1:{}", l.port);
+    let got = probe_in(
+        &cg.path,
+        &[
+            &tcp,
+            &format!("movecg:{root}"),
+            &tcp,
+            &format!("forkout:{root}={tcp}"),
+        ],
+    )?;
+    assert_eq!(
+        got,
+        vec![eperm(), Outcome::Ok, eperm(), eperm()],
+        "denied inside, after moving to the root cgroup, and in a forked child that moved out"
+    );
+    let events = reader.drain_connects();
+    assert_eq!(events.len(), 3, "{events:#?}");
+    for ev in &events {
+        assert_eq!(
+            (ev.header.verdict, ev.header.principal, ev.header.cgroup_id),
+            (Verdict::Deny, 21, cg.id()?),
+            "attributed to the principal's cgroup: {ev:?}"
+        );
+    }
+    // The child is a different process from the parent.
+    assert_ne!(events[1].header.pid, events[2].header.pid);
+
+    // Both processes have exited: their entries are gone (a reused pid is nobody's).
+    assert_eq!(
+        e.maps().sticky(),
+        vec![],
+        "no sticky entry outlives its process"
+    );
+    // Outside, unaffected.
+    assert_eq!(probe_outside(&[&tcp])?, vec![Outcome::Ok]);
+    Ok(())
+}
