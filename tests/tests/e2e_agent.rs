@@ -166,7 +166,23 @@ fn a_process_inside_a_principal_may_not_enrol() -> anyhow::Result<()> {
         err.contains("the agent refused") && err.contains("inside an enrolled principal"),
         "PermissionDenied with a reason: {err}"
     );
-    // Reading is not changing: status works from inside.
+    // Events are every principal's decisions: refused from inside.
+    let out = run_as(
+        &spec,
+        "spiffe://e2e.corral/agent/outer",
+        "outer3",
+        &[&corral_bin, "events", "--socket", &socket],
+    )?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "events from inside a principal must fail"
+    );
+    assert!(
+        err.contains("inside an enrolled principal") && err.contains("may not watch events"),
+        "PermissionDenied with a reason: {err}"
+    );
+    // Status works from inside.
     let out = run_as(
         &spec,
         "spiffe://e2e.corral/agent/outer",

@@ -1,6 +1,7 @@
 //! The local API: `AgentService` over the unix socket, authorized by the socket's peer
 //! credentials. Only root (or the configured group) may enrol; a caller whose cgroup is a
-//! principal's (or inside one) is refused everything that changes state.
+//! principal's (or inside one, or attributed to one after leaving its cgroup) is refused
+//! everything that changes state, and the event stream.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -107,9 +108,10 @@ pub struct Api {
 }
 
 impl Api {
-    /// A state-changing call: the caller must be root or in the enrol group, and must not
-    /// run inside a principal.
-    fn authorize_change(&self, p: Peer) -> Result<(), ApiError> {
+    /// The caller's pid, if the caller is outside every principal: neither in a principal's
+    /// cgroup nor attributed to one stickily (a process that left its principal's cgroup is
+    /// still that principal's). `what` names the refused action.
+    fn outside_principals(&self, p: Peer, what: &str) -> Result<i32, ApiError> {
         let pid = p
             .pid
             .ok_or_else(|| ApiError::Denied("the caller's pid is unknown".into()))?;
@@ -118,10 +120,33 @@ impl Api {
         })?;
         if self.shared.registry.is_inside_principal(&cg) {
             return Err(ApiError::Denied(format!(
-                "pid {pid} runs inside an enrolled principal ({}) and may not change agent state",
+                "pid {pid} runs inside an enrolled principal ({}) and may not {what}",
                 cg.display()
             )));
         }
+        let tgid = u32::try_from(pid).unwrap_or(u32::MAX);
+        let sticky = self.shared.enforcer().maps().sticky();
+        if let Some((_, cgroup_id)) = sticky.iter().find(|(t, _)| *t == tgid) {
+            let enrolled = self
+                .shared
+                .registry
+                .list()
+                .iter()
+                .any(|r| r.cgroup_id == *cgroup_id);
+            if enrolled {
+                return Err(ApiError::Denied(format!(
+                    "pid {pid} belongs to an enrolled principal (cgroup id {cgroup_id}; it \
+                     left the cgroup) and may not {what}"
+                )));
+            }
+        }
+        Ok(pid)
+    }
+
+    /// A state-changing call: the caller must be root or in the enrol group, and must not
+    /// run inside a principal.
+    fn authorize_change(&self, p: Peer) -> Result<(), ApiError> {
+        let pid = self.outside_principals(p, "change agent state")?;
         let group_ok = self
             .shared
             .resolved
@@ -232,6 +257,9 @@ impl AgentService for Api {
         &self,
         req: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        // Every principal's decisions are in the stream: a principal may not watch them (it
+        // would learn what its neighbours do, and which of its own probes were denied).
+        self.outside_principals(peer(&req)?, "watch events")?;
         let r = req.into_inner();
         let filter = Filter::new(r.filter).map_err(ApiError::from)?;
         let sub = self.shared.hub.subscribe(filter, r.follow);
