@@ -90,17 +90,13 @@ impl Verdict {
 impl TryFrom<u8> for Verdict {
     type Error = UnknownValue;
     fn try_from(v: u8) -> Result<Self, UnknownValue> {
-        Ok(match v {
-            VERDICT_ALLOW => Self::Allow,
-            VERDICT_DENY => Self::Deny,
-            VERDICT_AUDIT_DENY => Self::AuditDeny,
-            other => {
-                return Err(UnknownValue {
-                    field: "verdict",
-                    value: other as u64,
-                });
-            }
-        })
+        Self::ALL
+            .into_iter()
+            .find(|x| x.to_kernel() == v)
+            .ok_or(UnknownValue {
+                field: "verdict",
+                value: v as u64,
+            })
     }
 }
 
@@ -140,20 +136,13 @@ impl Reason {
 impl TryFrom<u8> for Reason {
     type Error = UnknownValue;
     fn try_from(v: u8) -> Result<Self, UnknownValue> {
-        Ok(match v {
-            REASON_RULE => Self::Rule,
-            REASON_DEFAULT => Self::Default,
-            REASON_CHAINING => Self::Chaining,
-            REASON_GRANT => Self::Grant,
-            REASON_NO_POLICY => Self::NoPolicy,
-            REASON_CONTAINMENT => Self::Containment,
-            other => {
-                return Err(UnknownValue {
-                    field: "reason",
-                    value: other as u64,
-                });
-            }
-        })
+        Self::ALL
+            .into_iter()
+            .find(|x| x.to_kernel() == v)
+            .ok_or(UnknownValue {
+                field: "reason",
+                value: v as u64,
+            })
     }
 }
 

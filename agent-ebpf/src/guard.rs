@@ -95,10 +95,6 @@ fn try_socket_enter(ctx: &TracePointContext) -> Result<u32, u32> {
         // IP sockets are checked in detail by `sock_create`.
         return Ok(0);
     }
-    let cfg = principal::config();
-    let Some(caller) = principal::resolve(&cfg) else {
-        return Ok(0);
-    };
     // SAFETY: as above.
     let (sock_type, protocol) = unsafe {
         (
@@ -106,17 +102,13 @@ fn try_socket_enter(ctx: &TracePointContext) -> Result<u32, u32> {
             ctx.read_at::<u64>(ARG_PROTOCOL).unwrap_or(0) as u32,
         )
     };
-    let ret = refuse(
-        &cfg,
-        &caller,
-        SocketEvent {
-            family: family as u16,
-            sock_type: sock_type as u16,
-            protocol: protocol as u16,
-            hook: HOOK_SOCKET_SYSCALL,
-            ..SocketEvent::default()
-        },
-    );
+    let ret = refuse_principal(SocketEvent {
+        family: family as u16,
+        sock_type: sock_type as u16,
+        protocol: protocol as u16,
+        hook: HOOK_SOCKET_SYSCALL,
+        ..SocketEvent::default()
+    });
     if ret == DENY {
         // SAFETY: helper call with a plain integer argument.
         unsafe { bpf_send_signal(SIGKILL) };
@@ -161,21 +153,13 @@ fn try_sock_create(ctx: &SockContext) -> Result<i32, i32> {
     if policed_socket(family, sock_type, protocol) {
         return Ok(ALLOW);
     }
-    let cfg = principal::config();
-    let Some(caller) = principal::resolve(&cfg) else {
-        return Ok(ALLOW);
-    };
-    Ok(refuse(
-        &cfg,
-        &caller,
-        SocketEvent {
-            family: family as u16,
-            sock_type: sock_type as u16,
-            protocol: protocol as u16,
-            hook: HOOK_SOCK_CREATE,
-            ..SocketEvent::default()
-        },
-    ))
+    Ok(refuse_principal(SocketEvent {
+        family: family as u16,
+        sock_type: sock_type as u16,
+        protocol: protocol as u16,
+        hook: HOOK_SOCK_CREATE,
+        ..SocketEvent::default()
+    }))
 }
 
 #[inline(always)]
@@ -191,28 +175,20 @@ fn try_setsockopt(ctx: &SockoptContext) -> Result<i32, i32> {
     if !routes {
         return Ok(ALLOW);
     }
-    let cfg = principal::config();
-    let Some(caller) = principal::resolve(&cfg) else {
-        return Ok(ALLOW);
-    };
     // SAFETY: as above; `sk` is readable in sockopt programs.
     let (family, sock_type, protocol) = unsafe {
         let sk = (*so).__bindgen_anon_1.sk;
         ((*sk).family, (*sk).type_, (*sk).protocol)
     };
-    Ok(refuse(
-        &cfg,
-        &caller,
-        SocketEvent {
-            family: family as u16,
-            sock_type: sock_type as u16,
-            protocol: protocol as u16,
-            hook: HOOK_SETSOCKOPT,
-            level: level as u32,
-            optname: optname as u32,
-            ..SocketEvent::default()
-        },
-    ))
+    Ok(refuse_principal(SocketEvent {
+        family: family as u16,
+        sock_type: sock_type as u16,
+        protocol: protocol as u16,
+        hook: HOOK_SETSOCKOPT,
+        level: level as u32,
+        optname: optname as u32,
+        ..SocketEvent::default()
+    }))
 }
 
 /// Whether an `IP_OPTIONS` value carries a loose or strict source route. Options the program
@@ -232,9 +208,13 @@ fn ip_options_route(ctx: &SockoptContext) -> bool {
         return false;
     }
     let len = optlen as usize;
-    if len > MAX_IP_OPTIONS || start + len > end {
-        // The kernel rejects more than 40 bytes anyway; an unseen tail is refused.
-        return len <= MAX_IP_OPTIONS;
+    if len > MAX_IP_OPTIONS {
+        // The kernel rejects more than 40 bytes of options itself.
+        return false;
+    }
+    if start + len > end {
+        // Part of the value is not in the kernel's copy: refused unseen.
+        return true;
     }
     let mut i = 0usize;
     for _ in 0..MAX_IP_OPTIONS {
@@ -262,6 +242,17 @@ fn ip_options_route(ctx: &SockoptContext) -> bool {
         }
     }
     false
+}
+
+/// For a caller that belongs to a principal: records the refusal of `event` and returns the
+/// program's code, EPERM or (audit mode) let through. Anyone else: let through, no event.
+#[inline(always)]
+fn refuse_principal(event: SocketEvent) -> i32 {
+    let cfg = principal::config();
+    match principal::resolve(&cfg) {
+        Some(caller) => refuse(&cfg, &caller, event),
+        None => ALLOW,
+    }
 }
 
 /// Records the refusal and returns the program's code: EPERM, or (audit mode) let through.

@@ -125,14 +125,14 @@ impl Api {
             )));
         }
         let tgid = u32::try_from(pid).unwrap_or(u32::MAX);
-        let sticky = self.shared.enforcer().maps().sticky();
-        if let Some((_, cgroup_id)) = sticky.iter().find(|(t, _)| *t == tgid) {
+        let sticky = self.shared.enforcer().maps().sticky_cgroup(tgid);
+        if let Some(cgroup_id) = sticky {
             let enrolled = self
                 .shared
                 .registry
                 .list()
                 .iter()
-                .any(|r| r.cgroup_id == *cgroup_id);
+                .any(|r| r.cgroup_id == cgroup_id);
             if enrolled {
                 return Err(ApiError::Denied(format!(
                     "pid {pid} belongs to an enrolled principal (cgroup id {cgroup_id}; it \

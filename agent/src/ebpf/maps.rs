@@ -117,6 +117,11 @@ impl PolicyMaps {
         self.sticky.iter().filter_map(Result::ok).collect()
     }
 
+    /// The cgroup id process `tgid` is stickily attributed to, if any.
+    pub fn sticky_cgroup(&self, tgid: u32) -> Option<u64> {
+        self.sticky.get(&tgid, 0).ok()
+    }
+
     /// Removes a principal and its chaining state and grants.
     pub fn remove_principal(&mut self, cgroup_id: u64) -> Result<(), MapError> {
         let Ok(p) = self.principals.get(&cgroup_id, 0) else {
