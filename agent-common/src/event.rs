@@ -31,6 +31,15 @@ pub const HOOK_SETSOCKOPT: u8 = 8;
 /// [`SocketEvent::hook`]: `socket()` of a family `sock_create` does not see (tracepoint
 /// `syscalls:sys_enter_socket`; a deny kills the process).
 pub const HOOK_SOCKET_SYSCALL: u8 = 9;
+/// [`ConnectEvent::hook`]: an established IPv4 / IPv6 connection was ended because its
+/// destination is now denied (cgroup_skb egress re-decided it: a grant expired or was revoked,
+/// chaining tripped, the policy changed, the principal ended). The event's verdict, reason and
+/// rule are the new decision's; `grant_id` is the grant that had allowed the connection.
+pub const HOOK_CUT4: u8 = 10;
+pub const HOOK_CUT6: u8 = 11;
+/// [`SocketEvent::hook`]: a principal's packet carrying an IPv4 source route or an IPv6
+/// routing header (set per message, with a control message) was dropped (cgroup_skb egress).
+pub const HOOK_ROUTE_EGRESS: u8 = 12;
 
 /// `sockaddr_un.sun_family`.
 pub const AF_UNIX: u16 = 1;

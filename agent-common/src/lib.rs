@@ -12,16 +12,19 @@
 //! - [`event`]: the ring-buffer records (one [`EventHeader`] first in each).
 //! - [`policy`]: the policy map keys and values.
 //! - [`exec`]: the exec decision's maps, configuration and shared logic.
+//! - [`conn`]: per-socket decision state, so revocation reaches established connections.
 //! - [`maps`]: every map name (and [`maps::ALL`], checked against the built object) and the
 //!   capacity limits.
 #![no_std]
 
+pub mod conn;
 pub mod decision;
 pub mod event;
 pub mod exec;
 pub mod maps;
 pub mod policy;
 
+pub use conn::*;
 pub use decision::*;
 pub use event::*;
 pub use exec::*;
@@ -129,6 +132,8 @@ mod pod {
     unsafe impl aya::Pod for UnixEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SocketEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockState {}
 
     /// Copies a `T` out of possibly unaligned bytes (ring buffer records); `None` if too short.
     pub fn read_unaligned<T: aya::Pod>(bytes: &[u8]) -> Option<T> {

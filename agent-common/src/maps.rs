@@ -47,6 +47,13 @@ pub const STICKY: &str = "CORRAL_STICKY";
 /// record (it moved between kernel versions; read from tracefs by the agent), 0 if unknown.
 pub const FORK_CFG: &str = "CORRAL_FORKCFG";
 
+/// `SkStorage<SockState>` (a BTF map): per-socket decision state of principals' sockets.
+pub const SOCKS: &str = "CORRAL_SOCKS";
+/// `Array<u64>`, one entry: moved on by the agent whenever a decision may have become a deny
+/// (policy swap, grant revocation, principal removal); the egress program re-decides
+/// connections decided under an older value.
+pub const EPOCH: &str = "CORRAL_EPOCH";
+
 /// Every map name above: the kernel object must define exactly these (checked by the agent's
 /// `ebpf::object` tests against the built object).
 pub const ALL: &[&str] = &[
@@ -70,6 +77,8 @@ pub const ALL: &[&str] = &[
     UNIX_ZONES,
     STICKY,
     FORK_CFG,
+    SOCKS,
+    EPOCH,
 ];
 
 /// The kernel keeps at most this many bytes of a map name (`BPF_OBJ_NAME_LEN` - 1) and cuts

@@ -9,9 +9,9 @@ use core::intrinsics::{AtomicOrdering, atomic_or};
 use agent_common::{
     ACTION_ALLOW, ANY_PORT, ANY_PROTO, Addr, ChainKey, Config, ConnectEvent, EventHeader, GrantKey,
     HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, KIND_CONNECT, MODE_AUDIT, NONE,
-    REASON_CHAINING, REASON_DEFAULT, REASON_GRANT, REASON_NO_POLICY, REASON_RULE, RuleKey,
-    VERDICT_ALLOW, VERDICT_AUDIT_DENY, VERDICT_DENY, ZoneKey, maps::limits, policy_key, v4_mapped,
-    zone_prefix_len,
+    REASON_CHAINING, REASON_CONTAINMENT, REASON_DEFAULT, REASON_GRANT, REASON_NO_POLICY,
+    REASON_RULE, RuleKey, VALID_FOREVER, VERDICT_ALLOW, VERDICT_AUDIT_DENY, VERDICT_DENY, ZoneKey,
+    maps::limits, policy_key, v4_mapped, zone_prefix_len,
 };
 use aya_ebpf::{
     helpers::generated::bpf_ktime_get_boot_ns, macros::cgroup_sock_addr, maps::lpm_trie::Key,
@@ -19,7 +19,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    events,
+    egress, events,
     maps::{CHAIN, GRANTS, POLICIES, RULES, SEEN, ZONES},
     principal::{self, Caller},
 };
@@ -61,14 +61,16 @@ pub(crate) struct Decision {
     pub reason: u8,
     pub rule: u32,
     pub grant_id: u64,
+    /// When the allowing grant expires (CLOCK_BOOTTIME ns), or `VALID_FOREVER`.
+    pub valid_until: u64,
 }
 
 /// The destination of the call as the kernel hands it to us.
-struct Dest {
-    addr: Addr,
-    port: u16,
-    family: u16,
-    proto: u8,
+pub(crate) struct Dest {
+    pub addr: Addr,
+    pub port: u16,
+    pub family: u16,
+    pub proto: u8,
 }
 
 #[inline(always)]
@@ -121,11 +123,28 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
     };
     let d = dest(ctx, hook);
     // Every policy polices IP destinations: `evaluate` always decides.
-    let Some(out) = evaluate(&cfg, &caller, 0, d.port, d.proto, |policy| {
-        lookup_zone(policy, &d.addr)
-    }) else {
+    let Some(mut out) = evaluate(
+        &cfg,
+        &caller,
+        0,
+        d.port,
+        d.proto,
+        |policy| lookup_zone(policy, &d.addr),
+        true,
+    ) else {
         return Ok(ALLOW);
     };
+    // What lets the call through is recorded on the socket, so the egress program can end the
+    // connection when the decision no longer holds; no room for that: fail closed.
+    if out.ret() == ALLOW && !egress::record(ctx, &caller, &d, &out, hook) {
+        out.decision = Decision {
+            verdict: VERDICT_DENY,
+            reason: REASON_CONTAINMENT,
+            rule: NONE,
+            grant_id: 0,
+            valid_until: VALID_FOREVER,
+        };
+    }
     let Some(header) = event_header(&cfg, &caller, &out, KIND_CONNECT) else {
         return Ok(out.ret());
     };
@@ -174,8 +193,9 @@ impl Outcome {
 
 /// Decides a call of an enrolled `caller` to a destination with `port` and `proto`
 /// (`ANY_PORT`/`ANY_PROTO` where the destination has none), whose zone under a policy key
-/// `zone_of` finds; updates the chaining state of an allowed call. Shared by the IP and unix
-/// hooks. `None`: the caller's policy lacks a `POLICY_F_*` bit of `requires`, so it does not
+/// `zone_of` finds; with `mark`, updates the chaining state of an allowed call (a re-decision
+/// of an established connection does not: it was marked when made). Shared by the IP and unix
+/// hooks and the egress re-decision. `None`: the caller's policy lacks a `POLICY_F_*` bit of `requires`, so it does not
 /// police this kind of call (allowed, no event). No policy at all: denied (fail closed).
 #[inline(always)]
 pub(crate) fn evaluate(
@@ -185,6 +205,7 @@ pub(crate) fn evaluate(
     port: u16,
     proto: u8,
     zone_of: impl FnOnce(u32) -> u32,
+    mark: bool,
 ) -> Option<Outcome> {
     let pol_slot = caller.policy_slot(cfg);
 
@@ -196,6 +217,7 @@ pub(crate) fn evaluate(
             reason: REASON_NO_POLICY,
             rule: NONE,
             grant_id: 0,
+            valid_until: VALID_FOREVER,
         }
     } else {
         policy = policy_key(cfg.generation & 1, pol_slot);
@@ -206,6 +228,7 @@ pub(crate) fn evaluate(
                 reason: REASON_NO_POLICY,
                 rule: NONE,
                 grant_id: 0,
+                valid_until: VALID_FOREVER,
             },
             Some(meta) => {
                 // SAFETY: map value pointer, valid for this run.
@@ -230,7 +253,7 @@ pub(crate) fn evaluate(
         }
     };
 
-    if decision.verdict != VERDICT_DENY && zone < limits::CHAIN_ZONES {
+    if mark && decision.verdict != VERDICT_DENY && zone < limits::CHAIN_ZONES {
         mark_seen(caller.principal.index, zone);
     }
     Some(Outcome {
@@ -264,7 +287,7 @@ pub(crate) fn event_header(
 }
 
 #[inline(always)]
-fn lookup_zone(policy: u32, addr: &Addr) -> u32 {
+pub(crate) fn lookup_zone(policy: u32, addr: &Addr) -> u32 {
     let key = Key::new(
         zone_prefix_len(128),
         ZoneKey {
@@ -322,6 +345,7 @@ fn decide(
                 reason: REASON_CHAINING,
                 rule: NONE,
                 grant_id: 0,
+                valid_until: VALID_FOREVER,
             };
         }
     }
@@ -332,6 +356,7 @@ fn decide(
             reason: REASON_RULE,
             rule: deny_rule,
             grant_id: 0,
+            valid_until: VALID_FOREVER,
         }
     } else if allow_rule != NONE {
         Decision {
@@ -339,6 +364,7 @@ fn decide(
             reason: REASON_RULE,
             rule: allow_rule,
             grant_id: 0,
+            valid_until: VALID_FOREVER,
         }
     } else {
         Decision {
@@ -350,17 +376,19 @@ fn decide(
             reason: REASON_DEFAULT,
             rule: NONE,
             grant_id: 0,
+            valid_until: VALID_FOREVER,
         }
     };
     if base.verdict == VERDICT_DENY
         && zone != NONE
-        && let Some(grant_id) = active_grant(principal, zone, port, proto)
+        && let Some((grant_id, valid_until)) = active_grant(principal, zone, port, proto)
     {
         return Decision {
             verdict: VERDICT_ALLOW,
             reason: REASON_GRANT,
             rule: NONE,
             grant_id,
+            valid_until,
         };
     }
     base
@@ -387,8 +415,9 @@ fn mark_seen(principal: u32, zone: u32) {
 }
 
 /// A grant counts only while `now < expires_ns`: expiry needs no userspace action.
+/// Returns the grant's id and expiry.
 #[inline(always)]
-fn active_grant(principal: u32, zone: u32, port: u16, proto: u8) -> Option<u64> {
+fn active_grant(principal: u32, zone: u32, port: u16, proto: u8) -> Option<(u64, u64)> {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_boot_ns() };
     for (port, proto) in [
@@ -408,7 +437,7 @@ fn active_grant(principal: u32, zone: u32, port: u16, proto: u8) -> Option<u64> 
             // SAFETY: map value pointer, valid for this run.
             let g = unsafe { *g };
             if now < g.expires_ns {
-                return Some(g.grant_id);
+                return Some((g.grant_id, g.expires_ns));
             }
         }
     }

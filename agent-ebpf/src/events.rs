@@ -34,18 +34,39 @@ pub fn count_drop() {
     }
 }
 
-/// Fills the common header.
+/// Fills the common header for the current task.
 #[inline(always)]
 pub fn header(kind: u8, cgroup_id: u64, principal: u32) -> EventHeader {
     let pid_tgid = bpf_get_current_pid_tgid();
+    header_for(
+        kind,
+        cgroup_id,
+        principal,
+        (pid_tgid >> 32) as u32,
+        pid_tgid as u32,
+        bpf_get_current_uid_gid() as u32,
+    )
+}
+
+/// Fills the common header for process `pid` (thread `tid`) of user `uid`: for programs that do
+/// not run in the context of the process concerned (packets sent from softirq or a timer).
+#[inline(always)]
+pub fn header_for(
+    kind: u8,
+    cgroup_id: u64,
+    principal: u32,
+    pid: u32,
+    tid: u32,
+    uid: u32,
+) -> EventHeader {
     EventHeader {
         seq: next_seq(),
         // SAFETY: helper without arguments.
         time_ns: unsafe { bpf_ktime_get_boot_ns() },
         cgroup_id,
-        tid: pid_tgid as u32,
-        pid: (pid_tgid >> 32) as u32,
-        uid: bpf_get_current_uid_gid() as u32,
+        tid,
+        pid,
+        uid,
         principal,
         kind,
         ..EventHeader::default()

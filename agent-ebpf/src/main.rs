@@ -10,6 +10,7 @@
 #![expect(internal_features, reason = "atomic intrinsics, see above")]
 
 mod connect;
+mod egress;
 mod events;
 mod exec;
 mod guard;

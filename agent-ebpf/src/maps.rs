@@ -2,11 +2,13 @@
 
 use agent_common::{
     ChainKey, Config, ExecConfig, ExecKey, GrantKey, GrantValue, PolicyMeta, Principal, RateState,
-    RuleKey, RuleValue, ScriptConfig, TaskInfo, UnixKey, ZoneKey, ZoneValue, maps::limits,
+    RuleKey, RuleValue, ScriptConfig, SockState, TaskInfo, UnixKey, ZoneKey, ZoneValue,
+    maps::limits,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 
@@ -67,6 +69,15 @@ pub static STICKY: HashMap<u32, u64> = HashMap::with_max_entries(limits::STICKY,
 
 #[map(name = "CORRAL_FORKCFG")]
 pub static FORK_CFG: Array<u32> = Array::with_max_entries(1, 0);
+
+// Revocation of established connections (see egress.rs). Socket-local storage needs BTF for
+// its key and value, so this one map is a BTF map (`.maps`); it lives and dies with each socket.
+
+#[btf_map(name = "CORRAL_SOCKS")]
+pub static SOCKS: SkStorage<SockState> = SkStorage::new();
+
+#[map(name = "CORRAL_EPOCH")]
+pub static EPOCH: Array<u64> = Array::with_max_entries(1, 0);
 
 // Exec enforcement (see exec.rs).
 

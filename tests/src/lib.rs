@@ -152,6 +152,162 @@ impl Listener {
     }
 }
 
+/// `corral-probe session` in a cgroup: commands in, one line out each (see
+/// `src/bin/probe/session.rs`), so a test holds sockets open across a change it makes.
+pub struct Session {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Session {
+    pub fn start(cgroup: &Path) -> anyhow::Result<Self> {
+        let mut child = Command::new(probe_bin()?)
+            .arg("--cgroup")
+            .arg(cgroup)
+            .arg("session")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("start corral-probe session")?;
+        let stdin = child.stdin.take().context("probe stdin")?;
+        let stdout = std::io::BufReader::new(child.stdout.take().context("probe stdout")?);
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+        })
+    }
+
+    /// Runs one command; its outcome line (`ok`, `EPERM`, `EAGAIN`, ...).
+    pub fn cmd(&mut self, line: &str) -> anyhow::Result<String> {
+        use std::io::{BufRead as _, Write as _};
+        writeln!(self.stdin, "{line}")?;
+        self.stdin.flush()?;
+        let mut out = String::new();
+        self.stdout.read_line(&mut out)?;
+        anyhow::ensure!(!out.is_empty(), "the probe session ended at `{line}`");
+        Ok(out.trim().to_owned())
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A loopback TCP or UDP server that counts what it receives and can answer its peers.
+pub struct Sink {
+    pub port: u16,
+    received: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tcp_peers: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    udp: Option<(
+        std::net::UdpSocket,
+        std::sync::Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>,
+    )>,
+}
+
+impl Sink {
+    pub fn tcp(addr: &str) -> anyhow::Result<Self> {
+        use std::io::Read as _;
+        let l = std::net::TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
+        let port = l.local_addr()?.port();
+        let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let tcp_peers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (count, peers) = (received.clone(), tcp_peers.clone());
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let Ok(mut reader) = s.try_clone() else {
+                    continue;
+                };
+                if let Ok(mut p) = peers.lock() {
+                    p.push(s);
+                }
+                let count = count.clone();
+                std::thread::spawn(move || {
+                    let mut b = [0u8; 256];
+                    while let Ok(n) = reader.read(&mut b) {
+                        if n == 0 {
+                            break;
+                        }
+                        count.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            port,
+            received,
+            tcp_peers,
+            udp: None,
+        })
+    }
+
+    pub fn udp(addr: &str) -> anyhow::Result<Self> {
+        let sock = std::net::UdpSocket::bind(addr).with_context(|| format!("bind {addr}"))?;
+        let port = sock.local_addr()?.port();
+        let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let peers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (count, seen, reader) = (received.clone(), peers.clone(), sock.try_clone()?);
+        std::thread::spawn(move || {
+            let mut b = [0u8; 256];
+            while let Ok((n, from)) = reader.recv_from(&mut b) {
+                count.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+                if let Ok(mut p) = seen.lock()
+                    && !p.contains(&from)
+                {
+                    p.push(from);
+                }
+            }
+        });
+        Ok(Self {
+            port,
+            received,
+            tcp_peers: std::sync::Arc::new(std::sync::Mutex::new(Vec::new())),
+            udp: Some((sock, peers)),
+        })
+    }
+
+    /// Bytes received so far.
+    pub fn received(&self) -> usize {
+        self.received.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits up to `timeout` for at least `n` bytes in all; the count then.
+    pub fn wait_for(&self, n: usize, timeout: std::time::Duration) -> usize {
+        let t0 = std::time::Instant::now();
+        while self.received() < n && t0.elapsed() < timeout {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        self.received()
+    }
+
+    /// Sends one byte to every peer seen.
+    pub fn answer(&self) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        if let Some((sock, peers)) = &self.udp {
+            for p in peers
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?
+                .iter()
+            {
+                sock.send_to(b"y", p)?;
+            }
+        }
+        for mut s in self
+            .tcp_peers
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .iter()
+        {
+            s.write_all(b"y")?;
+        }
+        Ok(())
+    }
+}
+
 /// Builds compiled policies for tests, without YAML.
 pub mod e2e;
 pub mod fleet;

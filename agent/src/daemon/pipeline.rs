@@ -108,6 +108,9 @@ fn hook_name(h: u8) -> &'static str {
         HOOK_SENDMSG6 => "sendmsg6",
         HOOK_CONNECT_UNIX => "connect_unix",
         HOOK_SENDMSG_UNIX => "sendmsg_unix",
+        // An established connection ended by the egress re-decision.
+        agent_common::HOOK_CUT4 => "cut4",
+        agent_common::HOOK_CUT6 => "cut6",
         _ => "unknown",
     }
 }

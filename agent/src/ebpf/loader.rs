@@ -15,7 +15,8 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, TracePoint, links::FdLink,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        CgroupSockopt, TracePoint, links::FdLink,
     },
 };
 use aya_obj::generated::bpf_attach_type;
@@ -35,6 +36,13 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "
 /// The containment guards (`agent-ebpf/src/guard.rs`): `socket()` (cgroup `sock_create`) and
 /// `setsockopt()` (cgroup `setsockopt`), attached like the sock_addr programs.
 pub const GUARD_PROGRAMS: [&str; 2] = ["sock_create", "setsockopt"];
+
+/// Revocation of established connections and per-message source routes
+/// (`agent-ebpf/src/egress.rs`): cgroup_skb programs, attached like the sock_addr programs.
+pub const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
+    ("egress", CgroupSkbAttachType::Egress),
+    ("ingress", CgroupSkbAttachType::Ingress),
+];
 
 /// The guard for the families `sock_create` does not see: the `syscalls:sys_enter_socket`
 /// tracepoint (a deny kills the process).
@@ -187,6 +195,14 @@ impl Enforcer {
             }
             info!(program = name, cgroup = %cgroup.display(), pinned = pins.is_some(), "attached");
         }
+        for (name, attach_type) in SKB_PROGRAMS {
+            let link = attach_skb(&mut ebpf, name, attach_type, &cg, cgroup)?;
+            match pins {
+                Some(p) => p.install_link(name, link)?,
+                None => links.push(link),
+            }
+            info!(program = name, cgroup = %cgroup.display(), pinned = pins.is_some(), "attached");
+        }
         let mut guard_links = Vec::new();
         for name in GUARD_PROGRAMS {
             let link = attach_guard(&mut ebpf, name, &cg, cgroup)?;
@@ -248,10 +264,12 @@ impl Enforcer {
         v
     }
 
-    /// The containment guards attached ([`GUARD_PROGRAMS`], then the socket tracepoint).
+    /// The containment guards attached ([`GUARD_PROGRAMS`], the socket tracepoint, then the
+    /// cgroup_skb programs).
     pub fn guard_hooks(&self) -> Vec<&'static str> {
         let mut v = GUARD_PROGRAMS.to_vec();
         v.push(SOCKET_TRACEPOINT.2);
+        v.push("cgroup_skb");
         v
     }
 
@@ -296,6 +314,32 @@ impl Enforcer {
     pub fn attached(&self) -> usize {
         self.links.len() + self.guard_links.len() + self.unix.links.len()
     }
+}
+
+/// Loads cgroup_skb program `name` and attaches it to `cg` as a bpf_link.
+fn attach_skb(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    attach_type: CgroupSkbAttachType,
+    cg: &File,
+    path: &Path,
+) -> Result<FdLink, LoadError> {
+    let program = |source| LoadError::Program { name, source };
+    let prog: &mut CgroupSkb = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::MissingProgram { name })?
+        .try_into()
+        .map_err(program)?;
+    prog.load().map_err(program)?;
+    let id = prog
+        .attach(cg, attach_type, CgroupAttachMode::Single)
+        .map_err(|source| LoadError::Attach {
+            name,
+            path: path.into(),
+            source,
+        })?;
+    let link = prog.take_link(id).map_err(program)?;
+    FdLink::try_from(link).map_err(|source| LoadError::Link { name, source })
 }
 
 /// Loads guard program `name` (a cgroup `sock_create` or `setsockopt` program) and links it

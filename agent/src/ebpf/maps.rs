@@ -39,6 +39,7 @@ pub struct PolicyMaps {
     drops: PerCpuArray<MapData, u64>,
     rate: HashMap<MapData, u32, RateState>,
     sticky: HashMap<MapData, u32, u64>,
+    epoch: Array<MapData, u64>,
     pub(super) events: Option<aya::maps::Map>,
     exec: ExecMaps,
 }
@@ -58,6 +59,7 @@ impl PolicyMaps {
             drops: take(ebpf, names::DROPS)?,
             rate: take(ebpf, names::RATE)?,
             sticky: take(ebpf, names::STICKY)?,
+            epoch: take(ebpf, names::EPOCH)?,
             exec: ExecMaps::take(ebpf)?,
             events: Some(ebpf.take_map(names::EVENTS).ok_or(MapError::Missing {
                 name: names::EVENTS,
@@ -75,6 +77,16 @@ impl PolicyMaps {
         self.config
             .set(0, cfg, 0)
             .map_err(op("write config", names::CONFIG))
+    }
+
+    /// Moves `EPOCH` on: every established connection of a principal is decided again at its
+    /// next packet, and ended if its destination is now denied (`agent-ebpf/src/egress.rs`).
+    /// Called after every change that can turn an allow into a deny.
+    fn bump_epoch(&mut self) -> Result<(), MapError> {
+        let now = self.epoch.get(&0, 0).map_err(op("read", names::EPOCH))?;
+        self.epoch
+            .set(0, now.wrapping_add(1), 0)
+            .map_err(op("write", names::EPOCH))
     }
 
     /// Enrols the cgroup `cgroup_id` at cgroup `level` as principal `index`, governed by policy
@@ -136,7 +148,8 @@ impl PolicyMaps {
         }
         let _ = self.rate.remove(&p.index);
         self.remove_grants_of(p.index);
-        Ok(())
+        // Its connections end with it.
+        self.bump_epoch()
     }
 
     /// Removes every grant entry of principal index `index` (best effort).
@@ -176,16 +189,19 @@ impl PolicyMaps {
     }
 
     /// Installs a grant: `expires_ns` is absolute on CLOCK_BOOTTIME.
+    /// (A grant rewritten with an earlier expiry shortens the connections it allowed too.)
     pub fn add_grant(&mut self, key: GrantKey, value: GrantValue) -> Result<(), MapError> {
         self.grants
             .insert(key, value, 0)
-            .map_err(op("insert", names::GRANTS))
+            .map_err(op("insert", names::GRANTS))?;
+        self.bump_epoch()
     }
 
+    /// Removes a grant entry; connections it allowed end at their next packet.
     pub fn remove_grant(&mut self, key: &GrantKey) -> Result<(), MapError> {
         match self.grants.remove(key) {
             Err(e) if !is_not_found(&e) => Err(op("remove", names::GRANTS)(e)),
-            _ => Ok(()),
+            _ => self.bump_epoch(),
         }
     }
 
@@ -257,6 +273,7 @@ impl PolicyMaps {
             generation: new,
             ..cfg
         })?;
+        self.bump_epoch()?;
         self.clear_generation(old)
     }
 

@@ -27,7 +27,13 @@
 //! - `time:N:OP`: run OP N times, print `ns=<mean nanoseconds per op> ok=<n>` (benchmarks);
 //! - `watch:US:OP`: run OP every US microseconds until stdin reaches EOF (or the probe is
 //!   killed); print `<CLOCK_MONOTONIC ns> <outcome>` for the first outcome and for each change
-//!   (latency benchmarks: `corral_tests::harness::Prober`).
+//!   (latency benchmarks: `corral_tests::harness::Prober`);
+//! - `session`: read commands from stdin (see `probe/session.rs`): hold sockets open across a
+//!   change the test makes;
+//! - `lsrrmsg:ADDR:PORT`: UDP `sendmsg()` to ADDR:PORT with a loose source route through
+//!   127.0.0.1 in an `IP_RETOPTS` control message (no `setsockopt()`);
+//! - `rthdrmsg6:ADDR:PORT:HEX`: UDP `sendmsg()` with the routing header HEX in an
+//!   `IPV6_RTHDR` control message.
 //!
 //! ADDR is `1.2.3.4` or `[::1]`.
 use std::{
@@ -43,6 +49,9 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+
+#[path = "probe/session.rs"]
+mod session;
 use socket2::{Domain, SockAddr, Socket, Type};
 
 fn errno_name(e: &std::io::Error) -> String {
@@ -188,6 +197,69 @@ fn sockopt_op(domain: Domain, level: i32, name: i32, hex: &str) -> std::io::Resu
     }
 }
 
+/// One UDP datagram to ADDR:PORT with an IP-level control message: `lsrrmsg` (an IPv4 loose
+/// source route through 127.0.0.1, `IP_RETOPTS`) or `rthdrmsg6` (`IPV6_RTHDR` with HEX).
+fn cmsg_send(kind: &str, rest: &str) -> std::io::Result<()> {
+    let (addr, data, level, ty) = if kind == "lsrrmsg" {
+        // NOP, LSRR (length 7, pointer 4), one hop: 127.0.0.1.
+        let opts = vec![1u8, 0x83, 7, 4, 127, 0, 0, 1];
+        (rest.to_owned(), opts, libc::IPPROTO_IP, libc::IP_RETOPTS)
+    } else {
+        let (addr, hex) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| std::io::Error::other("rthdrmsg6:ADDR:PORT:HEX"))?;
+        let bytes = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
+            .collect::<Result<Vec<u8>, _>>()
+            .map_err(std::io::Error::other)?;
+        (addr.to_owned(), bytes, libc::IPPROTO_IPV6, libc::IPV6_RTHDR)
+    };
+    let addr = parse_addr(&addr)?;
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let sock = Socket::new(domain, Type::DGRAM, None)?;
+    let dest = SockAddr::from(addr);
+    let payload = *b"corral";
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr() as *mut libc::c_void,
+        iov_len: payload.len(),
+    };
+    // SAFETY: CMSG_SPACE/CMSG_LEN are pure size computations.
+    let (space, len) = unsafe {
+        (
+            libc::CMSG_SPACE(data.len() as u32) as usize,
+            libc::CMSG_LEN(data.len() as u32) as usize,
+        )
+    };
+    let mut control = vec![0u8; space];
+    // SAFETY: an all-zero msghdr is valid; every pointer set below outlives the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = dest.as_ptr() as *mut libc::c_void;
+    msg.msg_namelen = dest.len();
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: `control` holds CMSG_SPACE(len) bytes, so the first header and its data fit.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = level;
+        (*c).cmsg_type = ty;
+        (*c).cmsg_len = len;
+        std::ptr::copy_nonoverlapping(data.as_ptr(), libc::CMSG_DATA(c), data.len());
+    }
+    // SAFETY: a valid socket and a msghdr whose buffers live until the call returns.
+    let n = unsafe { libc::sendmsg(std::os::fd::AsRawFd::as_raw_fd(&sock), &msg, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn one(op: &str) -> String {
     let Some((kind, rest)) = op.split_once(':') else {
         return format!("bad op {op}");
@@ -230,6 +302,12 @@ fn one(op: &str) -> String {
     };
     if let Some(r) = guarded {
         return match r {
+            Ok(()) => "ok".into(),
+            Err(e) => errno_name(&e),
+        };
+    }
+    if kind == "lsrrmsg" || kind == "rthdrmsg6" {
+        return match cmsg_send(kind, rest) {
             Ok(()) => "ok".into(),
             Err(e) => errno_name(&e),
         };
@@ -337,6 +415,8 @@ fn run(ops: &[String], out: &mut dyn std::io::Write, out_path: Option<&str>) -> 
             std::fs::write(sub.join("cgroup.procs"), "0")
                 .with_context(|| format!("join {}", sub.display()))?;
             writeln!(out, "ok")?;
+        } else if op == "session" {
+            session::run(out)?;
         } else if op == "daemon" {
             let Some(path) = out_path else {
                 bail!("daemon needs --out FILE");

@@ -45,6 +45,7 @@ pub fn hook(h: u8) -> &'static str {
         HOOK_SOCK_CREATE => "sock_create",
         HOOK_SETSOCKOPT => "setsockopt",
         HOOK_SOCKET_SYSCALL => "sys_enter_socket",
+        agent_common::HOOK_ROUTE_EGRESS => "egress_route",
         _ => "unknown",
     }
 }

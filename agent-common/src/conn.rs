@@ -1,0 +1,63 @@
+//! Per-socket decision state (`SOCKS` socket-local storage), kept by the connect/sendmsg hooks
+//! and checked by the cgroup_skb programs, so that revocation reaches established connections.
+//!
+//! A principal's socket gets a [`SockState`] the first time a connect or sendmsg hook lets it
+//! through. For a connected socket (TCP, connected UDP) it records the decision: which
+//! principal, destination and zone, the `EPOCH` and `SEEN` values it was made under, and until
+//! when the grant that allowed it (if any) lasts. The egress program re-decides when any of
+//! those moved on, and ends the connection (drops its packets both ways, [`SOCK_F_CUT`]) when
+//! the destination is now denied. Sockets of processes outside every principal have no state,
+//! and the programs leave at once.
+
+use crate::Addr;
+
+/// The socket belongs to a principal (set on every state).
+pub const SOCK_F_PRINCIPAL: u8 = 1;
+/// A connect decision is recorded (the fields below `flags` describe it).
+pub const SOCK_F_DECIDED: u8 = 2;
+/// The connection was ended: every packet is dropped, both ways.
+pub const SOCK_F_CUT: u8 = 4;
+/// An audit-mode re-decision was recorded (audit-deny): not recorded again.
+pub const SOCK_F_AUDITED: u8 = 8;
+/// A packet carrying a source route was dropped and recorded: not recorded again.
+pub const SOCK_F_ROUTE_SEEN: u8 = 16;
+
+/// `valid_until` of a decision that no grant expiry limits.
+pub const VALID_FOREVER: u64 = u64::MAX;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockState {
+    /// The principal's cgroup id (its key in `PRINCIPALS`): a principal that has gone is
+    /// noticed, and its index reused by another principal is not confused with it.
+    pub cgroup_id: u64,
+    /// `EPOCH` when decided: the agent moves it on every policy swap, grant revocation and
+    /// principal removal.
+    pub epoch: u64,
+    /// The principal's `SEEN` mask when decided (chaining state).
+    pub seen: u64,
+    /// CLOCK_BOOTTIME ns after which the decision must be made again (the allowing grant's
+    /// expiry), or [`VALID_FOREVER`].
+    pub valid_until: u64,
+    /// Grant that allowed the connection, or 0.
+    pub grant_id: u64,
+    /// Destination as decided (IPv4 as `::ffff:a.b.c.d`).
+    pub addr: Addr,
+    /// Zone index, or `NONE`.
+    pub zone: u32,
+    /// Principal index.
+    pub principal: u32,
+    /// Process (tgid) and user that made the call: events from the egress program run in
+    /// whatever context sends the packet, so they name the connection's owner from here.
+    pub pid: u32,
+    pub uid: u32,
+    /// Host byte order.
+    pub port: u16,
+    /// AF_INET / AF_INET6 as the caller used it.
+    pub family: u16,
+    pub proto: u8,
+    /// `SOCK_F_*`.
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<SockState>() == 80);
