@@ -41,7 +41,7 @@ pub struct SockState {
     pub valid_until: u64,
     /// Grant that allowed the connection, or 0.
     pub grant_id: u64,
-    /// Destination as decided (IPv4 as `::ffff:a.b.c.d`).
+    /// Destination as decided (IPv4 as `::ffff:a.b.c.d`; the node's own addresses as loopback).
     pub addr: Addr,
     /// Zone index, or `NONE`.
     pub zone: u32,

@@ -54,6 +54,10 @@ pub const SOCKS: &str = "CORRAL_SOCKS";
 /// connections decided under an older value.
 pub const EPOCH: &str = "CORRAL_EPOCH";
 
+/// `HashMap<Addr, u32>`: the node's own addresses (IPv4 as `::ffff:a.b.c.d`), kept by the
+/// agent. A connect to one of them reaches this host, so it is decided as loopback.
+pub const LOCAL_ADDRS: &str = "CORRAL_LOCAL";
+
 /// Every map name above: the kernel object must define exactly these (checked by the agent's
 /// `ebpf::object` tests against the built object).
 pub const ALL: &[&str] = &[
@@ -79,6 +83,7 @@ pub const ALL: &[&str] = &[
     FORK_CFG,
     SOCKS,
     EPOCH,
+    LOCAL_ADDRS,
 ];
 
 /// The kernel keeps at most this many bytes of a map name (`BPF_OBJ_NAME_LEN` - 1) and cuts
@@ -114,6 +119,8 @@ pub mod limits {
     pub const EXEC_FILES: u32 = 65_536;
     /// Processes tracked for exec lineage (LRU: the least recently used entry is evicted).
     pub const EXEC_TASKS: u32 = 65_536;
+    /// Addresses of the node's own interfaces.
+    pub const LOCAL_ADDRS: u32 = 4_096;
     /// Processes (and threads) of principals attributed stickily.
     pub const STICKY: u32 = 65_536;
 }

@@ -11,7 +11,7 @@ use agent_common::{
     HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, KIND_CONNECT, MODE_AUDIT, NONE,
     REASON_CHAINING, REASON_CONTAINMENT, REASON_DEFAULT, REASON_GRANT, REASON_NO_POLICY,
     REASON_RULE, RuleKey, VALID_FOREVER, VERDICT_ALLOW, VERDICT_AUDIT_DENY, VERDICT_DENY, ZoneKey,
-    maps::limits, policy_key, v4_mapped, zone_prefix_len,
+    is_v4_mapped, maps::limits, policy_key, v4_mapped, zone_prefix_len,
 };
 use aya_ebpf::{
     helpers::generated::bpf_ktime_get_boot_ns, macros::cgroup_sock_addr, maps::lpm_trie::Key,
@@ -20,7 +20,7 @@ use aya_ebpf::{
 
 use crate::{
     egress, events,
-    maps::{CHAIN, GRANTS, POLICIES, RULES, SEEN, ZONES},
+    maps::{CHAIN, GRANTS, LOCAL_ADDRS, POLICIES, RULES, SEEN, ZONES},
     principal::{self, Caller},
 };
 
@@ -67,7 +67,10 @@ pub(crate) struct Decision {
 
 /// The destination of the call as the kernel hands it to us.
 pub(crate) struct Dest {
+    /// As the caller gave it (the unspecified address already made loopback).
     pub addr: Addr,
+    /// What it is decided as: loopback for the node's own addresses, else `addr`.
+    pub zone_addr: Addr,
     pub port: u16,
     pub family: u16,
     pub proto: u8,
@@ -92,8 +95,10 @@ fn dest(ctx: &SockAddrContext, hook: u8) -> Dest {
                 (*sa).user_ip6[3],
             ]
         };
+        let addr = effective(addr);
         Dest {
-            addr: effective(addr),
+            addr,
+            zone_addr: zone_addr(&addr),
             port,
             family,
             proto,
@@ -107,11 +112,29 @@ fn dest(ctx: &SockAddrContext, hook: u8) -> Dest {
 #[inline(always)]
 fn effective(addr: Addr) -> Addr {
     if addr == [0; 4] {
-        [0, 0, 0, 1u32.to_be()]
+        LOOPBACK6
     } else if addr == v4_mapped(0) {
-        v4_mapped(0x7f00_0001u32.to_be())
+        LOOPBACK4
     } else {
         addr
+    }
+}
+
+const LOOPBACK6: Addr = [0, 0, 0, 1u32.to_be()];
+const LOOPBACK4: Addr = v4_mapped(0x7f00_0001u32.to_be());
+
+/// The address zones are looked up for: one of the node's own addresses (`LOCAL_ADDRS`, kept
+/// by the agent) reaches this host as loopback does, so it is decided as loopback of its
+/// family (the event keeps the address the caller used).
+#[inline(always)]
+fn zone_addr(addr: &Addr) -> Addr {
+    // SAFETY: map value read, valid for this run.
+    if unsafe { LOCAL_ADDRS.get(addr) }.is_none() {
+        *addr
+    } else if is_v4_mapped(addr) {
+        LOOPBACK4
+    } else {
+        LOOPBACK6
     }
 }
 
@@ -129,7 +152,7 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
         0,
         d.port,
         d.proto,
-        |policy| lookup_zone(policy, &d.addr),
+        |policy| lookup_zone(policy, &d.zone_addr),
         true,
     ) else {
         return Ok(ALLOW);

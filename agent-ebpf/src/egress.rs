@@ -135,7 +135,7 @@ pub(crate) fn record(
     if !connects {
         return true;
     }
-    st.addr = d.addr;
+    st.addr = d.zone_addr;
     st.port = d.port;
     st.family = d.family;
     st.proto = d.proto;

@@ -1,8 +1,8 @@
 //! The map definitions. Names come from `agent_common::maps` so userspace finds the same ones.
 
 use agent_common::{
-    ChainKey, Config, ExecConfig, ExecKey, GrantKey, GrantValue, PolicyMeta, Principal, RateState,
-    RuleKey, RuleValue, ScriptConfig, SockState, TaskInfo, UnixKey, ZoneKey, ZoneValue,
+    Addr, ChainKey, Config, ExecConfig, ExecKey, GrantKey, GrantValue, PolicyMeta, Principal,
+    RateState, RuleKey, RuleValue, ScriptConfig, SockState, TaskInfo, UnixKey, ZoneKey, ZoneValue,
     maps::limits,
 };
 use aya_ebpf::{
@@ -78,6 +78,11 @@ pub static SOCKS: SkStorage<SockState> = SkStorage::new();
 
 #[map(name = "CORRAL_EPOCH")]
 pub static EPOCH: Array<u64> = Array::with_max_entries(1, 0);
+
+// The node's own addresses (see connect.rs `effective`).
+#[map(name = "CORRAL_LOCAL")]
+pub static LOCAL_ADDRS: HashMap<Addr, u32> =
+    HashMap::with_max_entries(limits::LOCAL_ADDRS, BPF_F_NO_PREALLOC);
 
 // Exec enforcement (see exec.rs).
 

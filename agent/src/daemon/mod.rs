@@ -298,21 +298,42 @@ async fn follow_registry(shared: Arc<Shared>, mut stop: ShutdownSignal) {
 /// How often principals whose processes all exited are looked for.
 const SWEEP: Duration = Duration::from_millis(250);
 
+/// Every this many sweeps, the node's own addresses are read again (`LOCAL_ADDRS`: decided as
+/// loopback): an address added to an interface is known as local within a second.
+const LOCAL_ADDRS_EVERY: u32 = 4;
+
 async fn sweep_principals(shared: Arc<Shared>, mut stop: ShutdownSignal) {
     let mut tick = tokio::time::interval(SWEEP);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u32 = 0;
     loop {
         tokio::select! {
             _ = stop.wait() => return,
             _ = tick.tick() => {
                 let s = shared.clone();
+                n = n.wrapping_add(1);
+                let addrs = n.is_multiple_of(LOCAL_ADDRS_EVERY);
                 let _ = tokio::task::spawn_blocking(move || {
                     let mut enf = s.enforcer();
                     s.registry.sweep(enf.maps());
+                    if addrs {
+                        refresh_local_addrs(enf.maps());
+                    }
                 })
                 .await;
             }
         }
+    }
+}
+
+fn refresh_local_addrs(maps: &mut crate::ebpf::PolicyMaps) {
+    let result = crate::ebpf::local_addrs::node_addresses()
+        .map_err(|e| e.to_string())
+        .and_then(|a| maps.set_local_addrs(&a).map_err(|e| e.to_string()));
+    match result {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(changed = n, "the node's own addresses changed"),
+        Err(e) => tracing::warn!(error = %e, "cannot refresh the node's own addresses"),
     }
 }
 

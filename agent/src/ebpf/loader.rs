@@ -226,6 +226,13 @@ impl Enforcer {
         // Before the maps are taken out of `ebpf`: the unix programs are relocated against them.
         let unix = super::unix_hooks::attach(&ebpf, object, &cg, pins);
         let mut maps = PolicyMaps::take(&mut ebpf)?;
+        match super::local_addrs::node_addresses() {
+            Ok(addrs) => {
+                maps.set_local_addrs(&addrs)?;
+            }
+            // Refreshed again by the daemon; until then only loopback is known as local.
+            Err(e) => tracing::warn!(error = %e, "cannot list the node's addresses"),
+        }
         // Exec: offsets first, then the LSM probe and the tracepoints.
         let exec = super::exec::attach(&mut ebpf, maps.exec(), pins)
             .map_err(|e| LoadError::Exec(Box::new(e)))?;

@@ -40,6 +40,7 @@ pub struct PolicyMaps {
     rate: HashMap<MapData, u32, RateState>,
     sticky: HashMap<MapData, u32, u64>,
     epoch: Array<MapData, u64>,
+    local_addrs: HashMap<MapData, agent_common::Addr, u32>,
     pub(super) events: Option<aya::maps::Map>,
     exec: ExecMaps,
 }
@@ -60,6 +61,7 @@ impl PolicyMaps {
             rate: take(ebpf, names::RATE)?,
             sticky: take(ebpf, names::STICKY)?,
             epoch: take(ebpf, names::EPOCH)?,
+            local_addrs: take(ebpf, names::LOCAL_ADDRS)?,
             exec: ExecMaps::take(ebpf)?,
             events: Some(ebpf.take_map(names::EVENTS).ok_or(MapError::Missing {
                 name: names::EVENTS,
@@ -87,6 +89,32 @@ impl PolicyMaps {
         self.epoch
             .set(0, now.wrapping_add(1), 0)
             .map_err(op("write", names::EPOCH))
+    }
+
+    /// Makes `LOCAL_ADDRS` hold exactly `addrs` (the node's own addresses, decided as
+    /// loopback); returns how many changed.
+    pub fn set_local_addrs(
+        &mut self,
+        addrs: &std::collections::BTreeSet<std::net::IpAddr>,
+    ) -> Result<usize, MapError> {
+        let want: std::collections::BTreeSet<agent_common::Addr> = addrs
+            .iter()
+            .map(|a| corral_policy::compiled::addr_words(corral_policy::compiled::to_mapped(*a)))
+            .collect();
+        let have: std::collections::BTreeSet<agent_common::Addr> =
+            self.local_addrs.keys().filter_map(Result::ok).collect();
+        let mut changed = 0;
+        for a in want.difference(&have) {
+            self.local_addrs
+                .insert(*a, 1, 0)
+                .map_err(op("insert", names::LOCAL_ADDRS))?;
+            changed += 1;
+        }
+        for a in have.difference(&want) {
+            let _ = self.local_addrs.remove(a);
+            changed += 1;
+        }
+        Ok(changed)
     }
 
     /// Enrols the cgroup `cgroup_id` at cgroup `level` as principal `index`, governed by policy

@@ -6,6 +6,8 @@ pub mod events;
 pub mod exec;
 pub mod exec_rules;
 pub mod loader;
+#[expect(unsafe_code, reason = "getifaddrs(3); SAFETY notes inside")]
+pub mod local_addrs;
 pub mod map_access;
 pub mod maps;
 pub mod object;

@@ -110,6 +110,7 @@ fn map_fd(map: &Map) -> Option<BorrowedFd<'_>> {
         | Map::PerCpuArray(m)
         | Map::PerCpuHashMap(m)
         | Map::RingBuf(m)
+        | Map::SkStorage(m)
         | Map::Unsupported(m) => m,
         _ => return None,
     };
