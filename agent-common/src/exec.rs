@@ -36,8 +36,8 @@
 //! [`ScriptConfig`].
 
 use crate::{
-    ACTION_ALLOW, MODE_AUDIT, NONE, PolicyMeta, REASON_DEFAULT, REASON_NO_POLICY, REASON_RULE,
-    RuleValue, VERDICT_ALLOW, VERDICT_AUDIT_DENY, VERDICT_DENY,
+    ACTION_ALLOW, MODE_AUDIT, NONE, PolicyMeta, REASON_CONTAINMENT, REASON_DEFAULT,
+    REASON_NO_POLICY, REASON_RULE, RuleValue, VERDICT_ALLOW, VERDICT_AUDIT_DENY, VERDICT_DENY,
 };
 
 /// Ancestor directories the kernel looks at for prefix rules.
@@ -242,6 +242,40 @@ pub fn exec_verdict(meta: Option<&PolicyMeta>, matched: &RuleValue) -> ExecVerdi
     v
 }
 
+/// The decision on executing a dynamic loader directly (`ld-linux-x86-64.so.2 PROGRAM` runs
+/// PROGRAM, which the kernel never sees as exec'd): only a rule naming the loader's own file
+/// (`exact`, the exact-file matches) allows it; prefix rules and the default action do not
+/// (reason containment). Deny beats allow; audit mode makes a deny an audit-deny.
+#[inline(always)]
+pub fn loader_verdict(meta: Option<&PolicyMeta>, exact: &RuleValue) -> ExecVerdict {
+    let Some(meta) = meta else {
+        return exec_verdict(None, exact);
+    };
+    let mut v = if exact.deny_rule == NONE && exact.allow_rule != NONE {
+        ExecVerdict {
+            verdict: VERDICT_ALLOW,
+            reason: REASON_RULE,
+            rule: exact.allow_rule,
+        }
+    } else if exact.deny_rule != NONE {
+        ExecVerdict {
+            verdict: VERDICT_DENY,
+            reason: REASON_RULE,
+            rule: exact.deny_rule,
+        }
+    } else {
+        ExecVerdict {
+            verdict: VERDICT_DENY,
+            reason: REASON_CONTAINMENT,
+            rule: NONE,
+        }
+    };
+    if v.verdict == VERDICT_DENY && meta.mode == MODE_AUDIT {
+        v.verdict = VERDICT_AUDIT_DENY;
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,5 +388,36 @@ mod tests {
     fn kernel_dev_encoding() {
         assert_eq!(kernel_dev(253, 1), (253 << 20) | 1);
         assert_eq!(kernel_dev(0, 0x1_2345), 0x1_2345);
+    }
+
+    #[test]
+    fn a_loader_runs_only_under_a_rule_naming_it() {
+        let allow_default = meta(ACTION_ALLOW, MODE_ENFORCE);
+        let v = loader_verdict(Some(&allow_default), &NOTHING);
+        assert_eq!(
+            (v.verdict, v.reason, v.rule),
+            (VERDICT_DENY, REASON_CONTAINMENT, NONE),
+            "the default action does not allow a loader"
+        );
+        let named = RuleValue {
+            allow_rule: 4,
+            deny_rule: NONE,
+        };
+        let v = loader_verdict(Some(&allow_default), &named);
+        assert_eq!((v.verdict, v.rule), (VERDICT_ALLOW, 4));
+        let both = RuleValue {
+            allow_rule: 4,
+            deny_rule: 2,
+        };
+        assert_eq!(
+            loader_verdict(Some(&allow_default), &both).verdict,
+            VERDICT_DENY
+        );
+        let audit = meta(ACTION_ALLOW, MODE_AUDIT);
+        assert_eq!(
+            loader_verdict(Some(&audit), &NOTHING).verdict,
+            VERDICT_AUDIT_DENY
+        );
+        assert_eq!(loader_verdict(None, &named).reason, REASON_NO_POLICY);
     }
 }

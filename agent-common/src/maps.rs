@@ -58,6 +58,11 @@ pub const EPOCH: &str = "CORRAL_EPOCH";
 /// agent. A connect to one of them reaches this host, so it is decided as loopback.
 pub const LOCAL_ADDRS: &str = "CORRAL_LOCAL";
 
+/// `HashMap<ExecKey, u32>` (policy 0): the identities of the node's dynamic loaders
+/// (`ld-linux*.so*`, `ld-musl-*.so*`), kept by the agent. Executing one directly is allowed
+/// only by a rule naming it.
+pub const LOADERS: &str = "CORRAL_LOADERS";
+
 /// Every map name above: the kernel object must define exactly these (checked by the agent's
 /// `ebpf::object` tests against the built object).
 pub const ALL: &[&str] = &[
@@ -84,6 +89,7 @@ pub const ALL: &[&str] = &[
     SOCKS,
     EPOCH,
     LOCAL_ADDRS,
+    LOADERS,
 ];
 
 /// The kernel keeps at most this many bytes of a map name (`BPF_OBJ_NAME_LEN` - 1) and cuts
@@ -119,6 +125,8 @@ pub mod limits {
     pub const EXEC_FILES: u32 = 65_536;
     /// Processes tracked for exec lineage (LRU: the least recently used entry is evicted).
     pub const EXEC_TASKS: u32 = 65_536;
+    /// Dynamic loader files.
+    pub const LOADERS: u32 = 256;
     /// Addresses of the node's own interfaces.
     pub const LOCAL_ADDRS: u32 = 4_096;
     /// Processes (and threads) of principals attributed stickily.

@@ -29,7 +29,7 @@ use agent_common::{
     EXEC_HOOK_LSM, EXEC_HOOK_TRACEPOINT, EXEC_PATH_BYTES, EventHeader, ExecConfig, ExecEvent,
     ExecKey, ExecVerdict, KIND_EXEC, MAX_DIR_DEPTH, MAX_TASK_WORKS, NONE, OPEN_FLAG_EXEC,
     PolicyMeta, RuleValue, SCRIPT_CONFIG_VALID, ScriptConfig, TaskInfo, VERDICT_ALLOW,
-    VERDICT_DENY, exec_verdict, merge_rules, policy_key,
+    VERDICT_DENY, exec_verdict, loader_verdict, merge_rules, policy_key,
 };
 use aya_ebpf::{
     helpers::{
@@ -42,7 +42,7 @@ use aya_ebpf::{
 
 use crate::{
     events,
-    maps::{EVENTS, EXEC_CFG, EXEC_DIRS, EXEC_FILES, EXEC_SCRIPT, EXEC_TASKS, POLICIES},
+    maps::{EVENTS, EXEC_CFG, EXEC_DIRS, EXEC_FILES, EXEC_SCRIPT, EXEC_TASKS, LOADERS, POLICIES},
     principal::{self, Caller},
 };
 
@@ -144,10 +144,9 @@ fn file_id(ec: &ExecConfig, file: u64) -> Option<FileId> {
     Some(FileId { dev, ino, dentry })
 }
 
-/// Exact file rules, then prefix rules by the identity of each ancestor directory (bounded
-/// walk up `d_parent` to the filesystem root). All matches are merged: deny beats allow.
+/// The exact-file rules naming this file.
 #[inline(always)]
-fn match_rules(policy: u32, ec: &ExecConfig, id: &FileId) -> RuleValue {
+fn exact_rules(policy: u32, id: &FileId) -> RuleValue {
     let mut acc = NO_MATCH;
     if let Some(v) = EXEC_FILES.get_ptr(ExecKey {
         policy,
@@ -157,6 +156,26 @@ fn match_rules(policy: u32, ec: &ExecConfig, id: &FileId) -> RuleValue {
         // SAFETY: map value pointer, valid for this run.
         merge_rules(&mut acc, unsafe { &*v });
     }
+    acc
+}
+
+/// Whether the file is one of the node's dynamic loaders (`LOADERS`, kept by the agent).
+#[inline(always)]
+fn is_loader(id: &FileId) -> bool {
+    LOADERS
+        .get_ptr(ExecKey {
+            policy: 0,
+            dev: id.dev,
+            ino: id.ino,
+        })
+        .is_some()
+}
+
+/// Exact file rules, then prefix rules by the identity of each ancestor directory (bounded
+/// walk up `d_parent` to the filesystem root). All matches are merged: deny beats allow.
+#[inline(always)]
+fn match_rules(policy: u32, ec: &ExecConfig, id: &FileId) -> RuleValue {
+    let mut acc = exact_rules(policy, id);
     let mut d = id.dentry;
     for _ in 0..MAX_DIR_DEPTH {
         let Some(parent) = read_u64(d, ec.dentry_parent) else {
@@ -262,6 +281,11 @@ fn file_verdict(
     id: Option<&FileId>,
 ) -> ExecVerdict {
     let matched = match (meta, id) {
+        // A loader run directly runs whatever program it is given: only a rule naming the
+        // loader itself lets it.
+        (Some(_), Some(id)) if is_loader(id) => {
+            return loader_verdict(meta, &exact_rules(policy, id));
+        }
         (Some(_), Some(id)) => match_rules(policy, ec, id),
         _ => NO_MATCH,
     };

@@ -100,6 +100,10 @@ pub static EXEC_FILES: HashMap<ExecKey, RuleValue> =
 pub static EXEC_DIRS: HashMap<ExecKey, RuleValue> =
     HashMap::with_max_entries(limits::EXEC_FILES, BPF_F_NO_PREALLOC);
 
+#[map(name = "CORRAL_LOADERS")]
+pub static LOADERS: HashMap<ExecKey, u32> =
+    HashMap::with_max_entries(limits::LOADERS, BPF_F_NO_PREALLOC);
+
 #[map(name = "CORRAL_EXTASKS")]
 pub static EXEC_TASKS: LruHashMap<u32, TaskInfo> =
     LruHashMap::with_max_entries(limits::EXEC_TASKS, 0);

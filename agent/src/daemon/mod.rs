@@ -298,8 +298,9 @@ async fn follow_registry(shared: Arc<Shared>, mut stop: ShutdownSignal) {
 /// How often principals whose processes all exited are looked for.
 const SWEEP: Duration = Duration::from_millis(250);
 
-/// Every this many sweeps, the node's own addresses are read again (`LOCAL_ADDRS`: decided as
-/// loopback): an address added to an interface is known as local within a second.
+/// Every this many sweeps, the node's own addresses (`LOCAL_ADDRS`: decided as loopback) and
+/// its dynamic loaders (`LOADERS`) are read again: an address added to an interface is local,
+/// and a replaced loader known, within a second.
 const LOCAL_ADDRS_EVERY: u32 = 4;
 
 async fn sweep_principals(shared: Arc<Shared>, mut stop: ShutdownSignal) {
@@ -317,7 +318,7 @@ async fn sweep_principals(shared: Arc<Shared>, mut stop: ShutdownSignal) {
                     let mut enf = s.enforcer();
                     s.registry.sweep(enf.maps());
                     if addrs {
-                        refresh_local_addrs(enf.maps());
+                        refresh_node_facts(enf.maps());
                     }
                 })
                 .await;
@@ -326,7 +327,7 @@ async fn sweep_principals(shared: Arc<Shared>, mut stop: ShutdownSignal) {
     }
 }
 
-fn refresh_local_addrs(maps: &mut crate::ebpf::PolicyMaps) {
+fn refresh_node_facts(maps: &mut crate::ebpf::PolicyMaps) {
     let result = crate::ebpf::local_addrs::node_addresses()
         .map_err(|e| e.to_string())
         .and_then(|a| maps.set_local_addrs(&a).map_err(|e| e.to_string()));
@@ -334,6 +335,12 @@ fn refresh_local_addrs(maps: &mut crate::ebpf::PolicyMaps) {
         Ok(0) => {}
         Ok(n) => tracing::info!(changed = n, "the node's own addresses changed"),
         Err(e) => tracing::warn!(error = %e, "cannot refresh the node's own addresses"),
+    }
+    let loaders = crate::ebpf::loaders::loader_identities();
+    match maps.exec().set_loaders(&loaders) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(changed = n, "the node's dynamic loaders changed"),
+        Err(e) => tracing::warn!(error = %e, "cannot refresh the node's dynamic loaders"),
     }
 }
 

@@ -244,6 +244,7 @@ pub struct ExecMaps {
     files: HashMap<MapData, ExecKey, RuleValue>,
     dirs: HashMap<MapData, ExecKey, RuleValue>,
     tasks: HashMap<MapData, u32, TaskInfo>,
+    loaders: HashMap<MapData, ExecKey, u32>,
     /// By generation-qualified policy key: the rules in the maps, for the re-stat.
     installed: StdHashMap<u32, Installed>,
 }
@@ -256,6 +257,7 @@ impl ExecMaps {
             files: take(ebpf, names::EXEC_FILES)?,
             dirs: take(ebpf, names::EXEC_DIRS)?,
             tasks: take(ebpf, names::EXEC_TASKS)?,
+            loaders: take(ebpf, names::LOADERS)?,
             installed: StdHashMap::new(),
         })
     }
@@ -282,6 +284,37 @@ impl ExecMaps {
         self.script
             .get(&0, 0)
             .is_ok_and(|c| c.valid == SCRIPT_CONFIG_VALID)
+    }
+
+    /// Makes `LOADERS` hold exactly the identities `ids` (the node's dynamic loaders, see
+    /// `loaders`); returns how many changed.
+    pub fn set_loaders(
+        &mut self,
+        ids: &std::collections::BTreeSet<(u32, u64)>,
+    ) -> Result<usize, MapError> {
+        let key = |(dev, ino): (u32, u64)| ExecKey {
+            policy: 0,
+            dev,
+            ino,
+        };
+        let have: std::collections::BTreeSet<(u32, u64)> = self
+            .loaders
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| (k.dev, k.ino))
+            .collect();
+        let mut changed = 0;
+        for id in ids.difference(&have) {
+            self.loaders
+                .insert(key(*id), 1, 0)
+                .map_err(op("insert", names::LOADERS))?;
+            changed += 1;
+        }
+        for id in have.difference(ids) {
+            let _ = self.loaders.remove(&key(*id));
+            changed += 1;
+        }
+        Ok(changed)
     }
 
     /// Exec ids of process `tgid`, if it is tracked.

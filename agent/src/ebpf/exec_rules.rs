@@ -24,7 +24,6 @@
 
 use std::{
     collections::HashMap as StdHashMap,
-    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -50,18 +49,71 @@ pub struct ExecEntries {
     pub origins: StdHashMap<(bool, FileKey), PathBuf>,
 }
 
-/// `(kernel dev, inode)` of `path`, following symlinks.
+/// `(kernel dev, inode, is a directory)` of `path`, following symlinks, as the exec programs
+/// read a file: the device is the superblock's (`i_sb->s_dev`).
 pub fn identity(path: &Path) -> std::io::Result<(u32, u64, bool)> {
-    Ok(identity_of(&std::fs::metadata(path)?))
+    statx_identity(rustix::fs::CWD, path, rustix::fs::AtFlags::empty())
 }
 
-/// `(kernel dev, inode, is a directory)` from metadata.
-fn identity_of(md: &std::fs::Metadata) -> (u32, u64, bool) {
-    let dev = md.dev();
-    // glibc's dev_t encoding → the kernel's MKDEV(major, minor).
-    let major = (((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0xfff)) as u32;
-    let minor = (((dev >> 12) & 0xffff_ff00) | (dev & 0xff)) as u32;
-    (kernel_dev(major, minor), md.ino(), md.is_dir())
+/// [`identity`] of an open file.
+fn identity_of_file(file: &std::fs::File) -> std::io::Result<(u32, u64, bool)> {
+    statx_identity(file, Path::new(""), rustix::fs::AtFlags::EMPTY_PATH)
+}
+
+/// `stat()`'s device is not always the superblock's: btrfs reports each subvolume's anonymous
+/// device, so a rule keyed by it would never match. The mount the file is on (`statx`'s mount
+/// id) gives the superblock device instead (`/proc/self/mountinfo` prints `s_dev`); `stat()`'s
+/// device is the fallback where the kernel has no mount id (before 5.8).
+fn statx_identity(
+    dirfd: impl std::os::fd::AsFd,
+    path: &Path,
+    flags: rustix::fs::AtFlags,
+) -> std::io::Result<(u32, u64, bool)> {
+    use rustix::fs::{FileType, StatxFlags};
+    let st = rustix::fs::statx(
+        dirfd,
+        path,
+        flags,
+        StatxFlags::TYPE | StatxFlags::INO | StatxFlags::MNT_ID,
+    )?;
+    let by_stat = kernel_dev(st.stx_dev_major, st.stx_dev_minor);
+    let dev = if StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::MNT_ID) {
+        mount_dev(st.stx_mnt_id).unwrap_or(by_stat)
+    } else {
+        by_stat
+    };
+    let dir = FileType::from_raw_mode(u32::from(st.stx_mode)) == FileType::Directory;
+    Ok((dev, st.stx_ino, dir))
+}
+
+std::thread_local! {
+    /// Mount id → superblock device, from `/proc/self/mountinfo` (read again on a miss).
+    static MOUNT_DEVS: std::cell::RefCell<StdHashMap<u64, u32>> =
+        std::cell::RefCell::new(StdHashMap::new());
+}
+
+/// The superblock device of mount `mnt_id`.
+fn mount_dev(mnt_id: u64) -> Option<u32> {
+    MOUNT_DEVS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some(dev) = cache.get(&mnt_id) {
+            return Some(*dev);
+        }
+        *cache = parse_mount_devs(&std::fs::read_to_string("/proc/self/mountinfo").ok()?);
+        cache.get(&mnt_id).copied()
+    })
+}
+
+/// `mount id → kernel dev` from mountinfo text (fields 1 and 3: `36 35 98:0 ...`).
+fn parse_mount_devs(info: &str) -> StdHashMap<u64, u32> {
+    info.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let id = f.next()?.parse().ok()?;
+            let (major, minor) = f.nth(1)?.split_once(':')?;
+            Some((id, kernel_dev(major.parse().ok()?, minor.parse().ok()?)))
+        })
+        .collect()
 }
 
 fn add(map: &mut StdHashMap<(u32, u64), RuleValue>, key: (u32, u64), rule: &ExecRule) {
@@ -252,9 +304,7 @@ impl Sticky {
             }
             // Opened, then checked: the path may have moved on since it was statted.
             if let Some(file) = open_path(path)
-                && file
-                    .metadata()
-                    .is_ok_and(|m| (identity_of(&m).0, m.ino()) == *key)
+                && identity_of_file(&file).is_ok_and(|(dev, ino, _)| (dev, ino) == *key)
             {
                 let deny_rule = v.deny_rule;
                 self.0.insert((*dir, *key), Held { deny_rule, file });
@@ -265,7 +315,10 @@ impl Sticky {
             if map.get(key).is_some_and(|v| v.deny_rule != NONE) {
                 return true;
             }
-            let linked = held.file.metadata().is_ok_and(|m| m.nlink() > 0);
+            let linked = held
+                .file
+                .metadata()
+                .is_ok_and(|m| std::os::unix::fs::MetadataExt::nlink(&m) > 0);
             if linked {
                 let e = map.entry(*key).or_insert(RuleValue {
                     allow_rule: NONE,
@@ -331,6 +384,15 @@ mod tests {
         assert_eq!(skipped, vec![&missing, &bin]);
         std::fs::remove_dir_all(&dir)?;
         Ok(())
+    }
+
+    #[test]
+    fn mount_devs_are_read_from_mountinfo() {
+        let info = "36 35 98:0 /mnt1 /mnt/parent rw - ext3 /dev/root rw\n\
+                    41 1 0:41 / /var/lib/x rw - btrfs /dev/loop0 rw\n";
+        let m = parse_mount_devs(info);
+        assert_eq!(m.get(&36), Some(&kernel_dev(98, 0)));
+        assert_eq!(m.get(&41), Some(&kernel_dev(0, 41)));
     }
 
     #[test]

@@ -233,6 +233,8 @@ impl Enforcer {
             // Refreshed again by the daemon; until then only loopback is known as local.
             Err(e) => tracing::warn!(error = %e, "cannot list the node's addresses"),
         }
+        maps.exec()
+            .set_loaders(&super::loaders::loader_identities())?;
         // Exec: offsets first, then the LSM probe and the tracepoints.
         let exec = super::exec::attach(&mut ebpf, maps.exec(), pins)
             .map_err(|e| LoadError::Exec(Box::new(e)))?;
