@@ -21,6 +21,8 @@ pub const SOCK_F_CUT: u8 = 4;
 pub const SOCK_F_AUDITED: u8 = 8;
 /// A packet carrying a source route was dropped and recorded: not recorded again.
 pub const SOCK_F_ROUTE_SEEN: u8 = 16;
+/// A ping socket (allowed by `POLICY_F_ICMP`): every echo it sends is decided by destination.
+pub const SOCK_F_PING: u8 = 32;
 
 /// `valid_until` of a decision that no grant expiry limits.
 pub const VALID_FOREVER: u64 = u64::MAX;

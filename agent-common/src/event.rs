@@ -40,6 +40,11 @@ pub const HOOK_CUT6: u8 = 11;
 /// [`SocketEvent::hook`]: a principal's packet carrying an IPv4 source route or an IPv6
 /// routing header (set per message, with a control message) was dropped (cgroup_skb egress).
 pub const HOOK_ROUTE_EGRESS: u8 = 12;
+/// [`ConnectEvent::hook`]: an ICMP echo request a principal's ping socket sent, decided by its
+/// destination with protocol icmp and no port (cgroup_skb egress; a deny drops it and the
+/// `sendto()` fails with EPERM). Ping sockets exist only under a policy naming icmp.
+pub const HOOK_PING4: u8 = 13;
+pub const HOOK_PING6: u8 = 14;
 
 /// `sockaddr_un.sun_family`.
 pub const AF_UNIX: u16 = 1;

@@ -15,6 +15,9 @@ pub const ANY_PORT: u16 = 0;
 pub const ANY_PROTO: u8 = 0;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+/// ICMP echo (ping sockets), IPv4 and IPv6 alike (the kernel decides ICMPv6 as this too).
+/// Has no ports: rules naming it have none.
+pub const PROTO_ICMP: u8 = 1;
 
 /// `PolicyMeta::flags`: the unix hooks decide every unix connect/sendmsg of the policy's
 /// principals (a path in no zone takes the default action). The agent sets it for every
@@ -22,6 +25,11 @@ pub const PROTO_UDP: u8 = 17;
 /// default-deny policy denies the ones it does not allow. Without it unix sockets are not
 /// policed (kept so a future policy option can opt out).
 pub const POLICY_F_UNIX: u8 = 1;
+/// `PolicyMeta::flags`: some allow rule of the policy names protocol `icmp`, so its principals
+/// may open ping sockets (`SOCK_DGRAM` + `IPPROTO_ICMP`/`IPPROTO_ICMPV6`); each echo they send
+/// is then decided by destination like a call with protocol icmp and no port. Without it ping
+/// sockets are refused (raw sockets always are).
+pub const POLICY_F_ICMP: u8 = 2;
 
 /// Per policy slot and generation.
 #[repr(C)]

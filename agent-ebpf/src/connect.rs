@@ -127,7 +127,7 @@ const LOOPBACK4: Addr = v4_mapped(0x7f00_0001u32.to_be());
 /// by the agent) reaches this host as loopback does, so it is decided as loopback of its
 /// family (the event keeps the address the caller used).
 #[inline(always)]
-fn zone_addr(addr: &Addr) -> Addr {
+pub(crate) fn zone_addr(addr: &Addr) -> Addr {
     // SAFETY: map value read, valid for this run.
     if unsafe { LOCAL_ADDRS.get(addr) }.is_none() {
         *addr

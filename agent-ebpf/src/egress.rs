@@ -24,16 +24,20 @@
 //! control message (`IP_RETOPTS`, `IPV6_RTHDR`) without any `setsockopt()`: such a packet is
 //! dropped and recorded once per socket (hook `egress_route`, reason containment).
 //!
+//! Ping sockets (allowed only under a policy naming protocol icmp, see guard.rs) have no
+//! connect or sendmsg hook: each echo request they send is decided here by its destination.
+//!
 //! Minimum kernel: 5.2 (socket-local storage from cgroup_skb), 5.9 for sock_addr programs'
 //! access to it (the agent's kernel floor is higher).
 
 use core::ptr;
 
 use agent_common::{
-    ConnectEvent, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_CUT4, HOOK_CUT6, HOOK_ROUTE_EGRESS,
-    KIND_CONNECT, KIND_SOCKET, MODE_AUDIT, NONE, REASON_CONTAINMENT, REASON_NO_POLICY,
-    SOCK_F_AUDITED, SOCK_F_CUT, SOCK_F_DECIDED, SOCK_F_PRINCIPAL, SOCK_F_ROUTE_SEEN, SockState,
-    SocketEvent, VALID_FOREVER, VERDICT_ALLOW, VERDICT_AUDIT_DENY, VERDICT_DENY, is_v4_mapped,
+    ANY_PORT, Addr, ConnectEvent, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_CUT4, HOOK_CUT6, HOOK_PING4,
+    HOOK_PING6, HOOK_ROUTE_EGRESS, KIND_CONNECT, KIND_SOCKET, MODE_AUDIT, NONE, PROTO_ICMP,
+    REASON_CONTAINMENT, REASON_NO_POLICY, SOCK_F_AUDITED, SOCK_F_CUT, SOCK_F_DECIDED, SOCK_F_PING,
+    SOCK_F_PRINCIPAL, SOCK_F_ROUTE_SEEN, SockState, SocketEvent, VALID_FOREVER, VERDICT_ALLOW,
+    VERDICT_AUDIT_DENY, VERDICT_DENY, is_v4_mapped, v4_mapped,
 };
 use aya_ebpf::{
     bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
@@ -46,7 +50,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    connect::{Decision, Dest, Outcome, evaluate, lookup_zone},
+    connect::{Decision, Dest, Outcome, evaluate, lookup_zone, zone_addr},
     events,
     maps::{EPOCH, POLICIES, PRINCIPALS, SEEN, SOCKS},
     principal::{self, Caller},
@@ -198,6 +202,9 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, i32> {
     if source_routed(ctx) {
         return Ok(refuse_route(ctx, st));
     }
+    if st.flags & SOCK_F_PING != 0 {
+        return Ok(decide_ping(ctx, st));
+    }
     if st.flags & SOCK_F_DECIDED == 0 {
         return Ok(PASS);
     }
@@ -208,6 +215,112 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, i32> {
         return Ok(PASS);
     }
     Ok(redecide(st))
+}
+
+/// Records a ping socket a principal may open (its policy has `POLICY_F_ICMP`): every echo
+/// it sends is then decided here. False when no state could be stored (refused: closed).
+#[inline(always)]
+pub(crate) fn record_ping(sk: *mut bpf_sock, caller: &Caller, family: u16) -> bool {
+    // SAFETY: helper call with the map and the program's socket; a zeroed state is created.
+    let st = unsafe {
+        bpf_sk_storage_get(
+            socks(),
+            sk.cast(),
+            ptr::null_mut(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        )
+    }
+    .cast::<SockState>();
+    // SAFETY: a socket storage pointer, valid for this run.
+    let Some(st) = (unsafe { st.as_mut() }) else {
+        return false;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    st.flags = SOCK_F_PRINCIPAL | SOCK_F_PING;
+    st.cgroup_id = caller.cgroup_id;
+    st.principal = caller.principal.index;
+    st.pid = (pid_tgid >> 32) as u32;
+    st.uid = bpf_get_current_uid_gid() as u32;
+    st.family = family;
+    st.proto = PROTO_ICMP;
+    st.zone = NONE;
+    true
+}
+
+/// Decides one echo request of a ping socket by its destination (protocol icmp, no port),
+/// as the connect hooks decide a call: an allowed one is recorded as contact (chaining), a
+/// denied one is dropped (the `sendto()` fails with EPERM).
+#[inline(always)]
+fn decide_ping(ctx: &SkBuffContext, st: &SockState) -> i32 {
+    let (addr, hook) = match ping_destination(ctx) {
+        Some(d) => d,
+        // Unreadable: closed.
+        None => return DROP,
+    };
+    let Some(p) = PRINCIPALS.get_ptr(st.cgroup_id) else {
+        return DROP;
+    };
+    let caller = Caller {
+        // SAFETY: map value pointer, valid for this run.
+        principal: unsafe { *p },
+        cgroup_id: st.cgroup_id,
+    };
+    let cfg = principal::config();
+    let za = zone_addr(&addr);
+    let Some(out) = evaluate(
+        &cfg,
+        &caller,
+        0,
+        ANY_PORT,
+        PROTO_ICMP,
+        |policy| lookup_zone(policy, &za),
+        true,
+    ) else {
+        return PASS;
+    };
+    let index = st.principal;
+    if out.decision.verdict != VERDICT_ALLOW || events::allow_event_permitted(&cfg, index) {
+        let mut header =
+            events::header_for(KIND_CONNECT, st.cgroup_id, index, st.pid, st.pid, st.uid);
+        header.verdict = out.decision.verdict;
+        header.reason = out.decision.reason;
+        header.policy = out.policy;
+        header.rule = out.decision.rule;
+        header.suppressed = events::take_suppressed(index);
+        let written = events::emit(
+            &ConnectEvent {
+                header,
+                addr,
+                zone: out.zone,
+                port: 0,
+                family: st.family,
+                proto: PROTO_ICMP,
+                hook,
+                _pad: [0; 6],
+                grant_id: out.decision.grant_id,
+            },
+            out.decision.verdict,
+        );
+        if !written {
+            events::restore_suppressed(index, header.suppressed);
+        }
+    }
+    if out.decision.verdict == VERDICT_DENY {
+        DROP
+    } else {
+        PASS
+    }
+}
+
+/// The destination of an IPv4 or IPv6 packet (IPv4 as `::ffff:a.b.c.d`) and the ping hook.
+#[inline(always)]
+fn ping_destination(ctx: &SkBuffContext) -> Option<(Addr, u8)> {
+    let first = ctx.load::<u8>(0).ok()?;
+    match first >> 4 {
+        4 => Some((v4_mapped(ctx.load::<u32>(16).ok()?), HOOK_PING4)),
+        6 => Some((ctx.load::<Addr>(24).ok()?, HOOK_PING6)),
+        _ => None,
+    }
 }
 
 /// Decides the connection again, as the connect hook would now (without marking chaining

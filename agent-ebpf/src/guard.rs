@@ -5,7 +5,9 @@
 //!   whose subflows are TCP sockets that pass the connect hooks) and UDP (and UDP-Lite, which
 //!   shares UDP's send path). Raw sockets, ping sockets (`SOCK_DGRAM` + `IPPROTO_ICMP`, whose
 //!   `sendto` has no cgroup hook), SCTP, AF_PACKET, AF_VSOCK and every other family are
-//!   refused. Minimum kernel: 4.10.
+//!   refused. Minimum kernel: 4.10. Ping sockets are allowed under a policy with an allow rule
+//!   naming protocol icmp (`POLICY_F_ICMP`); each echo is then decided by destination in
+//!   `egress.rs`.
 //! - `setsockopt()`: IPv4 `IP_OPTIONS` carrying a loose or strict source route, and the IPv6
 //!   routing header options (`IPV6_RTHDR`, `IPV6_2292RTHDR`, `IPV6_2292PKTOPTIONS`): the hook
 //!   decides on the address given to `connect()`, but a source-routed packet goes to the
@@ -26,10 +28,11 @@
 
 use agent_common::{
     Config, EventHeader, HOOK_SETSOCKOPT, HOOK_SOCK_CREATE, HOOK_SOCKET_SYSCALL, KIND_SOCKET,
-    MODE_AUDIT, NONE, REASON_CONTAINMENT, SocketEvent, VERDICT_AUDIT_DENY, VERDICT_DENY,
-    policy_key,
+    MODE_AUDIT, NONE, POLICY_F_ICMP, REASON_CONTAINMENT, SocketEvent, VERDICT_AUDIT_DENY,
+    VERDICT_DENY, policy_key,
 };
 use aya_ebpf::{
+    bindings::bpf_sock,
     helpers::generated::bpf_send_signal,
     macros::{cgroup_sock, cgroup_sockopt, tracepoint},
     programs::{SockContext, SockoptContext, TracePointContext},
@@ -37,7 +40,7 @@ use aya_ebpf::{
 
 use crate::{
     connect::ALLOW,
-    events,
+    egress, events,
     maps::POLICIES,
     principal::{self, Caller},
 };
@@ -52,6 +55,8 @@ const AF_NETLINK: u32 = 16;
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 
+const IPPROTO_ICMP: u32 = 1;
+const IPPROTO_ICMPV6: u32 = 58;
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
 const IPPROTO_UDPLITE: u32 = 136;
@@ -144,6 +149,37 @@ fn policed_socket(family: u32, sock_type: u32, protocol: u32) -> bool {
     }
 }
 
+/// A ping socket: `SOCK_DGRAM` with `IPPROTO_ICMP` (IPv4) or `IPPROTO_ICMPV6` (IPv6).
+#[inline(always)]
+fn ping_socket(family: u32, sock_type: u32, protocol: u32) -> bool {
+    sock_type == SOCK_DGRAM
+        && ((family == AF_INET && protocol == IPPROTO_ICMP)
+            || (family == AF_INET6 && protocol == IPPROTO_ICMPV6))
+}
+
+/// A ping socket is allowed to a principal whose policy names icmp (`POLICY_F_ICMP`); the
+/// egress program then decides each echo by destination. `Some(ALLOW)` when allowed (or not
+/// a principal's); `None`: refuse it as any other unpoliced socket.
+#[inline(always)]
+fn allow_ping(sk: *mut bpf_sock) -> Option<i32> {
+    let cfg = principal::config();
+    let Some(caller) = principal::resolve(&cfg) else {
+        return Some(ALLOW);
+    };
+    let slot = caller.policy_slot(&cfg);
+    if slot == NONE {
+        return None;
+    }
+    let meta = POLICIES.get_ptr(policy_key(cfg.generation & 1, slot))?;
+    // SAFETY: map value pointer, valid for this run.
+    if unsafe { (*meta).flags } & POLICY_F_ICMP == 0 {
+        return None;
+    }
+    // SAFETY: the program's context pointer.
+    let family = unsafe { (*sk).family } as u16;
+    egress::record_ping(sk, &caller, family).then_some(ALLOW)
+}
+
 #[inline(always)]
 fn try_sock_create(ctx: &SockContext) -> Result<i32, i32> {
     let sk = ctx.sock;
@@ -152,6 +188,11 @@ fn try_sock_create(ctx: &SockContext) -> Result<i32, i32> {
     let (family, sock_type, protocol) = unsafe { ((*sk).family, (*sk).type_, (*sk).protocol) };
     if policed_socket(family, sock_type, protocol) {
         return Ok(ALLOW);
+    }
+    if ping_socket(family, sock_type, protocol)
+        && let Some(ret) = allow_ping(sk)
+    {
+        return Ok(ret);
     }
     Ok(refuse_principal(SocketEvent {
         family: family as u16,

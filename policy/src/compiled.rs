@@ -190,6 +190,16 @@ pub struct CompiledPolicy {
     pub source: Sources,
 }
 
+impl CompiledPolicy {
+    /// Whether an allow rule names protocol `icmp`: the policy's principals may open ping
+    /// sockets (`POLICY_F_ICMP`), whose echoes are decided by destination.
+    pub fn allows_ping(&self) -> bool {
+        self.connect
+            .iter()
+            .any(|r| r.action == Action::Allow && r.protocols.contains(&agent_common::PROTO_ICMP))
+    }
+}
+
 /// Everything the node enforces at one revision.
 #[derive(Debug, Clone, Default)]
 pub struct CompiledSet {

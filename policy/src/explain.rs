@@ -48,6 +48,7 @@ fn proto_name(p: u8) -> String {
     match p {
         agent_common::PROTO_TCP => "tcp".into(),
         agent_common::PROTO_UDP => "udp".into(),
+        agent_common::PROTO_ICMP => "icmp".into(),
         n => format!("proto {n}"),
     }
 }

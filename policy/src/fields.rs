@@ -239,7 +239,7 @@ fn scalar_text(node: &Node) -> String {
     }
 }
 
-/// `tcp` or `udp`, as the IP protocol number.
+/// `tcp`, `udp` or `icmp` (echo, IPv4 and IPv6), as the IP protocol number.
 pub fn protocol(node: &Node, sink: &mut Sink) -> Option<u8> {
     choice(
         node,
@@ -247,6 +247,7 @@ pub fn protocol(node: &Node, sink: &mut Sink) -> Option<u8> {
         &[
             ("tcp", agent_common::PROTO_TCP),
             ("udp", agent_common::PROTO_UDP),
+            ("icmp", agent_common::PROTO_ICMP),
         ],
         sink,
     )

@@ -282,7 +282,7 @@ fn zone_refs(node: Option<&Node>, what: &str, sink: &mut Sink) -> Vec<Spanned<St
 }
 
 fn ports_protocols(f: &Fields<'_>, sink: &mut Sink) -> (Vec<u16>, Vec<u8>) {
-    let ports = f
+    let ports: Vec<u16> = f
         .get("ports")
         .and_then(|n| fields::items(n, "ports", "443", sink))
         .unwrap_or_default()
@@ -295,7 +295,16 @@ fn ports_protocols(f: &Fields<'_>, sink: &mut Sink) -> (Vec<u16>, Vec<u8>) {
         .unwrap_or_default()
         .iter()
         .filter_map(|n| fields::protocol(n, sink))
-        .collect();
+        .collect::<Vec<u8>>();
+    if !ports.is_empty()
+        && protocols.contains(&agent_common::PROTO_ICMP)
+        && let Some(n) = f.get("protocols")
+    {
+        sink.error(
+            n.pos,
+            "icmp has no ports: give it a rule of its own without `ports`",
+        );
+    }
     (ports, protocols)
 }
 

@@ -231,13 +231,16 @@ fn ports_out_of_range() {
 
 #[test]
 fn protocols() {
-    let src = BASE.replace("ports: [80]", "ports: [80], protocols: [icmp]");
+    let src = BASE.replace("ports: [80]", "ports: [80], protocols: [sctp]");
     rejects(
         &src,
         10,
-        "icmp",
-        &["protocol `icmp` is not valid", "`tcp`, `udp`"],
+        "sctp",
+        &["protocol `sctp` is not valid", "`tcp`, `udp`, `icmp`"],
     );
+    // icmp is a protocol, without ports: the position is the protocols list.
+    let src = BASE.replace("ports: [80]", "ports: [80], protocols: [icmp]");
+    rejects(&src, 10, "[icmp]", &["icmp has no ports"]);
 }
 
 #[test]

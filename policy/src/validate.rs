@@ -255,4 +255,17 @@ web: { cidrs: [10.0.0.0/8], unix: [/run/web.sock] }\n";
             Vec::<String>::new()
         );
     }
+
+    #[test]
+    fn icmp_is_a_protocol_without_ports() {
+        assert_eq!(
+            errors("  connect:\n    - { action: allow, zones: [web], protocols: [icmp] }\n"),
+            Vec::<String>::new()
+        );
+        let e = errors(
+            "  connect:\n    - { action: allow, zones: [web], ports: [443], protocols: [tcp, icmp] }\n",
+        );
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("icmp has no ports"), "{e:?}");
+    }
 }

@@ -197,3 +197,62 @@ fn audit_mode_records_the_guards_and_blocks_nothing() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_policy_naming_icmp_allows_ping_to_its_zone_only() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let _ping = PingRange::allow_root()?;
+    let cg = TestCgroup::new("contain-ping")?;
+    let mut e = Enforcer::load_and_attach(&cg.root)?;
+    e.maps().add_principal(cg.id()?, cg.level(), 6, Some(0))?;
+    // Ping allowed to 127.0.0.1 and ::1 only; everything else denied by default.
+    let p = policy("contain-ping")
+        .zone("pingable", &["127.0.0.1/32", "::1/128"])
+        .zone("other", &["127.0.0.2/32"])
+        .allow(&["pingable"], &[], &[agent_common::PROTO_ICMP])
+        .allow_all_exec()
+        .build();
+    assert!(p.allows_ping());
+    e.maps().apply(&set(1, vec![p]), |_, _| Some(0))?;
+    let mut reader = EventReader::take(e.maps())?;
+    let got = probe_in(
+        &cg.path,
+        &["ping:127.0.0.1", "ping:[::1]", "ping:127.0.0.2", RAW4],
+    )?;
+    assert_eq!(got, vec![Outcome::Ok, Outcome::Ok, eperm(), eperm()]);
+
+    let mut all = Vec::new();
+    reader.drain_all(&mut all);
+    let pings: Vec<_> = all
+        .iter()
+        .filter_map(|e| match e {
+            Event::Connect(c) if c.proto == agent_common::PROTO_ICMP => Some(c.clone()),
+            _ => None,
+        })
+        .collect();
+    let seen: Vec<(String, Verdict)> = pings
+        .iter()
+        .map(|c| (c.addr.to_string(), c.header.verdict))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("127.0.0.1".to_owned(), Verdict::Allow),
+            ("::1".to_owned(), Verdict::Allow),
+            ("127.0.0.2".to_owned(), Verdict::Deny),
+        ]
+    );
+
+    // The same policy without the icmp rule: ping sockets are refused again.
+    let p = policy("contain-ping")
+        .zone("pingable", &["127.0.0.1/32"])
+        .allow(&["pingable"], &[], &[])
+        .allow_all_exec()
+        .build();
+    assert!(!p.allows_ping());
+    e.maps().apply(&set(2, vec![p]), |_, _| Some(0))?;
+    assert_eq!(probe_in(&cg.path, &["ping:127.0.0.1"])?, vec![eperm()]);
+    Ok(())
+}

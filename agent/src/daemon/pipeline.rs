@@ -111,6 +111,9 @@ fn hook_name(h: u8) -> &'static str {
         // An established connection ended by the egress re-decision.
         agent_common::HOOK_CUT4 => "cut4",
         agent_common::HOOK_CUT6 => "cut6",
+        // An echo request from a ping socket, decided by destination.
+        agent_common::HOOK_PING4 => "ping4",
+        agent_common::HOOK_PING6 => "ping6",
         _ => "unknown",
     }
 }
@@ -119,6 +122,7 @@ fn proto_name(p: u8) -> &'static str {
     match p {
         PROTO_TCP => "tcp",
         PROTO_UDP => "udp",
+        agent_common::PROTO_ICMP => "icmp",
         _ => "",
     }
 }

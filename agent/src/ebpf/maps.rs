@@ -284,7 +284,10 @@ impl PolicyMaps {
             // Exec entries before the policy's meta (written last by write_policy).
             // Unix sockets are destinations like any other: every policy polices them (a path
             // in no zone takes the default action), whether or not it names any.
-            let flags = agent_common::POLICY_F_UNIX;
+            let mut flags = agent_common::POLICY_F_UNIX;
+            if policy.allows_ping() {
+                flags |= agent_common::POLICY_F_ICMP;
+            }
             self.exec.write(policy_key(new, slot), &policy.exec)?;
             self.write_unix(policy_key(new, slot), &policy.unix)?;
             self.write_policy(policy_key(new, slot), policy, set.revision, flags)?;

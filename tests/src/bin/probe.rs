@@ -32,6 +32,8 @@
 //!   change the test makes;
 //! - `lsrrmsg:ADDR:PORT`: UDP `sendmsg()` to ADDR:PORT with a loose source route through
 //!   127.0.0.1 in an `IP_RETOPTS` control message (no `setsockopt()`);
+//! - `ping:ADDR`: an ICMP echo request from a ping socket (`SOCK_DGRAM` + `IPPROTO_ICMP`, or
+//!   `IPPROTO_ICMPV6` for `[ADDR]`): `socket()`'s or `sendto()`'s outcome;
 //! - `rthdrmsg6:ADDR:PORT:HEX`: UDP `sendmsg()` with the routing header HEX in an
 //!   `IPV6_RTHDR` control message.
 //!
@@ -197,6 +199,20 @@ fn sockopt_op(domain: Domain, level: i32, name: i32, hex: &str) -> std::io::Resu
     }
 }
 
+/// One ICMP echo request to ADDR from a ping socket.
+fn ping(addr: &str) -> std::io::Result<()> {
+    let addr = parse_addr(&format!("{addr}:0"))?;
+    let (domain, proto, ty) = if addr.is_ipv4() {
+        (Domain::IPV4, socket2::Protocol::ICMPV4, 8u8)
+    } else {
+        (Domain::IPV6, socket2::Protocol::ICMPV6, 128u8)
+    };
+    let sock = Socket::new(domain, Type::DGRAM, Some(proto))?;
+    // Type, code, checksum (the kernel fills it for ping sockets), id, sequence, payload.
+    let echo = [ty, 0, 0, 0, 0, 0, 0, 1, b'c', b'o', b'r', b'r', b'a', b'l'];
+    sock.send_to(&echo, &SockAddr::from(addr)).map(drop)
+}
+
 /// One UDP datagram to ADDR:PORT with an IP-level control message: `lsrrmsg` (an IPv4 loose
 /// source route through 127.0.0.1, `IP_RETOPTS`) or `rthdrmsg6` (`IPV6_RTHDR` with HEX).
 fn cmsg_send(kind: &str, rest: &str) -> std::io::Result<()> {
@@ -302,6 +318,12 @@ fn one(op: &str) -> String {
     };
     if let Some(r) = guarded {
         return match r {
+            Ok(()) => "ok".into(),
+            Err(e) => errno_name(&e),
+        };
+    }
+    if kind == "ping" {
+        return match ping(rest) {
             Ok(()) => "ok".into(),
             Err(e) => errno_name(&e),
         };
