@@ -86,8 +86,13 @@ fn run_denied_connect_fails_and_events_show_who_what_rule_and_revision() -> anyh
         deny["process"]["binary"]
     );
     // Filters: the allow is not in the deny stream, and is in the allow stream.
-    let allows = events(&spec, &["--identity", id, "--verdict", "allow"])?;
-    assert!(allows.iter().any(|e| e["connect"]["port"] == ALLOWED));
+    // (Allow events reach the agent on its drain timer, possibly after the deny.)
+    let allows = wait_for(5, "the allow event", || {
+        let a = events(&spec, &["--identity", id, "--verdict", "allow"])?;
+        Ok(a.iter()
+            .any(|e| e["connect"]["port"] == ALLOWED)
+            .then_some(a))
+    })?;
     assert!(allows.iter().all(|e| e["decision"]["verdict"] == "allow"));
     // Human output: one line per event with identity, call, verdict and rule.
     let out = corral(&spec, &["events", "--identity", id, "--verdict", "deny"])?;
@@ -182,17 +187,48 @@ fn a_process_inside_a_principal_may_not_enrol() -> anyhow::Result<()> {
         err.contains("inside an enrolled principal") && err.contains("may not watch events"),
         "PermissionDenied with a reason: {err}"
     );
-    // Status works from inside.
+    // Status works from inside, showing the caller's own principal only.
     let out = run_as(
         &spec,
         "spiffe://e2e.corral/agent/outer",
         "outer2",
-        &[&corral_bin, "status", "--socket", &socket],
+        &[&corral_bin, "status", "--json", "--socket", &socket],
     )?;
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    let inside: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let sessions: Vec<&str> = inside["principals"]
+        .as_array()
+        .context("principals")?
+        .iter()
+        .filter_map(|p| p["session"].as_str())
+        .collect();
+    assert_eq!(sessions, ["outer2"], "{inside}");
+    // Explaining (reading the policies) is refused from inside.
+    let out = run_as(
+        &spec,
+        "spiffe://e2e.corral/agent/outer",
+        "outer4",
+        &[
+            &corral_bin,
+            "policy",
+            "explain",
+            "--socket",
+            &socket,
+            "--identity",
+            "spiffe://e2e.corral/agent/other",
+            "--connect",
+            "127.0.0.1:80",
+        ],
+    )?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("may not explain policies"),
+        "explain from inside a principal: {} {err}",
+        out.status
     );
     let s = status(&spec)?;
     let ids: Vec<&str> = s["principals"]

@@ -1,7 +1,8 @@
 //! The local API: `AgentService` over the unix socket, authorized by the socket's peer
-//! credentials. Only root (or the configured group) may enrol; a caller whose cgroup is a
-//! principal's (or inside one, or attributed to one after leaving its cgroup) is refused
-//! everything that changes state, and the event stream.
+//! credentials and pidfd (see `peer`). Only root (or the configured group) may enrol; a
+//! caller whose cgroup is a principal's (or inside one, or attributed to one after leaving
+//! its cgroup) is refused everything that changes state, the event stream and `Explain`, and
+//! its `Status` shows its own principal only.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -17,11 +18,12 @@ use corral_policy::{
 };
 use corral_proto::v1::{self as pb, agent_service_server::AgentService};
 use tokio_stream::{Stream, StreamExt as _};
-use tonic::{Request, Response, Status, transport::server::UdsConnectInfo};
+use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 
 use super::{
     Shared,
+    peer::PeerInfo,
     pipeline::{grant_could_help, reason_pb, verdict_pb},
     registry::{RegistryError, opt_outs, random_session},
     status,
@@ -61,25 +63,22 @@ impl From<ApiError> for Status {
     }
 }
 
-/// Who is calling, from the socket's peer credentials.
-#[derive(Debug, Clone, Copy)]
-struct Peer {
-    uid: u32,
-    gid: u32,
-    pid: Option<i32>,
-}
+/// Who is calling: the socket's peer, taken when the connection was accepted.
+type Peer = PeerInfo;
 
 fn peer<T>(req: &Request<T>) -> Result<Peer, ApiError> {
-    let cred = req
-        .extensions()
-        .get::<UdsConnectInfo>()
-        .and_then(|i| i.peer_cred)
-        .ok_or_else(|| ApiError::Denied("the caller's credentials are unknown".into()))?;
-    Ok(Peer {
-        uid: cred.uid(),
-        gid: cred.gid(),
-        pid: cred.pid(),
-    })
+    req.extensions()
+        .get::<PeerInfo>()
+        .cloned()
+        .ok_or_else(|| ApiError::Denied("the caller's credentials are unknown".into()))
+}
+
+/// Where a caller stands.
+enum Standing {
+    /// Outside every principal: its pid.
+    Outside(i32),
+    /// Inside a principal (its record, if it is still enrolled), with the reason.
+    Inside(Option<Arc<super::registry::PrincipalRecord>>, String),
 }
 
 /// The cgroup v2 directory of `pid` (absolute, under `root`).
@@ -103,49 +102,82 @@ fn groups_of(pid: i32) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// `s` as a caller inside principal `rec` may see it: its own principal and its own grants;
+/// no other principal, grant or pod.
+fn own_view(s: &mut pb::AgentStatus, rec: Option<&super::registry::PrincipalRecord>) {
+    let mine = |identity: &str, session: &str| {
+        rec.is_some_and(|r| r.identity == identity && (session.is_empty() || r.session == session))
+    };
+    s.principals.retain(|p| {
+        p.principal
+            .as_ref()
+            .is_some_and(|pr| rec.is_some_and(|r| r.cgroup_id == pr.cgroup_id))
+    });
+    s.grants.retain(|g| mine(&g.identity, &g.session));
+    s.unenrolled_pods.clear();
+}
+
 pub struct Api {
     pub shared: Arc<Shared>,
 }
 
 impl Api {
-    /// The caller's pid, if the caller is outside every principal: neither in a principal's
-    /// cgroup nor attributed to one stickily (a process that left its principal's cgroup is
-    /// still that principal's). `what` names the refused action.
-    fn outside_principals(&self, p: Peer, what: &str) -> Result<i32, ApiError> {
+    /// Where the caller stands: outside every principal, or inside one (in its cgroup or
+    /// below, or attributed to it stickily after leaving the cgroup). The caller's process
+    /// must still be alive once this is read (its pidfd says so), so a pid reused by another
+    /// process in between is never taken for the caller.
+    fn standing(&self, p: &Peer) -> Result<Standing, ApiError> {
         let pid = p
             .pid
             .ok_or_else(|| ApiError::Denied("the caller's pid is unknown".into()))?;
         let cg = cgroup_of(&self.shared.resolved.cgroup_root, pid).ok_or_else(|| {
             ApiError::Denied(format!("the cgroup of caller pid {pid} cannot be read"))
         })?;
-        if self.shared.registry.is_inside_principal(&cg) {
-            return Err(ApiError::Denied(format!(
-                "pid {pid} runs inside an enrolled principal ({}) and may not {what}",
-                cg.display()
-            )));
-        }
         let tgid = u32::try_from(pid).unwrap_or(u32::MAX);
         let sticky = self.shared.enforcer().maps().sticky_cgroup(tgid);
-        if let Some(cgroup_id) = sticky {
-            let enrolled = self
-                .shared
-                .registry
-                .list()
-                .iter()
-                .any(|r| r.cgroup_id == cgroup_id);
-            if enrolled {
-                return Err(ApiError::Denied(format!(
-                    "pid {pid} belongs to an enrolled principal (cgroup id {cgroup_id}; it \
-                     left the cgroup) and may not {what}"
-                )));
-            }
+        let records = self.shared.registry.list();
+        let standing = if self.shared.registry.is_inside_principal(&cg) {
+            let rec = records.iter().find(|r| cg.starts_with(&r.cgroup)).cloned();
+            Standing::Inside(
+                rec,
+                format!(
+                    "pid {pid} runs inside an enrolled principal ({})",
+                    cg.display()
+                ),
+            )
+        } else if let Some(rec) = sticky.and_then(|id| records.iter().find(|r| r.cgroup_id == id)) {
+            Standing::Inside(
+                Some(rec.clone()),
+                format!(
+                    "pid {pid} belongs to an enrolled principal (cgroup id {}; it left the \
+                     cgroup)",
+                    rec.cgroup_id
+                ),
+            )
+        } else {
+            Standing::Outside(pid)
+        };
+        if p.alive() == Some(false) {
+            return Err(ApiError::Denied(format!(
+                "caller pid {pid} exited while it was checked (its pid may be another \
+                 process's now)"
+            )));
         }
-        Ok(pid)
+        Ok(standing)
+    }
+
+    /// The caller's pid, if the caller is outside every principal. `what` names the refused
+    /// action.
+    fn outside_principals(&self, p: &Peer, what: &str) -> Result<i32, ApiError> {
+        match self.standing(p)? {
+            Standing::Outside(pid) => Ok(pid),
+            Standing::Inside(_, why) => Err(ApiError::Denied(format!("{why} and may not {what}"))),
+        }
     }
 
     /// A state-changing call: the caller must be root or in the enrol group, and must not
     /// run inside a principal.
-    fn authorize_change(&self, p: Peer) -> Result<(), ApiError> {
+    fn authorize_change(&self, p: &Peer) -> Result<(), ApiError> {
         let pid = self.outside_principals(p, "change agent state")?;
         let group_ok = self
             .shared
@@ -210,7 +242,7 @@ impl AgentService for Api {
         req: Request<pb::EnrollRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
         let p = peer(&req)?;
-        if let Err(e) = self.authorize_change(p) {
+        if let Err(e) = self.authorize_change(&p) {
             info!(uid = p.uid, pid = ?p.pid, "enrol refused: {e}");
             return Err(e.into());
         }
@@ -259,7 +291,7 @@ impl AgentService for Api {
     ) -> Result<Response<EventStream>, Status> {
         // Every principal's decisions are in the stream: a principal may not watch them (it
         // would learn what its neighbours do, and which of its own probes were denied).
-        self.outside_principals(peer(&req)?, "watch events")?;
+        self.outside_principals(&peer(&req)?, "watch events")?;
         let r = req.into_inner();
         let filter = Filter::new(r.filter).map_err(ApiError::from)?;
         let sub = self.shared.hub.subscribe(filter, r.follow);
@@ -288,9 +320,15 @@ impl AgentService for Api {
     #[instrument(skip_all)]
     async fn status(
         &self,
-        _req: Request<pb::StatusRequest>,
+        req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::AgentStatus>, Status> {
-        Ok(Response::new(status::build(&self.shared)))
+        let standing = self.standing(&peer(&req)?)?;
+        let mut s = status::build(&self.shared);
+        if let Standing::Inside(rec, _) = standing {
+            // A principal sees its own principal and grants, nobody else's.
+            own_view(&mut s, rec.as_deref());
+        }
+        Ok(Response::new(s))
     }
 
     #[instrument(skip_all, fields(identity = %req.get_ref().identity))]
@@ -298,6 +336,9 @@ impl AgentService for Api {
         &self,
         req: Request<pb::ExplainRequest>,
     ) -> Result<Response<pb::ExplainResponse>, Status> {
+        // Explaining is reading the policies: not for a principal (it could map what any
+        // identity may do).
+        self.outside_principals(&peer(&req)?, "explain policies")?;
         let r = req.into_inner();
         corral_policy::identity::validate_id(&r.identity)
             .map_err(|e| ApiError::Registry(RegistryError::Identity(e)))?;

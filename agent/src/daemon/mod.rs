@@ -21,6 +21,11 @@ pub mod exec_watch;
 pub mod grants;
 pub mod k8s;
 pub mod metrics;
+#[expect(
+    unsafe_code,
+    reason = "SO_PEERPIDFD and pidfd_send_signal; SAFETY notes inside"
+)]
+pub mod peer;
 pub mod pipeline;
 pub mod policy;
 pub mod registry;
@@ -466,7 +471,11 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
         }
     }
     let mut api_stop = shutdown.subscribe();
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    // Each connection carries its peer's credentials and pidfd (see `peer`).
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::UnixListenerStream::new(listener),
+        |s| s.and_then(peer::PeerStream::new),
+    );
     let server = tonic::transport::Server::builder()
         .add_service(AgentServiceServer::new(api::Api {
             shared: shared.clone(),
