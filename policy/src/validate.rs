@@ -96,6 +96,39 @@ fn policy(d: &PolicyDoc, sink: &mut Sink) {
         }
     }
 
+    // The kernel's unix hooks compare the path string the caller passed. Under
+    // `defaultAction: allow` a deny (a deny rule, or a chaining rule's deny list) is then the
+    // only thing between a principal and the socket, and another path to the same socket (a
+    // symlink, `/proc/self/root/...`, `//run/...`, a relative path, a bind mount) passes it.
+    // Under default deny an alias is in no zone and is denied like any other path.
+    if d.default_action == crate::compiled::Action::Allow {
+        let with_unix: HashSet<&str> = d
+            .zones
+            .iter()
+            .filter(|z| !z.unix.is_empty())
+            .map(|z| z.name.value.as_str())
+            .collect();
+        let denied = d
+            .connect
+            .iter()
+            .filter(|r| r.action == crate::compiled::Action::Deny)
+            .flat_map(|r| r.zones.iter())
+            .chain(d.chaining.iter().flat_map(|c| c.deny.iter()));
+        for z in denied.filter(|z| with_unix.contains(z.value.as_str())) {
+            sink.error(
+                z.pos,
+                format!(
+                    "zone `{}` has unix sockets, and under `defaultAction: allow` denying them \
+                     protects nothing: the kernel compares the path a caller passes, so another \
+                     path to the same socket (a symlink, /proc/self/root/..., a bind mount) gets \
+                     through. Write `defaultAction: deny` and allow the unix sockets the agent \
+                     may use instead",
+                    z.value
+                ),
+            );
+        }
+    }
+
     // A unix socket has no port and no protocol: a rule or grant that names ports or
     // protocols never matches one. Naming such a rule's zone is a mistake when the zone has
     // nothing else (a zone with CIDRs too: the rule applies to its IP destinations only).
@@ -267,5 +300,25 @@ web: { cidrs: [10.0.0.0/8], unix: [/run/web.sock] }\n";
         );
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].contains("icmp has no ports"), "{e:?}");
+    }
+
+    #[test]
+    fn denying_unix_sockets_under_default_allow_is_refused() {
+        let allow = "  defaultAction: allow\n";
+        let e = errors(&format!(
+            "{allow}  connect:\n    - {{ action: deny, zones: [docker] }}\n"
+        ));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("defaultAction: deny"), "{e:?}");
+        let e = errors(&format!(
+            "{allow}  connect:\n    - {{ action: allow, zones: [web] }}\n  chaining:\n    \
+             - {{ after: [web], deny: [docker] }}\n"
+        ));
+        assert_eq!(e.len(), 1, "{e:?}");
+        // Under default deny the same deny is harmless: aliases are in no zone.
+        assert_eq!(
+            errors("  connect:\n    - { action: deny, zones: [docker] }\n"),
+            Vec::<String>::new()
+        );
     }
 }
