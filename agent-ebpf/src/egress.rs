@@ -34,10 +34,10 @@ use core::ptr;
 
 use agent_common::{
     ANY_PORT, Addr, ConnectEvent, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_CUT4, HOOK_CUT6, HOOK_PING4,
-    HOOK_PING6, HOOK_ROUTE_EGRESS, KIND_CONNECT, KIND_SOCKET, MODE_AUDIT, NONE, PROTO_ICMP,
-    REASON_CONTAINMENT, REASON_NO_POLICY, SOCK_F_AUDITED, SOCK_F_CUT, SOCK_F_DECIDED, SOCK_F_PING,
-    SOCK_F_PRINCIPAL, SOCK_F_ROUTE_SEEN, SockState, SocketEvent, VALID_FOREVER, VERDICT_ALLOW,
-    VERDICT_AUDIT_DENY, VERDICT_DENY, is_v4_mapped, v4_mapped,
+    HOOK_PING6, HOOK_ROUTE_EGRESS, KIND_CONNECT, KIND_SOCKET, NONE, PROTO_ICMP, REASON_CONTAINMENT,
+    REASON_NO_POLICY, SOCK_F_AUDITED, SOCK_F_CUT, SOCK_F_DECIDED, SOCK_F_PING, SOCK_F_PRINCIPAL,
+    SOCK_F_ROUTE_SEEN, SockState, SocketEvent, VALID_FOREVER, VERDICT_ALLOW, VERDICT_AUDIT_DENY,
+    VERDICT_DENY, is_v4_mapped, v4_mapped,
 };
 use aya_ebpf::{
     bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
@@ -51,8 +51,8 @@ use aya_ebpf::{
 
 use crate::{
     connect::{Decision, Dest, Outcome, evaluate, lookup_zone, zone_addr},
-    events,
-    maps::{EPOCH, POLICIES, PRINCIPALS, SEEN, SOCKS},
+    events, guard,
+    maps::{EPOCH, PRINCIPALS, SEEN, SOCKS},
     principal::{self, Caller},
 };
 
@@ -113,28 +113,9 @@ pub(crate) fn record(
     if sk.is_null() {
         return false;
     }
-    // SAFETY: helper call with the map, the context's socket and flags; the value pointer may
-    // be null (a zeroed state is created).
-    let st = unsafe {
-        bpf_sk_storage_get(
-            socks(),
-            sk.cast(),
-            ptr::null_mut(),
-            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
-        )
-    }
-    .cast::<SockState>();
-    // SAFETY: a socket storage pointer, valid for this run; the socket is locked by the
-    // connect/sendmsg path.
-    let Some(st) = (unsafe { st.as_mut() }) else {
+    let Some(st) = principal_state(sk, caller) else {
         return false;
     };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    st.flags |= SOCK_F_PRINCIPAL;
-    st.cgroup_id = caller.cgroup_id;
-    st.principal = caller.principal.index;
-    st.pid = (pid_tgid >> 32) as u32;
-    st.uid = bpf_get_current_uid_gid() as u32;
     let connects = hook == HOOK_CONNECT4 || hook == HOOK_CONNECT6 || d.proto == IPPROTO_TCP;
     if !connects {
         return true;
@@ -154,6 +135,44 @@ pub(crate) fn record(
     }
     st.flags |= SOCK_F_DECIDED;
     true
+}
+
+/// The state of `sk` (created zeroed if it has none), marked as `caller`'s socket, opened by
+/// the current process; `None` if no state could be stored.
+#[inline(always)]
+fn principal_state(sk: *mut bpf_sock, caller: &Caller) -> Option<&'static mut SockState> {
+    // SAFETY: helper call with the map and the program's socket; the value pointer may be
+    // null (a zeroed state is created).
+    let st = unsafe {
+        bpf_sk_storage_get(
+            socks(),
+            sk.cast(),
+            ptr::null_mut(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        )
+    }
+    .cast::<SockState>();
+    // SAFETY: a socket storage pointer, valid for this run; the socket is locked by the
+    // socket()/connect/sendmsg path that calls this.
+    let st = unsafe { st.as_mut() }?;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    st.flags |= SOCK_F_PRINCIPAL;
+    st.cgroup_id = caller.cgroup_id;
+    st.principal = caller.principal.index;
+    st.pid = (pid_tgid >> 32) as u32;
+    st.uid = bpf_get_current_uid_gid() as u32;
+    Some(st)
+}
+
+/// The principal that owns the socket, if it is still enrolled.
+#[inline(always)]
+fn owner(st: &SockState) -> Option<Caller> {
+    let p = PRINCIPALS.get_ptr(st.cgroup_id)?;
+    Some(Caller {
+        // SAFETY: map value pointer, valid for this run.
+        principal: unsafe { *p },
+        cgroup_id: st.cgroup_id,
+    })
 }
 
 /// The state of the socket that sent or receives this packet, or `None` (not a principal's:
@@ -221,26 +240,10 @@ fn try_egress(ctx: &SkBuffContext) -> Result<i32, i32> {
 /// it sends is then decided here. False when no state could be stored (refused: closed).
 #[inline(always)]
 pub(crate) fn record_ping(sk: *mut bpf_sock, caller: &Caller, family: u16) -> bool {
-    // SAFETY: helper call with the map and the program's socket; a zeroed state is created.
-    let st = unsafe {
-        bpf_sk_storage_get(
-            socks(),
-            sk.cast(),
-            ptr::null_mut(),
-            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
-        )
-    }
-    .cast::<SockState>();
-    // SAFETY: a socket storage pointer, valid for this run.
-    let Some(st) = (unsafe { st.as_mut() }) else {
+    let Some(st) = principal_state(sk, caller) else {
         return false;
     };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    st.flags = SOCK_F_PRINCIPAL | SOCK_F_PING;
-    st.cgroup_id = caller.cgroup_id;
-    st.principal = caller.principal.index;
-    st.pid = (pid_tgid >> 32) as u32;
-    st.uid = bpf_get_current_uid_gid() as u32;
+    st.flags |= SOCK_F_PING;
     st.family = family;
     st.proto = PROTO_ICMP;
     st.zone = NONE;
@@ -257,13 +260,8 @@ fn decide_ping(ctx: &SkBuffContext, st: &SockState) -> i32 {
         // Unreadable: closed.
         None => return DROP,
     };
-    let Some(p) = PRINCIPALS.get_ptr(st.cgroup_id) else {
+    let Some(caller) = owner(st) else {
         return DROP;
-    };
-    let caller = Caller {
-        // SAFETY: map value pointer, valid for this run.
-        principal: unsafe { *p },
-        cgroup_id: st.cgroup_id,
     };
     let cfg = principal::config();
     let za = zone_addr(&addr);
@@ -329,26 +327,18 @@ fn ping_destination(ctx: &SkBuffContext) -> Option<(Addr, u8)> {
 fn redecide(st: &mut SockState) -> i32 {
     let cfg = principal::config();
     let epoch_now = epoch();
-    let out = match PRINCIPALS.get_ptr(st.cgroup_id) {
-        Some(p) => {
-            let caller = Caller {
-                // SAFETY: map value pointer, valid for this run.
-                principal: unsafe { *p },
-                cgroup_id: st.cgroup_id,
-            };
-            let addr = st.addr;
-            evaluate(
-                &cfg,
-                &caller,
-                0,
-                st.port,
-                st.proto,
-                |policy| lookup_zone(policy, &addr),
-                false,
-            )
-        }
-        None => None,
-    };
+    let addr = st.addr;
+    let out = owner(st).and_then(|caller| {
+        evaluate(
+            &cfg,
+            &caller,
+            0,
+            st.port,
+            st.proto,
+            |policy| lookup_zone(policy, &addr),
+            false,
+        )
+    });
     // The principal has ended (its session is over): so has its connection.
     let out = out.unwrap_or(Outcome {
         decision: Decision {
@@ -421,26 +411,10 @@ fn report_cut(st: &SockState, out: &Outcome) {
 /// once per socket.
 #[inline(always)]
 fn refuse_route(ctx: &SkBuffContext, st: &mut SockState) -> i32 {
-    let cfg = principal::config();
-    let mut verdict = VERDICT_DENY;
-    let mut policy = NONE;
-    if let Some(p) = PRINCIPALS.get_ptr(st.cgroup_id) {
-        let caller = Caller {
-            // SAFETY: map value pointer, valid for this run.
-            principal: unsafe { *p },
-            cgroup_id: st.cgroup_id,
-        };
-        let slot = caller.policy_slot(&cfg);
-        if slot != NONE {
-            policy = agent_common::policy_key(cfg.generation & 1, slot);
-            if let Some(meta) = POLICIES.get_ptr(policy) {
-                // SAFETY: map value pointer, valid for this run.
-                if unsafe { (*meta).mode } == MODE_AUDIT {
-                    verdict = VERDICT_AUDIT_DENY;
-                }
-            }
-        }
-    }
+    let (verdict, policy) = match owner(st) {
+        Some(caller) => guard::containment_verdict(&principal::config(), &caller),
+        None => (VERDICT_DENY, NONE),
+    };
     if st.flags & SOCK_F_ROUTE_SEEN == 0 {
         st.flags |= SOCK_F_ROUTE_SEEN;
         let mut header = events::header_for(

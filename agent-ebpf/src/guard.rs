@@ -296,22 +296,34 @@ fn refuse_principal(event: SocketEvent) -> i32 {
     }
 }
 
+/// The verdict on a containment refusal of `caller` and the policy key it was made under:
+/// deny, or audit-deny under an audit-mode policy.
+#[inline(always)]
+pub(crate) fn containment_verdict(cfg: &Config, caller: &Caller) -> (u8, u32) {
+    let slot = caller.policy_slot(cfg);
+    if slot == NONE {
+        return (VERDICT_DENY, NONE);
+    }
+    let policy = policy_key(cfg.generation & 1, slot);
+    let audit = POLICIES
+        .get_ptr(policy)
+        // SAFETY: map value pointer, valid for this run.
+        .is_some_and(|meta| unsafe { (*meta).mode } == MODE_AUDIT);
+    (
+        if audit {
+            VERDICT_AUDIT_DENY
+        } else {
+            VERDICT_DENY
+        },
+        policy,
+    )
+}
+
 /// Records the refusal and returns the program's code: EPERM, or (audit mode) let through.
 #[inline(always)]
 fn refuse(cfg: &Config, caller: &Caller, mut event: SocketEvent) -> i32 {
     let index = caller.principal.index;
-    let slot = caller.policy_slot(cfg);
-    let mut policy = NONE;
-    let mut verdict = VERDICT_DENY;
-    if slot != NONE {
-        policy = policy_key(cfg.generation & 1, slot);
-        if let Some(meta) = POLICIES.get_ptr(policy) {
-            // SAFETY: map value pointer, valid for this run.
-            if unsafe { (*meta).mode } == MODE_AUDIT {
-                verdict = VERDICT_AUDIT_DENY;
-            }
-        }
-    }
+    let (verdict, policy) = containment_verdict(cfg, caller);
     let mut header: EventHeader = events::header(KIND_SOCKET, caller.cgroup_id, index);
     header.verdict = verdict;
     header.reason = REASON_CONTAINMENT;

@@ -133,9 +133,12 @@ impl Api {
         let cg = cgroup_of(&self.shared.resolved.cgroup_root, pid).ok_or_else(|| {
             ApiError::Denied(format!("the cgroup of caller pid {pid} cannot be read"))
         })?;
-        let tgid = u32::try_from(pid).unwrap_or(u32::MAX);
-        let sticky = self.shared.enforcer().maps().sticky_cgroup(tgid);
         let records = self.shared.registry.list();
+        // The sticky map (behind the enforcer lock) only when the cgroup did not decide.
+        let sticky = || {
+            let tgid = u32::try_from(pid).unwrap_or(u32::MAX);
+            self.shared.enforcer().maps().sticky_cgroup(tgid)
+        };
         let standing = if self.shared.registry.is_inside_principal(&cg) {
             let rec = records.iter().find(|r| cg.starts_with(&r.cgroup)).cloned();
             Standing::Inside(
@@ -145,7 +148,8 @@ impl Api {
                     cg.display()
                 ),
             )
-        } else if let Some(rec) = sticky.and_then(|id| records.iter().find(|r| r.cgroup_id == id)) {
+        } else if let Some(rec) = sticky().and_then(|id| records.iter().find(|r| r.cgroup_id == id))
+        {
             Standing::Inside(
                 Some(rec.clone()),
                 format!(
