@@ -14,7 +14,7 @@ use tokio_stream::StreamExt as _;
 
 use crate::{
     error::CliError,
-    server_client::{self, ServerArgs, request},
+    server_client::{self, ServerArgs},
 };
 
 #[derive(Debug, clap::Args)]
@@ -74,10 +74,10 @@ pub async fn apply(a: &ApplyArgs) -> Result<ExitCode, CliError> {
     })?;
     let mut c = server_client::policies(&a.server).await?;
     let r = c
-        .apply(request(pb::ApplyRequest {
+        .apply(pb::ApplyRequest {
             file_name: a.file.display().to_string(),
             yaml,
-        }))
+        })
         .await
         .map_err(CliError::server)?
         .into_inner();
@@ -105,7 +105,7 @@ async fn wait_for_nodes(
     let deadline = started + Duration::from_secs(timeout);
     let nodes = loop {
         let s = c
-            .status(request(pb::PolicyStatusRequest {}))
+            .status(pb::PolicyStatusRequest {})
             .await
             .map_err(CliError::server)?
             .into_inner();
@@ -181,7 +181,7 @@ async fn wait_for_nodes(
 pub async fn list(a: &ListArgs) -> Result<ExitCode, CliError> {
     let mut c = server_client::policies(&a.server).await?;
     let r = c
-        .list(request(pb::ListRequest {}))
+        .list(pb::ListRequest {})
         .await
         .map_err(CliError::server)?
         .into_inner();
@@ -213,10 +213,10 @@ pub async fn list(a: &ListArgs) -> Result<ExitCode, CliError> {
 pub async fn get(a: &GetArgs) -> Result<ExitCode, CliError> {
     let mut c = server_client::policies(&a.server).await?;
     let r = c
-        .get(request(pb::GetRequest {
+        .get(pb::GetRequest {
             name: a.name.clone(),
             history: a.history,
-        }))
+        })
         .await
         .map_err(CliError::server)?
         .into_inner();
@@ -240,9 +240,9 @@ pub async fn get(a: &GetArgs) -> Result<ExitCode, CliError> {
 pub async fn delete(a: &NameArgs) -> Result<ExitCode, CliError> {
     let mut c = server_client::policies(&a.server).await?;
     let r = c
-        .delete(request(pb::DeleteRequest {
+        .delete(pb::DeleteRequest {
             name: a.name.clone(),
-        }))
+        })
         .await
         .map_err(CliError::server)?
         .into_inner();
@@ -262,7 +262,7 @@ pub struct StatusArgs {
 pub async fn status(a: &StatusArgs) -> Result<ExitCode, CliError> {
     let mut c = server_client::policies(&a.server).await?;
     let s = c
-        .status(request(pb::PolicyStatusRequest {}))
+        .status(pb::PolicyStatusRequest {})
         .await
         .map_err(CliError::server)?
         .into_inner();
@@ -322,10 +322,10 @@ pub async fn watch_events(
 ) -> Result<(), CliError> {
     let mut c = server_client::events(server).await?;
     let mut stream = c
-        .watch_events(request(pb::FleetWatchRequest {
+        .watch_events(pb::FleetWatchRequest {
             filter: Some(filter),
             node: node.unwrap_or_default(),
-        }))
+        })
         .await
         .map_err(CliError::server)?
         .into_inner();

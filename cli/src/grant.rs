@@ -17,7 +17,7 @@ use serde_json::json;
 
 use crate::{
     error::CliError,
-    server_client::{self, ServerArgs, request},
+    server_client::{self, ServerArgs},
 };
 
 #[derive(Debug, clap::Subcommand)]
@@ -122,13 +122,13 @@ pub async fn run(c: Command) -> Result<ExitCode, CliError> {
 async fn request_cmd(a: &RequestArgs) -> Result<ExitCode, CliError> {
     let mut c = server_client::grants(&a.server).await?;
     let g = c
-        .request(request(pb::GrantRequest {
+        .request(pb::GrantRequest {
             identity: a.identity.clone(),
             session: a.session.clone(),
             grant: a.grant.clone(),
             ttl_seconds: a.ttl.map_or(0, |d| d.as_secs().max(1)),
             reason: a.reason.clone(),
-        }))
+        })
         .await
         .map_err(CliError::server)?
         .into_inner();
@@ -140,10 +140,10 @@ async fn request_cmd(a: &RequestArgs) -> Result<ExitCode, CliError> {
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let cur = c
-            .list(request(pb::ListGrantsRequest {
+            .list(pb::ListGrantsRequest {
                 id: g.id.clone(),
                 ..Default::default()
-            }))
+            })
             .await
             .map_err(CliError::server)?
             .into_inner()
@@ -173,11 +173,11 @@ async fn request_cmd(a: &RequestArgs) -> Result<ExitCode, CliError> {
 async fn list(a: &ListArgs) -> Result<ExitCode, CliError> {
     let mut c = server_client::grants(&a.server).await?;
     let r = c
-        .list(request(pb::ListGrantsRequest {
+        .list(pb::ListGrantsRequest {
             pending_only: a.pending,
             id: String::new(),
             identity: a.identity.clone(),
-        }))
+        })
         .await
         .map_err(CliError::server)?
         .into_inner();
@@ -199,10 +199,10 @@ enum Decision {
 
 async fn decide(a: &DecideArgs, d: Decision) -> Result<ExitCode, CliError> {
     let mut c = server_client::grants(&a.server).await?;
-    let msg = request(pb::GrantDecisionRequest {
+    let msg = pb::GrantDecisionRequest {
         id: a.id.clone(),
         reason: a.reason.clone(),
-    });
+    };
     let g = match d {
         Decision::Approve => c.approve(msg).await,
         Decision::Deny => c.deny(msg).await,

@@ -12,8 +12,9 @@
 //!   status.
 //! - `error`: `error::CliError`, every way a command fails, and the one sentence shown for it.
 //! - `client`: connects to the local agent over its unix socket (`--socket`).
-//! - `server_client`: connects to the central server (`--server`, mTLS) and tags requests with
-//!   the user.
+//! - `server_client`: connects to the central server (`--server`, mTLS). The server names
+//!   the caller itself (certificate, or the uid owning the loopback socket); the CLI sends no
+//!   name.
 //! - `policy`: `policy check` and `policy explain`; hands the server's `policy` subcommands
 //!   to `fleet`.
 //! - `fleet`: `policy apply|list|get|delete|status` and `events --server` on the server.

@@ -19,9 +19,6 @@ pub struct ServerArgs {
     pub tls: corral_runtime::tls::TlsFiles,
 }
 
-/// The metadata key the server records as `applied_by` (must match the server's).
-pub const USER_HEADER: &str = "x-corral-user";
-
 async fn channel(s: &ServerArgs) -> Result<Channel, CliError> {
     let url = s.server.as_str();
     let mut ep =
@@ -62,18 +59,4 @@ pub async fn grants(s: &ServerArgs) -> Result<GrantServiceClient<Channel>, CliEr
 
 pub async fn events(s: &ServerArgs) -> Result<EventServiceClient<Channel>, CliError> {
     Ok(EventServiceClient::new(channel(s).await?))
-}
-
-/// A request carrying who asks (recorded with each change): `CORRAL_USER`, else the user who
-/// ran sudo, else `USER`. With mTLS the server trusts the client certificate's name instead.
-pub fn request<T>(msg: T) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
-    let user = std::env::var("CORRAL_USER")
-        .or_else(|_| std::env::var("SUDO_USER"))
-        .or_else(|_| std::env::var("USER"))
-        .unwrap_or_else(|_| "unknown".into());
-    if let Ok(v) = user.parse() {
-        req.metadata_mut().insert(USER_HEADER, v);
-    }
-    req
 }

@@ -1,18 +1,17 @@
 //! Who is calling: every service names its caller here, one way. Under mTLS a caller is the
-//! name its client certificate was issued to; without TLS (loopback only), the
-//! `x-corral-user` header the CLI sends.
+//! name its client certificate was issued to; without TLS (loopback only), the user that owns
+//! the caller's socket ([`crate::local_peer`]). No header or other field a client sends is
+//! ever an identity.
 
 use tonic::Request;
 
-/// The metadata key the CLI puts its user name in (recorded as `applied_by`; without mTLS,
-/// also the caller's name).
-pub const USER_HEADER: &str = "x-corral-user";
+use crate::local_peer::LocalPeer;
 
 /// Who is calling, as grants record and compare it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
-    /// The name compared for separation of duties and `--approver` (certificate name, or
-    /// the user header).
+    /// The name compared for separation of duties, `--approver` and `--policy-admin`
+    /// (certificate name, or the local user owning the caller's socket).
     pub name: String,
     /// As recorded (`requested_by`, `decided_by`, history actors): the name, plus the peer
     /// address when known.
@@ -40,19 +39,29 @@ pub fn cert_name(certs: &[rustls_pki_types::CertificateDer<'static>]) -> Option<
     Some(name.to_owned())
 }
 
-/// The caller: its certificate name under mTLS, else the `x-corral-user` header.
+/// The caller: its certificate name under mTLS, else the local user owning its socket, else
+/// `unknown` (which no `--approver` or `--policy-admin` list can name).
 pub fn caller<T>(req: &Request<T>) -> Caller {
-    let name = match req.peer_certs() {
-        Some(certs) => cert_name(&certs).unwrap_or_default(),
-        None => req
-            .metadata()
-            .get(USER_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .trim()
-            .to_owned(),
-    };
-    Caller::new(&name, req.remote_addr())
+    if let Some(certs) = req.peer_certs() {
+        return Caller::new(&cert_name(&certs).unwrap_or_default(), req.remote_addr());
+    }
+    match req.extensions().get::<LocalPeer>() {
+        Some(p) => Caller::new(&p.name, Some(p.addr)),
+        None => Caller::new("", req.remote_addr()),
+    }
+}
+
+/// `msg` as if sent by the local user `name` (tests of the services, which call them without
+/// a transport).
+#[cfg(test)]
+pub fn as_local_user<T>(name: &str, msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.extensions_mut().insert(LocalPeer {
+        uid: 4242,
+        name: name.to_owned(),
+        addr: ([127, 0, 0, 1], 1).into(),
+    });
+    r
 }
 
 #[cfg(test)]
@@ -70,11 +79,18 @@ mod tests {
     }
 
     #[test]
-    fn without_certificates_the_header_names_the_caller() {
+    fn without_certificates_the_socket_owner_names_the_caller_never_a_header() {
+        let mut req = as_local_user("bob", ());
+        req.metadata_mut()
+            .insert("x-corral-user", "alice".parse().expect("ascii"));
+        assert_eq!(caller(&req).name, "bob");
         let mut req = Request::new(());
         req.metadata_mut()
-            .insert(USER_HEADER, " bob ".parse().expect("ascii"));
-        assert_eq!(caller(&req).name, "bob");
-        assert_eq!(caller(&Request::new(())).name, "unknown");
+            .insert("x-corral-user", "alice".parse().expect("ascii"));
+        assert_eq!(
+            caller(&req).name,
+            "unknown",
+            "a header is never an identity"
+        );
     }
 }

@@ -40,7 +40,7 @@ pub struct Config {
     pub event_buffer: usize,
 
     /// Who may approve and deny grants (repeatable; the env form is comma-separated): client
-    /// certificate names under mTLS, else `x-corral-user` names. Unset: anyone but the
+    /// certificate names under mTLS, else local user names (or uids). Unset: anyone but the
     /// requester may approve. Revoke is open to approvers and to the grant's requester.
     #[arg(
         long = "approver",
@@ -51,7 +51,7 @@ pub struct Config {
     pub approvers: Vec<String>,
 
     /// Who may apply and delete policies (repeatable; the env form is comma-separated): client
-    /// certificate names under mTLS, else `x-corral-user` names. Unset: every caller the
+    /// certificate names under mTLS, else local user names (or uids). Unset: every caller the
     /// transport admits (any certificate the CA signed, nodes' included) — set it in
     /// production so a node's certificate cannot change the fleet's policy.
     #[arg(

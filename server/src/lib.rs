@@ -23,6 +23,7 @@ pub mod error;
 pub mod events;
 pub mod fleet;
 pub mod grants;
+pub mod local_peer;
 pub mod policy_service;
 pub mod store;
 pub mod sync;
@@ -99,23 +100,29 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let grant_api = grants::service::GrantApi::new(grants);
     let events = events::Events::new(fleet.clone(), shutdown.subscribe());
     let mut stop = shutdown.subscribe();
-    // Snapshots and ACKs are small writes that must not wait for Nagle's algorithm.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut builder = tonic::transport::Server::builder();
     if cfg.tls.is_set() {
         builder = builder
             .tls_config(cfg.tls.server_config()?)
             .map_err(RunError::TlsConfig)?;
     }
-    let server = builder
+    let router = builder
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(PolicyServiceServer::new(policy))
         .add_service(NodeSyncServer::new(sync))
         .add_service(EventServiceServer::new(events))
-        .add_service(GrantServiceServer::new(grant_api))
-        .serve_with_incoming_shutdown(incoming, async move { stop.wait().await });
-    let mut server = tokio::spawn(server);
+        .add_service(GrantServiceServer::new(grant_api));
+    let stopped = async move { stop.wait().await };
+    let mut server = if cfg.tls.is_set() {
+        // Snapshots and ACKs are small writes that must not wait for Nagle's algorithm.
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+    } else {
+        // Plaintext: callers are named by the uid owning their socket (nodelay set there).
+        tokio::spawn(router.serve_with_incoming_shutdown(local_peer::incoming(listener), stopped))
+    };
     info!(addr = %local, mtls = cfg.tls.is_set(), db = %cfg.db.display(), revision = current.revision, policies = current.policies.len(), grants = fleet.current().grants.len(), approvers = ?cfg.approvers, policy_admins = ?cfg.policy_admins, "corral-server ready");
     let signal = shutdown::signal();
     tokio::pin!(signal);

@@ -46,7 +46,7 @@ fn by_name(s: &StoreSnapshot) -> BTreeMap<String, (String, u64)> {
 
 impl Policies {
     /// `admins`: `--policy-admin` names (empty: every caller may change policies). A caller is
-    /// named by its client certificate under mTLS, else by the `x-corral-user` header.
+    /// named by its client certificate under mTLS, else by the local user owning its socket.
     pub fn new(store: Arc<dyn PolicyStore>, fleet: Arc<Fleet>, admins: &[String]) -> Self {
         Self {
             store,
@@ -235,12 +235,7 @@ mod tests {
 
     const DOC: &str = "apiVersion: corral.dev/v1alpha1\nkind: AgentPolicy\nmetadata:\n  name: p\nspec:\n  identities: [\"spiffe://t/a\"]\n  zones: { z: { cidrs: [10.0.0.0/8] } }\n  connect:\n    - { action: allow, zones: [z] }\n";
 
-    fn as_user<T>(user: &str, msg: T) -> Request<T> {
-        let mut r = Request::new(msg);
-        r.metadata_mut()
-            .insert(crate::auth::USER_HEADER, user.parse().expect("ascii user"));
-        r
-    }
+    use crate::auth::as_local_user as as_user;
 
     fn policies(name: &str, admins: &[String]) -> anyhow::Result<(Policies, std::path::PathBuf)> {
         let db = std::env::temp_dir().join(format!(

@@ -117,9 +117,20 @@ impl Server {
 
     /// `tls`: the PKI directory `xtask certs` wrote; the CLI uses its `admin` certificate.
     pub fn start_with(dir: &Dir, port: u16, tls: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        Self::start_args(dir, port, tls, &[])
+    }
+
+    /// [`Server::start_with`] with `extra` server arguments (e.g. `--policy-admin NAME`).
+    pub fn start_args(
+        dir: &Dir,
+        port: u16,
+        tls: Option<&std::path::Path>,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let log = dir.0.join(format!("server-{}.log", unique("log")));
         let mut c = Command::new(bin("corral-server")?);
-        c.arg("--listen")
+        c.args(extra)
+            .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--db")
             .arg(dir.0.join("server.db"));
@@ -171,15 +182,18 @@ impl Server {
         cli(&a)
     }
 
-    /// [`Server::cli`] as user `user` (`CORRAL_USER`; plaintext servers record it as the
-    /// caller).
-    pub fn cli_as(&self, user: &str, args: &[&str]) -> anyhow::Result<Output> {
+    /// [`Server::cli`] run as `uid` (gid the same): a plaintext server names the caller by
+    /// the uid owning its socket, so this is how tests are different users.
+    pub fn cli_as(&self, uid: u32, args: &[&str]) -> anyhow::Result<Output> {
+        use std::os::unix::process::CommandExt as _;
         let mut a: Vec<&str> = args.to_vec();
         a.extend(["--server", self.url.as_str()]);
         a.extend(self.cli_args.iter().map(String::as_str));
         Command::new(bin("corral")?)
             .args(&a)
-            .env("CORRAL_USER", user)
+            .uid(uid)
+            .gid(uid)
+            .env("HOME", "/")
             .output()
             .context("run corral")
     }

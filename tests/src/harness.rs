@@ -132,6 +132,11 @@ impl Harness {
         self.rt.block_on(f)
     }
 
+    /// The server (its CLI helpers, e.g. [`Server::cli_as`]).
+    pub fn server(&self) -> &Server {
+        &self.server
+    }
+
     /// A channel to the server, for any of its services.
     pub fn channel(&self) -> Channel {
         self.channel.clone()

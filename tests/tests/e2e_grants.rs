@@ -8,6 +8,7 @@
 //! The binaries are built by `cargo xtask test`.
 
 use std::{
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -28,6 +29,10 @@ const CRM_WRITE: &str = "udp:127.0.0.2:5433";
 const CRM_READ: &str = "udp:127.0.0.2:5434";
 /// Zone `secrets`: allowed, but afterwards the session may not reach `crm` (chaining).
 const SECRETS: &str = "udp:127.0.0.3:9";
+/// The users calling the plaintext server: it names them by the uid owning their socket
+/// (no passwd entry: the number), so the tests run the CLI as these uids.
+const AGENT_BOT: u32 = 2001;
+const ALICE: u32 = 2002;
 
 fn policy() -> anyhow::Result<String> {
     let bindir = probe_bin()?
@@ -188,7 +193,7 @@ fn req<'a>(
 }
 
 /// `corral grant ARGS --json` as `user`; the grant object it printed last.
-fn grant(server: &Server, user: &str, args: &[&str]) -> anyhow::Result<Value> {
+fn grant(server: &Server, user: u32, args: &[&str]) -> anyhow::Result<Value> {
     let mut a = vec!["grant"];
     a.extend_from_slice(args);
     a.push("--json");
@@ -204,7 +209,7 @@ fn grant(server: &Server, user: &str, args: &[&str]) -> anyhow::Result<Value> {
 }
 
 /// `corral grant ARGS` expected to fail; its stderr.
-fn refused(server: &Server, user: &str, args: &[&str]) -> anyhow::Result<String> {
+fn refused(server: &Server, user: u32, args: &[&str]) -> anyhow::Result<String> {
     let mut a = vec!["grant"];
     a.extend_from_slice(args);
     let out: Output = server.cli_as(user, &a)?;
@@ -230,7 +235,7 @@ fn state_of(server: &Server, id: &str) -> anyhow::Result<String> {
 
 /// Requests are checked against the sessions the node reported; wait until the server knows
 /// this one (a request for it stops being refused as unknown).
-fn request_when_known(server: &Server, user: &str, args: &[&str]) -> anyhow::Result<Value> {
+fn request_when_known(server: &Server, user: u32, args: &[&str]) -> anyhow::Result<Value> {
     wait_for(10, "the server to know the session", || {
         let mut a = vec!["grant"];
         a.extend_from_slice(args);
@@ -272,7 +277,7 @@ fn approved_grant_opens_the_path_the_kernel_expires_it_and_it_is_session_bound()
     // Request → pending: still denied.
     let g = request_when_known(
         &f.server,
-        "agent-bot",
+        AGENT_BOT,
         &req(ID, "s1", "crm-write", Some("5s"), "ticket 42"),
     )?;
     assert_eq!(g["state"], "pending", "{g}");
@@ -280,11 +285,11 @@ fn approved_grant_opens_the_path_the_kernel_expires_it_and_it_is_session_bound()
     assert_eq!(probe(&s1.cgroup, &[CRM_WRITE])?, ["EPERM"]);
 
     // The requester cannot approve its own request.
-    let err = refused(&f.server, "agent-bot", &["approve", &id])?;
+    let err = refused(&f.server, AGENT_BOT, &["approve", &id])?;
     println!("self-approval refused: {err}");
 
     // Approve → the same connect succeeds within 1 s; session s2 stays denied.
-    let g = grant(&f.server, "alice", &["approve", &id, "--reason", "ok"])?;
+    let g = grant(&f.server, ALICE, &["approve", &id, "--reason", "ok"])?;
     assert_eq!(g["state"], "active", "{g}");
     let took = until(&s1.cgroup, CRM_WRITE, "ok", 1)?;
     println!("approve → enforced in {took:?}");
@@ -354,7 +359,7 @@ fn revoke_closes_the_path_chaining_beats_a_grant_bad_requests_are_refused_and_se
     // approval: auto → issued at once.
     let g = request_when_known(
         &f.server,
-        "agent-bot",
+        AGENT_BOT,
         &req(ID, "s1", "crm-read", Some("1m"), "read the CRM"),
     )?;
     assert_eq!(g["state"], "active", "{g}");
@@ -364,7 +369,7 @@ fn revoke_closes_the_path_chaining_beats_a_grant_bad_requests_are_refused_and_se
     println!("auto grant → enforced in {took:?}");
 
     // Revoke → denied within 1 s.
-    let g = grant(&f.server, "alice", &["revoke", &id, "--reason", "done"])?;
+    let g = grant(&f.server, ALICE, &["revoke", &id, "--reason", "done"])?;
     assert_eq!(g["state"], "revoked", "{g}");
     let took = until(&s1.cgroup, CRM_READ, "EPERM", 1)?;
     println!("revoke → enforced in {took:?}");
@@ -373,7 +378,7 @@ fn revoke_closes_the_path_chaining_beats_a_grant_bad_requests_are_refused_and_se
     // Chaining beats a grant: after `secrets`, `crm` is closed even with an active grant.
     let g = grant(
         &f.server,
-        "agent-bot",
+        AGENT_BOT,
         &req(ID, "s1", "crm-read", None, "again"),
     )?;
     assert_eq!(g["state"], "active", "{g}");
@@ -392,24 +397,24 @@ fn revoke_closes_the_path_chaining_beats_a_grant_bad_requests_are_refused_and_se
     // Refusals, each with its reason.
     let ttl = refused(
         &f.server,
-        "agent-bot",
+        AGENT_BOT,
         &req(ID, "s1", "crm-write", Some("20m"), "x"),
     )?;
     println!("ttl over max: {ttl}");
     assert!(ttl.contains("15m") || ttl.contains("900"), "{ttl}");
-    let unknown = refused(&f.server, "agent-bot", &req(ID, "", "nope", None, "x"))?;
+    let unknown = refused(&f.server, AGENT_BOT, &req(ID, "", "nope", None, "x"))?;
     println!("unknown grant: {unknown}");
     assert!(unknown.contains("nope"), "{unknown}");
     let stranger = refused(
         &f.server,
-        "agent-bot",
+        AGENT_BOT,
         &req("spiffe://elsewhere.org/x", "", "crm-read", None, "x"),
     )?;
     println!("identity not covered: {stranger}");
     assert!(stranger.contains("spiffe://elsewhere.org/x"), "{stranger}");
     let session = refused(
         &f.server,
-        "agent-bot",
+        AGENT_BOT,
         &req(ID, "no-such-session", "crm-read", None, "x"),
     )?;
     println!("unknown session: {session}");
@@ -433,7 +438,8 @@ fn revoke_closes_the_path_chaining_beats_a_grant_bad_requests_are_refused_and_se
             "--server",
             &f.server.url,
         ])
-        .env("CORRAL_USER", "agent-bot")
+        .uid(AGENT_BOT)
+        .gid(AGENT_BOT)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
@@ -446,7 +452,7 @@ fn revoke_closes_the_path_chaining_beats_a_grant_bad_requests_are_refused_and_se
             .find(|g| g["reason"] == "please"))
     })?;
     let id3 = pending["id"].as_str().context("grant id")?.to_owned();
-    let g = grant(&f.server, "alice", &["deny", &id3, "--reason", "not now"])?;
+    let g = grant(&f.server, ALICE, &["deny", &id3, "--reason", "not now"])?;
     assert_eq!(g["state"], "denied", "{g}");
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {

@@ -424,3 +424,100 @@ fn mtls_agent_and_cli_sync_and_enforce_and_strangers_are_refused() -> anyhow::Re
     assert_eq!(n["connected"], false, "{n}");
     Ok(())
 }
+
+/// `ApplyRequest{file_name, yaml}` as one gRPC message frame (uncompressed), for `curl`.
+fn grpc_apply_frame(yaml: &str) -> Vec<u8> {
+    use prost::Message as _;
+    let msg = corral_proto::v1::ApplyRequest {
+        file_name: "claim.yaml".into(),
+        yaml: yaml.into(),
+    }
+    .encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(msg.len()).unwrap_or(u32::MAX).to_be_bytes());
+    frame.extend_from_slice(&msg);
+    frame
+}
+
+/// `PolicyService/Apply` sent by `curl` (a client the attacker controls, not the CLI) as `uid`,
+/// claiming to be `claim` in the `x-corral-user` header; the response headers and trailers.
+fn curl_apply_as(
+    url: &str,
+    uid: u32,
+    claim: &str,
+    frame: &std::path::Path,
+) -> anyhow::Result<String> {
+    use std::os::unix::process::CommandExt as _;
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "--http2-prior-knowledge",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+        ])
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .args(["-H", &format!("x-corral-user: {claim}")])
+        .arg("--data-binary")
+        .arg(format!("@{}", frame.display()))
+        .arg(format!("{url}/corral.v1.PolicyService/Apply"))
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .context("run curl")?;
+    ensure!(out.status.success(), "curl: {}", text(&out));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Issue 14, the server's plaintext mode: callers used to be named by the `x-corral-user`
+/// header, so any local process (a principal allowed to reach the loopback port included)
+/// applied policies as the `--policy-admin` by sending the admin's name. Now the server names
+/// a plaintext caller by the uid owning its socket: the claim is ignored.
+#[test]
+fn a_plaintext_caller_is_the_user_owning_its_socket_not_the_name_it_sends() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    const MALLORY: u32 = 2003;
+    let dir = Dir::new("claim")?;
+    let server = Server::start_args(&dir, free_port()?, None, &["--policy-admin", "root"])?;
+    let yaml = policy(ALLOWED, DENIED, 0)?;
+    let frame = dir.write("apply.grpc", "")?;
+    std::fs::write(&frame, grpc_apply_frame(&yaml))?;
+    std::fs::set_permissions(&frame, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+
+    let refused = curl_apply_as(&server.url, MALLORY, "root", &frame)?;
+    println!("uid {MALLORY} claiming root: {refused}");
+    assert!(
+        refused.contains("grpc-status: 7"),
+        "PermissionDenied: {refused}"
+    );
+    assert!(
+        refused.contains(&MALLORY.to_string()),
+        "names the real caller: {refused}"
+    );
+    assert_eq!(server.status()?["revision"], 0, "nothing applied");
+    let out = server.cli_as(
+        MALLORY,
+        &[
+            "policy",
+            "apply",
+            "-f",
+            &dir.write("p.yaml", &yaml)?.display().to_string(),
+        ],
+    )?;
+    assert!(
+        !out.status.success(),
+        "the CLI as uid {MALLORY}: {}",
+        text(&out)
+    );
+    assert_eq!(server.status()?["revision"], 0, "nothing applied");
+
+    // The same bytes from root (the admin) apply: the request itself is well formed, and a
+    // claim to be someone else does not lose root its own name either.
+    let applied = curl_apply_as(&server.url, 0, "mallory", &frame)?;
+    assert!(applied.contains("grpc-status: 0"), "applied: {applied}");
+    assert_eq!(server.status()?["revision"], 1);
+    Ok(())
+}

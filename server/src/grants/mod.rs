@@ -16,8 +16,9 @@
 //! `session-end`). Every change is one history row and one fleet event.
 //!
 //! Authorization (decided here, documented for `--approver`): a caller is named by its client
-//! certificate under mTLS (first DNS, else first URI subject alternative name), otherwise by
-//! the `x-corral-user` header (`unknown` when absent). The requester of a grant may never
+//! certificate under mTLS (first DNS, else first URI subject alternative name), otherwise (a
+//! loopback `--plaintext` server) by the local user owning the caller's socket; never by a
+//! header. The requester of a grant may never
 //! approve it (separation of duties; two callers without a name count as the same one).
 //! Without `--approver`, any other caller may approve or deny, and anyone may revoke. With
 //! `--approver NAME...`, only those names may approve or deny; revoke is open to approvers

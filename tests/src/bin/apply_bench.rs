@@ -25,7 +25,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, bail, ensure};
 use corral_proto::v1::{self as pb, grant_service_client::GrantServiceClient};
 use corral_tests::{
     Listener,
@@ -166,13 +166,46 @@ fn apply_scenario(s: &mut Setup<'_>, o: &Opts) -> anyhow::Result<Report> {
     })
 }
 
-/// A GrantService call made as `user` (the plaintext server records the header as caller).
-fn as_user<T>(user: &str, msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    if let Ok(v) = user.parse() {
-        r.metadata_mut().insert("x-corral-user", v);
-    }
-    r
+/// The requesting user: the plaintext server names callers by the uid owning their socket,
+/// and a requester may not approve their own grant, so requests come from the CLI run as this
+/// uid and the bench (root) approves and revokes.
+const REQUESTER_UID: u32 = 2001;
+
+/// `corral grant request ... --json` as [`REQUESTER_UID`]: the new grant's id.
+fn request_grant(
+    h: &Harness,
+    identity: &str,
+    session: &str,
+    round: usize,
+) -> anyhow::Result<String> {
+    let reason = format!("bench round {round}");
+    let out = h.server().cli_as(
+        REQUESTER_UID,
+        &[
+            "grant",
+            "request",
+            "--identity",
+            identity,
+            "--session",
+            session,
+            "--grant",
+            GRANT,
+            "--ttl",
+            "600s",
+            "--reason",
+            &reason,
+            "--json",
+        ],
+    )?;
+    ensure!(
+        out.status.success(),
+        "corral grant request: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let g: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().context("a grant printed")?)?;
+    Ok(g["id"].as_str().context("grant id")?.to_owned())
 }
 
 /// Grant approve → enforced and revoke → enforced: the port is denied by policy; each round
@@ -191,27 +224,16 @@ fn grant_scenario(s: &mut Setup<'_>, o: &Opts) -> anyhow::Result<Report> {
     let (mut approve_rpc, mut approved, mut revoke_rpc, mut revoked) =
         (vec![], vec![], vec![], vec![]);
     for r in 0..o.rounds {
-        let g = h
-            .block_on(client.request(as_user(
-                "bench-agent",
-                pb::GrantRequest {
-                    identity: identity.clone(),
-                    session: session.clone(),
-                    grant: GRANT.into(),
-                    ttl_seconds: 600,
-                    reason: format!("bench round {r}"),
-                },
-            )))
-            .with_context(|| format!("grant request, round {r}\n{}", h.logs()))?
-            .into_inner();
+        let id = request_grant(h, &identity, &session, r)
+            .with_context(|| format!("grant request, round {r}\n{}", h.logs()))?;
         let decision = pb::GrantDecisionRequest {
-            id: g.id.clone(),
+            id,
             reason: String::new(),
         };
         let m = s
             .prober
             .measure(outcome(true), o.timeout, || {
-                Ok(h.block_on(client.approve(as_user("bench-approver", decision.clone())))?)
+                Ok(h.block_on(client.approve(decision.clone()))?)
             })
             .with_context(|| format!("approve, round {r}\n{}", h.logs()))?;
         approve_rpc.push(m.action);
@@ -220,7 +242,7 @@ fn grant_scenario(s: &mut Setup<'_>, o: &Opts) -> anyhow::Result<Report> {
         let m = s
             .prober
             .measure(outcome(false), o.timeout, || {
-                Ok(h.block_on(client.revoke(as_user("bench-approver", decision.clone())))?)
+                Ok(h.block_on(client.revoke(decision.clone()))?)
             })
             .with_context(|| format!("revoke, round {r}\n{}", h.logs()))?;
         revoke_rpc.push(m.action);

@@ -74,9 +74,10 @@ pub async fn serve(db: &std::path::Path, approvers: &[&str]) -> anyhow::Result<S
     let mut s = stop.subscribe();
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(GrantServiceServer::new(service::GrantApi::new(
-                grants.clone(),
-            )))
+            .add_service(GrantServiceServer::with_interceptor(
+                service::GrantApi::new(grants.clone()),
+                name_test_user,
+            ))
             .add_service(NodeSyncServer::new(sync))
             .add_service(EventServiceServer::new(Events::new(
                 fleet.clone(),
@@ -116,11 +117,33 @@ impl Server {
     }
 }
 
-/// `msg` sent as `user` (the `x-corral-user` header).
+/// The test transport's caller name: the real server names plaintext callers by the uid
+/// owning their socket (`local_peer`), which one test process cannot vary; this harness
+/// stands in for that transport and names them by [`TEST_USER`].
+const TEST_USER: &str = "x-test-user";
+
+#[allow(clippy::result_large_err, reason = "tonic's interceptor signature")]
+fn name_test_user(mut r: Request<()>) -> Result<Request<()>, tonic::Status> {
+    let name = r
+        .metadata()
+        .get(TEST_USER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if let Some(name) = name {
+        r.extensions_mut().insert(crate::local_peer::LocalPeer {
+            uid: 4242,
+            name,
+            addr: ([127, 0, 0, 1], 1).into(),
+        });
+    }
+    Ok(r)
+}
+
+/// `msg` sent as `user` (see [`TEST_USER`]).
 pub fn as_user<T>(user: &str, msg: T) -> Request<T> {
     let mut r = Request::new(msg);
     if let Ok(v) = user.parse() {
-        r.metadata_mut().insert("x-corral-user", v);
+        r.metadata_mut().insert(TEST_USER, v);
     }
     r
 }
