@@ -18,6 +18,11 @@ pub const PROTO_UDP: u8 = 17;
 /// ICMP echo (ping sockets), IPv4 and IPv6 alike (the kernel decides ICMPv6 as this too).
 /// Has no ports: rules naming it have none.
 pub const PROTO_ICMP: u8 = 1;
+/// AF_VSOCK, named in a policy as protocol `vsock`. Not an IP protocol and never in a connect
+/// entry: the kernel has no connect hook for vsock, so an allow rule naming it (with no zones
+/// and no ports) lets the policy's principals open vsock sockets at all (`POLICY_F_VSOCK`).
+/// The value is the family's number.
+pub const PROTO_VSOCK: u8 = 40;
 
 /// `PolicyMeta::flags`: the unix hooks decide every unix connect/sendmsg of the policy's
 /// principals (a path in no zone takes the default action). The agent sets it for every
@@ -30,6 +35,10 @@ pub const POLICY_F_UNIX: u8 = 1;
 /// is then decided by destination like a call with protocol icmp and no port. Without it ping
 /// sockets are refused (raw sockets always are).
 pub const POLICY_F_ICMP: u8 = 2;
+/// `PolicyMeta::flags`: an allow rule names protocol `vsock`: the policy's principals may
+/// create AF_VSOCK sockets (each creation is an allow event). Without it the
+/// `sys_enter_socket` guard kills a principal that tries, like for every family with no hook.
+pub const POLICY_F_VSOCK: u8 = 4;
 
 /// Per policy slot and generation.
 #[repr(C)]

@@ -19,7 +19,9 @@
 //!   cannot fail the call, so the process is killed (`bpf_send_signal(SIGKILL)`, delivered
 //!   before the syscall returns to user space), as on the exec fallback path. Where BPF LSM
 //!   loads, `lsm/socket_create` would fail it with EPERM instead (not implemented: the
-//!   machines this is tested on refuse BPF LSM). Minimum kernel: 5.3.
+//!   machines this is tested on refuse BPF LSM). Minimum kernel: 5.3. AF_VSOCK is the one
+//!   family a policy can allow (`protocols: [vsock]`, `POLICY_F_VSOCK`): then its creation is
+//!   let through and recorded as an allow event; its destinations cannot be decided.
 //!
 //! The cgroup guards are attached at the cgroup v2 root and leave at once for sockets of processes that are
 //! not enrolled (the option check comes before the principal lookup). A refusal returns 0
@@ -28,8 +30,8 @@
 
 use agent_common::{
     Config, EventHeader, HOOK_SETSOCKOPT, HOOK_SOCK_CREATE, HOOK_SOCKET_SYSCALL, KIND_SOCKET,
-    MODE_AUDIT, NONE, POLICY_F_ICMP, REASON_CONTAINMENT, SocketEvent, VERDICT_AUDIT_DENY,
-    VERDICT_DENY, policy_key,
+    MODE_AUDIT, NONE, POLICY_F_ICMP, POLICY_F_VSOCK, REASON_CONTAINMENT, REASON_RULE, SocketEvent,
+    VERDICT_ALLOW, VERDICT_AUDIT_DENY, VERDICT_DENY, policy_key,
 };
 use aya_ebpf::{
     bindings::bpf_sock,
@@ -51,6 +53,7 @@ const AF_UNIX: u32 = 1;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const AF_NETLINK: u32 = 16;
+const AF_VSOCK: u32 = 40;
 
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
@@ -107,14 +110,23 @@ fn try_socket_enter(ctx: &TracePointContext) -> Result<u32, u32> {
             ctx.read_at::<u64>(ARG_PROTOCOL).unwrap_or(0) as u32,
         )
     };
-    let ret = refuse_principal(SocketEvent {
+    let cfg = principal::config();
+    let Some(caller) = principal::resolve(&cfg) else {
+        return Ok(0);
+    };
+    let event = SocketEvent {
         family: family as u16,
         sock_type: sock_type as u16,
         protocol: protocol as u16,
         hook: HOOK_SOCKET_SYSCALL,
         ..SocketEvent::default()
-    });
-    if ret == DENY {
+    };
+    if family == AF_VSOCK && policy_flags(&cfg, &caller) & POLICY_F_VSOCK != 0 {
+        let policy = containment_verdict(&cfg, &caller).1;
+        record(&caller, event, (VERDICT_ALLOW, REASON_RULE, policy));
+        return Ok(0);
+    }
+    if refuse(&cfg, &caller, event) == DENY {
         // SAFETY: helper call with a plain integer argument.
         unsafe { bpf_send_signal(SIGKILL) };
     }
@@ -166,13 +178,7 @@ fn allow_ping(sk: *mut bpf_sock) -> Option<i32> {
     let Some(caller) = principal::resolve(&cfg) else {
         return Some(ALLOW);
     };
-    let slot = caller.policy_slot(&cfg);
-    if slot == NONE {
-        return None;
-    }
-    let meta = POLICIES.get_ptr(policy_key(cfg.generation & 1, slot))?;
-    // SAFETY: map value pointer, valid for this run.
-    if unsafe { (*meta).flags } & POLICY_F_ICMP == 0 {
+    if policy_flags(&cfg, &caller) & POLICY_F_ICMP == 0 {
         return None;
     }
     // SAFETY: the program's context pointer.
@@ -319,14 +325,34 @@ pub(crate) fn containment_verdict(cfg: &Config, caller: &Caller) -> (u8, u32) {
     )
 }
 
+/// `PolicyMeta::flags` of the caller's policy (`POLICY_F_*`); 0 without one.
+#[inline(always)]
+fn policy_flags(cfg: &Config, caller: &Caller) -> u8 {
+    let slot = caller.policy_slot(cfg);
+    if slot == NONE {
+        return 0;
+    }
+    POLICIES
+        .get_ptr(policy_key(cfg.generation & 1, slot))
+        // SAFETY: map value pointer, valid for this run.
+        .map_or(0, |meta| unsafe { (*meta).flags })
+}
+
 /// Records the refusal and returns the program's code: EPERM, or (audit mode) let through.
 #[inline(always)]
-fn refuse(cfg: &Config, caller: &Caller, mut event: SocketEvent) -> i32 {
-    let index = caller.principal.index;
+fn refuse(cfg: &Config, caller: &Caller, event: SocketEvent) -> i32 {
     let (verdict, policy) = containment_verdict(cfg, caller);
+    record(caller, event, (verdict, REASON_CONTAINMENT, policy));
+    if verdict == VERDICT_DENY { DENY } else { ALLOW }
+}
+
+/// Emits `event` for `caller` with its decision: verdict, reason and policy key.
+#[inline(always)]
+fn record(caller: &Caller, mut event: SocketEvent, (verdict, reason, policy): (u8, u8, u32)) {
+    let index = caller.principal.index;
     let mut header: EventHeader = events::header(KIND_SOCKET, caller.cgroup_id, index);
     header.verdict = verdict;
-    header.reason = REASON_CONTAINMENT;
+    header.reason = reason;
     header.policy = policy;
     header.rule = NONE;
     header.suppressed = events::take_suppressed(index);
@@ -334,5 +360,4 @@ fn refuse(cfg: &Config, caller: &Caller, mut event: SocketEvent) -> i32 {
     if !events::emit(&event, verdict) {
         events::restore_suppressed(index, header.suppressed);
     }
-    if verdict == VERDICT_DENY { DENY } else { ALLOW }
 }

@@ -198,6 +198,14 @@ impl CompiledPolicy {
             .iter()
             .any(|r| r.action == Action::Allow && r.protocols.contains(&agent_common::PROTO_ICMP))
     }
+
+    /// Whether an allow rule names `vsock`: the policy's principals may create AF_VSOCK
+    /// sockets (`POLICY_F_VSOCK`; the kernel cannot decide their destinations).
+    pub fn allows_vsock(&self) -> bool {
+        self.connect
+            .iter()
+            .any(|r| r.action == Action::Allow && r.protocols.contains(&agent_common::PROTO_VSOCK))
+    }
 }
 
 /// Everything the node enforces at one revision.

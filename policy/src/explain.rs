@@ -49,6 +49,7 @@ fn proto_name(p: u8) -> String {
         agent_common::PROTO_TCP => "tcp".into(),
         agent_common::PROTO_UDP => "udp".into(),
         agent_common::PROTO_ICMP => "icmp".into(),
+        agent_common::PROTO_VSOCK => "vsock".into(),
         n => format!("proto {n}"),
     }
 }

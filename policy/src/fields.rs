@@ -239,7 +239,8 @@ fn scalar_text(node: &Node) -> String {
     }
 }
 
-/// `tcp`, `udp` or `icmp` (echo, IPv4 and IPv6), as the IP protocol number.
+/// `tcp`, `udp` or `icmp` (echo, IPv4 and IPv6), as the IP protocol number; or `vsock` (the
+/// address family, [`agent_common::PROTO_VSOCK`]).
 pub fn protocol(node: &Node, sink: &mut Sink) -> Option<u8> {
     choice(
         node,
@@ -248,6 +249,7 @@ pub fn protocol(node: &Node, sink: &mut Sink) -> Option<u8> {
             ("tcp", agent_common::PROTO_TCP),
             ("udp", agent_common::PROTO_UDP),
             ("icmp", agent_common::PROTO_ICMP),
+            ("vsock", agent_common::PROTO_VSOCK),
         ],
         sink,
     )

@@ -308,6 +308,46 @@ fn ports_protocols(f: &Fields<'_>, sink: &mut Sink) -> (Vec<u16>, Vec<u8>) {
     (ports, protocols)
 }
 
+/// A rule naming `vsock` must be `{ action: allow, protocols: [vsock] }`: the kernel has no
+/// connect hook for AF_VSOCK, so Corral decides the family whole (no zones, no ports, no
+/// other protocol), and a principal gets it only from an allow rule.
+fn vsock_rule(
+    f: &Fields<'_>,
+    action: Option<Action>,
+    ports: &[u16],
+    protocols: &[u8],
+    sink: &mut Sink,
+) {
+    const WRITE: &str = "write `{ action: allow, protocols: [vsock] }` as a rule of its own";
+    if let Some(n) = f.get("zones") {
+        sink.error(
+            n.pos,
+            format!(
+                "vsock has no zones: the kernel has no connect hook for AF_VSOCK, so a rule \
+                 naming it allows the family whole; {WRITE}"
+            ),
+        );
+    }
+    if let Some(n) = f.get("ports").filter(|_| !ports.is_empty()) {
+        sink.error(n.pos, format!("vsock has no ports here: {WRITE}"));
+    }
+    if let Some(n) = f.get("protocols").filter(|_| protocols.len() > 1) {
+        sink.error(
+            n.pos,
+            format!("vsock cannot share a rule with other protocols: {WRITE}"),
+        );
+    }
+    if action == Some(Action::Deny)
+        && let Some(n) = f.get("action")
+    {
+        sink.error(
+            n.pos,
+            "a deny rule naming vsock changes nothing: principals get no vsock socket unless \
+             an allow rule names it",
+        );
+    }
+}
+
 fn connect_rule(node: &Node, sink: &mut Sink) -> Option<ConnectDef> {
     let f = Fields::of(
         node,
@@ -318,9 +358,14 @@ fn connect_rule(node: &Node, sink: &mut Sink) -> Option<ConnectDef> {
     let action = f
         .require("action", "connect rule", "allow", sink)
         .and_then(|n| fields::choice(n, "action", ACTIONS, sink));
-    let zone_node = f.require("zones", "connect rule", "[zone-name]", sink);
-    let zones = zone_refs(zone_node, "zones", sink);
     let (ports, protocols) = ports_protocols(&f, sink);
+    let zones = if protocols.contains(&agent_common::PROTO_VSOCK) {
+        vsock_rule(&f, action, &ports, &protocols, sink);
+        Vec::new()
+    } else {
+        let zone_node = f.require("zones", "connect rule", "[zone-name]", sink);
+        zone_refs(zone_node, "zones", sink)
+    };
     Some(ConnectDef {
         pos: node.pos,
         action: action?,

@@ -303,6 +303,34 @@ web: { cidrs: [10.0.0.0/8], unix: [/run/web.sock] }\n";
     }
 
     #[test]
+    fn vsock_is_allowed_whole_by_a_rule_of_its_own() {
+        assert_eq!(
+            errors("  connect:\n    - { action: allow, protocols: [vsock] }\n"),
+            Vec::<String>::new()
+        );
+        for (rule, want) in [
+            (
+                "{ action: allow, zones: [web], protocols: [vsock] }",
+                "vsock has no zones",
+            ),
+            (
+                "{ action: allow, ports: [22], protocols: [vsock] }",
+                "vsock has no ports",
+            ),
+            (
+                "{ action: allow, protocols: [tcp, vsock] }",
+                "cannot share a rule",
+            ),
+            ("{ action: deny, protocols: [vsock] }", "changes nothing"),
+            ("{ action: allow, protocols: [tcp] }", "zones"),
+        ] {
+            let e = errors(&format!("  connect:\n    - {rule}\n"));
+            assert_eq!(e.len(), 1, "{rule}: {e:?}");
+            assert!(e[0].contains(want), "{rule}: {e:?}");
+        }
+    }
+
+    #[test]
     fn denying_unix_sockets_under_default_allow_is_refused() {
         let allow = "  defaultAction: allow\n";
         let e = errors(&format!(

@@ -180,6 +180,80 @@ fn families_without_a_connect_hook_kill_the_caller() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// AF_VSOCK is the family a policy can name (`{ action: allow, protocols: [vsock] }`): its
+/// principals may then create vsock sockets (each an allow event); every other family without
+/// a hook still kills the caller.
+#[test]
+fn a_policy_naming_vsock_allows_the_family_and_nothing_else() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let cg = TestCgroup::new("contain-vsock")?;
+    let mut e = Enforcer::load_and_attach(&cg.root)?;
+    e.maps().add_principal(cg.id()?, cg.level(), 7, Some(0))?;
+    let p = policy("contain-vsock")
+        .default_allow()
+        .allow(&[], &[], &[agent_common::PROTO_VSOCK])
+        .allow_all_exec()
+        .build();
+    assert!(p.allows_vsock());
+    e.maps().apply(&set(1, vec![p]), |_, _| Some(0))?;
+    let mut reader = EventReader::take(e.maps())?;
+    let vsock = Command::new(probe_bin()?)
+        .arg("--cgroup")
+        .arg(&cg.path)
+        .arg("socket:40:1:0")
+        .output()?;
+    // Not killed: ok, or EAFNOSUPPORT where the vsock module is not loaded.
+    assert!(vsock.status.success(), "vsock allowed: {:?}", vsock.status);
+    let line = String::from_utf8_lossy(&vsock.stdout);
+    assert!(
+        matches!(line.trim(), "ok" | "EAFNOSUPPORT"),
+        "vsock: {line}"
+    );
+    let packet = Command::new(probe_bin()?)
+        .arg("--cgroup")
+        .arg(&cg.path)
+        .arg("socket:17:3:768")
+        .output()?;
+    assert_eq!(
+        packet.status.signal(),
+        Some(9),
+        "AF_PACKET: {:?}",
+        packet.status
+    );
+    let events = socket_events(&mut reader);
+    let seen: Vec<(u16, Verdict)> = events
+        .iter()
+        .map(|e| (e.family, e.header.verdict))
+        .collect();
+    assert_eq!(
+        seen,
+        [(40, Verdict::Allow), (17, Verdict::Deny)],
+        "{events:#?}"
+    );
+
+    // Without the rule, vsock kills the caller again.
+    let p = policy("contain-vsock")
+        .default_allow()
+        .allow_all_exec()
+        .build();
+    assert!(!p.allows_vsock());
+    e.maps().apply(&set(2, vec![p]), |_, _| Some(0))?;
+    let vsock = Command::new(probe_bin()?)
+        .arg("--cgroup")
+        .arg(&cg.path)
+        .arg("socket:40:1:0")
+        .output()?;
+    assert_eq!(
+        vsock.status.signal(),
+        Some(9),
+        "vsock refused: {:?}",
+        vsock.status
+    );
+    Ok(())
+}
+
 #[test]
 fn audit_mode_records_the_guards_and_blocks_nothing() -> anyhow::Result<()> {
     if !privileged() {

@@ -288,6 +288,9 @@ impl PolicyMaps {
             if policy.allows_ping() {
                 flags |= agent_common::POLICY_F_ICMP;
             }
+            if policy.allows_vsock() {
+                flags |= agent_common::POLICY_F_VSOCK;
+            }
             self.exec.write(policy_key(new, slot), &policy.exec)?;
             self.write_unix(policy_key(new, slot), &policy.unix)?;
             self.write_policy(policy_key(new, slot), policy, set.revision, flags)?;
