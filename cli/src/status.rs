@@ -239,6 +239,7 @@ mod tests {
                 identity: "spiffe://t/a".into(),
                 session: "s1".into(),
                 cgroup_id: 7,
+                opt_outs: opt_outs.iter().map(|o| (*o).to_owned()).collect(),
             }),
             policy: "p".into(),
             processes: 1,

@@ -39,10 +39,12 @@ pub fn grant_state_name(s: i32) -> &'static str {
 
 /// One JSON object (field names as in the proto, enums as words).
 pub fn event_json(e: &pb::Event, subscriber_dropped: Option<u64>) -> Value {
-    let principal = e
-        .principal
-        .as_ref()
-        .map(|p| json!({"identity": p.identity, "session": p.session, "cgroup_id": p.cgroup_id}));
+    let principal = e.principal.as_ref().map(|p| {
+        json!({
+            "identity": p.identity, "session": p.session, "cgroup_id": p.cgroup_id,
+            "opt_outs": p.opt_outs,
+        })
+    });
     let process = e.process.as_ref().map(|p| {
         json!({
             "pid": p.pid, "ppid": p.ppid, "uid": p.uid, "binary": p.binary, "argv": p.argv,
@@ -171,7 +173,16 @@ pub fn event_line(e: &pb::Event) -> String {
     let secs = e.time_unix_nano / 1_000_000_000;
     let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
     let ms = (e.time_unix_nano / 1_000_000) % 1000;
-    let identity = e.principal.as_ref().map_or("-", |p| p.identity.as_str());
+    let identity = e.principal.as_ref().map_or_else(
+        || "-".to_owned(),
+        |p| {
+            if p.opt_outs.is_empty() {
+                p.identity.clone()
+            } else {
+                format!("{} [opt-out {}]", p.identity, p.opt_outs.join(","))
+            }
+        },
+    );
     let (pid, binary) = e
         .process
         .as_ref()
@@ -198,6 +209,7 @@ mod tests {
                 identity: "spiffe://t/a".into(),
                 session: "s1".into(),
                 cgroup_id: 9,
+                opt_outs: Vec::new(),
             }),
             process: Some(pb::Process {
                 pid: 42,
@@ -229,6 +241,20 @@ mod tests {
         );
         let j = event_json(&e, Some(0));
         assert_eq!(j["principal"]["session"], "s1");
+        assert_eq!(j["principal"]["opt_outs"], json!([]));
+        let mut opted = e.clone();
+        if let Some(p) = opted.principal.as_mut() {
+            p.opt_outs = vec!["user=1000".into(), "no-seccomp".into()];
+        }
+        assert!(
+            event_line(&opted).contains("spiffe://t/a [opt-out user=1000,no-seccomp] pid=42"),
+            "{}",
+            event_line(&opted)
+        );
+        assert_eq!(
+            event_json(&opted, None)["principal"]["opt_outs"][1],
+            "no-seccomp"
+        );
         assert_eq!(j["decision"]["verdict"], "deny");
         assert_eq!(j["decision"]["rule_index"], 1);
         assert_eq!(j["process"]["argv"][1], "x");

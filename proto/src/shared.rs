@@ -102,6 +102,7 @@ mod tests {
                 identity: "spiffe://t/a".into(),
                 session: "s".into(),
                 cgroup_id: 7,
+                opt_outs: Vec::new(),
             }),
             suppressed: 3,
             ..Default::default()

@@ -1,6 +1,7 @@
 //! Containment end to end: the real `corral-agent` and `corral run` start commands (as root)
 //! with no capabilities, `no_new_privs` and the seccomp filter, and the opt-outs (`--user`,
-//! `--cap`, `--no-seccomp`) do what they say and show in `corral status`.
+//! `--cap`, `--no-seccomp`) do what they say and show in `corral status` and in the
+//! principal's events.
 //!
 //! Uses the agent harness of `e2e_agent.rs` (`agent_util`); run `cargo build -p corral-agent
 //! -p corral-cli` first when invoking `cargo test -p corral-tests` directly.
@@ -23,7 +24,7 @@ use corral_tests::{
 )]
 mod agent_util;
 
-use agent_util::{ALLOWED, Agent, DENIED, Spec, corral, policy, status};
+use agent_util::{ALLOWED, Agent, DENIED, Spec, corral, events, policy, status};
 
 const ID: &str = "spiffe://e2e.corral/agent/contained";
 
@@ -258,6 +259,32 @@ fn opt_outs_show_in_status_while_the_principal_runs() -> anyhow::Result<()> {
     // A fully contained principal has none.
     let out = run(&spec, "c-plain", &[], &["true"])?;
     assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // The principal's events carry its opt-outs too (its exec of `sleep`, at least).
+    let evs = wait_for(5, "both principals' exec events", || {
+        let evs = events(&spec, &["--identity", ID])?;
+        let has = |s: &str| {
+            evs.iter()
+                .any(|e| e["principal"]["session"] == s && e["exec"].is_object())
+        };
+        Ok((has("c-status") && has("c-plain")).then_some(evs))
+    })?;
+    for e in &evs {
+        let want = if e["principal"]["session"] == "c-status" {
+            serde_json::json!(["user=65534", "cap=net_bind_service", "no-seccomp"])
+        } else {
+            serde_json::json!([])
+        };
+        assert_eq!(e["principal"]["opt_outs"], want, "{e}");
+    }
+    let lines = corral(&spec, &["events", "--identity", ID])?;
+    assert!(
+        text(&lines.stdout).contains(&format!(
+            "{ID} [opt-out user=65534,cap=net_bind_service,no-seccomp]"
+        )),
+        "{}",
+        text(&lines.stdout)
+    );
     Ok(())
 }
 

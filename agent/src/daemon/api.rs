@@ -277,11 +277,7 @@ impl AgentService for Api {
             rec
         };
         Ok(Response::new(pb::EnrollResponse {
-            principal: Some(pb::Principal {
-                identity: rec.identity.clone(),
-                session: rec.session.clone(),
-                cgroup_id: rec.cgroup_id,
-            }),
+            principal: Some(rec.to_pb()),
             cgroup_path: rec.cgroup.display().to_string(),
         }))
     }

@@ -90,6 +90,18 @@ pub struct PrincipalRecord {
     pub opt_outs: Vec<String>,
 }
 
+impl PrincipalRecord {
+    /// As the API shows it (events, status, enrolment, node sync).
+    pub fn to_pb(&self) -> corral_proto::v1::Principal {
+        corral_proto::v1::Principal {
+            identity: self.identity.clone(),
+            session: self.session.clone(),
+            cgroup_id: self.cgroup_id,
+            opt_outs: self.opt_outs.clone(),
+        }
+    }
+}
+
 /// Longest `--user` or `--cap` value recorded.
 const MAX_OPT_OUT_LEN: usize = 32;
 
@@ -287,6 +299,11 @@ impl Registry {
     /// is a counter; read the set with [`Self::list`]). Works without a runtime.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    /// Bumped on every enrolment, removal or change of a principal's record.
+    pub fn version(&self) -> u64 {
+        *self.changes.borrow()
     }
 
     fn notify(&self) {

@@ -106,11 +106,7 @@ pub fn build(shared: &Shared) -> pb::AgentStatus {
                 })
                 .unwrap_or_default();
             pb::PrincipalStatus {
-                principal: Some(pb::Principal {
-                    identity: r.identity.clone(),
-                    session: r.session.clone(),
-                    cgroup_id: r.cgroup_id,
-                }),
+                principal: Some(r.to_pb()),
                 policy,
                 processes: process_count(&r.cgroup),
                 containment_opt_outs: r.opt_outs.clone(),

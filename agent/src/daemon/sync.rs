@@ -340,11 +340,7 @@ impl SnapshotSink for AgentSink {
             .registry
             .list()
             .iter()
-            .map(|p| pb::Principal {
-                identity: p.identity.clone(),
-                session: p.session.clone(),
-                cgroup_id: p.cgroup_id,
-            })
+            .map(|p| p.to_pb())
             .collect()
     }
 

@@ -84,6 +84,7 @@ fn principal(session: &str, cgroup_id: u64) -> pb::Principal {
         identity: "spiffe://t/a".into(),
         session: session.into(),
         cgroup_id,
+        opt_outs: Vec::new(),
     }
 }
 

@@ -18,6 +18,7 @@ pub fn event(g: &GrantRecord) -> Option<pb::Event> {
             identity: g.request.identity.clone(),
             session: g.request.session.clone(),
             cgroup_id: 0,
+            opt_outs: Vec::new(),
         }),
         process: None,
         call: Some(pb::event::Call::Grant(pb::GrantChange {

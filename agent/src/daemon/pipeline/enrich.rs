@@ -36,6 +36,7 @@ const ENCODE_BLOCK: usize = 64 * 1024;
 struct PrincipalNames {
     identity: Arc<str>,
     session: Arc<str>,
+    opt_outs: Vec<String>,
 }
 
 fn set(s: &mut String, v: &str) {
@@ -62,6 +63,8 @@ pub(super) struct Enricher {
     procs: ProcCache,
     execs: ExecTable,
     principals: HashMap<u32, PrincipalNames>,
+    /// [`crate::daemon::registry::Registry::version`] when `principals` was last valid.
+    registry_version: u64,
     /// Policy generations, refreshed once per batch.
     generations: [Option<Arc<Generation>>; 2],
     scratch: pb::Event,
@@ -83,6 +86,7 @@ impl Enricher {
             procs: ProcCache::new(PROC_TTL, PROC_CACHE_MAX),
             execs: ExecTable::new(EXEC_TABLE_MAX),
             principals: HashMap::new(),
+            registry_version: 0,
             generations: [None, None],
             scratch,
             buf: BytesMut::new(),
@@ -92,9 +96,16 @@ impl Enricher {
         }
     }
 
+    /// Once per batch: the policy generations, and the principal names cached by index if
+    /// the registry changed (a later `corral run` may add opt-outs to a principal).
     pub(super) fn refresh_policy(&mut self) {
         let st = self.shared.policy_state();
         self.generations = st.generations.clone();
+        let version = self.shared.registry.version();
+        if version != self.registry_version {
+            self.principals.clear();
+            self.registry_version = version;
+        }
     }
 
     /// Fills `scratch.principal`; returns the identity for filters.
@@ -110,6 +121,7 @@ impl Enricher {
                 PrincipalNames {
                     identity: Arc::from(r.identity.as_str()),
                     session: Arc::from(r.session.as_str()),
+                    opt_outs: r.opt_outs.clone(),
                 },
             );
         }
@@ -119,11 +131,15 @@ impl Enricher {
             Some(n) => {
                 set(&mut p.identity, &n.identity);
                 set(&mut p.session, &n.session);
+                if p.opt_outs != n.opt_outs {
+                    p.opt_outs.clone_from(&n.opt_outs);
+                }
                 n.identity.clone()
             }
             None => {
                 p.identity.clear();
                 p.session.clear();
+                p.opt_outs.clear();
                 self.empty.clone()
             }
         }

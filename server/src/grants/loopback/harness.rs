@@ -222,6 +222,7 @@ impl Node {
                         identity: ID.into(),
                         session: (*s).into(),
                         cgroup_id: 0,
+                        opt_outs: Vec::new(),
                     })
                     .collect(),
             })))
