@@ -46,6 +46,10 @@ pub const STICKY: &str = "CORRAL_STICKY";
 /// `Array<u32>`, one entry: the offset of `child_pid` in the `sched_process_fork` tracepoint
 /// record (it moved between kernel versions; read from tracefs by the agent), 0 if unknown.
 pub const FORK_CFG: &str = "CORRAL_FORKCFG";
+/// `Array<u32>`, one entry: the offset of `group_dead` in the `sched_process_exit` record
+/// (6.16+; read from tracefs by the agent), 0 if the kernel has none: then a process's sticky
+/// entry goes when its thread-group leader exits, else when its last thread does.
+pub const EXIT_CFG: &str = "CORRAL_EXITCFG";
 
 /// `SkStorage<SockState>` (a BTF map): per-socket decision state of principals' sockets.
 pub const SOCKS: &str = "CORRAL_SOCKS";
@@ -86,6 +90,7 @@ pub const ALL: &[&str] = &[
     UNIX_ZONES,
     STICKY,
     FORK_CFG,
+    EXIT_CFG,
     SOCKS,
     EPOCH,
     LOCAL_ADDRS,

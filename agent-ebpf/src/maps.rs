@@ -70,6 +70,9 @@ pub static STICKY: HashMap<u32, u64> = HashMap::with_max_entries(limits::STICKY,
 #[map(name = "CORRAL_FORKCFG")]
 pub static FORK_CFG: Array<u32> = Array::with_max_entries(1, 0);
 
+#[map(name = "CORRAL_EXITCFG")]
+pub static EXIT_CFG: Array<u32> = Array::with_max_entries(1, 0);
+
 // Revocation of established connections (see egress.rs). Socket-local storage needs BTF for
 // its key and value, so this one map is a BTF map (`.maps`); it lives and dies with each socket.
 

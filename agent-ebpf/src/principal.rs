@@ -17,7 +17,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use crate::maps::{CONFIG, FORK_CFG, PRINCIPALS, STICKY};
+use crate::maps::{CONFIG, EXIT_CFG, FORK_CFG, PRINCIPALS, STICKY};
 
 /// A resolved caller: which principal, and which of its cgroups matched.
 pub struct Caller {
@@ -124,12 +124,32 @@ pub fn sticky_fork(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// `sched_process_exit`, in the exiting task: its entry goes (the pid may be reused).
+/// `sched_process_exit`, in each exiting thread: a thread's own entry (from
+/// `sticky_fork`) goes with it; the process's entry (its tgid) goes when the whole thread
+/// group is dead (`group_dead`, 6.16+), since only then may the tgid be reused. A leader that
+/// exits before its other threads stays a zombie holding the tgid, so the entry must stay,
+/// or a remaining thread could leave the cgroup and be nobody's. Without the field, the
+/// entry goes with the leader (the older behaviour).
 #[tracepoint(category = "sched", name = "sched_process_exit")]
-pub fn sticky_exit(_ctx: TracePointContext) -> u32 {
+pub fn sticky_exit(ctx: TracePointContext) -> u32 {
     if config().level_mask == 0 {
         return 0;
     }
-    let _ = STICKY.remove(bpf_get_current_pid_tgid() as u32);
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((id >> 32) as u32, id as u32);
+    if tid != tgid {
+        let _ = STICKY.remove(tid);
+    }
+    let group_dead = match EXIT_CFG.get(0) {
+        // SAFETY: a read within the tracepoint record at the offset tracefs gave for
+        // `group_dead`; unreadable counts as dead (never leave a reusable pid attributed).
+        Some(&offset) if offset != 0 => {
+            !matches!(unsafe { ctx.read_at::<u8>(offset as usize) }, Ok(0))
+        }
+        _ => tid == tgid,
+    };
+    if group_dead {
+        let _ = STICKY.remove(tgid);
+    }
     0
 }

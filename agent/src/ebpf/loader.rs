@@ -214,6 +214,7 @@ impl Enforcer {
         }
         let tracefs = crate::paths::ensure_tracefs().map_err(LoadError::Tracefs)?;
         write_fork_offset(&mut ebpf, &tracefs)?;
+        write_exit_offset(&mut ebpf, &tracefs)?;
         for (name, category, event) in std::iter::once(SOCKET_TRACEPOINT).chain(STICKY_TRACEPOINTS)
         {
             let link = attach_tracepoint(&mut ebpf, name, category, event)?;
@@ -432,9 +433,38 @@ fn write_fork_offset(ebpf: &mut Ebpf, tracefs: &Path) -> Result<(), LoadError> {
 
 /// The `offset:N` of the `child_pid` line of a tracepoint format file.
 fn child_pid_offset(format: &str) -> Option<u32> {
-    let line = format.lines().find(|l| l.contains(" child_pid;"))?;
+    field_offset(format, " child_pid;")
+}
+
+/// The offset of the field whose declaration ends with `decl` (e.g. `" child_pid;"`) in a
+/// tracefs `format` file.
+fn field_offset(format: &str, decl: &str) -> Option<u32> {
+    let line = format.lines().find(|l| l.contains(decl))?;
     let rest = line.split("offset:").nth(1)?;
     rest.split(';').next()?.trim().parse().ok()
+}
+
+/// Writes the offset of `group_dead` in the `sched_process_exit` record into `EXIT_CFG`, or
+/// 0 where the kernel has no such field (before 6.16) or tracefs does not say.
+fn write_exit_offset(ebpf: &mut Ebpf, tracefs: &Path) -> Result<(), LoadError> {
+    let path = tracefs.join("events/sched/sched_process_exit/format");
+    let offset = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| field_offset(&t, " group_dead;"))
+        .unwrap_or(0);
+    if offset == 0 {
+        info!(format = %path.display(), "no group_dead in sched_process_exit: a process's sticky attribution ends with its thread-group leader");
+    }
+    let name = agent_common::maps::EXIT_CFG;
+    let map = ebpf.map_mut(name).ok_or(MapError::Missing { name })?;
+    let mut cfg: aya::maps::Array<&mut aya::maps::MapData, u32> =
+        aya::maps::Array::try_from(map).map_err(|source| MapError::Type { name, source })?;
+    cfg.set(0, offset, 0).map_err(|source| MapError::Op {
+        op: "set",
+        name,
+        source,
+    })?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -453,5 +483,8 @@ mod tests {
             child_pid_offset("field:pid_t parent_pid;\toffset:12;"),
             None
         );
+        let exit = "\tfield:int prio;\toffset:28;\tsize:4;\tsigned:1;\n\
+                    \tfield:bool group_dead;\toffset:32;\tsize:1;\tsigned:0;\n";
+        assert_eq!(super::field_offset(exit, " group_dead;"), Some(32));
     }
 }

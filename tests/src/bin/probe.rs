@@ -18,6 +18,9 @@
 //! - `movecg:DIR`: move this process into the cgroup DIR (e.g. the cgroup v2 root);
 //! - `forkout:DIR=OP`: fork (no exec); the child moves itself into the cgroup DIR, runs OP and
 //!   prints its outcome; the parent waits for it;
+//! - `leaderout:DIR=OP`: the main thread exits; another thread, once the leader is a zombie,
+//!   moves the process into the cgroup DIR, runs OP, prints its outcome and ends the process
+//!   (no later operation runs);
 //! - `subcg:NAME`: create a sub-cgroup of the current cgroup and move into it;
 //! - `daemon`: double-fork and setsid (via `setsid -f`), the grandchild runs the remaining
 //!   operations and writes its lines to `--out` (required);
@@ -374,6 +377,51 @@ fn forkout(dir: &str, op: &str) -> anyhow::Result<()> {
     }
 }
 
+/// `leaderout:DIR=OP`: the main thread (the thread-group leader) exits first; a second
+/// thread waits until the leader is a zombie, moves the process into cgroup DIR, runs OP,
+/// prints its outcome and ends the process. Never returns.
+fn leaderout(dir: &str, op: &str) -> ! {
+    let (dir, op) = (dir.to_owned(), op.to_owned());
+    std::thread::spawn(move || {
+        let tgid = std::process::id();
+        let stat = format!("/proc/{tgid}/task/{tgid}/stat");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let zombie = loop {
+            let state = std::fs::read_to_string(&stat).ok().and_then(|s| {
+                let after = s.rsplit_once(") ")?.1.to_owned();
+                after.split_whitespace().next().map(str::to_owned)
+            });
+            if state.as_deref() == Some("Z") {
+                break true;
+            }
+            if std::time::Instant::now() > deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let line = if !zombie {
+            "the leader did not exit".to_owned()
+        } else {
+            match std::fs::write(Path::new(&dir).join("cgroup.procs"), "0") {
+                Ok(()) => one(&op),
+                Err(e) => format!("movecg failed: {e}"),
+            }
+        };
+        let bytes = format!("{line}\n");
+        // SAFETY: writes a valid buffer to stdout, then ends the whole process.
+        unsafe {
+            libc::write(1, bytes.as_ptr().cast(), bytes.len());
+            libc::_exit(0)
+        }
+    });
+    // The raw `exit` syscall ends only the calling (main) thread, with no unwinding (which
+    // `pthread_exit` would force through Rust frames); the spawned thread keeps the process.
+    loop {
+        // SAFETY: a plain syscall; it does not return.
+        unsafe { libc::syscall(libc::SYS_exit, 0) };
+    }
+}
+
 fn counts(results: impl Iterator<Item = String>) -> String {
     let mut m: BTreeMap<String, u64> = BTreeMap::new();
     for r in results {
@@ -431,6 +479,10 @@ fn run(ops: &[String], out: &mut dyn std::io::Write, out_path: Option<&str>) -> 
             let (dir, child_op) = spec.split_once('=').context("forkout:DIR=OP")?;
             out.flush()?;
             forkout(dir, child_op)?;
+        } else if let Some(spec) = op.strip_prefix("leaderout:") {
+            let (dir, thread_op) = spec.split_once('=').context("leaderout:DIR=OP")?;
+            out.flush()?;
+            leaderout(dir, thread_op);
         } else if let Some(name) = op.strip_prefix("subcg:") {
             let sub = current_cgroup()?.join(name);
             std::fs::create_dir_all(&sub).with_context(|| format!("create {}", sub.display()))?;
