@@ -9,6 +9,13 @@ pub fn boottime_ns() -> Result<u64, std::io::Error> {
     Ok(secs * 1_000_000_000 + nanos)
 }
 
+/// Nanoseconds since the Unix epoch now (0 if the clock is before it).
+pub fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
 /// Converts an absolute Unix time (ns) to CLOCK_BOOTTIME (ns), saturating at 0.
 pub fn unix_to_boottime_ns(unix_ns: u64) -> Result<u64, std::io::Error> {
     let boot = boottime_ns()?;

@@ -155,6 +155,18 @@ pub enum CliError {
     #[error("`{value}` is not a duration like 10m, 1h30m or 45s")]
     BadDuration { value: String },
 
+    /// `corral oci-hook`: the OCI state on stdin is unusable (the container does not start).
+    #[error("bad OCI state on stdin: {reason}")]
+    OciState { reason: String },
+
+    /// `corral oci-hook --fail-open`: the record that makes an unpoliced start visible could
+    /// not be written, so the container does not start either.
+    #[error("cannot record the fail-open start in {}: {source}", .path.display())]
+    FailOpenRecord {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
     /// Any other bad argument (e.g. a `--connect` address): the message says what to write.
     #[error("{message}")]
     Usage { message: String },

@@ -25,6 +25,8 @@
 //! - `events`: `corral events`: the local agent's event stream (or the fleet's with
 //!   `--server`).
 //! - `status`: `corral status`: what the local agent enforces.
+//! - `oci_hook`: `corral oci-hook` (`corral-oci-hook`): the OCI runtime hook that enrols an
+//!   annotated container before it starts.
 //!
 //! Every command is an `async fn` returning `Result<ExitCode, CliError>`; `exec::block_on`
 //! prints an error as `corral run: `, `corral events: ` or `corral status: ` and the message,
@@ -38,6 +40,7 @@ mod events;
 mod exec;
 mod fleet;
 mod grant;
+mod oci_hook;
 mod policy;
 mod run;
 mod server_client;
@@ -69,15 +72,28 @@ enum Command {
     Events(events::Args),
     /// What the local agent enforces: exec mode, hooks, policy revision, principals, counters.
     Status(status::Args),
+    /// OCI runtime hook (createRuntime): enrol an annotated container before its first
+    /// instruction; reads the OCI state on stdin. Also runs as `corral-oci-hook`.
+    OciHook(oci_hook::Args),
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    // Installed as `corral-oci-hook` (a symlink), the binary is the hook.
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|n| n == "corral-oci-hook")
+    {
+        argv.insert(1, "oci-hook".into());
+    }
+    let args = Args::parse_from(argv);
     match args.command {
         Command::Policy(c) => exec::block_on("", policy::run(c)),
         Command::Grant(c) => exec::block_on("", grant::run(c)),
         Command::Run(a) => exec::block_on("corral run: ", run::run(&a)),
         Command::Events(a) => exec::block_on("corral events: ", events::run(&a)),
         Command::Status(a) => exec::block_on("corral status: ", status::run(&a)),
+        Command::OciHook(a) => exec::block_on("corral oci-hook: ", oci_hook::run(&a)),
     }
 }

@@ -68,6 +68,8 @@ fn to_json(s: &pb::AgentStatus) -> serde_json::Value {
         "events_dropped_kernel": s.events_dropped_kernel,
         "events_dropped_subscribers": s.events_dropped_subscribers,
         "events_suppressed": s.events_suppressed,
+        "containers_enrolled": s.containers_enrolled,
+        "containers_failed_open": s.containers_failed_open,
         "server_state": s.server_state,
     })
 }
@@ -102,6 +104,19 @@ fn human(s: &pb::AgentStatus) -> String {
         "events:      {} delivered, {} dropped in kernel, {} dropped for slow subscribers\n",
         s.events_delivered, s.events_dropped_kernel, s.events_dropped_subscribers
     ));
+    if s.containers_enrolled != 0 || s.containers_failed_open != 0 {
+        out.push_str(&format!(
+            "containers:  {} enrolled by the OCI hook",
+            s.containers_enrolled
+        ));
+        if s.containers_failed_open != 0 {
+            out.push_str(&format!(
+                ", {} STARTED UNPOLICED (hook --fail-open, agent unreachable)",
+                s.containers_failed_open
+            ));
+        }
+        out.push('\n');
+    }
     out.push_str(&format!("principals:  {}\n", s.principals.len()));
     for p in &s.principals {
         let pr = p.principal.clone().unwrap_or_default();

@@ -80,6 +80,7 @@ pub fn kind(e: &pb::Event) -> &'static str {
         Some(pb::event::Call::Exec(_)) => "exec",
         Some(pb::event::Call::Grant(_)) => "grant",
         Some(pb::event::Call::Socket(_)) => "socket",
+        Some(pb::event::Call::Container(_)) => "container",
         None => "process",
     }
 }
@@ -97,7 +98,7 @@ impl Filter {
         for k in &f.kinds {
             if !matches!(
                 k.as_str(),
-                "connect" | "exec" | "socket" | "process" | "grant"
+                "connect" | "exec" | "socket" | "process" | "grant" | "container"
             ) {
                 return Err(FilterError::Kind(k.clone()));
             }

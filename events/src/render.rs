@@ -88,6 +88,12 @@ pub fn event_json(e: &pb::Event, subscriber_dropped: Option<u64>) -> Value {
                 "actor": g.actor, "reason": g.reason, "expires_unix_nano": g.expires_unix_nano,
             });
         }
+        Some(pb::event::Call::Container(c)) => {
+            v["container"] = json!({
+                "id": c.container_id, "action": c.action, "pid": c.pid,
+                "cgroup_path": c.cgroup_path, "reason": c.reason,
+            });
+        }
         None => {}
     }
     if let Some(d) = subscriber_dropped {
@@ -144,6 +150,13 @@ pub fn call_text(e: &pb::Event) -> String {
             }
             s
         }
+        Some(pb::event::Call::Container(c)) if c.reason.is_empty() => {
+            format!("container {} {} (pid {})", c.container_id, c.action, c.pid)
+        }
+        Some(pb::event::Call::Container(c)) => format!(
+            "container {} {} (pid {}): {}",
+            c.container_id, c.action, c.pid, c.reason
+        ),
         None => "process".into(),
     }
 }

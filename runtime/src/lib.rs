@@ -8,11 +8,13 @@
 //! - [`errors`]: an error and its causes on one line.
 //! - [`backoff`]: jittered exponential backoff.
 //! - [`paths`]: well-known paths clients default to.
+//! - [`oci`]: the OCI hook's annotations and fail-open records (hook and agent).
 #![forbid(unsafe_code)]
 
 pub mod backoff;
 pub mod errors;
 pub mod logging;
+pub mod oci;
 pub mod paths;
 pub mod shutdown;
 pub mod tls;

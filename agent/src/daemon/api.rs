@@ -23,6 +23,7 @@ use tracing::{info, instrument};
 
 use super::{
     Shared,
+    containers::{self, ContainerError},
     peer::PeerInfo,
     pipeline::{grant_could_help, reason_pb, verdict_pb},
     registry::{RegistryError, opt_outs, random_session},
@@ -43,6 +44,8 @@ pub enum ApiError {
     NoCall,
     #[error("no policy is enforced yet")]
     NoPolicy,
+    #[error(transparent)]
+    Container(#[from] super::containers::ContainerError),
 }
 
 impl From<ApiError> for Status {
@@ -55,7 +58,13 @@ impl From<ApiError> for Status {
             )
             | ApiError::Filter(_)
             | ApiError::Connect(_)
-            | ApiError::NoCall => Status::invalid_argument(msg),
+            | ApiError::NoCall
+            | ApiError::Container(
+                ContainerError::Identity(_)
+                | ContainerError::Scope { .. }
+                | ContainerError::Session(_),
+            ) => Status::invalid_argument(msg),
+            ApiError::Container(_) => Status::failed_precondition(msg),
             ApiError::Registry(RegistryError::Full) => Status::resource_exhausted(msg),
             ApiError::NoPolicy => Status::failed_precondition(msg),
             ApiError::Registry(_) => Status::internal(msg),
@@ -279,6 +288,81 @@ impl AgentService for Api {
         Ok(Response::new(pb::EnrollResponse {
             principal: Some(rec.to_pb()),
             cgroup_path: rec.cgroup.display().to_string(),
+        }))
+    }
+
+    #[instrument(skip_all, fields(container = %req.get_ref().container_id, pid = req.get_ref().pid))]
+    async fn enroll_container(
+        &self,
+        req: Request<pb::EnrollContainerRequest>,
+    ) -> Result<Response<pb::EnrollContainerResponse>, Status> {
+        let p = peer(&req)?;
+        self.outside_principals(&p, "enrol containers")?;
+        if p.uid != 0 {
+            return Err(ApiError::Denied(format!(
+                "uid {} may not enrol containers: only root (the container runtime) may",
+                p.uid
+            ))
+            .into());
+        }
+        let r = req.into_inner();
+        let resolved = &self.shared.resolved;
+        let mapping = resolved.config.k8s.mapping(&resolved.node).ok().flatten();
+        let Some(who) = containers::who(&r.container_id, &r.annotations, mapping.as_ref())
+            .map_err(ApiError::from)?
+        else {
+            return Ok(Response::new(pb::EnrollContainerResponse::default()));
+        };
+        let pid = i32::try_from(r.pid).unwrap_or(-1);
+        let root = &resolved.cgroup_root;
+        let cgroup = containers::cgroup_to_enrol(root, pid, who.pod_uid.as_deref())
+            .map_err(ApiError::from)?;
+        // Never a cgroup holding the agent itself (a runtime without cgroups leaves its
+        // containers in the root cgroup): that would police the whole node.
+        let own = cgroup_of(root, i32::try_from(std::process::id()).unwrap_or(-1));
+        if cgroup == *root || own.as_ref().is_some_and(|o| o.starts_with(&cgroup)) {
+            return Err(ApiError::Denied(format!(
+                "container pid {pid} runs in {}, which holds the agent (or every process): \
+                 give the container a cgroup of its own",
+                cgroup.display()
+            ))
+            .into());
+        }
+        let rec = {
+            let mut enf = self.shared.enforcer();
+            let slot = self
+                .shared
+                .policy_state()
+                .current()
+                .and_then(|g| g.compiled.policy_for(&who.identity));
+            let rec = self
+                .shared
+                .registry
+                .enroll_cgroup(&who.identity, &who.session, &cgroup, slot, enf.maps())
+                .map_err(ApiError::from)?;
+            self.shared.reconcile_grants(enf.maps());
+            rec
+        };
+        self.shared
+            .containers
+            .enrolled
+            .fetch_add(1, Ordering::Relaxed);
+        info!(identity = %rec.identity, session = %rec.session, cgroup = %cgroup.display(), "container enrolled by its OCI hook");
+        self.shared.publish_container(
+            pb::ContainerChange {
+                container_id: r.container_id,
+                action: "enrolled".into(),
+                pid: r.pid,
+                cgroup_path: cgroup.display().to_string(),
+                reason: String::new(),
+            },
+            Some(rec.to_pb()),
+            crate::clock::unix_now_ns(),
+        );
+        Ok(Response::new(pb::EnrollContainerResponse {
+            enrolled: true,
+            principal: Some(rec.to_pb()),
+            cgroup_path: cgroup.display().to_string(),
         }))
     }
 

@@ -6,6 +6,8 @@
 //! - [`pipeline`]: ring buffer → enrichment → the event hub (`corral_events::hub`).
 //! - [`api`]: `AgentService` on the unix socket; [`status`] and [`metrics`].
 //! - [`k8s`]: `--kubernetes`: the pods on this node that opt in, enrolled as principals.
+//! - [`containers`]: containers enrolled synchronously by the OCI hook, and the hook's
+//!   fail-open records.
 //! - [`sync`]: with `--server`, the node side of `NodeSync` (snapshots, ACK/NACK, events,
 //!   the principals report).
 //! - [`grants`]: the grants in force (from the server's snapshots), kept in the kernel's
@@ -17,6 +19,7 @@
 
 pub mod api;
 pub mod config;
+pub mod containers;
 pub mod exec_watch;
 pub mod grants;
 pub mod k8s;
@@ -35,13 +38,16 @@ pub mod sync;
 use std::{
     os::unix::fs::PermissionsExt as _,
     path::Path,
-    sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
+        atomic::Ordering,
+    },
     time::Duration,
 };
 
 use corral_events::hub::{self, Hub};
 use corral_policy::CompiledSet;
-use corral_proto::v1::agent_service_server::AgentServiceServer;
+use corral_proto::v1::{self as pb, agent_service_server::AgentServiceServer};
 use corral_runtime::{
     shutdown::{self, Shutdown, ShutdownSignal},
     tls,
@@ -119,6 +125,8 @@ pub struct Shared {
     pub grants: grants::GrantBook,
     /// `--kubernetes`: opted-in pods that are not enrolled (status and metrics).
     pub k8s_pods: k8s::PodReport,
+    /// Containers the OCI hook enrolled, and those it let start unpoliced (`--fail-open`).
+    pub containers: containers::Tally,
 }
 
 impl Shared {
@@ -186,6 +194,55 @@ impl Shared {
             policy::record_error(&mut st, &e);
         }
         st.last_source = Some(source);
+    }
+
+    /// The containers OCI hooks let start unpoliced while this agent was unreachable: each
+    /// is counted, logged and published as a `container` event (`failed-open`).
+    fn report_fail_open(&self) {
+        let dir = corral_runtime::oci::fail_open_dir(&self.resolved.config.socket);
+        for r in containers::take_fail_open(&dir) {
+            self.containers.failed_open.fetch_add(1, Ordering::Relaxed);
+            warn!(container = %r.container_id, pid = r.pid, identity = %r.identity, reason = %r.reason, "a container started UNPOLICED: its OCI hook could not reach the agent (--fail-open)");
+            self.publish_container(
+                pb::ContainerChange {
+                    container_id: r.container_id,
+                    action: "failed-open".into(),
+                    pid: r.pid,
+                    cgroup_path: String::new(),
+                    reason: r.reason,
+                },
+                Some(pb::Principal {
+                    identity: r.identity,
+                    ..pb::Principal::default()
+                }),
+                r.time_unix_nano,
+            );
+        }
+    }
+
+    /// Publishes a `container` event (not from the kernel: `seq` 0).
+    pub fn publish_container(
+        &self,
+        change: pb::ContainerChange,
+        principal: Option<pb::Principal>,
+        time_unix_nano: u64,
+    ) {
+        let pid = change.pid;
+        let e = pb::Event {
+            seq: 0,
+            time_unix_nano,
+            node: self.resolved.node.clone(),
+            principal,
+            process: Some(pb::Process {
+                pid,
+                ..pb::Process::default()
+            }),
+            call: Some(pb::event::Call::Container(change)),
+            decision: None,
+            suppressed: 0,
+        };
+        self.hub
+            .publish(&[Arc::new(corral_events::hub::HubEvent::from_pb(&e))]);
     }
 
     /// First apply at start: the file, else the last-known-good policy, else (fresh pins)
@@ -325,6 +382,10 @@ async fn sweep_principals(shared: Arc<Shared>, mut stop: ShutdownSignal) {
                     if addrs {
                         refresh_node_facts(enf.maps());
                     }
+                    drop(enf);
+                    if addrs {
+                        s.report_fail_open();
+                    }
                 })
                 .await;
             }
@@ -408,6 +469,7 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
             None => grants::GrantBook::standalone(),
         },
         k8s_pods: k8s::PodReport::default(),
+        containers: containers::Tally::default(),
         resolved: resolved.clone(),
     });
     {

@@ -41,19 +41,35 @@ impl PeerInfo {
     /// `Some(true)`: the peer process is alive; `Some(false)`: it has exited (its pid may be
     /// someone else's now); `None`: no pidfd to tell.
     pub fn alive(&self) -> Option<bool> {
-        let fd = self.pidfd.as_ref()?;
-        // SAFETY: pidfd_send_signal with signal 0 only checks; the fd is open (owned above).
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                fd.as_raw_fd(),
-                0,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        Some(r == 0)
+        Some(pidfd_alive(self.pidfd.as_ref()?))
     }
+}
+
+/// Whether the process `pidfd` names is alive (not exited: its pid is still its own).
+pub fn pidfd_alive(pidfd: &OwnedFd) -> bool {
+    // SAFETY: pidfd_send_signal with signal 0 only checks; the fd is open (borrowed).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            0,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    r == 0
+}
+
+/// A pidfd for `pid` (`None`: no such process).
+pub fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    if pid <= 0 {
+        return None;
+    }
+    // SAFETY: pidfd_open with a pid and no flags; a non-negative result is a new fd we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// An accepted connection of the local API, with its peer.

@@ -176,7 +176,7 @@ struct Retired {
 /// Removed principals remembered for late events.
 const RETIRED_MAX: usize = 4096;
 
-fn valid_session(s: &str) -> bool {
+pub(crate) fn valid_session(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_SESSION_LEN
         && s != "."

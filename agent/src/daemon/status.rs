@@ -123,6 +123,8 @@ pub fn build(shared: &Shared) -> pb::AgentStatus {
         policies,
         last_error,
         principals,
+        containers_enrolled: shared.containers.enrolled.load(Ordering::Relaxed),
+        containers_failed_open: shared.containers.failed_open.load(Ordering::Relaxed),
         events_delivered: shared.hub.published.load(Ordering::Relaxed),
         events_dropped_kernel: kernel_drops(shared),
         events_dropped_subscribers: shared.hub.subscriber_dropped.load(Ordering::Relaxed),
@@ -235,6 +237,18 @@ pub fn metrics(shared: &Shared) -> String {
         "Allow events suppressed by the in-kernel per-principal rate limit.",
         "counter",
         suppressed(shared),
+    );
+    gauge(
+        "corral_containers_enrolled_total",
+        "Containers enrolled by their OCI hook before their first instruction.",
+        "counter",
+        shared.containers.enrolled.load(Ordering::Relaxed),
+    );
+    gauge(
+        "corral_containers_failed_open_total",
+        "Containers an OCI hook let start UNPOLICED (--fail-open, agent unreachable).",
+        "counter",
+        shared.containers.failed_open.load(Ordering::Relaxed),
     );
     gauge(
         "corral_events_undecodable_total",

@@ -1,0 +1,156 @@
+//! `corral oci-hook [--socket S] [--fail-open]`, also run as `corral-oci-hook` (a symlink): an
+//! OCI runtime hook (`createRuntime`, or `createContainer`). The runtime runs it with the
+//! container's state on stdin while the container's init process waits for `start`, so the
+//! container is enrolled before its first instruction.
+//!
+//! - A container without the `corral.dev/identity` annotation is not touched (the agent is
+//!   not asked; exit 0).
+//! - An opted-in container: the agent enrols its cgroup (the pod's on Kubernetes) and answers
+//!   once the kernel maps hold it; exit 0. Any refusal (a bad identity, no such process): exit
+//!   1, and the runtime does not start the container.
+//! - The agent unreachable: exit 1 (fail closed), unless `--fail-open`: then exit 0, the
+//!   container starts unpoliced, and a record next to the agent's socket
+//!   (`fail-open/<id>.json`) makes the agent count it and publish a `failed-open` event when it
+//!   runs again. If that record cannot be written, the container does not start either.
+
+use std::{collections::HashMap, io::Read as _, process::ExitCode};
+
+use corral_proto::v1 as pb;
+use corral_runtime::oci::{FailOpenRecord, IDENTITY_ANNOTATION, fail_open_dir, file_name};
+
+use crate::{
+    client::{self, SocketArgs},
+    error::CliError,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// When the agent cannot be reached, let an opted-in container start UNPOLICED (recorded
+    /// for the agent's events and metrics) instead of refusing it.
+    #[arg(long)]
+    fail_open: bool,
+    #[command(flatten)]
+    socket: SocketArgs,
+}
+
+/// The OCI state (runtime-spec `state`), the fields the hook needs.
+#[derive(Debug, serde::Deserialize)]
+struct State {
+    id: String,
+    #[serde(default)]
+    pid: Option<u32>,
+    #[serde(default)]
+    annotations: HashMap<String, String>,
+}
+
+fn state(text: &str) -> Result<State, CliError> {
+    let s: State = serde_json::from_str(text).map_err(|e| CliError::OciState {
+        reason: e.to_string(),
+    })?;
+    if s.id.is_empty() {
+        return Err(CliError::OciState {
+            reason: "empty container id".into(),
+        });
+    }
+    Ok(s)
+}
+
+pub async fn run(a: &Args) -> Result<ExitCode, CliError> {
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .map_err(|e| CliError::OciState {
+            reason: e.to_string(),
+        })?;
+    let s = state(&text)?;
+    let Some(identity) = s.annotations.get(IDENTITY_ANNOTATION).cloned() else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let pid = s.pid.filter(|p| *p > 0).ok_or_else(|| CliError::OciState {
+        reason: format!(
+            "container {} has no pid: run the hook as createRuntime or createContainer",
+            s.id
+        ),
+    })?;
+    let enrolled = async {
+        let mut c = client::connect(&a.socket.socket).await?;
+        c.enroll_container(pb::EnrollContainerRequest {
+            container_id: s.id.clone(),
+            pid,
+            annotations: s.annotations.clone(),
+        })
+        .await
+        .map_err(CliError::agent)
+    }
+    .await;
+    match enrolled {
+        Ok(r) => {
+            let r = r.into_inner();
+            eprintln!(
+                "corral oci-hook: container {} enrolled as {} (cgroup {})",
+                s.id,
+                r.principal.as_ref().map_or("", |p| p.identity.as_str()),
+                r.cgroup_path
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) if a.fail_open && unreachable(&e) => {
+            let dir = fail_open_dir(&a.socket.socket);
+            let path = dir.join(file_name(&s.id));
+            let record = FailOpenRecord {
+                container_id: s.id.clone(),
+                pid,
+                identity,
+                reason: corral_runtime::error_chain(&e),
+                time_unix_nano: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+            };
+            let written = std::fs::create_dir_all(&dir).and_then(|()| {
+                std::fs::write(
+                    &path,
+                    serde_json::to_vec(&record).map_err(std::io::Error::other)?,
+                )
+            });
+            written.map_err(|source| CliError::FailOpenRecord {
+                path: path.clone(),
+                source,
+            })?;
+            eprintln!(
+                "corral oci-hook: WARNING: container {} starts UNPOLICED (--fail-open): {}",
+                s.id, record.reason
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The agent is down (not a refusal): the only case `--fail-open` covers.
+fn unreachable(e: &CliError) -> bool {
+    match e {
+        CliError::AgentUnreachable { .. } | CliError::AgentTimeout { .. } => true,
+        CliError::Rpc { status, .. } => status.code() == tonic::Code::Unavailable,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_oci_state_is_read_as_the_runtime_spec_writes_it() {
+        let s = state(
+            r#"{"ociVersion":"1.0.2","id":"c1","status":"creating","pid":42,"bundle":"/b",
+                "annotations":{"corral.dev/identity":"spiffe://t/a"}}"#,
+        )
+        .expect("valid");
+        assert_eq!((s.id.as_str(), s.pid), ("c1", Some(42)));
+        assert_eq!(s.annotations[IDENTITY_ANNOTATION], "spiffe://t/a");
+        let bare = state(r#"{"ociVersion":"1.0.2","id":"c2","status":"creating"}"#).expect("ok");
+        assert!(bare.annotations.is_empty() && bare.pid.is_none());
+        assert!(state("{}").is_err());
+        assert!(state(r#"{"id":""}"#).is_err());
+    }
+}

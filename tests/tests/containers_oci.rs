@@ -1,0 +1,395 @@
+//! Containers through a real OCI runtime (`runc`, from Debian) with the real agent and the
+//! real kernel: the runtime runs `corral-oci-hook` (the `corral` binary under that name) as
+//! a createRuntime hook, so an annotated container is enrolled before its init process runs
+//! its first instruction.
+//!
+//! The bundle's root is a directory with the host's libraries and the test binaries bind
+//! mounted read-only (nothing downloaded); the container shares the host's network, so its
+//! calls to 127.0.0.1 are decided by the node's policy: UDP to port 9 denied, 7 allowed.
+//!
+//! The binaries are built by `cargo xtask test`; run `cargo build -p corral-agent -p
+//! corral-cli -p corral-tests` first when invoking `cargo test -p corral-tests` directly.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use anyhow::{Context as _, ensure};
+use corral_tests::{e2e::bin, privileged, probe_bin};
+use serde_json::{Value, json};
+
+#[allow(
+    dead_code,
+    reason = "shared by several test binaries, each using a different subset"
+)]
+mod agent_util;
+
+use agent_util::{ALLOWED, Agent, DENIED, Spec, corral, events, policy, status};
+
+const ID: &str = "spiffe://e2e.corral/agent/container";
+
+fn udp(port: u16) -> String {
+    format!("udp:127.0.0.1:{port}")
+}
+
+/// `runc`, or a skip (a failure under CI=true: `.ci/run` installs it). runc rather than crun:
+/// crun refuses the hybrid cgroup layout (v1 controllers plus a v2 hierarchy holding a
+/// controller) that the CI machines have.
+fn runtime() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("runc"))
+            .find(|c| c.is_file())
+    });
+    if found.is_none() {
+        corral_tests::skip(
+            "runc",
+            "no OCI runtime `runc` on PATH (apt-get install runc)",
+        );
+    }
+    found
+}
+
+/// One container: its bundle and the runtime's state directory.
+struct Container<'a> {
+    crun: &'a Path,
+    state: PathBuf,
+    bundle: PathBuf,
+    id: String,
+}
+
+impl Container<'_> {
+    /// `runc run`: creates (hooks included), starts and waits for the container.
+    fn run(&self) -> anyhow::Result<Output> {
+        let out = Command::new(self.crun)
+            .arg("--root")
+            .arg(&self.state)
+            .args(["run", "--bundle"])
+            .arg(&self.bundle)
+            .arg(&self.id)
+            .output()
+            .context("run the OCI runtime")?;
+        Ok(out)
+    }
+}
+
+impl Drop for Container<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new(self.crun)
+            .arg("--root")
+            .arg(&self.state)
+            .args(["delete", "-f", &self.id])
+            .output();
+    }
+}
+
+/// Options of one bundle.
+struct Opts<'a> {
+    annotations: &'a [(&'a str, &'a str)],
+    /// `Some(extra hook args)`: the createRuntime hook is configured.
+    hook: Option<&'a [&'a str]>,
+    args: Vec<String>,
+}
+
+/// Writes a bundle under `spec.dir/<name>`: an empty root with /proc, the host's library
+/// directories and the test binaries' directory bind mounted read-only.
+fn bundle<'a>(
+    spec: &Spec,
+    crun: &'a Path,
+    name: &str,
+    o: &Opts<'_>,
+) -> anyhow::Result<Container<'a>> {
+    let dir = spec.dir.join(name);
+    let rootfs = dir.join("rootfs");
+    let bindir = probe_bin()?.parent().context("binary dir")?.to_path_buf();
+    let mut mounts = vec![json!({"destination": "/proc", "type": "proc", "source": "proc"})];
+    let mut binds: Vec<PathBuf> = vec![bindir];
+    for lib in ["/lib", "/lib64", "/usr/lib", "/usr/lib64"] {
+        // Only real directories (on merged-/usr systems /lib is a symlink: bind /usr/lib and
+        // recreate the link inside).
+        let p = Path::new(lib);
+        match std::fs::symlink_metadata(p) {
+            Ok(m) if m.is_dir() => binds.push(p.to_path_buf()),
+            Ok(m) if m.file_type().is_symlink() => {
+                let target = std::fs::read_link(p)?;
+                let inside = rootfs.join(lib.trim_start_matches('/'));
+                std::fs::create_dir_all(inside.parent().context("parent")?)?;
+                std::os::unix::fs::symlink(target, inside)?;
+            }
+            _ => {}
+        }
+    }
+    for b in &binds {
+        std::fs::create_dir_all(rootfs.join(b.strip_prefix("/")?))?;
+        mounts.push(json!({
+            "destination": b, "type": "bind", "source": b,
+            "options": ["rbind", "ro", "nosuid", "nodev"],
+        }));
+    }
+    std::fs::create_dir_all(rootfs.join("proc"))?;
+    let annotations: serde_json::Map<String, Value> = o
+        .annotations
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), json!(v)))
+        .collect();
+    let mut config = json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": o.args,
+            "env": ["PATH=/usr/bin:/bin"],
+            "cwd": "/",
+            "noNewPrivileges": true,
+        },
+        "root": {"path": "rootfs", "readonly": true},
+        "hostname": name,
+        "mounts": mounts,
+        "annotations": annotations,
+        "linux": {
+            "cgroupsPath": format!("{}/{name}", cgroup_parent(spec)?),
+            "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}],
+        },
+    });
+    if let Some(extra) = o.hook {
+        let mut args = vec![
+            "corral-oci-hook".to_owned(),
+            "--socket".to_owned(),
+            spec.socket.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        config["hooks"] = json!({
+            "createRuntime": [{"path": bin("corral")?, "args": args, "timeout": 20}],
+        });
+    }
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
+    Ok(Container {
+        crun,
+        state: spec.dir.join("crun-state"),
+        bundle: dir,
+        id: format!("corral-{name}-{}", std::process::id()),
+    })
+}
+
+/// The containers' cgroup parent, relative to the cgroup v2 root (next to the agent's
+/// principals, removed with them).
+fn cgroup_parent(spec: &Spec) -> anyhow::Result<String> {
+    let root = corral_agent::paths::cgroup2_root()?;
+    Ok(format!(
+        "/{}",
+        spec.cgroups
+            .strip_prefix(&root)?
+            .with_file_name(format!(
+                "{}-ctr",
+                spec.cgroups
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("x")
+            ))
+            .display()
+    ))
+}
+
+fn lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn setup(name: &str) -> anyhow::Result<Option<(Spec, PathBuf)>> {
+    if !privileged() {
+        return Ok(None);
+    }
+    let Some(crun) = runtime() else {
+        return Ok(None);
+    };
+    let Some(spec) = Spec::new(name)? else {
+        return Ok(None);
+    };
+    spec.write_policy(&policy(ALLOWED, DENIED)?)?;
+    Ok(Some((spec, crun)))
+}
+
+fn probe_args(ops: &[&str]) -> anyhow::Result<Vec<String>> {
+    let mut a = vec![probe_bin()?.display().to_string()];
+    a.extend(ops.iter().map(|s| (*s).to_owned()));
+    Ok(a)
+}
+
+#[test]
+fn an_annotated_container_is_policed_from_its_first_instruction_and_others_are_untouched()
+-> anyhow::Result<()> {
+    let Some((spec, crun)) = setup("oci")? else {
+        return Ok(());
+    };
+    let agent = Agent::start(&spec, true, &[])?;
+    // The container's init process: its very first call is the denied one.
+    let ops = [udp(DENIED), udp(ALLOWED)];
+    let ops: Vec<&str> = ops.iter().map(String::as_str).collect();
+    let c = bundle(
+        &spec,
+        &crun,
+        "annotated",
+        &Opts {
+            annotations: &[("corral.dev/identity", ID)],
+            hook: Some(&[]),
+            args: probe_args(&ops)?,
+        },
+    )?;
+    let out = c.run()?;
+    ensure!(
+        out.status.success(),
+        "runc run: {}\n{}",
+        text(&out),
+        agent.log_text()
+    );
+    assert_eq!(lines(&out), ["EPERM", "ok"], "{}", text(&out));
+
+    // Enrolled under the container's id as session; counted, and one `container` event.
+    let s = status(&spec)?;
+    assert_eq!(s["containers_enrolled"], 1, "{s}");
+    let evs = corral_tests::e2e::wait_for(5, "the container's events", || {
+        let evs = events(&spec, &["--identity", ID])?;
+        let denied = evs.iter().any(|e| e["connect"]["port"] == DENIED);
+        Ok(denied.then_some(evs))
+    })?;
+    let enrolled: Vec<&Value> = evs.iter().filter(|e| e["kind"] == "container").collect();
+    assert_eq!(enrolled.len(), 1, "{evs:#?}");
+    assert_eq!(enrolled[0]["container"]["action"], "enrolled");
+    assert_eq!(enrolled[0]["container"]["id"], c.id.as_str());
+    assert_eq!(enrolled[0]["principal"]["session"], c.id.as_str());
+    assert!(
+        evs.iter().any(|e| e["connect"]["port"] == DENIED
+            && e["decision"]["verdict"] == "deny"
+            && e["principal"]["session"] == c.id.as_str()),
+        "the denied call is the container's: {evs:#?}"
+    );
+
+    // The same container without the annotation: the hook runs and leaves it alone.
+    let plain = bundle(
+        &spec,
+        &crun,
+        "plain",
+        &Opts {
+            annotations: &[],
+            hook: Some(&[]),
+            args: probe_args(&ops)?,
+        },
+    )?;
+    let out = plain.run()?;
+    ensure!(out.status.success(), "runc run: {}", text(&out));
+    assert_eq!(lines(&out), ["ok", "ok"], "{}", text(&out));
+    assert_eq!(status(&spec)?["containers_enrolled"], 1);
+
+    // A bad identity annotation: the hook refuses, so the runtime does not start it.
+    let bad = bundle(
+        &spec,
+        &crun,
+        "bad",
+        &Opts {
+            annotations: &[("corral.dev/identity", "not-a-spiffe-id")],
+            hook: Some(&[]),
+            args: probe_args(&ops)?,
+        },
+    )?;
+    let out = bad.run()?;
+    assert!(
+        !out.status.success(),
+        "a bad identity must not start: {}",
+        text(&out)
+    );
+    assert!(lines(&out).is_empty(), "nothing ran: {}", text(&out));
+    drop(agent);
+    Ok(())
+}
+
+#[test]
+fn with_the_agent_down_an_annotated_container_does_not_start_unless_fail_open() -> anyhow::Result<()>
+{
+    let Some((spec, crun)) = setup("oci-down")? else {
+        return Ok(());
+    };
+    // No agent has ever run: the socket does not exist.
+    let ops = [udp(DENIED)];
+    let ops: Vec<&str> = ops.iter().map(String::as_str).collect();
+    let closed = bundle(
+        &spec,
+        &crun,
+        "closed",
+        &Opts {
+            annotations: &[("corral.dev/identity", ID)],
+            hook: Some(&[]),
+            args: probe_args(&ops)?,
+        },
+    )?;
+    let out = closed.run()?;
+    assert!(!out.status.success(), "fail closed: {}", text(&out));
+    assert!(
+        lines(&out).is_empty(),
+        "the container never ran: {}",
+        text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot reach the corral agent"),
+        "{}",
+        text(&out)
+    );
+
+    let open = bundle(
+        &spec,
+        &crun,
+        "open",
+        &Opts {
+            annotations: &[("corral.dev/identity", ID)],
+            hook: Some(&["--fail-open"]),
+            args: probe_args(&ops)?,
+        },
+    )?;
+    let out = open.run()?;
+    ensure!(
+        out.status.success(),
+        "--fail-open starts it: {}",
+        text(&out)
+    );
+    assert_eq!(lines(&out), ["ok"], "unpoliced: {}", text(&out));
+    // (runc shows a hook's stderr only when the hook fails.)
+
+    // When the agent runs, it reports the unpoliced start: counter and event.
+    let _agent = Agent::start(&spec, true, &[])?;
+    let s = agent_util_wait(&spec)?;
+    assert_eq!(s["containers_failed_open"], 1, "{s}");
+    let evs = events(&spec, &[])?;
+    let failed: Vec<&Value> = evs
+        .iter()
+        .filter(|e| e["kind"] == "container" && e["container"]["action"] == "failed-open")
+        .collect();
+    assert_eq!(failed.len(), 1, "{evs:#?}");
+    assert_eq!(failed[0]["container"]["id"], open.id.as_str());
+    assert_eq!(failed[0]["principal"]["identity"], ID);
+    let line = corral(&spec, &["events"])?;
+    assert!(
+        String::from_utf8_lossy(&line.stdout).contains("failed-open"),
+        "{}",
+        String::from_utf8_lossy(&line.stdout)
+    );
+    Ok(())
+}
+
+/// Status once the agent has picked up the fail-open records (it looks every second).
+fn agent_util_wait(spec: &Spec) -> anyhow::Result<Value> {
+    corral_tests::e2e::wait_for(5, "the fail-open record to be reported", || {
+        let s = status(spec)?;
+        Ok((s["containers_failed_open"] != 0).then_some(s))
+    })
+}
