@@ -188,6 +188,28 @@ impl Api {
         }
     }
 
+    /// Enrols through `enroll` (given the policy slot governing `identity` now), then brings
+    /// the kernel's grants in line, before the caller starts anything in the principal.
+    fn enroll_under_policy(
+        &self,
+        identity: &str,
+        enroll: impl FnOnce(
+            &super::registry::Registry,
+            Option<u32>,
+            &mut crate::ebpf::PolicyMaps,
+        ) -> Result<Arc<super::registry::PrincipalRecord>, RegistryError>,
+    ) -> Result<Arc<super::registry::PrincipalRecord>, ApiError> {
+        let mut enf = self.shared.enforcer();
+        let slot = self
+            .shared
+            .policy_state()
+            .current()
+            .and_then(|g| g.compiled.policy_for(identity));
+        let rec = enroll(&self.shared.registry, slot, enf.maps())?;
+        self.shared.reconcile_grants(enf.maps());
+        Ok(rec)
+    }
+
     /// A state-changing call: the caller must be root or in the enrol group, and must not
     /// run inside a principal.
     fn authorize_change(&self, p: &Peer) -> Result<(), ApiError> {
@@ -269,22 +291,9 @@ impl AgentService for Api {
         } else {
             r.session
         };
-        let rec = {
-            let mut enf = self.shared.enforcer();
-            let slot = self
-                .shared
-                .policy_state()
-                .current()
-                .and_then(|g| g.compiled.policy_for(&r.identity));
-            let rec = self
-                .shared
-                .registry
-                .enroll(&r.identity, &session, &opt_outs, slot, enf.maps())
-                .map_err(ApiError::from)?;
-            // Its grants before the caller starts anything in it.
-            self.shared.reconcile_grants(enf.maps());
-            rec
-        };
+        let rec = self.enroll_under_policy(&r.identity, |registry, slot, maps| {
+            registry.enroll(&r.identity, &session, &opt_outs, slot, maps)
+        })?;
         Ok(Response::new(pb::EnrollResponse {
             principal: Some(rec.to_pb()),
             cgroup_path: rec.cgroup.display().to_string(),
@@ -328,21 +337,9 @@ impl AgentService for Api {
             ))
             .into());
         }
-        let rec = {
-            let mut enf = self.shared.enforcer();
-            let slot = self
-                .shared
-                .policy_state()
-                .current()
-                .and_then(|g| g.compiled.policy_for(&who.identity));
-            let rec = self
-                .shared
-                .registry
-                .enroll_cgroup(&who.identity, &who.session, &cgroup, slot, enf.maps())
-                .map_err(ApiError::from)?;
-            self.shared.reconcile_grants(enf.maps());
-            rec
-        };
+        let rec = self.enroll_under_policy(&who.identity, |registry, slot, maps| {
+            registry.enroll_cgroup(&who.identity, &who.session, &cgroup, slot, maps)
+        })?;
         self.shared
             .containers
             .enrolled

@@ -419,16 +419,7 @@ fn write_fork_offset(ebpf: &mut Ebpf, tracefs: &Path) -> Result<(), LoadError> {
     let text = std::fs::read_to_string(&path).map_err(bad)?;
     let offset = child_pid_offset(&text)
         .ok_or_else(|| bad(std::io::Error::other("no `pid_t child_pid` field")))?;
-    let name = agent_common::maps::FORK_CFG;
-    let map = ebpf.map_mut(name).ok_or(MapError::Missing { name })?;
-    let mut cfg: aya::maps::Array<&mut aya::maps::MapData, u32> =
-        aya::maps::Array::try_from(map).map_err(|source| MapError::Type { name, source })?;
-    cfg.set(0, offset, 0).map_err(|source| MapError::Op {
-        op: "set",
-        name,
-        source,
-    })?;
-    Ok(())
+    set_offset(ebpf, agent_common::maps::FORK_CFG, offset)
 }
 
 /// The `offset:N` of the `child_pid` line of a tracepoint format file.
@@ -455,7 +446,11 @@ fn write_exit_offset(ebpf: &mut Ebpf, tracefs: &Path) -> Result<(), LoadError> {
     if offset == 0 {
         info!(format = %path.display(), "no group_dead in sched_process_exit: a process's sticky attribution ends with its thread-group leader");
     }
-    let name = agent_common::maps::EXIT_CFG;
+    set_offset(ebpf, agent_common::maps::EXIT_CFG, offset)
+}
+
+/// Writes `offset` into entry 0 of the one-entry `Array<u32>` map `name`.
+fn set_offset(ebpf: &mut Ebpf, name: &'static str, offset: u32) -> Result<(), LoadError> {
     let map = ebpf.map_mut(name).ok_or(MapError::Missing { name })?;
     let mut cfg: aya::maps::Array<&mut aya::maps::MapData, u32> =
         aya::maps::Array::try_from(map).map_err(|source| MapError::Type { name, source })?;
