@@ -41,6 +41,32 @@ struct State {
     pid: Option<u32>,
     #[serde(default)]
     annotations: HashMap<String, String>,
+    #[serde(default)]
+    bundle: Option<std::path::PathBuf>,
+}
+
+/// The bundle's `config.json`, the field the hook needs.
+#[derive(Debug, serde::Deserialize)]
+struct Config {
+    root: Root,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Root {
+    path: std::path::PathBuf,
+}
+
+/// The container's root filesystem (`root.path` of the bundle's config, relative to the
+/// bundle unless absolute): where the agent resolves its exec rules before it pivots.
+fn rootfs(bundle: &std::path::Path) -> Result<std::path::PathBuf, CliError> {
+    let path = bundle.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| CliError::OciState {
+        reason: format!("read {}: {e}", path.display()),
+    })?;
+    let c: Config = serde_json::from_str(&text).map_err(|e| CliError::OciState {
+        reason: format!("{}: {e}", path.display()),
+    })?;
+    Ok(bundle.join(c.root.path))
 }
 
 fn state(text: &str) -> Result<State, CliError> {
@@ -72,12 +98,17 @@ pub async fn run(a: &Args) -> Result<ExitCode, CliError> {
             s.id
         ),
     })?;
+    let rootfs = match &s.bundle {
+        Some(b) if b.is_absolute() => rootfs(b)?.display().to_string(),
+        _ => String::new(),
+    };
     let enrolled = async {
         let mut c = client::connect(&a.socket.socket).await?;
         c.enroll_container(pb::EnrollContainerRequest {
             container_id: s.id.clone(),
             pid,
             annotations: s.annotations.clone(),
+            rootfs,
         })
         .await
         .map_err(CliError::agent)
@@ -148,9 +179,31 @@ mod tests {
         .expect("valid");
         assert_eq!((s.id.as_str(), s.pid), ("c1", Some(42)));
         assert_eq!(s.annotations[IDENTITY_ANNOTATION], "spiffe://t/a");
+        assert_eq!(s.bundle.as_deref(), Some(std::path::Path::new("/b")));
         let bare = state(r#"{"ociVersion":"1.0.2","id":"c2","status":"creating"}"#).expect("ok");
         assert!(bare.annotations.is_empty() && bare.pid.is_none());
         assert!(state("{}").is_err());
         assert!(state(r#"{"id":""}"#).is_err());
+    }
+
+    #[test]
+    fn the_rootfs_is_the_bundles_root_path() -> Result<(), CliError> {
+        let dir = std::env::temp_dir().join(format!("corral-hook-rootfs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| CliError::OciState {
+            reason: e.to_string(),
+        })?;
+        let write = |text: &str| {
+            std::fs::write(dir.join("config.json"), text).map_err(|e| CliError::OciState {
+                reason: e.to_string(),
+            })
+        };
+        write(r#"{"ociVersion":"1.0.2","root":{"path":"rootfs","readonly":true}}"#)?;
+        assert_eq!(rootfs(&dir)?, dir.join("rootfs"));
+        write(r#"{"root":{"path":"/srv/c1/root"}}"#)?;
+        assert_eq!(rootfs(&dir)?, std::path::Path::new("/srv/c1/root"));
+        write("{}")?;
+        assert!(rootfs(&dir).is_err(), "no root: the hook refuses");
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
     }
 }

@@ -90,6 +90,49 @@ struct Opts<'a> {
     /// `Some(extra hook args)`: the createRuntime hook is configured.
     hook: Option<&'a [&'a str]>,
     args: Vec<String>,
+    /// `Some(volume)`: a root filesystem of its own ([`own_rootfs`]) with the host directory
+    /// `volume` bind mounted at `/opt/vol`, instead of the host's binaries.
+    own_root: Option<&'a Path>,
+}
+
+/// The static busybox (`busybox-static`, installed by `.ci/run`), copied in as the
+/// container's own binaries, or a skip (a failure under CI=true).
+fn busybox() -> Option<PathBuf> {
+    let p = PathBuf::from("/bin/busybox");
+    let ok = Command::new("file")
+        .arg("-L")
+        .arg(&p)
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("statically linked"))
+        || (p.is_file()
+            && !Command::new("ldd")
+                .arg(&p)
+                .output()
+                .is_ok_and(|o| o.status.success()));
+    if !ok {
+        corral_tests::skip(
+            "busybox-static",
+            "no static /bin/busybox (apt-get install busybox-static)",
+        );
+        return None;
+    }
+    Some(p)
+}
+
+/// The container's own files: busybox copied (a new inode each) as `/bin/sh`, `/bin/echo`,
+/// `/bin/uname` and `/bin/cat`, and into `volume` as `pwd`. None of them is a file the host
+/// reaches by the same path.
+fn own_rootfs(rootfs: &Path, volume: &Path) -> anyhow::Result<()> {
+    let bb = busybox().context("busybox")?;
+    for d in ["bin", "proc", "dev", "opt/vol"] {
+        std::fs::create_dir_all(rootfs.join(d))?;
+    }
+    for name in ["sh", "echo", "uname", "cat"] {
+        std::fs::copy(&bb, rootfs.join("bin").join(name))?;
+    }
+    std::fs::create_dir_all(volume)?;
+    std::fs::copy(&bb, volume.join("pwd"))?;
+    Ok(())
 }
 
 /// Writes a bundle under `spec.dir/<name>`: an empty root with /proc, the host's library
@@ -105,7 +148,18 @@ fn bundle<'a>(
     let bindir = probe_bin()?.parent().context("binary dir")?.to_path_buf();
     let mut mounts = vec![json!({"destination": "/proc", "type": "proc", "source": "proc"})];
     let mut binds: Vec<PathBuf> = vec![bindir];
+    if let Some(volume) = o.own_root {
+        own_rootfs(&rootfs, volume)?;
+        binds.clear();
+        mounts.push(json!({
+            "destination": "/opt/vol", "type": "bind", "source": volume,
+            "options": ["rbind", "ro", "nosuid", "nodev"],
+        }));
+    }
     for lib in ["/lib", "/lib64", "/usr/lib", "/usr/lib64"] {
+        if o.own_root.is_some() {
+            break;
+        }
         // Only real directories (on merged-/usr systems /lib is a symlink: bind /usr/lib and
         // recreate the link inside).
         let p = Path::new(lib);
@@ -139,7 +193,7 @@ fn bundle<'a>(
             "terminal": false,
             "user": {"uid": 0, "gid": 0},
             "args": o.args,
-            "env": ["PATH=/usr/bin:/bin"],
+            "env": ["PATH=/bin:/usr/bin"],
             "cwd": "/",
             "noNewPrivileges": true,
         },
@@ -245,6 +299,7 @@ fn an_annotated_container_is_policed_from_its_first_instruction_and_others_are_u
             annotations: &[("corral.dev/identity", ID)],
             hook: Some(&[]),
             args: probe_args(&ops)?,
+            own_root: None,
         },
     )?;
     let out = c.run()?;
@@ -285,6 +340,7 @@ fn an_annotated_container_is_policed_from_its_first_instruction_and_others_are_u
             annotations: &[],
             hook: Some(&[]),
             args: probe_args(&ops)?,
+            own_root: None,
         },
     )?;
     let out = plain.run()?;
@@ -301,6 +357,7 @@ fn an_annotated_container_is_policed_from_its_first_instruction_and_others_are_u
             annotations: &[("corral.dev/identity", "not-a-spiffe-id")],
             hook: Some(&[]),
             args: probe_args(&ops)?,
+            own_root: None,
         },
     )?;
     let out = bad.run()?;
@@ -331,6 +388,7 @@ fn with_the_agent_down_an_annotated_container_does_not_start_unless_fail_open() 
             annotations: &[("corral.dev/identity", ID)],
             hook: Some(&[]),
             args: probe_args(&ops)?,
+            own_root: None,
         },
     )?;
     let out = closed.run()?;
@@ -354,6 +412,7 @@ fn with_the_agent_down_an_annotated_container_does_not_start_unless_fail_open() 
             annotations: &[("corral.dev/identity", ID)],
             hook: Some(&["--fail-open"]),
             args: probe_args(&ops)?,
+            own_root: None,
         },
     )?;
     let out = open.run()?;
@@ -392,4 +451,188 @@ fn agent_util_wait(spec: &Spec) -> anyhow::Result<Value> {
         let s = status(spec)?;
         Ok((s["containers_failed_open"] != 0).then_some(s))
     })
+}
+
+/// The container's policy: exec rules naming paths that, on the host, are other files (or none).
+fn container_exec_policy() -> anyhow::Result<String> {
+    Ok(format!(
+        "{}---
+apiVersion: corral.dev/v1alpha1
+kind: AgentPolicy
+metadata:
+  name: container
+spec:
+  identities:
+    - {ID}
+  mode: enforce
+  defaultAction: deny
+  exec:
+    - {{ action: allow, paths: [/bin/sh, /bin/echo, \"/opt/**\"] }}
+    - {{ action: deny,  paths: [/bin/uname] }}
+",
+        policy(ALLOWED, DENIED)?
+    ))
+}
+
+#[test]
+fn exec_rules_are_decided_on_the_containers_own_files() -> anyhow::Result<()> {
+    let Some((spec, crun)) = setup("oci-exec")? else {
+        return Ok(());
+    };
+    if busybox().is_none() {
+        return Ok(());
+    }
+    spec.write_policy(&container_exec_policy()?)?;
+    let agent = Agent::start(&spec, true, &[])?;
+    // Allowed: the container's /bin/sh (its entrypoint) and /bin/echo, and /opt/vol/pwd
+    // through the prefix /opt/** across the volume mounted below it. Denied: /bin/uname by
+    // its rule, /bin/cat by the default. Each is a copy of busybox of the container's own: on
+    // the host these paths are other files, so only rules resolved in the container match.
+    let script = "/bin/echo allowed-ran; /bin/uname; echo uname=$?; /bin/cat /dev/null; \
+                  echo cat=$?; /opt/vol/pwd; echo pwd=$?";
+    let c = bundle(
+        &spec,
+        &crun,
+        "exec",
+        &Opts {
+            annotations: &[("corral.dev/identity", ID)],
+            hook: Some(&[]),
+            args: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            own_root: Some(&spec.dir.join("volume")),
+        },
+    )?;
+    let out = c.run()?;
+    ensure!(
+        out.status.success(),
+        "runc run: {}\n{}",
+        text(&out),
+        agent.log_text()
+    );
+    assert_eq!(
+        lines(&out),
+        ["allowed-ran", "uname=137", "cat=137", "/", "pwd=0"],
+        "{}",
+        text(&out)
+    );
+    // The kills are the policy's, on the container's paths.
+    let evs = corral_tests::e2e::wait_for(5, "the container's exec events", || {
+        let evs = events(&spec, &["--identity", ID])?;
+        let n = evs
+            .iter()
+            .filter(|e| e["decision"]["verdict"] == "deny" && !e["exec"].is_null())
+            .count();
+        Ok((n >= 2).then_some(evs))
+    })?;
+    let denied: Vec<&str> = evs
+        .iter()
+        .filter(|e| e["decision"]["verdict"] == "deny" && !e["exec"].is_null())
+        .filter_map(|e| e["exec"]["path"].as_str())
+        .collect();
+    assert!(
+        denied.iter().any(|p| p.ends_with("uname")) && denied.iter().any(|p| p.ends_with("cat")),
+        "{evs:#?}"
+    );
+
+    // The same bundle without the hook (enrolled by no one): nothing is decided for it.
+    let plain = bundle(
+        &spec,
+        &crun,
+        "exec-plain",
+        &Opts {
+            annotations: &[],
+            hook: None,
+            args: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            own_root: Some(&spec.dir.join("volume")),
+        },
+    )?;
+    let out = plain.run()?;
+    ensure!(out.status.success(), "runc run: {}", text(&out));
+    assert_eq!(
+        lines(&out),
+        ["allowed-ran", "Linux", "uname=0", "cat=0", "/", "pwd=0"],
+        "{}",
+        text(&out)
+    );
+    drop(agent);
+    Ok(())
+}
+
+#[test]
+fn a_restarted_agent_still_resolves_a_running_containers_rules_in_its_files() -> anyhow::Result<()>
+{
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let Some((spec, crun)) = setup("oci-exec-restart")? else {
+        return Ok(());
+    };
+    if busybox().is_none() {
+        return Ok(());
+    }
+    spec.write_policy(&container_exec_policy()?)?;
+    let mut first = Agent::start(&spec, false, &[])?;
+    let volume = spec.dir.join("volume");
+    // The container waits on a fifo in its volume until the agent has been restarted.
+    let c = bundle(
+        &spec,
+        &crun,
+        "restart",
+        &Opts {
+            annotations: &[("corral.dev/identity", ID)],
+            hook: Some(&[]),
+            args: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "/bin/echo ready; read x < /opt/vol/go; /bin/echo after-restart; /bin/uname; \
+                 echo uname=$?"
+                    .into(),
+            ],
+            own_root: Some(&volume),
+        },
+    )?;
+    let fifo = volume.join("go");
+    ensure!(
+        Command::new("mkfifo").arg(&fifo).status()?.success(),
+        "mkfifo"
+    );
+    let mut child = Command::new(&crun)
+        .arg("--root")
+        .arg(&c.state)
+        .args(["run", "--bundle"])
+        .arg(&c.bundle)
+        .arg(&c.id)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("runc run")?;
+    let mut out = BufReader::new(child.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    if line.trim() != "ready" {
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().context("stderr")?, &mut err)?;
+        anyhow::bail!(
+            "first line {line:?}, {}: {err}\n{}",
+            child.wait()?,
+            first.log_text()
+        );
+    }
+
+    // A new agent (the pins and the principal stay): it must know the container's files.
+    ensure!(first.stop()?, "the first agent stops cleanly");
+    let second = Agent::start(&spec, true, &[])?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fifo)?
+        .write_all(b"go\n")?;
+    let mut rest = Vec::new();
+    for l in out.lines() {
+        rest.push(l?);
+    }
+    let st = child.wait()?;
+    assert_eq!(
+        rest,
+        ["after-restart", "uname=137"],
+        "{st}\n{}",
+        second.log_text()
+    );
+    Ok(())
 }

@@ -340,6 +340,19 @@ impl AgentService for Api {
         let rec = self.enroll_under_policy(&who.identity, |registry, slot, maps| {
             registry.enroll_cgroup(&who.identity, &who.session, &cgroup, slot, maps)
         })?;
+        // Its exec rules resolved in its own files before it starts.
+        let rootfs = (!r.rootfs.is_empty()).then(|| std::path::PathBuf::from(&r.rootfs));
+        self.shared
+            .container_views
+            .record(&who.identity, &cgroup, pid, rootfs.as_deref())
+            .map_err(|e| ContainerError::Files {
+                pid,
+                reason: e.to_string(),
+            })
+            .map_err(ApiError::from)?;
+        self.shared
+            .resolve_container_exec_rules(&who.identity)
+            .map_err(ApiError::from)?;
         self.shared
             .containers
             .enrolled

@@ -40,6 +40,10 @@ pub enum ContainerError {
     NoProcess(i32),
     #[error("the cgroup of container pid {pid} cannot be read: {reason}")]
     Cgroup { pid: i32, reason: String },
+    #[error("the files of container pid {pid} cannot be read to resolve its exec rules: {reason}")]
+    Files { pid: i32, reason: String },
+    #[error("write the container's exec rules into the kernel maps: {0}")]
+    ExecMaps(String),
 }
 
 /// Containers the OCI hook enrolled, and those a hook let start unpoliced (status, metrics).

@@ -14,24 +14,47 @@ use corral_runtime::shutdown::ShutdownSignal;
 use tracing::{error, info, warn};
 
 use super::Shared;
-use crate::ebpf::exec_rules::{RESTAT_INTERVAL, resolve};
+use crate::ebpf::exec_rules::{RESTAT_INTERVAL, resolve_in};
 
-/// One pass: re-stat every policy's exec rules and install what changed.
+/// One pass: find the live container views, re-stat every policy's exec rules in the agent's
+/// view and in the views of the containers it governs, and install what changed.
 pub fn restat(shared: &Shared) {
-    let watched = shared.enforcer().maps().exec().watched();
-    for (policy, rules) in watched {
-        let fresh = resolve(&rules);
-        match shared
-            .enforcer()
-            .maps()
-            .exec()
-            .refresh(policy, &rules, fresh)
-        {
+    let (version, watched) = {
+        let mut enf = shared.enforcer();
+        // Under the lock: a container recorded after this read bumps the version below, and
+        // this pass's stale resolutions are then dropped.
+        let containers = shared.container_views.live();
+        let exec = enf.maps().exec();
+        exec.set_containers(containers);
+        // The views of each policy key, decided by the policy generation that key belongs to.
+        let state = shared.policy_state();
+        let watched = exec
+            .watched()
+            .into_iter()
+            .map(|(key, rules)| {
+                let governs = |identity: &str| {
+                    state.by_key(key).is_some_and(|g| {
+                        g.compiled.policy_for(identity) == Some(agent_common::policy_key_slot(key))
+                    })
+                };
+                (key, rules, exec.views_for(governs))
+            })
+            .collect::<Vec<_>>();
+        (exec.containers_version(), watched)
+    };
+    for (policy, rules, views) in watched {
+        let fresh = resolve_in(&rules, &views);
+        let mut enf = shared.enforcer();
+        let exec = enf.maps().exec();
+        if exec.containers_version() != version {
+            return;
+        }
+        match exec.refresh(policy, &rules, views, fresh) {
             Ok(0) => {}
             Ok(n) => info!(
                 policy,
                 entries = n,
-                "exec rule paths changed on disk; exec maps updated"
+                "exec rule paths changed on disk (or a container view came or went); exec maps updated"
             ),
             Err(e) => {
                 warn!(policy, error = %corral_runtime::error_chain(&e), "update exec maps after a re-stat")

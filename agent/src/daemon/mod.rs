@@ -7,7 +7,8 @@
 //! - [`api`]: `AgentService` on the unix socket; [`status`] and [`metrics`].
 //! - [`k8s`]: `--kubernetes`: the pods on this node that opt in, enrolled as principals.
 //! - [`containers`]: containers enrolled synchronously by the OCI hook, and the hook's
-//!   fail-open records.
+//!   fail-open records; [`container_views`]: their mount namespaces, where their exec rules
+//!   are resolved.
 //! - [`sync`]: with `--server`, the node side of `NodeSync` (snapshots, ACK/NACK, events,
 //!   the principals report).
 //! - [`grants`]: the grants in force (from the server's snapshots), kept in the kernel's
@@ -19,6 +20,7 @@
 
 pub mod api;
 pub mod config;
+pub mod container_views;
 pub mod containers;
 pub mod exec_watch;
 pub mod grants;
@@ -127,6 +129,8 @@ pub struct Shared {
     pub k8s_pods: k8s::PodReport,
     /// Containers the OCI hook enrolled, and those it let start unpoliced (`--fail-open`).
     pub containers: containers::Tally,
+    /// The views of the containers the OCI hook enrolled (exec rules are resolved in them).
+    pub container_views: container_views::ContainerViews,
 }
 
 impl Shared {
@@ -194,6 +198,35 @@ impl Shared {
             policy::record_error(&mut st, &e);
         }
         st.last_source = Some(source);
+    }
+
+    /// Resolves the exec rules of the policy governing `identity` again, in the agent's view
+    /// and the views of the containers it governs, and installs the change: called when a
+    /// container of `identity` was just recorded, before it may start.
+    pub fn resolve_container_exec_rules(
+        &self,
+        identity: &str,
+    ) -> Result<(), containers::ContainerError> {
+        let mut enf = self.enforcer();
+        let exec = enf.maps().exec();
+        exec.set_containers(self.container_views.live());
+        let st = self.policy_state();
+        let (Some(generation), Some(g)) = (st.live, st.current()) else {
+            return Ok(());
+        };
+        let Some(slot) = g.compiled.policy_for(identity) else {
+            return Ok(());
+        };
+        let views = exec.views_for(|id| g.compiled.policy_for(id) == Some(slot));
+        let n = exec
+            .refresh_in(agent_common::policy_key(generation, slot), views)
+            .map_err(|e| containers::ContainerError::ExecMaps(corral_runtime::error_chain(&e)))?;
+        info!(
+            identity,
+            entries = n,
+            "exec rules resolved in the container's files"
+        );
+        Ok(())
     }
 
     /// The containers OCI hooks let start unpoliced while this agent was unreachable: each
@@ -455,6 +488,12 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
         ),
         None => None,
     };
+    // Containers enrolled before this start: their views are in place for the first apply.
+    let container_views = container_views::ContainerViews::load(&cfg.state_dir);
+    enforcer
+        .maps()
+        .exec()
+        .set_containers(container_views.live());
     let shared = Arc::new(Shared {
         lkg: LastKnownGood::new(&cfg.state_dir),
         hub: Hub::new(cfg.event_history, cfg.subscriber_queue),
@@ -470,6 +509,7 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
         },
         k8s_pods: k8s::PodReport::default(),
         containers: containers::Tally::default(),
+        container_views,
         resolved: resolved.clone(),
     });
     {

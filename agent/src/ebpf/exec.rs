@@ -24,7 +24,8 @@ use aya::{
 use tracing::{info, warn};
 
 use super::exec_rules::{EntriesDiff, Sticky};
-pub use super::exec_rules::{ExecEntries, identity, mounts_below, resolve};
+pub use super::exec_rules::{ExecEntries, identity, resolve, resolve_in};
+pub use super::exec_view::{View, ViewKey};
 use super::{
     btf::{FPUT_TASK_WORK, KernelBtf, kernel_symbol},
     map_access::{MapError, op, take},
@@ -235,6 +236,8 @@ struct Installed {
     entries: ExecEntries,
     /// Its denied identities, followed when they leave their paths.
     sticky: Sticky,
+    /// The views its rules were last resolved in (the agent's, and its containers').
+    views: Vec<View>,
 }
 
 /// The exec maps, typed.
@@ -247,6 +250,10 @@ pub struct ExecMaps {
     loaders: HashMap<MapData, ExecKey, u32>,
     /// By generation-qualified policy key: the rules in the maps, for the re-stat.
     installed: StdHashMap<u32, Installed>,
+    /// Container views by the identity of the principal they belong to (see
+    /// [`Self::set_containers`]), and how many times they were set.
+    containers: Vec<(String, View)>,
+    containers_version: u64,
 }
 
 impl ExecMaps {
@@ -259,6 +266,8 @@ impl ExecMaps {
             tasks: take(ebpf, names::EXEC_TASKS)?,
             loaders: take(ebpf, names::LOADERS)?,
             installed: StdHashMap::new(),
+            containers: Vec::new(),
+            containers_version: 0,
         })
     }
 
@@ -322,21 +331,62 @@ impl ExecMaps {
         self.tasks.get(&tgid, 0).ok()
     }
 
-    /// Writes the exec rules of policy slot `policy` (generation-qualified key). Paths that
-    /// cannot be statted are skipped with a warning (see the module docs); the rules are kept
-    /// for [`Self::refresh`]. The key's entries must be empty (a freshly cleared generation).
-    /// A policy without exec rules writes nothing and has nothing to re-stat.
-    pub fn write(&mut self, policy: u32, rules: &[ExecRule]) -> Result<(), MapError> {
+    /// The container views known now, each with the identity of its principal: a policy's
+    /// rules are resolved in the agent's view and in the views of the containers whose
+    /// identity it governs ([`Self::views_for`]).
+    pub fn set_containers(&mut self, views: Vec<(String, View)>) {
+        self.containers = views;
+        self.containers_version += 1;
+    }
+
+    /// Changes with every [`Self::set_containers`]: a re-stat resolved outside the lock is
+    /// dropped if the container views were set again meanwhile (a container just enrolled
+    /// installed its view; the stale resolution would remove it).
+    pub fn containers_version(&self) -> u64 {
+        self.containers_version
+    }
+
+    pub fn containers(&self) -> &[(String, View)] {
+        &self.containers
+    }
+
+    /// The views to resolve a policy's rules in: the agent's, then those of the containers
+    /// whose principal's identity `governs` says the policy governs.
+    pub fn views_for(&self, governs: impl Fn(&str) -> bool) -> Vec<View> {
+        let agent = View::agent()
+            .inspect_err(|e| warn!(error = %e, "open the agent's own view of exec rule paths"))
+            .ok();
+        let mut out: Vec<View> = agent.into_iter().collect();
+        for (identity, view) in &self.containers {
+            if governs(identity) && !out.iter().any(|v| v.key == view.key) {
+                out.push(view.clone());
+            }
+        }
+        out
+    }
+
+    /// Writes the exec rules of policy slot `policy` (generation-qualified key), resolved in
+    /// `views` ([`Self::views_for`]). Paths that cannot be statted in the agent's view are
+    /// skipped with a warning (see the module docs); the rules are kept for
+    /// [`Self::refresh`]. The key's entries must be empty (a freshly cleared generation). A
+    /// policy without exec rules writes nothing and has nothing to re-stat.
+    pub fn write(
+        &mut self,
+        policy: u32,
+        rules: &[ExecRule],
+        views: Vec<View>,
+    ) -> Result<(), MapError> {
         if rules.is_empty() {
             self.installed.remove(&policy);
             return Ok(());
         }
-        let entries = resolve(rules);
+        let entries = resolve_in(rules, &views);
         for (path, why) in &entries.skipped {
             warn!(path = %path.display(), reason = %why, "exec rule path skipped");
         }
         let mut sticky = Sticky::default();
-        let entries = sticky.apply(&entries);
+        let live: Vec<ViewKey> = views.iter().map(|v| v.key).collect();
+        let entries = sticky.apply(&entries, &live);
         let diff = ExecEntries::default().diff(&entries);
         // Recorded first: a failed insert leaves nothing unaccounted for the re-stat.
         self.installed.insert(
@@ -345,13 +395,14 @@ impl ExecMaps {
                 rules: rules.into(),
                 entries,
                 sticky,
+                views,
             },
         );
         self.apply_diff(policy, &diff)
     }
 
     /// The exec rules in the maps, by policy key, for a re-stat outside the enforcer lock:
-    /// resolve each with [`resolve`], then hand the result to [`Self::refresh`].
+    /// resolve each with [`resolve_in`], then hand the result to [`Self::refresh`].
     pub fn watched(&self) -> Vec<(u32, Arc<[ExecRule]>)> {
         self.installed
             .iter()
@@ -359,17 +410,19 @@ impl ExecMaps {
             .collect()
     }
 
-    /// Installs `fresh` (the rules `rules` of policy key `policy`, resolved again) where an
-    /// identity changed: a path replaced by a new inode, created, removed or retargeted. A
-    /// denied identity that left its path stays denied while it has a link ([`Sticky`]).
-    /// Nothing happens if the policy was rewritten since [`Self::watched`] (other rules
-    /// installed there). New and changed keys are written before stale ones are deleted
-    /// ([`ExecEntries::diff`]), so a rule never lapses during the update. Returns the number
-    /// of map entries written or deleted.
+    /// Installs `fresh` (the rules `rules` of policy key `policy`, resolved again in `views`)
+    /// where an identity changed: a path replaced by a new inode, created, removed or
+    /// retargeted, a container's view added or gone. A denied identity that left its path
+    /// stays denied while it has a link, or while its container's view is among `views`
+    /// ([`Sticky`]). Nothing happens if the policy was rewritten since [`Self::watched`]
+    /// (other rules installed there). New and changed keys are written before stale ones are
+    /// deleted ([`ExecEntries::diff`]), so a rule never lapses during the update. Returns the
+    /// number of map entries written or deleted.
     pub fn refresh(
         &mut self,
         policy: u32,
         rules: &Arc<[ExecRule]>,
+        views: Vec<View>,
         fresh: ExecEntries,
     ) -> Result<usize, MapError> {
         let Some(inst) = self.installed.get_mut(&policy) else {
@@ -378,7 +431,9 @@ impl ExecMaps {
         if !Arc::ptr_eq(&inst.rules, rules) {
             return Ok(0);
         }
-        let fresh = inst.sticky.apply(&fresh);
+        let live: Vec<ViewKey> = views.iter().map(|v| v.key).collect();
+        let fresh = inst.sticky.apply(&fresh, &live);
+        inst.views = views;
         let diff = inst.entries.diff(&fresh);
         if diff.is_empty() {
             return Ok(0);
@@ -394,18 +449,34 @@ impl ExecMaps {
         Ok(n)
     }
 
-    /// Denied identities held open to follow them off their paths, over all policies.
+    /// Resolves policy key `policy`'s rules again in `views` and installs the change, under
+    /// the caller's lock (a container just enrolled: its view must be in the maps before it
+    /// starts). Returns the entries changed.
+    pub fn refresh_in(&mut self, policy: u32, views: Vec<View>) -> Result<usize, MapError> {
+        let Some(rules) = self.installed.get(&policy).map(|i| i.rules.clone()) else {
+            return Ok(0);
+        };
+        let fresh = resolve_in(&rules, &views);
+        self.refresh(policy, &rules, views, fresh)
+    }
+
+    /// Denied identities followed off their paths, over all policies.
     pub fn held(&self) -> usize {
         self.installed.values().map(|i| i.sticky.len()).sum()
     }
 
-    /// [`Self::watched`], [`resolve`] and [`Self::refresh`] in one call, under whatever lock
-    /// the caller holds; returns the entries changed.
+    /// [`Self::watched`], [`resolve_in`] and [`Self::refresh`] in one call, in the views each
+    /// policy was last resolved in, under whatever lock the caller holds; returns the entries
+    /// changed.
     pub fn refresh_all(&mut self) -> Result<usize, MapError> {
         let mut n = 0;
-        for (policy, rules) in self.watched() {
-            let fresh = resolve(&rules);
-            n += self.refresh(policy, &rules, fresh)?;
+        let keys: Vec<(u32, Vec<View>)> = self
+            .installed
+            .iter()
+            .map(|(k, i)| (*k, i.views.clone()))
+            .collect();
+        for (policy, views) in keys {
+            n += self.refresh_in(policy, views)?;
         }
         Ok(n)
     }

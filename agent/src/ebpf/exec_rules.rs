@@ -1,6 +1,9 @@
 //! Exec rules resolved to file identities: each exact path and prefix directory is statted
-//! (symlinks followed) and becomes a `(kernel dev, inode)` map key. The same resolution runs
-//! when a policy is written and, every [`RESTAT_INTERVAL`], again for the rules in force
+//! (symlinks followed) and becomes a `(kernel dev, inode)` map key. Paths are looked up in
+//! views ([`View`]): the agent's own, and the mount namespace and root of each container the
+//! OCI hook enrolled under the policy, so `/usr/bin/curl` in a pod's policy is the pod's curl
+//! on its overlay; a policy's map entries are the union over its views. The same resolution
+//! runs when a policy is written and, every [`RESTAT_INTERVAL`], again for the rules in force
 //! ([`ExecEntries::diff`] gives the map updates), so a rule path replaced on disk (a new
 //! inode: package upgrade, `cp` + rename) or created after the policy was written is matched
 //! by its new identity within about one interval.
@@ -20,7 +23,9 @@
 //! number cannot be reused by an unrelated file while still denied. Costs: one descriptor per
 //! denied file or prefix directory (where one cannot be opened, e.g. `EMFILE`, that identity
 //! simply follows its path), and a filesystem holding a denied path cannot be unmounted
-//! (`EBUSY`; a lazy unmount works) while the policy is in force.
+//! (`EBUSY`; a lazy unmount works) while the policy is in force. Identities found in a
+//! container's view are not held open (the agent must never keep a container's overlay
+//! mounted): they stay denied for as long as the container's view lives.
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -31,6 +36,8 @@ use std::{
 use agent_common::{NONE, RuleValue, kernel_dev, merge_rules};
 
 use corral_policy::compiled::{Action, ExecRule};
+
+use super::exec_view::{Opened, View, ViewKey, parse_mount_devs};
 
 /// How often the daemon re-stats the exec rule paths in force.
 pub const RESTAT_INTERVAL: Duration = Duration::from_secs(1);
@@ -46,7 +53,7 @@ pub struct ExecEntries {
     pub skipped: Vec<(PathBuf, String)>,
     /// A path each identity was found at, by (is a prefix directory, key): what
     /// [`Sticky`] opens to follow a denied identity.
-    pub origins: StdHashMap<(bool, FileKey), PathBuf>,
+    pub origins: StdHashMap<(bool, FileKey), Origin>,
 }
 
 /// `(kernel dev, inode, is a directory)` of `path`, following symlinks, as the exec programs
@@ -92,7 +99,8 @@ std::thread_local! {
         std::cell::RefCell::new(StdHashMap::new());
 }
 
-/// The superblock device of mount `mnt_id`.
+/// The superblock device of mount `mnt_id` (for [`identity`]; a resolution pass reads its
+/// view's mountinfo once instead, see [`View`]).
 fn mount_dev(mnt_id: u64) -> Option<u32> {
     MOUNT_DEVS.with(|cache| {
         let mut cache = cache.borrow_mut();
@@ -102,18 +110,6 @@ fn mount_dev(mnt_id: u64) -> Option<u32> {
         *cache = parse_mount_devs(&std::fs::read_to_string("/proc/self/mountinfo").ok()?);
         cache.get(&mnt_id).copied()
     })
-}
-
-/// `mount id → kernel dev` from mountinfo text (fields 1 and 3: `36 35 98:0 ...`).
-fn parse_mount_devs(info: &str) -> StdHashMap<u64, u32> {
-    info.lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let id = f.next()?.parse().ok()?;
-            let (major, minor) = f.nth(1)?.split_once(':')?;
-            Some((id, kernel_dev(major.parse().ok()?, minor.parse().ok()?)))
-        })
-        .collect()
 }
 
 fn add(map: &mut StdHashMap<(u32, u64), RuleValue>, key: (u32, u64), rule: &ExecRule) {
@@ -134,72 +130,95 @@ fn add(map: &mut StdHashMap<(u32, u64), RuleValue>, key: (u32, u64), rule: &Exec
     merge_rules(e, &found);
 }
 
-/// Resolves exec rules to file identities. Exact paths must not be directories; prefixes
-/// (with or without a trailing `/`) must be directories.
+/// Resolves exec rules to file identities in the agent's own view (see [`resolve_in`]).
 pub fn resolve(rules: &[ExecRule]) -> ExecEntries {
+    match View::agent() {
+        Ok(v) => resolve_in(rules, &[v]),
+        Err(e) => ExecEntries {
+            skipped: vec![(PathBuf::from("/proc/self"), e.to_string())],
+            ..ExecEntries::default()
+        },
+    }
+}
+
+/// Resolves exec rules to file identities in each of `views` (the agent's, and the
+/// containers' of the principals under these rules): the union of what each path is in each
+/// view. Exact paths must not be directories; prefixes (with or without a trailing `/`) must
+/// be directories. Paths missing from the agent's view are reported in `skipped`; a path a
+/// container lacks is normal (one policy, several images) and is not. A view that cannot be
+/// opened (its processes gone) adds nothing.
+pub fn resolve_in(rules: &[ExecRule], views: &[View]) -> ExecEntries {
     let mut out = ExecEntries::default();
-    // Read once, only if a prefix needs it.
-    let mut mountinfo: Option<String> = None;
-    for rule in rules {
-        for p in &rule.exact {
-            let path = PathBuf::from(p);
-            match identity(&path) {
-                Ok((_, _, true)) => out
-                    .skipped
-                    .push((path, "is a directory (use a prefix rule)".into())),
-                Ok((dev, ino, false)) => {
-                    add(&mut out.files, (dev, ino), rule);
-                    out.origins.entry((false, (dev, ino))).or_insert(path);
-                }
-                Err(e) => out.skipped.push((path, e.to_string())),
-            }
-        }
-        for p in &rule.prefixes {
-            let path = PathBuf::from(p);
-            match identity(&path) {
-                Ok((dev, ino, true)) => {
-                    add(&mut out.dirs, (dev, ino), rule);
-                    out.origins
-                        .entry((true, (dev, ino)))
-                        .or_insert(path.clone());
-                    // The kernel's ancestor walk stops at a filesystem's root: a filesystem
-                    // mounted below the prefix is covered through its mount point's identity.
-                    let info = mountinfo.get_or_insert_with(|| {
-                        std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default()
-                    });
-                    for m in mounts_below_in(info, &path) {
-                        if let Ok((dev, ino, true)) = identity(&m) {
-                            add(&mut out.dirs, (dev, ino), rule);
-                            out.origins.entry((true, (dev, ino))).or_insert(m);
-                        }
-                    }
-                }
-                Ok((_, _, false)) => out.skipped.push((path, "is not a directory".into())),
-                Err(e) => out.skipped.push((path, e.to_string())),
-            }
+    for view in views {
+        match view.open() {
+            Ok(opened) => resolve_view(&mut out, rules, &opened),
+            Err(e) => tracing::debug!(view = ?view.key, error = %e, "exec rule view gone"),
         }
     }
     out
 }
 
-/// Mount points strictly below `dir` (symlinks in `dir` resolved), from
-/// `/proc/self/mountinfo`: the agent's mount namespace.
-pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|info| mounts_below_in(&info, dir))
-        .unwrap_or_default()
+fn resolve_view(out: &mut ExecEntries, rules: &[ExecRule], view: &Opened) {
+    let agent = view.view.is_agent();
+    let origin = |path: &Path| {
+        if agent {
+            Origin::Path(path.to_path_buf())
+        } else {
+            Origin::View(view.view.key)
+        }
+    };
+    let skip = |out: &mut ExecEntries, path: PathBuf, why: String| {
+        if agent {
+            out.skipped.push((path, why));
+        }
+    };
+    let mut memo = StdHashMap::new();
+    for rule in rules {
+        for p in &rule.exact {
+            let path = PathBuf::from(p);
+            match view.identity(&path) {
+                Ok((_, _, true)) => skip(out, path, "is a directory (use a prefix rule)".into()),
+                Ok((dev, ino, false)) => {
+                    add(&mut out.files, (dev, ino), rule);
+                    out.origins
+                        .entry((false, (dev, ino)))
+                        .or_insert_with(|| origin(&path));
+                }
+                Err(e) => skip(out, path, e.to_string()),
+            }
+        }
+        for p in &rule.prefixes {
+            let path = PathBuf::from(p);
+            match view.identity(&path) {
+                Ok((dev, ino, true)) => {
+                    add(&mut out.dirs, (dev, ino), rule);
+                    out.origins
+                        .entry((true, (dev, ino)))
+                        .or_insert_with(|| origin(&path));
+                    // The kernel's ancestor walk stops at a filesystem's root: a filesystem
+                    // mounted below the prefix is covered through its mount point's identity.
+                    for m in view.mounts_below((dev, ino), &mut memo) {
+                        if let Ok((dev, ino, true)) = view.identity(&m) {
+                            add(&mut out.dirs, (dev, ino), rule);
+                            out.origins
+                                .entry((true, (dev, ino)))
+                                .or_insert_with(|| origin(&m));
+                        }
+                    }
+                }
+                Ok((_, _, false)) => skip(out, path, "is not a directory".into()),
+                Err(e) => skip(out, path, e.to_string()),
+            }
+        }
+    }
 }
 
-/// [`mounts_below`] from the text of a mountinfo file.
-fn mounts_below_in(info: &str, dir: &Path) -> Vec<PathBuf> {
-    let Ok(base) = std::fs::canonicalize(dir) else {
-        return Vec::new();
-    };
-    info.lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
-        .map(|m| PathBuf::from(crate::paths::unescape_mountinfo(m)))
-        .filter(|m| m != &base && m.starts_with(&base))
-        .collect()
+/// Where an identity was found: a path in the agent's view (which [`Sticky`] can open and
+/// hold), or a container's view (not held open, see [`Sticky`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Path(PathBuf),
+    View(ViewKey),
 }
 
 /// A map key: `(kernel dev, inode)`.
@@ -261,14 +280,27 @@ impl ExecEntries {
     }
 }
 
-/// A denied identity held open so it can be followed after it leaves its path.
+/// A denied identity followed after it leaves its path: held open (the agent's view), or
+/// remembered for as long as its container's view lives.
 #[derive(Debug)]
 struct Held {
     deny_rule: u32,
-    file: std::fs::File,
+    how: Hold,
 }
 
-/// The denied identities of one installed policy, held open (see the module docs).
+#[derive(Debug)]
+enum Hold {
+    /// Open (`O_PATH`): denied while the file has a link.
+    File(std::fs::File),
+    /// Found in a container's view: denied while that view is among the live ones. Not held
+    /// open, so a container's overlay is never kept mounted by the agent; the cost is that an
+    /// identity whose file is deleted stays denied until the container goes (fail closed: at
+    /// worst an unrelated new file reusing the inode number there is denied too).
+    View(ViewKey),
+}
+
+/// The denied identities of one installed policy, followed off their paths (see the module
+/// docs).
 #[derive(Debug, Default)]
 pub struct Sticky(StdHashMap<(bool, FileKey), Held>);
 
@@ -282,7 +314,7 @@ fn open_path(path: &Path) -> Option<std::fs::File> {
 }
 
 impl Sticky {
-    /// Identities held open.
+    /// Identities followed.
     pub fn len(&self) -> usize {
         self.0.len()
     }
@@ -291,35 +323,46 @@ impl Sticky {
         self.0.is_empty()
     }
 
-    /// What the maps should hold for `fresh` (the rules just resolved): `fresh`, plus the
-    /// deny of every held identity that left its path but still has a link. Newly denied
-    /// identities in `fresh` are opened and held; those with no link left are let go.
-    pub fn apply(&mut self, fresh: &ExecEntries) -> ExecEntries {
+    /// What the maps should hold for `fresh` (the rules just resolved in the views `live`):
+    /// `fresh`, plus the deny of every followed identity that left its path but still has a
+    /// link (or whose container view is still live). Newly denied identities in `fresh` are
+    /// followed; those with no link left, or whose view is gone, are let go.
+    pub fn apply(&mut self, fresh: &ExecEntries, live: &[ViewKey]) -> ExecEntries {
         let mut out = fresh.clone();
-        for ((dir, key), path) in &fresh.origins {
+        for ((dir, key), origin) in &fresh.origins {
             let map = if *dir { &fresh.dirs } else { &fresh.files };
             let Some(v) = map.get(key) else { continue };
             if v.deny_rule == NONE || self.0.contains_key(&(*dir, *key)) {
                 continue;
             }
-            // Opened, then checked: the path may have moved on since it was statted.
-            if let Some(file) = open_path(path)
-                && identity_of_file(&file).is_ok_and(|(dev, ino, _)| (dev, ino) == *key)
-            {
-                let deny_rule = v.deny_rule;
-                self.0.insert((*dir, *key), Held { deny_rule, file });
-            }
+            let how = match origin {
+                // Opened, then checked: the path may have moved on since it was statted.
+                Origin::Path(path) => match open_path(path) {
+                    Some(file)
+                        if identity_of_file(&file)
+                            .is_ok_and(|(dev, ino, _)| (dev, ino) == *key) =>
+                    {
+                        Hold::File(file)
+                    }
+                    _ => continue,
+                },
+                Origin::View(view) => Hold::View(*view),
+            };
+            let deny_rule = v.deny_rule;
+            self.0.insert((*dir, *key), Held { deny_rule, how });
         }
         self.0.retain(|(dir, key), held| {
             let map = if *dir { &mut out.dirs } else { &mut out.files };
             if map.get(key).is_some_and(|v| v.deny_rule != NONE) {
                 return true;
             }
-            let linked = held
-                .file
-                .metadata()
-                .is_ok_and(|m| std::os::unix::fs::MetadataExt::nlink(&m) > 0);
-            if linked {
+            let keep = match &held.how {
+                Hold::File(file) => file
+                    .metadata()
+                    .is_ok_and(|m| std::os::unix::fs::MetadataExt::nlink(&m) > 0),
+                Hold::View(view) => live.contains(view),
+            };
+            if keep {
                 let e = map.entry(*key).or_insert(RuleValue {
                     allow_rule: NONE,
                     deny_rule: NONE,
@@ -332,7 +375,7 @@ impl Sticky {
                     },
                 );
             }
-            linked
+            keep
         });
         out
     }
@@ -384,15 +427,6 @@ mod tests {
         assert_eq!(skipped, vec![&missing, &bin]);
         std::fs::remove_dir_all(&dir)?;
         Ok(())
-    }
-
-    #[test]
-    fn mount_devs_are_read_from_mountinfo() {
-        let info = "36 35 98:0 /mnt1 /mnt/parent rw - ext3 /dev/root rw\n\
-                    41 1 0:41 / /var/lib/x rw - btrfs /dev/loop0 rw\n";
-        let m = parse_mount_devs(info);
-        assert_eq!(m.get(&36), Some(&kernel_dev(98, 0)));
-        assert_eq!(m.get(&41), Some(&kernel_dev(0, 41)));
     }
 
     #[test]
@@ -465,7 +499,7 @@ mod tests {
         std::fs::write(&other, b"2")?;
         let rules = [rule(0, Action::Deny, &[&bin, &other], &[])];
         let mut sticky = Sticky::default();
-        let first = sticky.apply(&resolve(&rules));
+        let first = sticky.apply(&resolve(&rules), &[]);
         assert_eq!(sticky.len(), 2, "both denied identities held");
         let (bdev, bino, _) = identity(&bin)?;
         let (odev, oino, _) = identity(&other)?;
@@ -480,7 +514,7 @@ mod tests {
             !fresh.files.contains_key(&(bdev, bino)),
             "no path leads to it"
         );
-        let next = sticky.apply(&fresh);
+        let next = sticky.apply(&fresh, &[]);
         let deny = RuleValue {
             allow_rule: NONE,
             deny_rule: 0,
@@ -506,7 +540,7 @@ mod tests {
 
         // Removing the moved file's last link lets it go as well.
         std::fs::remove_file(dir.join("moved"))?;
-        let last = sticky.apply(&resolve(&rules));
+        let last = sticky.apply(&resolve(&rules), &[]);
         assert!(!last.files.contains_key(&(bdev, bino)));
         assert_eq!(sticky.len(), 1);
         std::fs::remove_dir_all(&dir)?;

@@ -291,7 +291,11 @@ impl PolicyMaps {
             if policy.allows_vsock() {
                 flags |= agent_common::POLICY_F_VSOCK;
             }
-            self.exec.write(policy_key(new, slot), &policy.exec)?;
+            let views = self
+                .exec
+                .views_for(|identity| set.policy_for(identity) == Some(slot));
+            self.exec
+                .write(policy_key(new, slot), &policy.exec, views)?;
             self.write_unix(policy_key(new, slot), &policy.unix)?;
             self.write_policy(policy_key(new, slot), policy, set.revision, flags)?;
         }
