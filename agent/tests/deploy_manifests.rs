@@ -255,6 +255,32 @@ fn chart_renders_with_default_values() -> anyhow::Result<()> {
     let ds = get(&objs, "DaemonSet/corral-agent");
     check_agent(ds, &[]);
     check_rbac(get(&objs, "ClusterRole/corral-agent"), true);
+    // The OCI hook is installed on the node by an init container, with no capabilities.
+    let init = &ds["spec"]["template"]["spec"]["initContainers"][0];
+    assert_eq!(
+        strs(&init["command"]),
+        [
+            "/usr/local/bin/corral",
+            "install-oci-hook",
+            "--root",
+            "/host"
+        ]
+    );
+    assert_eq!(
+        strs(&init["securityContext"]["capabilities"]["drop"]),
+        ["ALL"]
+    );
+    assert_eq!(init["securityContext"]["capabilities"].get("add"), None);
+    let hook_mounts: Vec<&str> = init["volumeMounts"]
+        .as_array()
+        .expect("mounts")
+        .iter()
+        .filter_map(|m| m["mountPath"].as_str())
+        .collect();
+    assert_eq!(
+        hook_mounts,
+        ["/host/opt/corral/bin", "/host/etc/containers/oci/hooks.d"]
+    );
     check_server(get(&objs, "Deployment/corral-server"));
     let spec = &ds["spec"]["template"]["spec"];
     let c = &spec["containers"][0];
@@ -319,6 +345,7 @@ agent:
   resources: { limits: { cpu: "1", memory: 1Gi } }
 server:
   enabled: false
+ociHook: { install: false }
 "#,
     )?;
     let mut ids: Vec<&str> = objs.iter().map(|o| o.0.as_str()).collect();
@@ -369,6 +396,8 @@ server:
         json!({"limits": {"cpu": "1", "memory": "1Gi"}, "requests": {"cpu": "50m", "memory": "64Mi"}})
     );
     assert_eq!(spec["volumes"][5]["configMap"]["name"], "edge-policy");
+    assert_eq!(spec.get("initContainers"), None, "ociHook.install: false");
+    assert_eq!(spec["volumes"].as_array().map(Vec::len), Some(6));
 
     // Managed, with an external server and TLS Secrets of its own, and the server's storage.
     let objs = render(
@@ -379,6 +408,7 @@ server:
 agent: { server: "https://policy.example.org:7443" }
 tls: { agentSecret: node-certs, serverSecret: policy-certs }
 server: { storage: { storageClassName: fast, size: 5Gi }, listenPort: 9443 }
+ociHook: { failOpen: true }
 "#,
     )?;
     let spec = &get(&objs, "DaemonSet/corral-agent")["spec"]["template"]["spec"];
@@ -392,6 +422,10 @@ server: { storage: { storageClassName: fast, size: 5Gi }, listenPort: 9443 }
         Some(&json!("/etc/corral/tls/ca.crt"))
     );
     assert_eq!(spec["volumes"][5]["secret"]["secretName"], "node-certs");
+    assert_eq!(
+        strs(&spec["initContainers"][0]["command"]).last(),
+        Some(&"--fail-open")
+    );
     let pvc = get(&objs, "PersistentVolumeClaim/corral-server-data");
     assert_eq!(pvc["spec"]["storageClassName"], "fast");
     assert_eq!(pvc["spec"]["resources"]["requests"]["storage"], "5Gi");

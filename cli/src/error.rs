@@ -167,6 +167,13 @@ pub enum CliError {
         source: std::io::Error,
     },
 
+    /// `corral install-oci-hook`: a file could not be written on the node.
+    #[error("cannot install {}: {source}", .path.display())]
+    Install {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
     /// Any other bad argument (e.g. a `--connect` address): the message says what to write.
     #[error("{message}")]
     Usage { message: String },

@@ -27,6 +27,8 @@
 //! - `status`: `corral status`: what the local agent enforces.
 //! - `oci_hook`: `corral oci-hook` (`corral-oci-hook`): the OCI runtime hook that enrols an
 //!   annotated container before it starts.
+//! - `hook_install`: `corral install-oci-hook`: puts the hook and its CRI-O/Podman config on a
+//!   node (the DaemonSet's init container).
 //!
 //! Every command is an `async fn` returning `Result<ExitCode, CliError>`; `exec::block_on`
 //! prints an error as `corral run: `, `corral events: ` or `corral status: ` and the message,
@@ -40,6 +42,7 @@ mod events;
 mod exec;
 mod fleet;
 mod grant;
+mod hook_install;
 mod oci_hook;
 mod policy;
 mod run;
@@ -75,6 +78,9 @@ enum Command {
     /// OCI runtime hook (createRuntime): enrol an annotated container before its first
     /// instruction; reads the OCI state on stdin. Also runs as `corral-oci-hook`.
     OciHook(oci_hook::Args),
+    /// Install the OCI hook on this node: `corral` and the `corral-oci-hook` link in
+    /// --bin-dir, the CRI-O/Podman hook config in --hooks-dir (idempotent).
+    InstallOciHook(hook_install::Args),
 }
 
 fn main() -> ExitCode {
@@ -95,5 +101,8 @@ fn main() -> ExitCode {
         Command::Events(a) => exec::block_on("corral events: ", events::run(&a)),
         Command::Status(a) => exec::block_on("corral status: ", status::run(&a)),
         Command::OciHook(a) => exec::block_on("corral oci-hook: ", oci_hook::run(&a)),
+        Command::InstallOciHook(a) => {
+            exec::block_on("corral install-oci-hook: ", hook_install::run(&a))
+        }
     }
 }

@@ -207,14 +207,26 @@ fn bundle<'a>(
         },
     });
     if let Some(extra) = o.hook {
-        let mut args = vec![
-            "corral-oci-hook".to_owned(),
-            "--socket".to_owned(),
-            spec.socket.display().to_string(),
-        ];
+        // The hook as `corral install-oci-hook` put it on the "node" (see `setup`), run as
+        // CRI-O would from its hooks.d config: that path, those args.
+        let node = spec.dir.join("node");
+        let cfg: Value = serde_json::from_slice(&std::fs::read(
+            node.join("etc/containers/oci/hooks.d/corral.json"),
+        )?)?;
+        let path = cfg["hook"]["path"].as_str().context("hook path")?;
+        let mut args: Vec<String> = cfg["hook"]["args"]
+            .as_array()
+            .context("hook args")?
+            .iter()
+            .filter_map(|a| a.as_str().map(str::to_owned))
+            .collect();
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         config["hooks"] = json!({
-            "createRuntime": [{"path": bin("corral")?, "args": args, "timeout": 20}],
+            "createRuntime": [{
+                "path": node.join(path.trim_start_matches('/')),
+                "args": args,
+                "timeout": 20,
+            }],
         });
     }
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
@@ -272,6 +284,15 @@ fn setup(name: &str) -> anyhow::Result<Option<(Spec, PathBuf)>> {
         return Ok(None);
     };
     spec.write_policy(&policy(ALLOWED, DENIED)?)?;
+    // The hook installed as the DaemonSet's init container installs it, under a test root.
+    let out = Command::new(bin("corral")?)
+        .arg("install-oci-hook")
+        .arg("--root")
+        .arg(spec.dir.join("node"))
+        .arg("--socket")
+        .arg(&spec.socket)
+        .output()?;
+    ensure!(out.status.success(), "install-oci-hook: {}", text(&out));
     Ok(Some((spec, crun)))
 }
 
