@@ -3,8 +3,8 @@
 //! the host's directories mounted under `--root`):
 //! - this binary as `BIN_DIR/corral` (copied from `/proc/self/exe`, then renamed into place),
 //!   with `BIN_DIR/corral-oci-hook` a symlink to it;
-//! - `HOOKS_DIR/corral.json`, the hook config CRI-O and Podman read (`createRuntime`, only for
-//!   containers annotated `corral.dev/identity`).
+//! - `HOOKS_DIR/corral.json`, the hook config CRI-O and Podman read (`createRuntime`, every
+//!   container: see `oci_hook` for what it does with those that did not opt in).
 //!
 //! Idempotent: files already as they should be are left alone, so a restarted init container
 //! changes nothing (and never replaces the binary while a runtime may be running it: a copy
@@ -57,7 +57,9 @@ pub fn hook_config(bin_dir: &Path, socket: &Path, fail_open: bool) -> serde_json
             "args": args,
             "timeout": 10,
         },
-        "when": { "annotations": { "^corral\\.dev/identity$": ".+" } },
+        // Every container: one that did not opt in may still join an enrolled pod (its exec
+        // rules are then resolved in its files); the hook never stops those.
+        "when": { "always": true },
         "stages": ["createRuntime"],
     })
 }
@@ -185,6 +187,26 @@ mod tests {
         let upgraded = install(&a, b"binary v2")?;
         assert_eq!(upgraded.changed, vec![bin.clone()]);
         let _ = std::fs::remove_dir_all(&root);
+        Ok(())
+    }
+
+    #[test]
+    fn the_shipped_hook_config_is_what_the_installer_writes() -> Result<(), CliError> {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/oci-hooks/corral.json");
+        let text = std::fs::read(&shipped).map_err(io(&shipped))?;
+        let shipped: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|e| CliError::Install {
+                path: "corral.json".into(),
+                source: std::io::Error::other(e),
+            })?;
+        assert_eq!(
+            shipped,
+            hook_config(
+                Path::new("/opt/corral/bin"),
+                Path::new("/run/corral/agent.sock"),
+                false
+            )
+        );
         Ok(())
     }
 

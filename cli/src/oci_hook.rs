@@ -3,8 +3,10 @@
 //! container's state on stdin while the container's init process waits for `start`, so the
 //! container is enrolled before its first instruction.
 //!
-//! - A container without the `corral.dev/identity` annotation is not touched (the agent is
-//!   not asked; exit 0).
+//! - A container without the `corral.dev/identity` annotation: the agent is asked (for at most
+//!   two seconds) whether its cgroup is inside a principal already (a pod enrolled by its
+//!   sandbox's hook or by the pod watch); if so it is recorded as that principal's, so its
+//!   exec rules are resolved in its files. Exit 0 whatever the answer, agent down included.
 //! - An opted-in container: the agent enrols its cgroup (the pod's on Kubernetes) and answers
 //!   once the kernel maps hold it; exit 0. Any refusal (a bad identity, no such process): exit
 //!   1, and the runtime does not start the container.
@@ -81,6 +83,9 @@ fn state(text: &str) -> Result<State, CliError> {
     Ok(s)
 }
 
+/// How long a container that did not opt in waits for the agent's answer.
+const JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub async fn run(a: &Args) -> Result<ExitCode, CliError> {
     let mut text = String::new();
     std::io::stdin()
@@ -89,7 +94,45 @@ pub async fn run(a: &Args) -> Result<ExitCode, CliError> {
             reason: e.to_string(),
         })?;
     let s = state(&text)?;
+    let rootfs = match &s.bundle {
+        Some(b) if b.is_absolute() => rootfs(b)?.display().to_string(),
+        _ => String::new(),
+    };
+    let request = |pid: u32| pb::EnrollContainerRequest {
+        container_id: s.id.clone(),
+        pid,
+        annotations: s.annotations.clone(),
+        rootfs: rootfs.clone(),
+    };
     let Some(identity) = s.annotations.get(IDENTITY_ANNOTATION).cloned() else {
+        // Not opted in: the agent is only asked whether the container is inside a principal
+        // already (a pod enrolled by its sandbox's hook or the pod watch), so its exec rules
+        // are resolved in its files. This never stops a container.
+        if let Some(pid) = s.pid.filter(|p| *p > 0) {
+            let asked = tokio::time::timeout(JOIN_TIMEOUT, async {
+                let mut c = client::connect(&a.socket.socket).await?;
+                c.enroll_container(request(pid))
+                    .await
+                    .map_err(CliError::agent)
+            })
+            .await;
+            match asked {
+                Ok(Ok(r)) if r.get_ref().enrolled => eprintln!(
+                    "corral oci-hook: container {} joins principal {}",
+                    s.id,
+                    r.get_ref()
+                        .principal
+                        .as_ref()
+                        .map_or("", |p| p.identity.as_str())
+                ),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => eprintln!("corral oci-hook: container {} not checked: {e}", s.id),
+                Err(_) => eprintln!(
+                    "corral oci-hook: container {} not checked: no answer in {JOIN_TIMEOUT:?}",
+                    s.id
+                ),
+            }
+        }
         return Ok(ExitCode::SUCCESS);
     };
     let pid = s.pid.filter(|p| *p > 0).ok_or_else(|| CliError::OciState {
@@ -98,20 +141,11 @@ pub async fn run(a: &Args) -> Result<ExitCode, CliError> {
             s.id
         ),
     })?;
-    let rootfs = match &s.bundle {
-        Some(b) if b.is_absolute() => rootfs(b)?.display().to_string(),
-        _ => String::new(),
-    };
     let enrolled = async {
         let mut c = client::connect(&a.socket.socket).await?;
-        c.enroll_container(pb::EnrollContainerRequest {
-            container_id: s.id.clone(),
-            pid,
-            annotations: s.annotations.clone(),
-            rootfs,
-        })
-        .await
-        .map_err(CliError::agent)
+        c.enroll_container(request(pid))
+            .await
+            .map_err(CliError::agent)
     }
     .await;
     match enrolled {

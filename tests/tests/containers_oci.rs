@@ -93,6 +93,9 @@ struct Opts<'a> {
     /// `Some(volume)`: a root filesystem of its own ([`own_rootfs`]) with the host directory
     /// `volume` bind mounted at `/opt/vol`, instead of the host's binaries.
     own_root: Option<&'a Path>,
+    /// `Some(uid)`: the container's cgroup is `pod<uid>/<name>`, as the kubelet lays out a
+    /// pod's containers.
+    pod: Option<&'a str>,
 }
 
 /// The static busybox (`busybox-static`, installed by `.ci/run`), copied in as the
@@ -202,7 +205,10 @@ fn bundle<'a>(
         "mounts": mounts,
         "annotations": annotations,
         "linux": {
-            "cgroupsPath": format!("{}/{name}", cgroup_parent(spec)?),
+            "cgroupsPath": match o.pod {
+                Some(uid) => format!("{}/pod{uid}/{name}", cgroup_parent(spec)?),
+                None => format!("{}/{name}", cgroup_parent(spec)?),
+            },
             "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}],
         },
     });
@@ -321,6 +327,7 @@ fn an_annotated_container_is_policed_from_its_first_instruction_and_others_are_u
             hook: Some(&[]),
             args: probe_args(&ops)?,
             own_root: None,
+            pod: None,
         },
     )?;
     let out = c.run()?;
@@ -362,6 +369,7 @@ fn an_annotated_container_is_policed_from_its_first_instruction_and_others_are_u
             hook: Some(&[]),
             args: probe_args(&ops)?,
             own_root: None,
+            pod: None,
         },
     )?;
     let out = plain.run()?;
@@ -379,6 +387,7 @@ fn an_annotated_container_is_policed_from_its_first_instruction_and_others_are_u
             hook: Some(&[]),
             args: probe_args(&ops)?,
             own_root: None,
+            pod: None,
         },
     )?;
     let out = bad.run()?;
@@ -410,6 +419,7 @@ fn with_the_agent_down_an_annotated_container_does_not_start_unless_fail_open() 
             hook: Some(&[]),
             args: probe_args(&ops)?,
             own_root: None,
+            pod: None,
         },
     )?;
     let out = closed.run()?;
@@ -434,6 +444,7 @@ fn with_the_agent_down_an_annotated_container_does_not_start_unless_fail_open() 
             hook: Some(&["--fail-open"]),
             args: probe_args(&ops)?,
             own_root: None,
+            pod: None,
         },
     )?;
     let out = open.run()?;
@@ -520,6 +531,7 @@ fn exec_rules_are_decided_on_the_containers_own_files() -> anyhow::Result<()> {
             hook: Some(&[]),
             args: vec!["/bin/sh".into(), "-c".into(), script.into()],
             own_root: Some(&spec.dir.join("volume")),
+            pod: None,
         },
     )?;
     let out = c.run()?;
@@ -564,6 +576,7 @@ fn exec_rules_are_decided_on_the_containers_own_files() -> anyhow::Result<()> {
             hook: None,
             args: vec!["/bin/sh".into(), "-c".into(), script.into()],
             own_root: Some(&spec.dir.join("volume")),
+            pod: None,
         },
     )?;
     let out = plain.run()?;
@@ -607,6 +620,7 @@ fn a_restarted_agent_still_resolves_a_running_containers_rules_in_its_files() ->
                     .into(),
             ],
             own_root: Some(&volume),
+            pod: None,
         },
     )?;
     let fifo = volume.join("go");
@@ -655,5 +669,92 @@ fn a_restarted_agent_still_resolves_a_running_containers_rules_in_its_files() ->
         "{st}\n{}",
         second.log_text()
     );
+    Ok(())
+}
+
+#[test]
+fn a_container_that_did_not_opt_in_joins_its_enrolled_pod_and_its_files_count() -> anyhow::Result<()>
+{
+    let Some((spec, crun)) = setup("oci-join")? else {
+        return Ok(());
+    };
+    if busybox().is_none() {
+        return Ok(());
+    }
+    spec.write_policy(&container_exec_policy()?)?;
+    let agent = Agent::start(&spec, true, &[])?;
+    let uid = format!("{}-5e1f", std::process::id());
+    let volume = spec.dir.join("volume");
+    // The pod's sandbox carries the identity (and the pod uid, as CRI runtimes pass it): its
+    // hook enrols the pod's cgroup. It waits on a fifo, as a pause container would sleep.
+    let sandbox = bundle(
+        &spec,
+        &crun,
+        "sandbox",
+        &Opts {
+            annotations: &[
+                ("corral.dev/identity", ID),
+                ("io.kubernetes.cri.sandbox-uid", &uid),
+            ],
+            hook: Some(&[]),
+            args: vec!["/bin/sh".into(), "-c".into(), "read x < /opt/vol/go".into()],
+            own_root: Some(&volume),
+            pod: Some(&uid),
+        },
+    )?;
+    let fifo = volume.join("go");
+    ensure!(
+        Command::new("mkfifo").arg(&fifo).status()?.success(),
+        "mkfifo"
+    );
+    let mut pause = Command::new(&crun)
+        .arg("--root")
+        .arg(&sandbox.state)
+        .args(["run", "--bundle"])
+        .arg(&sandbox.bundle)
+        .arg(&sandbox.id)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("runc run the sandbox")?;
+    corral_tests::e2e::wait_for(10, "the sandbox to be enrolled", || {
+        Ok((status(&spec)?["containers_enrolled"] == 1).then_some(()))
+    })?;
+    // The app container has no annotation: its hook asks, and it joins the pod's principal.
+    let script = "/bin/echo allowed-ran; /bin/uname; echo uname=$?";
+    let app = bundle(
+        &spec,
+        &crun,
+        "app",
+        &Opts {
+            annotations: &[],
+            hook: Some(&[]),
+            args: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            own_root: Some(&volume),
+            pod: Some(&uid),
+        },
+    )?;
+    let out = app.run()?;
+    // Release the sandbox.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fifo)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"x\n"))?;
+    let _ = pause.wait();
+    ensure!(
+        out.status.success(),
+        "runc run: {}\n{}",
+        text(&out),
+        agent.log_text()
+    );
+    assert_eq!(lines(&out), ["allowed-ran", "uname=137"], "{}", text(&out));
+    let evs = events(&spec, &["--identity", ID])?;
+    let joined: Vec<&Value> = evs
+        .iter()
+        .filter(|e| e["kind"] == "container" && e["container"]["action"] == "joined")
+        .collect();
+    assert_eq!(joined.len(), 1, "{evs:#?}");
+    assert_eq!(joined[0]["container"]["id"], app.id.as_str());
+    assert_eq!(joined[0]["principal"]["session"], uid.as_str());
     Ok(())
 }

@@ -210,6 +210,73 @@ impl Api {
         Ok(rec)
     }
 
+    /// A container without `corral.dev/identity` whose cgroup is inside a principal already
+    /// (a pod enrolled by its sandbox's hook or by the pod watch): it is that principal's, and
+    /// its files are where the principal's exec rules are resolved for it. Anywhere else it is
+    /// not Corral's (`enrolled: false`).
+    fn join_container(
+        &self,
+        r: &pb::EnrollContainerRequest,
+    ) -> Result<pb::EnrollContainerResponse, ApiError> {
+        let pid = i32::try_from(r.pid).unwrap_or(-1);
+        let root = &self.shared.resolved.cgroup_root;
+        let Ok(cgroup) = containers::cgroup_to_enrol(root, pid, None) else {
+            return Ok(pb::EnrollContainerResponse::default());
+        };
+        let Some(rec) = self.shared.registry.principal_containing(&cgroup) else {
+            return Ok(pb::EnrollContainerResponse::default());
+        };
+        self.record_container(r, &rec, "joined")
+    }
+
+    /// The last steps of a container's enrolment (`action`: `enrolled`, `joined`): its view
+    /// recorded and the exec rules of its principal resolved in it, before it may start;
+    /// counted and published.
+    fn record_container(
+        &self,
+        r: &pb::EnrollContainerRequest,
+        rec: &super::registry::PrincipalRecord,
+        action: &str,
+    ) -> Result<pb::EnrollContainerResponse, ApiError> {
+        let pid = i32::try_from(r.pid).unwrap_or(-1);
+        let rootfs = (!r.rootfs.is_empty()).then(|| std::path::PathBuf::from(&r.rootfs));
+        self.shared
+            .container_views
+            .record(
+                &r.container_id,
+                &rec.identity,
+                &rec.cgroup,
+                pid,
+                rootfs.as_deref(),
+            )
+            .map_err(|e| ContainerError::Files {
+                pid,
+                reason: e.to_string(),
+            })?;
+        self.shared.resolve_container_exec_rules(&rec.identity)?;
+        self.shared
+            .containers
+            .enrolled
+            .fetch_add(1, Ordering::Relaxed);
+        info!(identity = %rec.identity, session = %rec.session, cgroup = %rec.cgroup.display(), action, "container enrolled by its OCI hook");
+        self.shared.publish_container(
+            pb::ContainerChange {
+                container_id: r.container_id.clone(),
+                action: action.into(),
+                pid: r.pid,
+                cgroup_path: rec.cgroup.display().to_string(),
+                reason: String::new(),
+            },
+            Some(rec.to_pb()),
+            crate::clock::unix_now_ns(),
+        );
+        Ok(pb::EnrollContainerResponse {
+            enrolled: true,
+            principal: Some(rec.to_pb()),
+            cgroup_path: rec.cgroup.display().to_string(),
+        })
+    }
+
     /// A state-changing call: the caller must be root or in the enrol group, and must not
     /// run inside a principal.
     fn authorize_change(&self, p: &Peer) -> Result<(), ApiError> {
@@ -320,7 +387,10 @@ impl AgentService for Api {
         let Some(who) = containers::who(&r.container_id, &r.annotations, mapping.as_ref())
             .map_err(ApiError::from)?
         else {
-            return Ok(Response::new(pb::EnrollContainerResponse::default()));
+            return self
+                .join_container(&r)
+                .map(Response::new)
+                .map_err(Into::into);
         };
         let pid = i32::try_from(r.pid).unwrap_or(-1);
         let root = &resolved.cgroup_root;
@@ -340,40 +410,7 @@ impl AgentService for Api {
         let rec = self.enroll_under_policy(&who.identity, |registry, slot, maps| {
             registry.enroll_cgroup(&who.identity, &who.session, &cgroup, slot, maps)
         })?;
-        // Its exec rules resolved in its own files before it starts.
-        let rootfs = (!r.rootfs.is_empty()).then(|| std::path::PathBuf::from(&r.rootfs));
-        self.shared
-            .container_views
-            .record(&who.identity, &cgroup, pid, rootfs.as_deref())
-            .map_err(|e| ContainerError::Files {
-                pid,
-                reason: e.to_string(),
-            })
-            .map_err(ApiError::from)?;
-        self.shared
-            .resolve_container_exec_rules(&who.identity)
-            .map_err(ApiError::from)?;
-        self.shared
-            .containers
-            .enrolled
-            .fetch_add(1, Ordering::Relaxed);
-        info!(identity = %rec.identity, session = %rec.session, cgroup = %cgroup.display(), "container enrolled by its OCI hook");
-        self.shared.publish_container(
-            pb::ContainerChange {
-                container_id: r.container_id,
-                action: "enrolled".into(),
-                pid: r.pid,
-                cgroup_path: cgroup.display().to_string(),
-                reason: String::new(),
-            },
-            Some(rec.to_pb()),
-            crate::clock::unix_now_ns(),
-        );
-        Ok(Response::new(pb::EnrollContainerResponse {
-            enrolled: true,
-            principal: Some(rec.to_pb()),
-            cgroup_path: cgroup.display().to_string(),
-        }))
+        Ok(Response::new(self.record_container(&r, &rec, "enrolled")?))
     }
 
     type WatchEventsStream = EventStream;

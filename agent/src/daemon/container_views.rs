@@ -27,6 +27,9 @@ use crate::ebpf::exec::{View, ViewKey};
 /// One recorded view.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Entry {
+    /// The runtime's id of the container.
+    #[serde(default)]
+    container_id: String,
     identity: String,
     /// The cgroup enrolled for the container (the pod's on Kubernetes): where its processes
     /// are looked for.
@@ -120,6 +123,7 @@ impl ContainerViews {
     /// not a directory there (a runtime that runs the hook after the pivot).
     pub fn record(
         &self,
+        container_id: &str,
         identity: &str,
         cgroup: &Path,
         pid: i32,
@@ -133,13 +137,12 @@ impl ContainerViews {
             },
             None => (View::of_process(pid, root)?, root.to_path_buf()),
         };
-        if view.key == View::agent()?.key {
-            // The container shares the agent's namespace and root: nothing to add.
-            return Ok(view);
-        }
+        // (A container sharing the agent's namespace and root is recorded too, for its id:
+        // its view adds nothing, `ExecMaps::views_for` leaves it out.)
         let mut entries = self.entries();
-        entries.retain(|e| !(e.identity == identity && e.key == view.key));
+        entries.retain(|e| e.container_id != container_id);
         entries.push(Entry {
+            container_id: container_id.to_owned(),
             identity: identity.to_owned(),
             cgroup: cgroup.to_path_buf(),
             key: view.key,
@@ -170,6 +173,14 @@ impl ContainerViews {
             self.store(&entries);
         }
         out
+    }
+
+    /// The ids of the running containers the hook recorded.
+    pub fn container_ids(&self) -> std::collections::HashSet<String> {
+        self.entries()
+            .iter()
+            .map(|e| e.container_id.clone())
+            .collect()
     }
 
     pub fn len(&self) -> usize {

@@ -353,6 +353,15 @@ impl Registry {
                 .any(|e| cgroup.starts_with(&e.rec.cgroup))
     }
 
+    /// The principal whose cgroup is `cgroup` or its nearest ancestor.
+    pub fn principal_containing(&self, cgroup: &Path) -> Option<Arc<PrincipalRecord>> {
+        self.lock()
+            .values()
+            .filter(|e| cgroup.starts_with(&e.rec.cgroup))
+            .max_by_key(|e| e.rec.cgroup.components().count())
+            .map(|e| e.rec.clone())
+    }
+
     /// Enrols (identity, session) governed by policy slot `slot`, or returns the existing
     /// principal of that pair. Its cgroup is created; the caller joins it.
     pub fn enroll(

@@ -238,3 +238,25 @@ fn principal(
 #[cfg(test)]
 #[path = "pods_tests.rs"]
 mod tests;
+
+/// The runtime ids of the pod's running containers (init, regular and ephemeral), from
+/// `status.*containerStatuses[].containerID` (`containerd://<id>`, `cri-o://<id>`): the ids
+/// the runtime gave its OCI hook as the container id.
+pub fn running_container_ids(pod: &Pod) -> Vec<String> {
+    let Some(status) = &pod.status else {
+        return Vec::new();
+    };
+    let all = [
+        &status.init_container_statuses,
+        &status.container_statuses,
+        &status.ephemeral_container_statuses,
+    ];
+    all.into_iter()
+        .flatten()
+        .flatten()
+        .filter(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+        .filter_map(|c| c.container_id.as_deref())
+        .map(|id| id.split_once("://").map_or(id, |(_, id)| id).to_owned())
+        .filter(|id| !id.is_empty())
+        .collect()
+}

@@ -241,3 +241,27 @@ fn missing_or_bad_metadata_is_reported_not_skipped() {
     p.status = None;
     assert!(matches!(map_pod(&cfg(), &p, None), PodDecision::Enrol(e) if e.qos.is_none()));
 }
+
+#[test]
+fn running_container_ids_drop_the_runtime_prefix_and_skip_the_rest() {
+    let p: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "p", "namespace": "n", "uid": "u"},
+        "status": {
+            "initContainerStatuses": [{"name": "i", "image": "x", "imageID": "", "ready": false,
+                "restartCount": 0, "containerID": "containerd://init1",
+                "state": {"terminated": {"exitCode": 0}}}],
+            "containerStatuses": [
+                {"name": "a", "image": "x", "imageID": "", "ready": true, "restartCount": 0,
+                 "containerID": "cri-o://abc", "state": {"running": {}}},
+                {"name": "b", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+                 "state": {"waiting": {"reason": "ContainerCreating"}}}
+            ],
+            "ephemeralContainerStatuses": [{"name": "e", "image": "x", "imageID": "",
+                "ready": false, "restartCount": 0, "containerID": "containerd://eph",
+                "state": {"running": {}}}]
+        }
+    }))
+    .expect("pod");
+    assert_eq!(running_container_ids(&p), ["abc", "eph"]);
+    assert!(running_container_ids(&pod(SA)).is_empty());
+}
