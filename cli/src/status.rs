@@ -70,6 +70,7 @@ fn to_json(s: &pb::AgentStatus) -> serde_json::Value {
         "events_suppressed": s.events_suppressed,
         "containers_enrolled": s.containers_enrolled,
         "containers_failed_open": s.containers_failed_open,
+        "containers_missed": s.containers_missed,
         "server_state": s.server_state,
     })
 }
@@ -104,7 +105,7 @@ fn human(s: &pb::AgentStatus) -> String {
         "events:      {} delivered, {} dropped in kernel, {} dropped for slow subscribers\n",
         s.events_delivered, s.events_dropped_kernel, s.events_dropped_subscribers
     ));
-    if s.containers_enrolled != 0 || s.containers_failed_open != 0 {
+    if s.containers_enrolled != 0 || s.containers_failed_open != 0 || s.containers_missed != 0 {
         out.push_str(&format!(
             "containers:  {} enrolled by the OCI hook",
             s.containers_enrolled
@@ -113,6 +114,12 @@ fn human(s: &pb::AgentStatus) -> String {
             out.push_str(&format!(
                 ", {} STARTED UNPOLICED (hook --fail-open, agent unreachable)",
                 s.containers_failed_open
+            ));
+        }
+        if s.containers_missed != 0 {
+            out.push_str(&format!(
+                ", {} MISSED by the hook (policed only once the pod watch enrolled the pod)",
+                s.containers_missed
             ));
         }
         out.push('\n');

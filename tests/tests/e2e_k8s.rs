@@ -8,7 +8,8 @@
 //! as an external principal, kernel enforcement for a process in a container cgroup created
 //! after enrolment, namespace-label opt-in arriving by watch, and removal on pod deletion; an
 //! opted-in pod without a cgroup reported as not enrolled (status, CLI, metrics) until it is
-//! enrolled or deleted; a SIGTERM while the API server withholds the first list.
+//! enrolled or deleted; a running container of an enrolled pod that no OCI hook enrolled,
+//! reported as missed; a SIGTERM while the API server withholds the first list.
 //! What it does not: a real API server, kubelet or container runtime.
 
 mod k8s_util;
@@ -457,6 +458,40 @@ fn pods_on_the_node_are_enrolled_policed_and_removed() -> anyhow::Result<()> {
     assert_eq!(
         probe_in(&pod_cgroup(&labelled), &ops[1..])?,
         [corral_tests::Outcome::Errno("EPERM".into())]
+    );
+
+    // A container of the enrolled pod is running, and no OCI hook enrolled it (none runs
+    // here): reported once as missed (status, metrics, a `container` event), however often
+    // the pod is seen again.
+    let mut running = pod("research", "agents", &research, enforce());
+    running["metadata"]["resourceVersion"] = json!("100");
+    running["status"]["containerStatuses"] = json!([{
+        "name": "c", "image": "example", "imageID": "", "ready": true, "restartCount": 0,
+        "containerID": "containerd://0123abcd", "state": {"running": {}},
+    }]);
+    for _ in 0..2 {
+        api.push(
+            &api.pods,
+            json!({"type": "MODIFIED", "object": running.clone()}),
+        );
+    }
+    wait_until(10, "the missed container reported", || {
+        Ok(status_json(&spec)?["containers_missed"] == 1)
+    })
+    .with_context(|| agent.log())?;
+    let out = corral(&spec, &["events", "--json"])?;
+    let missed: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["kind"] == "container" && e["container"]["action"] == "missed")
+        .collect();
+    assert_eq!(missed.len(), 1, "{missed:#?}");
+    assert_eq!(missed[0]["container"]["id"], "0123abcd");
+    assert_eq!(missed[0]["principal"]["identity"], research_id.0.as_str());
+    assert!(
+        metrics(&agent)?.contains("corral_containers_missed_total 1"),
+        "{}",
+        metrics(&agent)?
     );
 
     // The pod is deleted: its principal goes, and its cgroup is no longer policed.

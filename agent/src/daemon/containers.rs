@@ -51,6 +51,8 @@ pub enum ContainerError {
 pub struct Tally {
     pub enrolled: std::sync::atomic::AtomicU64,
     pub failed_open: std::sync::atomic::AtomicU64,
+    /// Running containers of enrolled pods no hook enrolled (reported by the pod watch).
+    pub missed: std::sync::atomic::AtomicU64,
 }
 
 /// Who a container is.

@@ -152,6 +152,8 @@ struct Watch {
     /// Last seen state of every pod on this node, by UID.
     pods: BTreeMap<String, Pod>,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// Containers reported as missed by the OCI hook, by pod UID (each reported once).
+    missed: BTreeMap<String, std::collections::BTreeSet<String>>,
 }
 
 impl Watch {
@@ -188,6 +190,54 @@ impl Watch {
         );
     }
 
+    /// The running containers of an enrolled pod that no OCI hook enrolled (their ids are not
+    /// among those the hook recorded): they ran before the pod was enrolled, and their exec
+    /// rules are resolved in the agent's view only. Counted, logged and published once each.
+    fn report_missed(&mut self, pod: &Pod) {
+        let Some(uid) = pod.metadata.uid.as_deref() else {
+            return;
+        };
+        let Some(enrolled) = self.tracker.enrolled().get(uid) else {
+            return;
+        };
+        let running = crate::k8s::pods::running_container_ids(pod);
+        if running.is_empty() {
+            return;
+        }
+        let hooked = self.shared.container_views.container_ids();
+        let principal = self
+            .shared
+            .registry
+            .principal_containing(&enrolled.cgroup)
+            .map(|r| r.to_pb());
+        let seen = self.missed.entry(uid.to_owned()).or_default();
+        for id in running {
+            if hooked.contains(&id) || !seen.insert(id.clone()) {
+                continue;
+            }
+            self.shared
+                .containers
+                .missed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            warn!(namespace = %enrolled.principal.namespace, pod = %enrolled.principal.name, container = %id, "a container of an enrolled pod was not enrolled by the OCI hook: it ran unpoliced until the pod watch enrolled the pod");
+            self.shared.publish_container(
+                corral_proto::v1::ContainerChange {
+                    container_id: id,
+                    action: "missed".into(),
+                    pid: 0,
+                    cgroup_path: enrolled.cgroup.display().to_string(),
+                    reason: "no OCI hook enrolled it (hook not installed, agent down with \
+                             --fail-open, or the runtime passed no corral.dev/identity to the \
+                             pod's sandbox): policed from the pod watch's enrolment on, exec \
+                             rules resolved in the agent's view"
+                        .into(),
+                },
+                principal.clone(),
+                crate::clock::unix_now_ns(),
+            );
+        }
+    }
+
     fn remove(&self, gone: Enrolled) {
         let mut enf = self.shared.enforcer();
         self.shared.registry.remove_cgroup(&gone.cgroup, enf.maps());
@@ -196,6 +246,7 @@ impl Watch {
 
     fn pod_seen(&mut self, pod: Pod) {
         self.apply(&pod);
+        self.report_missed(&pod);
         if let Some(uid) = pod.metadata.uid.clone() {
             self.pods.insert(uid, pod);
         }
@@ -204,6 +255,7 @@ impl Watch {
     fn pod_deleted(&mut self, pod: &Pod) {
         if let Some(uid) = &pod.metadata.uid {
             self.pods.remove(uid);
+            self.missed.remove(uid);
         }
         if let Some(gone) = self.tracker.delete(pod) {
             self.remove(gone);
@@ -216,6 +268,11 @@ impl Watch {
             self.remove(gone);
         }
         self.pods.clear();
+        let uids: std::collections::BTreeSet<&str> = listed
+            .iter()
+            .filter_map(|p| p.metadata.uid.as_deref())
+            .collect();
+        self.missed.retain(|uid, _| uids.contains(uid.as_str()));
         for p in listed {
             self.pod_seen(p);
         }
@@ -231,6 +288,7 @@ impl Watch {
             .collect();
         for p in waiting {
             self.apply(&p);
+            self.report_missed(&p);
         }
     }
 
@@ -285,6 +343,7 @@ pub async fn run(
         namespace_opt_in,
         pods: BTreeMap::new(),
         namespaces: BTreeMap::new(),
+        missed: BTreeMap::new(),
     };
     let pods = watcher(
         Api::<Pod>::all(client.clone()),

@@ -125,6 +125,7 @@ pub fn build(shared: &Shared) -> pb::AgentStatus {
         principals,
         containers_enrolled: shared.containers.enrolled.load(Ordering::Relaxed),
         containers_failed_open: shared.containers.failed_open.load(Ordering::Relaxed),
+        containers_missed: shared.containers.missed.load(Ordering::Relaxed),
         events_delivered: shared.hub.published.load(Ordering::Relaxed),
         events_dropped_kernel: kernel_drops(shared),
         events_dropped_subscribers: shared.hub.subscriber_dropped.load(Ordering::Relaxed),
@@ -249,6 +250,12 @@ pub fn metrics(shared: &Shared) -> String {
         "Containers an OCI hook let start UNPOLICED (--fail-open, agent unreachable).",
         "counter",
         shared.containers.failed_open.load(Ordering::Relaxed),
+    );
+    gauge(
+        "corral_containers_missed_total",
+        "Running containers of enrolled pods that no OCI hook enrolled (seen by the pod watch).",
+        "counter",
+        shared.containers.missed.load(Ordering::Relaxed),
     );
     gauge(
         "corral_events_undecodable_total",
