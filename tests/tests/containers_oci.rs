@@ -758,3 +758,83 @@ fn a_container_that_did_not_opt_in_joins_its_enrolled_pod_and_its_files_count() 
     assert_eq!(joined[0]["principal"]["session"], uid.as_str());
     Ok(())
 }
+
+#[test]
+fn a_container_file_replaced_while_it_runs_is_followed() -> anyhow::Result<()> {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let Some((spec, crun)) = setup("oci-exec-restat")? else {
+        return Ok(());
+    };
+    if busybox().is_none() {
+        return Ok(());
+    }
+    spec.write_policy(&container_exec_policy()?)?;
+    let agent = Agent::start(&spec, true, &[])?;
+    let volume = spec.dir.join("volume");
+    let c = bundle(
+        &spec,
+        &crun,
+        "restat",
+        &Opts {
+            annotations: &[("corral.dev/identity", ID)],
+            hook: Some(&[]),
+            args: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "/bin/echo ready; read x < /opt/vol/go; /bin/uname; echo uname=$?; \
+                 /bin/echo echo-ok"
+                    .into(),
+            ],
+            own_root: Some(&volume),
+            pod: None,
+        },
+    )?;
+    let fifo = volume.join("go");
+    ensure!(
+        Command::new("mkfifo").arg(&fifo).status()?.success(),
+        "mkfifo"
+    );
+    let mut child = Command::new(&crun)
+        .arg("--root")
+        .arg(&c.state)
+        .args(["run", "--bundle"])
+        .arg(&c.bundle)
+        .arg(&c.id)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("runc run")?;
+    let mut out = BufReader::new(child.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    ensure!(
+        line.trim() == "ready",
+        "first line {line:?}\n{}",
+        agent.log_text()
+    );
+
+    // Both rule paths now lead to new files (new inodes, as a package upgrade renames them in):
+    // the denied one must stay denied, the allowed one allowed, by the re-stat in the
+    // container's view.
+    // One at a time, each followed by the re-stat pass that installs it (the next "updated"
+    // line after a rename is that rename's: nothing else changes meanwhile).
+    let updates = || agent.log_text().matches("exec maps updated").count();
+    let bin = c.bundle.join("rootfs/bin");
+    for name in ["uname", "echo"] {
+        let before = updates();
+        let tmp = bin.join(format!("{name}.new"));
+        std::fs::copy("/bin/busybox", &tmp)?;
+        std::fs::rename(&tmp, bin.join(name))?;
+        corral_tests::e2e::wait_for(10, "the re-stat to follow the new file", || {
+            Ok((updates() > before).then_some(()))
+        })?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fifo)?
+        .write_all(b"go\n")?;
+    let rest: Vec<String> = out.lines().collect::<Result<_, _>>()?;
+    let st = child.wait()?;
+    assert_eq!(rest, ["uname=137", "echo-ok"], "{st}\n{}", agent.log_text());
+    Ok(())
+}
