@@ -485,6 +485,78 @@ fn agent_util_wait(spec: &Spec) -> anyhow::Result<Value> {
     })
 }
 
+/// An opted-in container of its own files (identity [`ID`]) that prints `ready`, then waits
+/// until [`Waiting::finish`] writes the fifo `/opt/vol/go`, then runs `then`.
+struct Waiting<'a> {
+    container: Container<'a>,
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    fifo: PathBuf,
+}
+
+impl<'a> Waiting<'a> {
+    fn start(spec: &Spec, crun: &'a Path, name: &str, then: &str) -> anyhow::Result<Self> {
+        use std::io::BufRead as _;
+        let volume = spec.dir.join("volume");
+        let container = bundle(
+            spec,
+            crun,
+            name,
+            &Opts {
+                annotations: &[("corral.dev/identity", ID)],
+                hook: Some(&[]),
+                args: vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    format!("/bin/echo ready; read x < /opt/vol/go; {then}"),
+                ],
+                own_root: Some(&volume),
+                pod: None,
+            },
+        )?;
+        let fifo = volume.join("go");
+        ensure!(
+            Command::new("mkfifo").arg(&fifo).status()?.success(),
+            "mkfifo"
+        );
+        let mut child = Command::new(crun)
+            .arg("--root")
+            .arg(&container.state)
+            .args(["run", "--bundle"])
+            .arg(&container.bundle)
+            .arg(&container.id)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("runc run")?;
+        let mut out = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        if line.trim() != "ready" {
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().context("stderr")?, &mut err)?;
+            anyhow::bail!("first line {line:?}, {}: {err}", child.wait()?);
+        }
+        Ok(Self {
+            container,
+            child,
+            out,
+            fifo,
+        })
+    }
+
+    /// Lets it go on; its remaining output lines and exit status.
+    fn finish(mut self) -> anyhow::Result<(Vec<String>, std::process::ExitStatus)> {
+        use std::io::{BufRead as _, Write as _};
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.fifo)?
+            .write_all(b"go\n")?;
+        let rest = (&mut self.out).lines().collect::<Result<Vec<_>, _>>()?;
+        Ok((rest, self.child.wait()?))
+    }
+}
+
 /// The container's policy: exec rules naming paths that, on the host, are other files (or none).
 fn container_exec_policy() -> anyhow::Result<String> {
     Ok(format!(
@@ -594,7 +666,6 @@ fn exec_rules_are_decided_on_the_containers_own_files() -> anyhow::Result<()> {
 #[test]
 fn a_restarted_agent_still_resolves_a_running_containers_rules_in_its_files() -> anyhow::Result<()>
 {
-    use std::io::{BufRead as _, BufReader, Write as _};
     let Some((spec, crun)) = setup("oci-exec-restart")? else {
         return Ok(());
     };
@@ -603,66 +674,18 @@ fn a_restarted_agent_still_resolves_a_running_containers_rules_in_its_files() ->
     }
     spec.write_policy(&container_exec_policy()?)?;
     let mut first = Agent::start(&spec, false, &[])?;
-    let volume = spec.dir.join("volume");
-    // The container waits on a fifo in its volume until the agent has been restarted.
-    let c = bundle(
+    let w = Waiting::start(
         &spec,
         &crun,
         "restart",
-        &Opts {
-            annotations: &[("corral.dev/identity", ID)],
-            hook: Some(&[]),
-            args: vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                "/bin/echo ready; read x < /opt/vol/go; /bin/echo after-restart; /bin/uname; \
-                 echo uname=$?"
-                    .into(),
-            ],
-            own_root: Some(&volume),
-            pod: None,
-        },
-    )?;
-    let fifo = volume.join("go");
-    ensure!(
-        Command::new("mkfifo").arg(&fifo).status()?.success(),
-        "mkfifo"
-    );
-    let mut child = Command::new(&crun)
-        .arg("--root")
-        .arg(&c.state)
-        .args(["run", "--bundle"])
-        .arg(&c.bundle)
-        .arg(&c.id)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("runc run")?;
-    let mut out = BufReader::new(child.stdout.take().context("stdout")?);
-    let mut line = String::new();
-    out.read_line(&mut line)?;
-    if line.trim() != "ready" {
-        let mut err = String::new();
-        std::io::Read::read_to_string(&mut child.stderr.take().context("stderr")?, &mut err)?;
-        anyhow::bail!(
-            "first line {line:?}, {}: {err}\n{}",
-            child.wait()?,
-            first.log_text()
-        );
-    }
+        "/bin/echo after-restart; /bin/uname; echo uname=$?",
+    )
+    .with_context(|| first.log_text())?;
 
     // A new agent (the pins and the principal stay): it must know the container's files.
     ensure!(first.stop()?, "the first agent stops cleanly");
     let second = Agent::start(&spec, true, &[])?;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&fifo)?
-        .write_all(b"go\n")?;
-    let mut rest = Vec::new();
-    for l in out.lines() {
-        rest.push(l?);
-    }
-    let st = child.wait()?;
+    let (rest, st) = w.finish()?;
     assert_eq!(
         rest,
         ["after-restart", "uname=137"],
@@ -761,7 +784,6 @@ fn a_container_that_did_not_opt_in_joins_its_enrolled_pod_and_its_files_count() 
 
 #[test]
 fn a_container_file_replaced_while_it_runs_is_followed() -> anyhow::Result<()> {
-    use std::io::{BufRead as _, BufReader, Write as _};
     let Some((spec, crun)) = setup("oci-exec-restat")? else {
         return Ok(());
     };
@@ -770,48 +792,13 @@ fn a_container_file_replaced_while_it_runs_is_followed() -> anyhow::Result<()> {
     }
     spec.write_policy(&container_exec_policy()?)?;
     let agent = Agent::start(&spec, true, &[])?;
-    let volume = spec.dir.join("volume");
-    let c = bundle(
+    let w = Waiting::start(
         &spec,
         &crun,
         "restat",
-        &Opts {
-            annotations: &[("corral.dev/identity", ID)],
-            hook: Some(&[]),
-            args: vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                "/bin/echo ready; read x < /opt/vol/go; /bin/uname; echo uname=$?; \
-                 /bin/echo echo-ok"
-                    .into(),
-            ],
-            own_root: Some(&volume),
-            pod: None,
-        },
-    )?;
-    let fifo = volume.join("go");
-    ensure!(
-        Command::new("mkfifo").arg(&fifo).status()?.success(),
-        "mkfifo"
-    );
-    let mut child = Command::new(&crun)
-        .arg("--root")
-        .arg(&c.state)
-        .args(["run", "--bundle"])
-        .arg(&c.bundle)
-        .arg(&c.id)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("runc run")?;
-    let mut out = BufReader::new(child.stdout.take().context("stdout")?);
-    let mut line = String::new();
-    out.read_line(&mut line)?;
-    ensure!(
-        line.trim() == "ready",
-        "first line {line:?}\n{}",
-        agent.log_text()
-    );
+        "/bin/uname; echo uname=$?; /bin/echo echo-ok",
+    )
+    .with_context(|| agent.log_text())?;
 
     // Both rule paths now lead to new files (new inodes, as a package upgrade renames them in):
     // the denied one must stay denied, the allowed one allowed, by the re-stat in the
@@ -819,7 +806,7 @@ fn a_container_file_replaced_while_it_runs_is_followed() -> anyhow::Result<()> {
     // One at a time, each followed by the re-stat pass that installs it (the next "updated"
     // line after a rename is that rename's: nothing else changes meanwhile).
     let updates = || agent.log_text().matches("exec maps updated").count();
-    let bin = c.bundle.join("rootfs/bin");
+    let bin = w.container.bundle.join("rootfs/bin");
     for name in ["uname", "echo"] {
         let before = updates();
         let tmp = bin.join(format!("{name}.new"));
@@ -829,12 +816,7 @@ fn a_container_file_replaced_while_it_runs_is_followed() -> anyhow::Result<()> {
             Ok((updates() > before).then_some(()))
         })?;
     }
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&fifo)?
-        .write_all(b"go\n")?;
-    let rest: Vec<String> = out.lines().collect::<Result<_, _>>()?;
-    let st = child.wait()?;
+    let (rest, st) = w.finish()?;
     assert_eq!(rest, ["uname=137", "echo-ok"], "{st}\n{}", agent.log_text());
     Ok(())
 }
