@@ -60,17 +60,20 @@ struct Container<'a> {
 }
 
 impl Container<'_> {
-    /// `runc run`: creates (hooks included), starts and waits for the container.
-    fn run(&self) -> anyhow::Result<Output> {
-        let out = Command::new(self.crun)
-            .arg("--root")
+    /// The `runc run` command: creates (hooks included) and starts the container.
+    fn command(&self) -> Command {
+        let mut c = Command::new(self.crun);
+        c.arg("--root")
             .arg(&self.state)
             .args(["run", "--bundle"])
             .arg(&self.bundle)
-            .arg(&self.id)
-            .output()
-            .context("run the OCI runtime")?;
-        Ok(out)
+            .arg(&self.id);
+        c
+    }
+
+    /// `runc run`, waiting for the container.
+    fn run(&self) -> anyhow::Result<Output> {
+        self.command().output().context("run the OCI runtime")
     }
 }
 
@@ -485,6 +488,29 @@ fn agent_util_wait(spec: &Spec) -> anyhow::Result<Value> {
     })
 }
 
+/// A fifo at `path` (returned).
+fn mkfifo(path: &Path) -> anyhow::Result<PathBuf> {
+    ensure!(
+        Command::new("mkfifo").arg(path).status()?.success(),
+        "mkfifo {}",
+        path.display()
+    );
+    Ok(path.to_path_buf())
+}
+
+/// [`setup`] for the tests of containers with their own files: busybox present, and the
+/// agent's policy [`container_exec_policy`].
+fn setup_own_files(name: &str) -> anyhow::Result<Option<(Spec, PathBuf)>> {
+    let Some((spec, crun)) = setup(name)? else {
+        return Ok(None);
+    };
+    if busybox().is_none() {
+        return Ok(None);
+    }
+    spec.write_policy(&container_exec_policy()?)?;
+    Ok(Some((spec, crun)))
+}
+
 /// An opted-in container of its own files (identity [`ID`]) that prints `ready`, then waits
 /// until [`Waiting::finish`] writes the fifo `/opt/vol/go`, then runs `then`.
 struct Waiting<'a> {
@@ -514,17 +540,9 @@ impl<'a> Waiting<'a> {
                 pod: None,
             },
         )?;
-        let fifo = volume.join("go");
-        ensure!(
-            Command::new("mkfifo").arg(&fifo).status()?.success(),
-            "mkfifo"
-        );
-        let mut child = Command::new(crun)
-            .arg("--root")
-            .arg(&container.state)
-            .args(["run", "--bundle"])
-            .arg(&container.bundle)
-            .arg(&container.id)
+        let fifo = mkfifo(&volume.join("go"))?;
+        let mut child = container
+            .command()
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -580,13 +598,9 @@ spec:
 
 #[test]
 fn exec_rules_are_decided_on_the_containers_own_files() -> anyhow::Result<()> {
-    let Some((spec, crun)) = setup("oci-exec")? else {
+    let Some((spec, crun)) = setup_own_files("oci-exec")? else {
         return Ok(());
     };
-    if busybox().is_none() {
-        return Ok(());
-    }
-    spec.write_policy(&container_exec_policy()?)?;
     let agent = Agent::start(&spec, true, &[])?;
     // Allowed: the container's /bin/sh (its entrypoint) and /bin/echo, and /opt/vol/pwd
     // through the prefix /opt/** across the volume mounted below it. Denied: /bin/uname by
@@ -666,13 +680,9 @@ fn exec_rules_are_decided_on_the_containers_own_files() -> anyhow::Result<()> {
 #[test]
 fn a_restarted_agent_still_resolves_a_running_containers_rules_in_its_files() -> anyhow::Result<()>
 {
-    let Some((spec, crun)) = setup("oci-exec-restart")? else {
+    let Some((spec, crun)) = setup_own_files("oci-exec-restart")? else {
         return Ok(());
     };
-    if busybox().is_none() {
-        return Ok(());
-    }
-    spec.write_policy(&container_exec_policy()?)?;
     let mut first = Agent::start(&spec, false, &[])?;
     let w = Waiting::start(
         &spec,
@@ -698,13 +708,9 @@ fn a_restarted_agent_still_resolves_a_running_containers_rules_in_its_files() ->
 #[test]
 fn a_container_that_did_not_opt_in_joins_its_enrolled_pod_and_its_files_count() -> anyhow::Result<()>
 {
-    let Some((spec, crun)) = setup("oci-join")? else {
+    let Some((spec, crun)) = setup_own_files("oci-join")? else {
         return Ok(());
     };
-    if busybox().is_none() {
-        return Ok(());
-    }
-    spec.write_policy(&container_exec_policy()?)?;
     let agent = Agent::start(&spec, true, &[])?;
     let uid = format!("{}-5e1f", std::process::id());
     let volume = spec.dir.join("volume");
@@ -725,17 +731,9 @@ fn a_container_that_did_not_opt_in_joins_its_enrolled_pod_and_its_files_count() 
             pod: Some(&uid),
         },
     )?;
-    let fifo = volume.join("go");
-    ensure!(
-        Command::new("mkfifo").arg(&fifo).status()?.success(),
-        "mkfifo"
-    );
-    let mut pause = Command::new(&crun)
-        .arg("--root")
-        .arg(&sandbox.state)
-        .args(["run", "--bundle"])
-        .arg(&sandbox.bundle)
-        .arg(&sandbox.id)
+    let fifo = mkfifo(&volume.join("go"))?;
+    let mut pause = sandbox
+        .command()
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -784,13 +782,9 @@ fn a_container_that_did_not_opt_in_joins_its_enrolled_pod_and_its_files_count() 
 
 #[test]
 fn a_container_file_replaced_while_it_runs_is_followed() -> anyhow::Result<()> {
-    let Some((spec, crun)) = setup("oci-exec-restat")? else {
+    let Some((spec, crun)) = setup_own_files("oci-exec-restat")? else {
         return Ok(());
     };
-    if busybox().is_none() {
-        return Ok(());
-    }
-    spec.write_policy(&container_exec_policy()?)?;
     let agent = Agent::start(&spec, true, &[])?;
     let w = Waiting::start(
         &spec,
