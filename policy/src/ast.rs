@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::{
     compiled::{Action, Approval, Mode, Net},
+    hosts::HostPattern,
     identity::IdentityPattern,
 };
 
@@ -24,6 +25,8 @@ pub struct PolicyDoc {
     pub exec: Vec<ExecDef>,
     pub chaining: Vec<ChainDef>,
     pub grants: Vec<GrantDef>,
+    /// `spec.dns.allowUnlisted`: names in no zone are forwarded instead of refused.
+    pub dns_allow_unlisted: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -31,6 +34,7 @@ pub struct ZoneDef {
     pub name: Spanned<String>,
     pub nets: Vec<Spanned<Net>>,
     pub unix: Vec<Spanned<String>>,
+    pub hosts: Vec<Spanned<HostPattern>>,
 }
 
 #[derive(Debug, Clone)]

@@ -11,7 +11,8 @@ use std::collections::HashMap;
 
 pub use crate::compiled::Sources;
 use crate::compiled::{
-    ChainRule, CompiledPolicy, CompiledSet, ConnectRule, ExecRule, GrantTemplate, UnixDest, Zone,
+    ChainRule, CompiledPolicy, CompiledSet, ConnectRule, ExecRule, GrantTemplate, HostZone,
+    UnixDest, Zone,
 };
 
 use super::{
@@ -93,6 +94,16 @@ fn policy(file: &str, d: &PolicyDoc) -> CompiledPolicy {
             })
         })
         .collect();
+    let hosts = order
+        .iter()
+        .enumerate()
+        .flat_map(|(i, z)| {
+            z.hosts.iter().map(move |h| HostZone {
+                zone: index(i),
+                pattern: h.value.clone(),
+            })
+        })
+        .collect();
     let connect = d
         .connect
         .iter()
@@ -166,6 +177,8 @@ fn policy(file: &str, d: &PolicyDoc) -> CompiledPolicy {
         exec,
         grants,
         unix,
+        hosts,
+        dns_allow_unlisted: d.dns_allow_unlisted,
         source,
     }
 }

@@ -187,10 +187,37 @@ pub struct CompiledPolicy {
     pub grants: Vec<GrantTemplate>,
     /// The unix-socket destinations of its zones.
     pub unix: Vec<UnixDest>,
+    /// The host names of its zones.
+    pub hosts: Vec<HostZone>,
+    /// `spec.dns.allowUnlisted`: a name in no zone is resolved (its addresses open nothing)
+    /// instead of answered REFUSED.
+    pub dns_allow_unlisted: bool,
     pub source: Sources,
 }
 
+/// A host pattern of a zone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostZone {
+    pub zone: u32,
+    pub pattern: crate::hosts::HostPattern,
+}
+
 impl CompiledPolicy {
+    /// The zone a DNS name (normalized, see [`crate::hosts::normalize`]) belongs to, and the
+    /// pattern that put it there: the most specific matching pattern.
+    pub fn zone_of_name(&self, name: &str) -> Option<&HostZone> {
+        self.hosts
+            .iter()
+            .filter(|h| h.pattern.matches(name))
+            .max_by_key(|h| h.pattern.specificity())
+    }
+
+    /// Whether any zone lists host names: the policy's principals' DNS goes through the
+    /// agent's proxy.
+    pub fn has_hosts(&self) -> bool {
+        !self.hosts.is_empty()
+    }
+
     /// Whether an allow rule names protocol `icmp`: the policy's principals may open ping
     /// sockets (`POLICY_F_ICMP`), whose echoes are decided by destination.
     pub fn allows_ping(&self) -> bool {

@@ -328,6 +328,26 @@ pub fn unix_path(node: &Node, sink: &mut Sink) -> Option<Spanned<String>> {
     Some(t)
 }
 
+/// A host pattern of a zone (see [`crate::hosts`]).
+pub fn host(node: &Node, sink: &mut Sink) -> Option<Spanned<crate::hosts::HostPattern>> {
+    let t = text(node, "host", sink)?;
+    match crate::hosts::HostPattern::parse(&t.value) {
+        Ok(p) => Some(Spanned {
+            pos: t.pos,
+            value: p,
+        }),
+        Err(e) => {
+            sink.error(t.pos, e);
+            None
+        }
+    }
+}
+
+/// `true` or `false`.
+pub fn boolean(node: &Node, what: &str, sink: &mut Sink) -> Option<bool> {
+    choice(node, what, &[("true", true), ("false", false)], sink)
+}
+
 /// A duration such as `90s`, `15m`, `1h30m`; above zero and at most [`MAX_TTL`].
 pub fn ttl(node: &Node, sink: &mut Sink) -> Option<Duration> {
     let t = text(node, "maxTtl", sink)?;

@@ -25,6 +25,7 @@ pub mod diag;
 pub mod eval;
 pub mod explain;
 pub mod fields;
+pub mod hosts;
 pub mod identity;
 pub mod model;
 pub mod parse;

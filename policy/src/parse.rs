@@ -73,9 +73,19 @@ fn document(node: &Node, sink: &mut Sink) -> Option<PolicyDoc> {
             "exec",
             "chaining",
             "grants",
+            "dns",
         ],
         sink,
     )?;
+    let dns_allow_unlisted = spec
+        .get("dns")
+        .and_then(|n| Fields::of(n, "dns", &["allowUnlisted"], sink))
+        .and_then(|d| {
+            d.get("allowUnlisted")
+                .map(|n| fields::boolean(n, "allowUnlisted", sink))
+        })
+        .flatten()
+        .unwrap_or(false);
     let identities = spec
         .require("identities", "spec", "[spiffe://example.org/agent/*]", sink)
         .map(|n| identities(n, sink))
@@ -138,6 +148,7 @@ fn document(node: &Node, sink: &mut Sink) -> Option<PolicyDoc> {
         exec,
         chaining,
         grants,
+        dns_allow_unlisted,
     })
 }
 
@@ -221,7 +232,7 @@ fn zones(node: &Node, sink: &mut Sink) -> Vec<ZoneDef> {
         let Some(f) = Fields::of(
             v,
             &format!("zone `{}`", name.value),
-            &["cidrs", "unix"],
+            &["cidrs", "unix", "hosts"],
             sink,
         ) else {
             continue;
@@ -240,6 +251,13 @@ fn zones(node: &Node, sink: &mut Sink) -> Vec<ZoneDef> {
             .iter()
             .filter_map(|n| fields::unix_path(n, sink))
             .collect();
+        let hosts: Vec<_> = f
+            .get("hosts")
+            .and_then(|n| fields::items(n, "hosts", "api.github.com", sink))
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|n| fields::host(n, sink))
+            .collect();
         let written = |k: &str| {
             f.get(k)
                 .and_then(|n| match &n.kind {
@@ -248,17 +266,22 @@ fn zones(node: &Node, sink: &mut Sink) -> Vec<ZoneDef> {
                 })
                 .unwrap_or(false)
         };
-        if !written("cidrs") && !written("unix") {
+        if !written("cidrs") && !written("unix") && !written("hosts") {
             sink.error(
                 v.pos,
                 format!(
-                    "zone `{}` has no destinations: add `cidrs: [10.0.0.0/8]` or \
-                     `unix: [/path/to.sock]`",
+                    "zone `{}` has no destinations: add `cidrs: [10.0.0.0/8]`, \
+                     `hosts: [api.github.com]` or `unix: [/path/to.sock]`",
                     name.value
                 ),
             );
         }
-        out.push(ZoneDef { name, nets, unix });
+        out.push(ZoneDef {
+            name,
+            nets,
+            unix,
+            hosts,
+        });
     }
     out
 }

@@ -205,3 +205,43 @@ fn every_example_file_passes_check() {
         "expected the quickstart and four seed-control examples, found {n}"
     );
 }
+
+#[test]
+fn zones_by_host_name_compile_with_their_most_specific_pattern() {
+    // Parsed and compiled without the validation gate that refuses hosts for now
+    // (`validate::HOSTS_ENFORCED`).
+    let src = "apiVersion: corral.dev/v1alpha1
+kind: AgentPolicy
+metadata: { name: p }
+spec:
+  identities: [spiffe://e.org/a/*]
+  dns: { allowUnlisted: true }
+  zones:
+    github: { hosts: [api.github.com, \"*.githubusercontent.com\"] }
+    any-example: { hosts: [\"**.example.com\"] }
+    one-example: { hosts: [\"*.example.com\"], cidrs: [10.0.0.0/8] }
+  connect:
+    - { action: allow, zones: [github, one-example], ports: [443] }
+";
+    let mut sink = crate::diag::Sink::new("p.yaml");
+    let nodes = crate::yaml::documents(src, &mut sink).expect("yaml");
+    let docs = crate::parse::documents(&nodes, &mut sink);
+    assert!(sink.is_empty());
+    let set = crate::compile::compile("p.yaml", &docs, 1);
+    let p = &set.policies[0];
+    assert!(p.dns_allow_unlisted && p.has_hosts());
+    let zone = |n: &str| {
+        p.zone_of_name(n)
+            .map(|h| p.zones[h.zone as usize].name.as_str())
+    };
+    assert_eq!(zone("api.github.com"), Some("github"));
+    assert_eq!(zone("raw.githubusercontent.com"), Some("github"));
+    assert_eq!(
+        zone("a.example.com"),
+        Some("one-example"),
+        "`*.` beats `**.`"
+    );
+    assert_eq!(zone("a.b.example.com"), Some("any-example"));
+    assert_eq!(zone("example.com"), None);
+    assert_eq!(zone("github.com"), None);
+}

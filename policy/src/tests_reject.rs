@@ -449,3 +449,50 @@ fn anchors_and_tags_refused() {
     let src = BASE.replace("ports: [80]", "ports: !!seq [80]");
     rejects(&src, 10, "[80]", &["tags"]);
 }
+
+#[test]
+fn bad_hosts_are_rejected_where_written() {
+    let src = BASE.replace(
+        "    local: { cidrs: [127.0.0.0/8] }\n",
+        "    local: { cidrs: [127.0.0.0/8] }\n    web: { hosts: [api.github.com, \"*\"] }\n",
+    );
+    rejects(&src, 9, "\"*\"", &["host `*`", "whole first label"]);
+    let src = BASE.replace(
+        "    local: { cidrs: [127.0.0.0/8] }\n",
+        "    local: { cidrs: [127.0.0.0/8] }\n    web: { hosts: [\"*.com\"] }\n",
+    );
+    rejects(&src, 9, "\"*.com\"", &["too wide", "*.example.com"]);
+    let src = BASE.replace(
+        "    local: { cidrs: [127.0.0.0/8] }\n",
+        "    local: { cidrs: [127.0.0.0/8], hosts: [pypi.org] }\n    web: { hosts: [PyPI.org] }\n",
+    );
+    rejects(&src, 9, "PyPI.org", &["already in zone `local`"]);
+    let src = BASE.replace(
+        "  zones:\n",
+        "  dns: { allowUnlisted: yes, cache: 1 }\n  zones:\n",
+    );
+    let ds = diags(&src);
+    assert!(
+        ds.iter().any(|d| d.message.contains("allowUnlisted")),
+        "{ds:?}"
+    );
+    assert!(ds.iter().any(|d| d.message.contains("cache")), "{ds:?}");
+}
+
+#[test]
+fn hosts_are_refused_until_the_agent_enforces_them() {
+    let src = BASE.replace(
+        "    local: { cidrs: [127.0.0.0/8] }\n",
+        "    local: { cidrs: [127.0.0.0/8] }\n    web: { hosts: [api.github.com] }\n",
+    );
+    if crate::validate::HOSTS_ENFORCED {
+        assert!(parse_str("p.yaml", &src).is_ok());
+    } else {
+        rejects(
+            &src,
+            9,
+            "api.github.com",
+            &["not enforced by this version", "cidrs"],
+        );
+    }
+}

@@ -10,6 +10,9 @@ use super::{
     diag::{Sink, Spanned},
 };
 
+/// Whether the agent enforces zones by host name (`hosts:`). Until it does, they are refused.
+pub(crate) const HOSTS_ENFORCED: bool = false;
+
 /// Reports every cross-field and cross-document problem in `docs`.
 pub fn check(docs: &[PolicyDoc], sink: &mut Sink) {
     for d in docs {
@@ -91,6 +94,39 @@ fn policy(d: &PolicyDoc, sink: &mut Sink) {
                 ),
                 _ => {
                     unix_owner.insert(&u.value, &z.name.value);
+                }
+            }
+        }
+    }
+    // Zones by name need the agent's DNS proxy (issue 16), which this version does not have:
+    // a zone it cannot fill must not be accepted (under `defaultAction: allow` a deny rule
+    // naming it would deny nothing).
+    if !HOSTS_ENFORCED {
+        for h in d.zones.iter().flat_map(|z| z.hosts.iter()) {
+            sink.error(
+                h.pos,
+                format!(
+                    "host `{}`: zones by host name are not enforced by this version of Corral \
+                     yet (its DNS proxy is not built); list the addresses under `cidrs`",
+                    h.value
+                ),
+            );
+        }
+    }
+    let mut host_owner: HashMap<&crate::hosts::HostPattern, &str> = HashMap::new();
+    for z in &d.zones {
+        for h in &z.hosts {
+            match host_owner.get(&h.value) {
+                Some(other) if *other != z.name.value => sink.error(
+                    h.pos,
+                    format!(
+                        "host `{}` is already in zone `{other}`: a name must belong to one zone, \
+                         so remove it from one of them",
+                        h.value
+                    ),
+                ),
+                _ => {
+                    host_owner.insert(&h.value, &z.name.value);
                 }
             }
         }
