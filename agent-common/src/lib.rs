@@ -134,6 +134,10 @@ mod pod {
     unsafe impl aya::Pod for SocketEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SockState {}
+    // SAFETY: as above (`LearnedKey` is five u32s, 20 bytes, no padding).
+    unsafe impl aya::Pod for LearnedKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LearnedValue {}
 
     /// Copies a `T` out of possibly unaligned bytes (ring buffer records); `None` if too short.
     pub fn read_unaligned<T: aya::Pod>(bytes: &[u8]) -> Option<T> {

@@ -62,6 +62,11 @@ pub const EPOCH: &str = "CORRAL_EPOCH";
 /// agent. A connect to one of them reaches this host, so it is decided as loopback.
 pub const LOCAL_ADDRS: &str = "CORRAL_LOCAL";
 
+/// `HashMap<LearnedKey, LearnedValue>`: addresses opened for one principal by the DNS answer
+/// of a name in one of its zones, written by the agent's DNS proxy before it releases the
+/// answer, removed by the agent after they expire.
+pub const LEARNED: &str = "CORRAL_LEARNED";
+
 /// `HashMap<ExecKey, u32>` (policy 0): the identities of the node's dynamic loaders
 /// (`ld-linux*.so*`, `ld-musl-*.so*`), kept by the agent. Executing one directly is allowed
 /// only by a rule naming it.
@@ -95,6 +100,7 @@ pub const ALL: &[&str] = &[
     EPOCH,
     LOCAL_ADDRS,
     LOADERS,
+    LEARNED,
 ];
 
 /// The kernel keeps at most this many bytes of a map name (`BPF_OBJ_NAME_LEN` - 1) and cuts
@@ -134,6 +140,8 @@ pub mod limits {
     pub const LOADERS: u32 = 256;
     /// Addresses of the node's own interfaces.
     pub const LOCAL_ADDRS: u32 = 4_096;
+    /// (principal, address) pairs opened by DNS answers, over all principals.
+    pub const LEARNED: u32 = 131_072;
     /// Processes (and threads) of principals attributed stickily.
     pub const STICKY: u32 = 65_536;
 }

@@ -40,6 +40,36 @@ pub const POLICY_F_ICMP: u8 = 2;
 /// `sys_enter_socket` guard kills a principal that tries, like for every family with no hook.
 pub const POLICY_F_VSOCK: u8 = 4;
 
+/// `PolicyMeta::flags`: the policy has zones by host name, so its principals' DNS goes through
+/// the agent's DNS proxy and the addresses in its answers are looked up in `LEARNED`.
+pub const POLICY_F_DNS: u8 = 8;
+
+/// Key of `LEARNED`: an address that a DNS answer of an allowed name opened for one principal.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LearnedKey {
+    /// Principal index: an address learned by one principal opens nothing for another.
+    pub principal: u32,
+    /// As the connect hooks see it (IPv4 as `::ffff:a.b.c.d`).
+    pub addr: Addr,
+}
+const _: () = assert!(core::mem::size_of::<LearnedKey>() == 20);
+
+/// Value of `LEARNED`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LearnedValue {
+    /// The generation-qualified policy key the name was matched under: under any other key
+    /// (a policy swap renumbers zones) the entry means nothing.
+    pub policy: u32,
+    /// The zone of the name, in that policy.
+    pub zone: u32,
+    /// Until when (CLOCK_BOOTTIME ns) it opens new connections: the answer's TTL, at least the
+    /// agent's floor.
+    pub expires: u64,
+}
+const _: () = assert!(core::mem::size_of::<LearnedValue>() == 16);
+
 /// Per policy slot and generation.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

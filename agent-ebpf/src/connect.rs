@@ -8,10 +8,11 @@ use core::intrinsics::{AtomicOrdering, atomic_or};
 
 use agent_common::{
     ACTION_ALLOW, ANY_PORT, ANY_PROTO, Addr, ChainKey, Config, ConnectEvent, EventHeader, GrantKey,
-    HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, KIND_CONNECT, MODE_AUDIT, NONE,
-    REASON_CHAINING, REASON_CONTAINMENT, REASON_DEFAULT, REASON_GRANT, REASON_NO_POLICY,
-    REASON_RULE, RuleKey, VALID_FOREVER, VERDICT_ALLOW, VERDICT_AUDIT_DENY, VERDICT_DENY, ZoneKey,
-    is_v4_mapped, maps::limits, policy_key, v4_mapped, zone_prefix_len,
+    HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, KIND_CONNECT, LearnedKey,
+    MODE_AUDIT, NONE, POLICY_F_DNS, REASON_CHAINING, REASON_CONTAINMENT, REASON_DEFAULT,
+    REASON_GRANT, REASON_NO_POLICY, REASON_RULE, RuleKey, VALID_FOREVER, VERDICT_ALLOW,
+    VERDICT_AUDIT_DENY, VERDICT_DENY, ZoneKey, is_v4_mapped, maps::limits, policy_key, v4_mapped,
+    zone_prefix_len,
 };
 use aya_ebpf::{
     helpers::generated::bpf_ktime_get_boot_ns, macros::cgroup_sock_addr, maps::lpm_trie::Key,
@@ -20,7 +21,7 @@ use aya_ebpf::{
 
 use crate::{
     egress, events,
-    maps::{CHAIN, GRANTS, LOCAL_ADDRS, POLICIES, RULES, SEEN, ZONES},
+    maps::{CHAIN, GRANTS, LEARNED, LOCAL_ADDRS, POLICIES, RULES, SEEN, ZONES},
     principal::{self, Caller},
 };
 
@@ -153,6 +154,7 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
         d.port,
         d.proto,
         |policy| lookup_zone(policy, &d.zone_addr),
+        Some((&d.zone_addr, true)),
         true,
     ) else {
         return Ok(ALLOW);
@@ -220,7 +222,17 @@ impl Outcome {
 /// of an established connection does not: it was marked when made). Shared by the IP and unix
 /// hooks and the egress re-decision. `None`: the caller's policy lacks a `POLICY_F_*` bit of `requires`, so it does not
 /// police this kind of call (allowed, no event). No policy at all: denied (fail closed).
+///
+/// `by_name`: an IP destination, looked up in `LEARNED` under a policy with zones by host
+/// name (with `true`, only an entry not yet expired counts: a new call; an established
+/// connection keeps the entry it was made under). An address a DNS answer opened for the
+/// caller is decided in the name's zone, except that a rule or chaining denying the zone its
+/// address is in still denies it (an allowed name cannot open an address a rule denies).
 #[inline(always)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one decision, called from four hooks"
+)]
 pub(crate) fn evaluate(
     cfg: &Config,
     caller: &Caller,
@@ -228,6 +240,7 @@ pub(crate) fn evaluate(
     port: u16,
     proto: u8,
     zone_of: impl FnOnce(u32) -> u32,
+    by_name: Option<(&Addr, bool)>,
     mark: bool,
 ) -> Option<Outcome> {
     let pol_slot = caller.policy_slot(cfg);
@@ -260,14 +273,22 @@ pub(crate) fn evaluate(
                     return None;
                 }
                 zone = zone_of(policy);
-                let mut dec = decide(
-                    policy,
-                    caller.principal.index,
-                    zone,
-                    port,
-                    proto,
-                    meta.default_action,
-                );
+                let index = caller.principal.index;
+                let learned = match by_name {
+                    Some((addr, fresh)) if meta.flags & POLICY_F_DNS != 0 => {
+                        learned_zone(policy, index, addr, fresh)
+                    }
+                    _ => NONE,
+                };
+                let by_addr = decide(policy, index, zone, port, proto, meta.default_action);
+                let by_addr_denies = by_addr.verdict == VERDICT_DENY
+                    && (by_addr.reason == REASON_RULE || by_addr.reason == REASON_CHAINING);
+                let mut dec = if learned == NONE || by_addr_denies {
+                    by_addr
+                } else {
+                    zone = learned;
+                    decide(policy, index, learned, port, proto, meta.default_action)
+                };
                 if dec.verdict == VERDICT_DENY && meta.mode == MODE_AUDIT {
                     dec.verdict = VERDICT_AUDIT_DENY;
                 }
@@ -307,6 +328,30 @@ pub(crate) fn event_header(
     header.rule = out.decision.rule;
     header.suppressed = events::take_suppressed(index);
     Some(header)
+}
+
+/// The zone a DNS answer put `addr` in for `principal` under `policy`, or `NONE`; with
+/// `fresh`, only while the entry has not expired.
+#[inline(always)]
+pub(crate) fn learned_zone(policy: u32, principal: u32, addr: &Addr, fresh: bool) -> u32 {
+    let key = LearnedKey {
+        principal,
+        addr: *addr,
+    };
+    match LEARNED.get_ptr(key) {
+        Some(v) => {
+            // SAFETY: map value pointer, valid for this run.
+            let v = unsafe { *v };
+            // SAFETY: helper without arguments.
+            let live = !fresh || unsafe { bpf_ktime_get_boot_ns() } < v.expires;
+            if v.policy == policy && live {
+                v.zone
+            } else {
+                NONE
+            }
+        }
+        None => NONE,
+    }
 }
 
 #[inline(always)]

@@ -272,6 +272,7 @@ fn decide_ping(ctx: &SkBuffContext, st: &SockState) -> i32 {
         ANY_PORT,
         PROTO_ICMP,
         |policy| lookup_zone(policy, &za),
+        Some((&za, true)),
         true,
     ) else {
         return PASS;
@@ -336,6 +337,7 @@ fn redecide(st: &mut SockState) -> i32 {
             st.port,
             st.proto,
             |policy| lookup_zone(policy, &addr),
+            Some((&addr, false)),
             false,
         )
     });

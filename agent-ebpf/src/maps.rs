@@ -1,9 +1,9 @@
 //! The map definitions. Names come from `agent_common::maps` so userspace finds the same ones.
 
 use agent_common::{
-    Addr, ChainKey, Config, ExecConfig, ExecKey, GrantKey, GrantValue, PolicyMeta, Principal,
-    RateState, RuleKey, RuleValue, ScriptConfig, SockState, TaskInfo, UnixKey, ZoneKey, ZoneValue,
-    maps::limits,
+    Addr, ChainKey, Config, ExecConfig, ExecKey, GrantKey, GrantValue, LearnedKey, LearnedValue,
+    PolicyMeta, Principal, RateState, RuleKey, RuleValue, ScriptConfig, SockState, TaskInfo,
+    UnixKey, ZoneKey, ZoneValue, maps::limits,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -81,6 +81,11 @@ pub static SOCKS: SkStorage<SockState> = SkStorage::new();
 
 #[map(name = "CORRAL_EPOCH")]
 pub static EPOCH: Array<u64> = Array::with_max_entries(1, 0);
+
+// Addresses DNS answers opened for one principal (see connect.rs `learned_zone`).
+#[map(name = "CORRAL_LEARNED")]
+pub static LEARNED: HashMap<LearnedKey, LearnedValue> =
+    HashMap::with_max_entries(limits::LEARNED, BPF_F_NO_PREALLOC);
 
 // The node's own addresses (see connect.rs `effective`).
 #[map(name = "CORRAL_LOCAL")]

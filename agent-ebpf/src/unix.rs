@@ -150,6 +150,7 @@ fn try_unix(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
                 None => NONE,
             }
         },
+        None,
         true,
     ) else {
         return Ok(ALLOW);

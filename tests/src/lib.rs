@@ -354,6 +354,22 @@ pub mod build {
             self
         }
 
+        /// A zone by host name (no addresses of its own: DNS answers put them in it).
+        pub fn hosts_zone(mut self, name: &str, hosts: &[&str]) -> Self {
+            let zone = u32::try_from(self.0.zones.len()).expect("few zones");
+            self.0.zones.push(Zone {
+                name: name.into(),
+                nets: Vec::new(),
+            });
+            for h in hosts {
+                self.0.hosts.push(corral_policy::compiled::HostZone {
+                    zone,
+                    pattern: corral_policy::hosts::HostPattern::parse(h).expect("valid host"),
+                });
+            }
+            self
+        }
+
         fn zone_index(&self, name: &str) -> u32 {
             self.0
                 .zones

@@ -414,6 +414,7 @@ async fn sweep_principals(shared: Arc<Shared>, mut stop: ShutdownSignal) {
                     s.registry.sweep(enf.maps());
                     if addrs {
                         refresh_node_facts(enf.maps());
+                        sweep_learned(&s.registry, enf.maps());
                     }
                     drop(enf);
                     if addrs {
@@ -423,6 +424,18 @@ async fn sweep_principals(shared: Arc<Shared>, mut stop: ShutdownSignal) {
                 .await;
             }
         }
+    }
+}
+
+/// Removes the DNS-learned addresses that have expired or whose principal is gone.
+fn sweep_learned(registry: &Registry, maps: &mut crate::ebpf::PolicyMaps) {
+    let Ok(now) = crate::clock::boottime_ns() else {
+        return;
+    };
+    let live: std::collections::HashSet<u32> = registry.list().iter().map(|p| p.index).collect();
+    let n = maps.learned().sweep(now, |p| live.contains(&p));
+    if n > 0 {
+        tracing::debug!(removed = n, "expired DNS-learned addresses removed");
     }
 }
 

@@ -18,6 +18,7 @@ use corral_policy::compiled::{CompiledPolicy, CompiledSet};
 
 use super::{
     exec::ExecMaps,
+    learned::LearnedMap,
     map_access::{MapError, op, take},
 };
 
@@ -43,6 +44,7 @@ pub struct PolicyMaps {
     local_addrs: HashMap<MapData, agent_common::Addr, u32>,
     pub(super) events: Option<aya::maps::Map>,
     exec: ExecMaps,
+    learned: LearnedMap,
 }
 
 impl PolicyMaps {
@@ -63,6 +65,7 @@ impl PolicyMaps {
             epoch: take(ebpf, names::EPOCH)?,
             local_addrs: take(ebpf, names::LOCAL_ADDRS)?,
             exec: ExecMaps::take(ebpf)?,
+            learned: LearnedMap::take(ebpf)?,
             events: Some(ebpf.take_map(names::EVENTS).ok_or(MapError::Missing {
                 name: names::EVENTS,
             })?),
@@ -260,6 +263,11 @@ impl PolicyMaps {
             .sum()
     }
 
+    /// The addresses DNS answers opened per principal (written by the DNS proxy).
+    pub fn learned(&mut self) -> &mut LearnedMap {
+        &mut self.learned
+    }
+
     /// The exec maps (rules are written by [`Self::apply`]).
     pub fn exec(&mut self) -> &mut ExecMaps {
         &mut self.exec
@@ -290,6 +298,9 @@ impl PolicyMaps {
             }
             if policy.allows_vsock() {
                 flags |= agent_common::POLICY_F_VSOCK;
+            }
+            if policy.has_hosts() {
+                flags |= agent_common::POLICY_F_DNS;
             }
             let views = self
                 .exec

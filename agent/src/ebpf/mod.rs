@@ -6,6 +6,7 @@ pub mod events;
 pub mod exec;
 pub mod exec_rules;
 pub mod exec_view;
+pub mod learned;
 pub mod loader;
 pub mod loaders;
 #[expect(unsafe_code, reason = "getifaddrs(3); SAFETY notes inside")]

@@ -1,0 +1,95 @@
+//! Zones by host name, kernel side: an address a DNS answer opened (`LEARNED`, written here as
+//! the agent's DNS proxy writes it) is decided in the name's zone, for the principal that
+//! resolved it only, only until it expires, only under the policy it was matched under, and
+//! never against a rule that denies the zone its address is in. Real programs, real
+//! processes in real cgroups.
+
+use std::net::IpAddr;
+
+use agent_common::{PROTO_TCP, policy_key};
+use corral_agent::{clock::boottime_ns, ebpf::Enforcer};
+use corral_tests::{
+    Listener, Outcome, TestCgroup,
+    build::{policy, set},
+    privileged, probe_in,
+};
+
+fn eperm() -> Outcome {
+    Outcome::Errno("EPERM".into())
+}
+
+#[test]
+fn a_learned_address_opens_for_its_principal_until_it_expires() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let l = Listener::tcp("127.0.0.2:0")?;
+    let ip: IpAddr = "127.0.0.2".parse()?;
+    let (a, b) = (
+        TestCgroup::new("dns-learned-a")?,
+        TestCgroup::new("dns-learned-b")?,
+    );
+    let mut e = Enforcer::load_and_attach(&a.root)?;
+    e.maps().add_principal(a.id()?, a.level(), 1, Some(0))?;
+    e.maps().add_principal(b.id()?, b.level(), 2, Some(0))?;
+    let named = |rev: u64, with_deny: bool| {
+        let mut p = policy("named")
+            .hosts_zone("api", &["api.corral.test"])
+            .zone("wide", &["0.0.0.0/0"])
+            .allow(&["api"], &[l.port], &[PROTO_TCP]);
+        if with_deny {
+            p = p
+                .zone("internal", &["127.0.0.0/8"])
+                .deny(&["internal"], &[l.port], &[PROTO_TCP]);
+        }
+        set(rev, vec![p.build()])
+    };
+    e.maps().apply(&named(1, false), |_, _| Some(0))?;
+    let key = policy_key(e.maps().config()?.generation & 1, 0);
+    let to = format!("tcp:127.0.0.2:{}", l.port);
+    let probe = |cg: &TestCgroup| probe_in(&cg.path, &[&to]);
+
+    // Nothing learned: the address is only in `wide`, which allows nothing.
+    assert_eq!(probe(&a)?, [eperm()]);
+    // Learned by principal 1 (zone 0, `api`): open for it, not for principal 2.
+    let now = boottime_ns()?;
+    e.maps()
+        .learned()
+        .learn(1, ip, key, 0, now + 60_000_000_000)?;
+    assert_eq!(probe(&a)?, [Outcome::Ok]);
+    assert_eq!(probe(&b)?, [eperm()], "learned by another principal");
+    // Expired: closed for new connections.
+    e.maps().learned().learn(2, ip, key, 0, now - 1)?;
+    assert_eq!(probe(&b)?, [eperm()], "expired");
+    assert_eq!(e.maps().learned().sweep(boottime_ns()?, |_| true), 1);
+    assert_eq!(e.maps().learned().len(), 1);
+
+    // A policy swap renumbers zones: an entry learned under the old key means nothing.
+    e.maps().apply(&named(2, true), |_, _| Some(0))?;
+    assert_eq!(probe(&a)?, [eperm()], "learned under the previous policy");
+    let key = policy_key(e.maps().config()?.generation & 1, 0);
+    e.maps()
+        .learned()
+        .learn(1, ip, key, 0, now + 60_000_000_000)?;
+    // The address is also in `internal`, whose rule denies the port: an allowed name cannot
+    // open it (DNS rebinding to a denied range).
+    assert_eq!(
+        probe(&a)?,
+        [eperm()],
+        "a rule denying the address's zone wins"
+    );
+    e.maps().apply(&named(3, false), |_, _| Some(0))?;
+    let key = policy_key(e.maps().config()?.generation & 1, 0);
+    e.maps()
+        .learned()
+        .learn(1, ip, key, 0, now + 60_000_000_000)?;
+    assert_eq!(
+        probe(&a)?,
+        [Outcome::Ok],
+        "no rule denies it: the name's zone decides"
+    );
+    // A principal that is gone: its entries are swept.
+    assert_eq!(e.maps().learned().sweep(boottime_ns()?, |p| p != 1), 1);
+    assert!(e.maps().learned().is_empty());
+    Ok(())
+}
