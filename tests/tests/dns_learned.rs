@@ -67,10 +67,14 @@ fn a_learned_address_opens_for_its_principal_until_it_expires() -> anyhow::Resul
     // A policy swap renumbers zones: an entry learned under the old key means nothing.
     e.maps().apply(&named(2, true), |_, _| Some(0))?;
     assert_eq!(probe(&a)?, [eperm()], "learned under the previous policy");
-    let key = policy_key(e.maps().config()?.generation & 1, 0);
-    e.maps()
-        .learned()
-        .learn(1, ip, key, 0, now + 60_000_000_000)?;
+    // Principal 1 learns the address again, under the policy now live.
+    let relearn = |e: &mut Enforcer| -> anyhow::Result<()> {
+        let key = policy_key(e.maps().config()?.generation & 1, 0);
+        Ok(e.maps()
+            .learned()
+            .learn(1, ip, key, 0, now + 60_000_000_000)?)
+    };
+    relearn(&mut e)?;
     // The address is also in `internal`, whose rule denies the port: an allowed name cannot
     // open it (DNS rebinding to a denied range).
     assert_eq!(
@@ -79,10 +83,7 @@ fn a_learned_address_opens_for_its_principal_until_it_expires() -> anyhow::Resul
         "a rule denying the address's zone wins"
     );
     e.maps().apply(&named(3, false), |_, _| Some(0))?;
-    let key = policy_key(e.maps().config()?.generation & 1, 0);
-    e.maps()
-        .learned()
-        .learn(1, ip, key, 0, now + 60_000_000_000)?;
+    relearn(&mut e)?;
     assert_eq!(
         probe(&a)?,
         [Outcome::Ok],

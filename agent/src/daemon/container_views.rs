@@ -182,12 +182,4 @@ impl ContainerViews {
             .map(|e| e.container_id.clone())
             .collect()
     }
-
-    pub fn len(&self) -> usize {
-        self.entries().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries().is_empty()
-    }
 }

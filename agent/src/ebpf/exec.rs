@@ -346,10 +346,6 @@ impl ExecMaps {
         self.containers_version
     }
 
-    pub fn containers(&self) -> &[(String, View)] {
-        &self.containers
-    }
-
     /// The views to resolve a policy's rules in: the agent's, then those of the containers
     /// whose principal's identity `governs` says the policy governs.
     pub fn views_for(&self, governs: impl Fn(&str) -> bool) -> Vec<View> {

@@ -106,10 +106,6 @@ impl View {
         self.pid.is_none()
     }
 
-    pub fn pid(&self) -> Option<i32> {
-        self.pid
-    }
-
     /// The view opened for one pass; an error if the process is gone or no longer has it.
     pub fn open(&self) -> std::io::Result<Opened> {
         let o = Self::open_proc(self.pid, &self.base)?;

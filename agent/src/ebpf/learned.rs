@@ -61,11 +61,6 @@ impl LearnedMap {
             .map_err(op("insert", names::LEARNED))
     }
 
-    /// The entry for (`principal`, `addr`), if any.
-    pub fn get(&self, principal: u32, addr: IpAddr) -> Option<LearnedValue> {
-        self.map.get(&key(principal, addr), 0).ok()
-    }
-
     /// Removes the entries expired at `now` (CLOCK_BOOTTIME ns) and those of principals for
     /// which `live` is false; returns how many went.
     pub fn sweep(&mut self, now: u64, live: impl Fn(u32) -> bool) -> usize {
