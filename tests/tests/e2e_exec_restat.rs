@@ -34,6 +34,14 @@ fn run_binary(spec: &Node, binary: &Path, marker: &Path) -> anyhow::Result<(bool
     Ok((marker.exists(), out))
 }
 
+/// The agent's log lines about exec rules: a failure shows these, not the whole log.
+fn exec_lines(log: &str) -> String {
+    log.lines()
+        .filter(|l| l.contains("exec") || l.contains("WARN") || l.contains("ERROR"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 #[test]
 fn a_denied_binary_replaced_on_disk_is_denied_again_within_seconds() -> anyhow::Result<()> {
     if !privileged() {
@@ -88,10 +96,11 @@ spec:
             assert!(!out.status.success(), "not run, yet success: {out:?}");
             break replaced.elapsed();
         }
-        if replaced.elapsed() > Duration::from_secs(5) {
+        // Generous for a noisy 2-core CI machine: the re-stat itself runs every second.
+        if replaced.elapsed() > Duration::from_secs(10) {
             anyhow::bail!(
-                "the replaced binary still runs 5 s later:\n{}",
-                agent.log_text()
+                "the replaced binary still runs 10 s later; the agent's exec lines:\n{}",
+                exec_lines(&agent.log_text())
             );
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -104,8 +113,8 @@ spec:
     }
     assert!(
         agent.log_text().contains("exec rule paths changed on disk"),
-        "the agent logs the update:\n{}",
-        agent.log_text()
+        "the agent logs the update; its exec lines:\n{}",
+        exec_lines(&agent.log_text())
     );
     Ok(())
 }
