@@ -19,6 +19,7 @@
 
 pub mod conn;
 pub mod decision;
+pub mod dns;
 pub mod event;
 pub mod exec;
 pub mod maps;
@@ -26,6 +27,7 @@ pub mod policy;
 
 pub use conn::*;
 pub use decision::*;
+pub use dns::{DnsConfig, DnsOrig};
 pub use event::*;
 pub use exec::*;
 pub use policy::*;
@@ -138,6 +140,10 @@ mod pod {
     unsafe impl aya::Pod for LearnedKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for LearnedValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DnsConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DnsOrig {}
 
     /// Copies a `T` out of possibly unaligned bytes (ring buffer records); `None` if too short.
     pub fn read_unaligned<T: aya::Pod>(bytes: &[u8]) -> Option<T> {

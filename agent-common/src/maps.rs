@@ -67,6 +67,12 @@ pub const LOCAL_ADDRS: &str = "CORRAL_LOCAL";
 /// answer, removed by the agent after they expire.
 pub const LEARNED: &str = "CORRAL_LEARNED";
 
+/// `Array<DnsConfig>` (one entry): the DNS proxy's port, see `dns`.
+pub const DNS_CFG: &str = "CORRAL_DNSCFG";
+
+/// Socket-local storage of `DnsOrig`: the resolver a redirected DNS socket was sent to.
+pub const DNS_ORIG: &str = "CORRAL_DNSORIG";
+
 /// `HashMap<ExecKey, u32>` (policy 0): the identities of the node's dynamic loaders
 /// (`ld-linux*.so*`, `ld-musl-*.so*`), kept by the agent. Executing one directly is allowed
 /// only by a rule naming it.
@@ -101,6 +107,8 @@ pub const ALL: &[&str] = &[
     LOCAL_ADDRS,
     LOADERS,
     LEARNED,
+    DNS_CFG,
+    DNS_ORIG,
 ];
 
 /// The kernel keeps at most this many bytes of a map name (`BPF_OBJ_NAME_LEN` - 1) and cuts

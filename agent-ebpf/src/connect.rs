@@ -146,6 +146,10 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
         return Ok(ALLOW);
     };
     let d = dest(ctx, hook);
+    let redirected = crate::dns::redirect(ctx, &cfg, &caller, &d, hook);
+    if let crate::dns::Redirect::Done = redirected {
+        return Ok(ALLOW);
+    }
     // Every policy polices IP destinations: `evaluate` always decides.
     let Some(mut out) = evaluate(
         &cfg,
@@ -159,6 +163,16 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
     ) else {
         return Ok(ALLOW);
     };
+    if let crate::dns::Redirect::Refuse = redirected {
+        out.zone = NONE;
+        out.decision = Decision {
+            verdict: VERDICT_DENY,
+            reason: REASON_CONTAINMENT,
+            rule: NONE,
+            grant_id: 0,
+            valid_until: VALID_FOREVER,
+        };
+    }
     // What lets the call through is recorded on the socket, so the egress program can end the
     // connection when the decision no longer holds; no room for that: fail closed.
     if out.ret() == ALLOW && !egress::record(ctx, &caller, &d, &out, hook) {

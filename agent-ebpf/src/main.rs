@@ -10,6 +10,7 @@
 #![expect(internal_features, reason = "atomic intrinsics, see above")]
 
 mod connect;
+mod dns;
 mod egress;
 mod events;
 mod exec;

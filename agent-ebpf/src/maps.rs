@@ -1,9 +1,9 @@
 //! The map definitions. Names come from `agent_common::maps` so userspace finds the same ones.
 
 use agent_common::{
-    Addr, ChainKey, Config, ExecConfig, ExecKey, GrantKey, GrantValue, LearnedKey, LearnedValue,
-    PolicyMeta, Principal, RateState, RuleKey, RuleValue, ScriptConfig, SockState, TaskInfo,
-    UnixKey, ZoneKey, ZoneValue, maps::limits,
+    Addr, ChainKey, Config, DnsConfig, DnsOrig, ExecConfig, ExecKey, GrantKey, GrantValue,
+    LearnedKey, LearnedValue, PolicyMeta, Principal, RateState, RuleKey, RuleValue, ScriptConfig,
+    SockState, TaskInfo, UnixKey, ZoneKey, ZoneValue, maps::limits,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -81,6 +81,14 @@ pub static SOCKS: SkStorage<SockState> = SkStorage::new();
 
 #[map(name = "CORRAL_EPOCH")]
 pub static EPOCH: Array<u64> = Array::with_max_entries(1, 0);
+
+// The DNS proxy's port (see dns.rs).
+#[map(name = "CORRAL_DNSCFG")]
+pub static DNS_CFG: Array<DnsConfig> = Array::with_max_entries(1, 0);
+
+// Where a redirected DNS socket was sent (see dns.rs).
+#[btf_map(name = "CORRAL_DNSORIG")]
+pub static DNS_ORIG: SkStorage<DnsOrig> = SkStorage::new();
 
 // Addresses DNS answers opened for one principal (see connect.rs `learned_zone`).
 #[map(name = "CORRAL_LEARNED")]

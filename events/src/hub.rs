@@ -69,7 +69,7 @@ pub struct Filter {
 pub enum FilterError {
     #[error("bad identity filter")]
     Identity(#[from] IdentityError),
-    #[error("unknown event kind `{0}` (connect, exec, socket, process, grant)")]
+    #[error("unknown event kind `{0}` (connect, exec, socket, process, grant, container, dns)")]
     Kind(String),
 }
 
@@ -81,6 +81,7 @@ pub fn kind(e: &pb::Event) -> &'static str {
         Some(pb::event::Call::Grant(_)) => "grant",
         Some(pb::event::Call::Socket(_)) => "socket",
         Some(pb::event::Call::Container(_)) => "container",
+        Some(pb::event::Call::Dns(_)) => "dns",
         None => "process",
     }
 }
@@ -98,7 +99,7 @@ impl Filter {
         for k in &f.kinds {
             if !matches!(
                 k.as_str(),
-                "connect" | "exec" | "socket" | "process" | "grant" | "container"
+                "connect" | "exec" | "socket" | "process" | "grant" | "container" | "dns"
             ) {
                 return Err(FilterError::Kind(k.clone()));
             }

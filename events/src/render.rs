@@ -94,6 +94,12 @@ pub fn event_json(e: &pb::Event, subscriber_dropped: Option<u64>) -> Value {
                 "cgroup_path": c.cgroup_path, "reason": c.reason,
             });
         }
+        Some(pb::event::Call::Dns(d)) => {
+            v["dns"] = json!({
+                "name": d.name, "type": d.r#type, "chain": d.chain, "answers": d.answers,
+                "zone": d.zone, "rcode": d.rcode, "transport": d.transport,
+            });
+        }
         None => {}
     }
     if let Some(d) = subscriber_dropped {
@@ -157,6 +163,19 @@ pub fn call_text(e: &pb::Event) -> String {
             "container {} {} (pid {}): {}",
             c.container_id, c.action, c.pid, c.reason
         ),
+        Some(pb::event::Call::Dns(d)) => {
+            let zone = if d.zone.is_empty() {
+                String::new()
+            } else {
+                format!(" (zone {})", d.zone)
+            };
+            let answers = if d.answers.is_empty() {
+                String::new()
+            } else {
+                format!(" -> {}", d.answers.join(", "))
+            };
+            format!("dns {} {}{zone}: {}{answers}", d.r#type, d.name, d.rcode)
+        }
         None => "process".into(),
     }
 }

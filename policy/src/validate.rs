@@ -11,7 +11,7 @@ use super::{
 };
 
 /// Whether the agent enforces zones by host name (`hosts:`). Until it does, they are refused.
-pub(crate) const HOSTS_ENFORCED: bool = false;
+pub(crate) const HOSTS_ENFORCED: bool = true;
 
 /// Reports every cross-field and cross-document problem in `docs`.
 pub fn check(docs: &[PolicyDoc], sink: &mut Sink) {

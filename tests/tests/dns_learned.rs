@@ -54,15 +54,15 @@ fn a_learned_address_opens_for_its_principal_until_it_expires() -> anyhow::Resul
     // Learned by principal 1 (zone 0, `api`): open for it, not for principal 2.
     let now = boottime_ns()?;
     e.maps()
-        .learned()
+        .dns()
         .learn(1, ip, key, 0, now + 60_000_000_000)?;
     assert_eq!(probe(&a)?, [Outcome::Ok]);
     assert_eq!(probe(&b)?, [eperm()], "learned by another principal");
     // Expired: closed for new connections.
-    e.maps().learned().learn(2, ip, key, 0, now - 1)?;
+    e.maps().dns().learn(2, ip, key, 0, now - 1)?;
     assert_eq!(probe(&b)?, [eperm()], "expired");
-    assert_eq!(e.maps().learned().sweep(boottime_ns()?, |_| true), 1);
-    assert_eq!(e.maps().learned().len(), 1);
+    assert_eq!(e.maps().dns().sweep(boottime_ns()?, |_| true), 1);
+    assert_eq!(e.maps().dns().len(), 1);
 
     // A policy swap renumbers zones: an entry learned under the old key means nothing.
     e.maps().apply(&named(2, true), |_, _| Some(0))?;
@@ -71,7 +71,7 @@ fn a_learned_address_opens_for_its_principal_until_it_expires() -> anyhow::Resul
     let relearn = |e: &mut Enforcer| -> anyhow::Result<()> {
         let key = policy_key(e.maps().config()?.generation & 1, 0);
         Ok(e.maps()
-            .learned()
+            .dns()
             .learn(1, ip, key, 0, now + 60_000_000_000)?)
     };
     relearn(&mut e)?;
@@ -90,7 +90,7 @@ fn a_learned_address_opens_for_its_principal_until_it_expires() -> anyhow::Resul
         "no rule denies it: the name's zone decides"
     );
     // A principal that is gone: its entries are swept.
-    assert_eq!(e.maps().learned().sweep(boottime_ns()?, |p| p != 1), 1);
-    assert!(e.maps().learned().is_empty());
+    assert_eq!(e.maps().dns().sweep(boottime_ns()?, |p| p != 1), 1);
+    assert!(e.maps().dns().is_empty());
     Ok(())
 }

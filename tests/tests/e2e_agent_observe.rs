@@ -139,13 +139,15 @@ fn status_reports_features_policy_and_principals() -> anyhow::Result<()> {
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
     assert_eq!(
-        hooks[..4],
-        ["connect4", "connect6", "sendmsg4", "sendmsg6"],
+        hooks[..6],
+        [
+            "connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6"
+        ],
         "{s}"
     );
     // The unix hooks are listed where the kernel has them (6.7+; this CI machine does).
     assert!(
-        hooks.len() == 4 || hooks[4..] == ["connect_unix", "sendmsg_unix"],
+        hooks.len() == 6 || hooks[6..] == ["connect_unix", "sendmsg_unix"],
         "{s}"
     );
     assert_eq!(s["policies"][0], "e2e");

@@ -207,6 +207,13 @@ impl Api {
             .and_then(|g| g.compiled.policy_for(identity));
         let rec = enroll(&self.shared.registry, slot, enf.maps())?;
         self.shared.reconcile_grants(enf.maps());
+        drop(enf);
+        // Its DNS proxy address listens before anything runs in the principal.
+        if let Some(d) = &self.shared.dns
+            && let Err(e) = d.ensure(&self.shared, rec.index)
+        {
+            tracing::warn!(index = rec.index, error = %e, "cannot listen for the principal's DNS");
+        }
         Ok(rec)
     }
 

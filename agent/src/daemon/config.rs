@@ -109,6 +109,22 @@ pub struct Config {
     #[arg(long, env = "CORRAL_ALLOW_EVENT_BURST", default_value_t = 0)]
     pub allow_event_burst: u32,
 
+    /// The DNS proxy's port on every principal's proxy address (127.64.0.0/10 + its index):
+    /// the DNS of principals under a policy with zones by host name goes there. 0: no proxy
+    /// (a policy with `hosts:` zones then opens nothing by name).
+    #[arg(long, env = "CORRAL_DNS_PORT", default_value_t = 15353)]
+    pub dns_port: u16,
+
+    /// The resolver the DNS proxy forwards to [default: the first nameserver of
+    /// /etc/resolv.conf].
+    #[arg(long, env = "CORRAL_DNS_UPSTREAM")]
+    pub dns_upstream: Option<SocketAddr>,
+
+    /// Shortest time an address from a DNS answer stays open for new connections, whatever
+    /// the answer's TTL (clients keep answers longer than their TTL).
+    #[arg(long, env = "CORRAL_DNS_TTL_FLOOR_SECS", default_value_t = 30)]
+    pub dns_ttl_floor_secs: u64,
+
     /// `--kubernetes` and its settings.
     #[command(flatten)]
     pub k8s: super::k8s::K8sArgs,

@@ -22,6 +22,7 @@ pub mod api;
 pub mod config;
 pub mod container_views;
 pub mod containers;
+pub mod dns;
 pub mod exec_watch;
 pub mod grants;
 pub mod k8s;
@@ -131,6 +132,8 @@ pub struct Shared {
     pub containers: containers::Tally,
     /// The views of the containers the OCI hook enrolled (exec rules are resolved in them).
     pub container_views: container_views::ContainerViews,
+    /// The DNS proxy (zones by host name); `None` with `--dns-port 0`.
+    pub dns: Option<Arc<dns::DnsProxy>>,
 }
 
 impl Shared {
@@ -433,7 +436,7 @@ fn sweep_learned(registry: &Registry, maps: &mut crate::ebpf::PolicyMaps) {
         return;
     };
     let live: std::collections::HashSet<u32> = registry.list().iter().map(|p| p.index).collect();
-    let n = maps.learned().sweep(now, |p| live.contains(&p));
+    let n = maps.dns().sweep(now, |p| live.contains(&p));
     if n > 0 {
         tracing::debug!(removed = n, "expired DNS-learned addresses removed");
     }
@@ -501,6 +504,24 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
         ),
         None => None,
     };
+    let dns = (cfg.dns_port != 0).then(|| {
+        let upstream = cfg.dns_upstream.or_else(|| {
+            std::fs::read_to_string("/etc/resolv.conf")
+                .ok()
+                .and_then(|t| dns::upstream::from_resolv_conf(&t))
+        });
+        if upstream.is_none() {
+            warn!("no DNS upstream (--dns-upstream, /etc/resolv.conf): names in zones will not resolve");
+        }
+        Arc::new(dns::DnsProxy::new(dns::Settings {
+            port: cfg.dns_port,
+            upstream,
+            ttl_floor: std::time::Duration::from_secs(cfg.dns_ttl_floor_secs),
+        }))
+    });
+    if let Err(e) = enforcer.maps().dns().set_proxy_port(cfg.dns_port) {
+        warn!(error = %corral_runtime::error_chain(&e), "cannot set the DNS proxy port: principals' DNS is not redirected");
+    }
     // Containers enrolled before this start: their views are in place for the first apply.
     let container_views = container_views::ContainerViews::load(&cfg.state_dir);
     enforcer
@@ -523,6 +544,7 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
         k8s_pods: k8s::PodReport::default(),
         containers: containers::Tally::default(),
         container_views,
+        dns,
         resolved: resolved.clone(),
     });
     {
@@ -562,6 +584,9 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
     tasks.spawn(sweep_principals(shared.clone(), shutdown.subscribe()));
     tasks.spawn(exec_watch::run(shared.clone(), shutdown.subscribe()));
     tasks.spawn(follow_registry(shared.clone(), shutdown.subscribe()));
+    if let Some(d) = &shared.dns {
+        tasks.spawn(dns::run(d.clone(), shared.clone(), shutdown.subscribe()));
+    }
     if let Some(l) = metrics {
         tasks.spawn(metrics::serve(l, shared.clone(), shutdown.subscribe()));
     }

@@ -17,8 +17,8 @@ use aya::{
 use corral_policy::compiled::{CompiledPolicy, CompiledSet};
 
 use super::{
+    dns_maps::DnsMaps,
     exec::ExecMaps,
-    learned::LearnedMap,
     map_access::{MapError, op, take},
 };
 
@@ -44,7 +44,7 @@ pub struct PolicyMaps {
     local_addrs: HashMap<MapData, agent_common::Addr, u32>,
     pub(super) events: Option<aya::maps::Map>,
     exec: ExecMaps,
-    learned: LearnedMap,
+    dns: DnsMaps,
 }
 
 impl PolicyMaps {
@@ -65,7 +65,7 @@ impl PolicyMaps {
             epoch: take(ebpf, names::EPOCH)?,
             local_addrs: take(ebpf, names::LOCAL_ADDRS)?,
             exec: ExecMaps::take(ebpf)?,
-            learned: LearnedMap::take(ebpf)?,
+            dns: DnsMaps::take(ebpf)?,
             events: Some(ebpf.take_map(names::EVENTS).ok_or(MapError::Missing {
                 name: names::EVENTS,
             })?),
@@ -263,9 +263,9 @@ impl PolicyMaps {
             .sum()
     }
 
-    /// The addresses DNS answers opened per principal (written by the DNS proxy).
-    pub fn learned(&mut self) -> &mut LearnedMap {
-        &mut self.learned
+    /// The DNS proxy's port and the addresses DNS answers opened per principal.
+    pub fn dns(&mut self) -> &mut DnsMaps {
+        &mut self.dns
     }
 
     /// The exec maps (rules are written by [`Self::apply`]).

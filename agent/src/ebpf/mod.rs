@@ -2,11 +2,11 @@
 //! map layer and the event reader. No module outside this one touches raw aya maps.
 
 pub mod btf;
+pub mod dns_maps;
 pub mod events;
 pub mod exec;
 pub mod exec_rules;
 pub mod exec_view;
-pub mod learned;
 pub mod loader;
 pub mod loaders;
 #[expect(unsafe_code, reason = "getifaddrs(3); SAFETY notes inside")]

@@ -1,21 +1,24 @@
-//! `LEARNED`, typed: the addresses a DNS answer opened for one principal, each with the zone of
-//! the name it answered and the policy key it was matched under, until an expiry on
-//! CLOCK_BOOTTIME (the kernel compares it with `bpf_ktime_get_boot_ns`). Written by the DNS
-//! proxy before it releases an answer; expired entries and those of principals that are gone
-//! are removed by [`LearnedMap::sweep`].
+//! The DNS maps, typed:
+//! - `DNS_CFG`: the proxy's port (0: no redirect), see `agent_common::dns`;
+//! - `LEARNED`: the addresses a DNS answer opened for one principal, each with the zone of
+//!   the name it answered and the policy key it was matched under, until an expiry on
+//!   CLOCK_BOOTTIME (the kernel compares it with `bpf_ktime_get_boot_ns`). Written by the DNS
+//!   proxy before it releases an answer; expired entries and those of principals that are
+//!   gone are removed by [`DnsMaps::sweep`].
 
 use std::net::IpAddr;
 
-use agent_common::{LearnedKey, LearnedValue, maps as names};
+use agent_common::{DnsConfig, LearnedKey, LearnedValue, maps as names};
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData},
+    maps::{Array, HashMap, MapData},
 };
 
 use super::map_access::{MapError, op, take};
 
-pub struct LearnedMap {
+pub struct DnsMaps {
     map: HashMap<MapData, LearnedKey, LearnedValue>,
+    cfg: Array<MapData, DnsConfig>,
 }
 
 fn key(principal: u32, addr: IpAddr) -> LearnedKey {
@@ -25,11 +28,20 @@ fn key(principal: u32, addr: IpAddr) -> LearnedKey {
     }
 }
 
-impl LearnedMap {
+impl DnsMaps {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, MapError> {
         Ok(Self {
             map: take(ebpf, names::LEARNED)?,
+            cfg: take(ebpf, names::DNS_CFG)?,
         })
+    }
+
+    /// The port the proxy listens on at every principal's proxy address; 0 turns the
+    /// redirect off.
+    pub fn set_proxy_port(&mut self, port: u16) -> Result<(), MapError> {
+        self.cfg
+            .set(0, DnsConfig { port, _pad: [0; 6] }, 0)
+            .map_err(op("write", names::DNS_CFG))
     }
 
     /// Opens `addr` for `principal` in `zone` of policy key `policy` until `expires`

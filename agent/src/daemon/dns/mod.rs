@@ -1,0 +1,376 @@
+//! The DNS proxy for zones by host name. The kernel sends every DNS call (port 53, UDP or
+//! TCP) of a principal under a policy with `hosts:` zones to `127.64.0.0/10` + the principal's
+//! index, port `--dns-port` (see `agent-ebpf/src/dns.rs`); this proxy listens there, one UDP
+//! socket and one TCP listener per principal, so the address a query arrives at says whose it
+//! is. For each query:
+//! - a name in no zone of the principal's policy is answered REFUSED (unless
+//!   `spec.dns.allowUnlisted`, or the policy is in audit mode: then forwarded and recorded);
+//! - otherwise it is forwarded to the upstream resolver, the CNAME chain in the answer is
+//!   followed, and every address of the chain is written into `LEARNED` for this principal,
+//!   in the zone of the name asked (or of the first name of the chain in a zone), until the
+//!   answer's TTL, at least `--dns-ttl-floor-secs`, has passed, *before* the answer is
+//!   released: the connect right after it is decided with the address already known;
+//! - every query is a `dns` event.
+//!
+//! - [`message`]: parsing and building DNS messages (hickory-proto).
+//! - [`upstream`]: the resolver queries are forwarded to.
+
+pub mod message;
+pub mod upstream;
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use corral_policy::compiled::Mode;
+use corral_proto::v1 as pb;
+use hickory_proto::op::ResponseCode;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream, UdpSocket},
+    task::AbortHandle,
+};
+use tracing::{debug, warn};
+
+use super::Shared;
+
+/// Largest DNS message over UDP the proxy reads (EDNS0 sizes included).
+const UDP_MAX: usize = 4096;
+
+/// The proxy's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub port: u16,
+    pub upstream: Option<SocketAddr>,
+    pub ttl_floor: Duration,
+}
+
+/// Counters for status and metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub queries: std::sync::atomic::AtomicU64,
+    pub refused: std::sync::atomic::AtomicU64,
+    pub learned: std::sync::atomic::AtomicU64,
+    /// Upstream failures (answered SERVFAIL) and addresses that could not be written.
+    pub failures: std::sync::atomic::AtomicU64,
+}
+
+/// The running proxy: its settings and the sockets bound per principal.
+#[derive(Debug)]
+pub struct DnsProxy {
+    pub settings: Settings,
+    bound: Mutex<HashMap<u32, Vec<AbortHandle>>>,
+    pub counters: Counters,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Udp,
+    Tcp,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+        }
+    }
+}
+
+fn bump(c: &std::sync::atomic::AtomicU64) {
+    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+impl DnsProxy {
+    pub fn new(settings: Settings) -> Self {
+        Self {
+            settings,
+            bound: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+        }
+    }
+
+    fn bound(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Vec<AbortHandle>>> {
+        self.bound.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The proxy address of principal `index`.
+    pub fn addr(&self, index: u32) -> SocketAddr {
+        SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::from(agent_common::dns::proxy_addr(index))),
+            self.settings.port,
+        )
+    }
+
+    /// Listens at principal `index`'s proxy address (UDP and TCP), if not yet. Called when a
+    /// principal is enrolled, before the enrolment is answered, and for every principal the
+    /// registry holds (see [`run`]). Must run inside the runtime.
+    pub fn ensure(self: &Arc<Self>, shared: &Arc<Shared>, index: u32) -> std::io::Result<()> {
+        let mut bound = self.bound();
+        if bound.contains_key(&index) {
+            return Ok(());
+        }
+        let addr = self.addr(index);
+        let udp = std::net::UdpSocket::bind(addr)?;
+        udp.set_nonblocking(true)?;
+        let udp = Arc::new(UdpSocket::from_std(udp)?);
+        let tcp = std::net::TcpListener::bind(addr)?;
+        tcp.set_nonblocking(true)?;
+        let tcp = TcpListener::from_std(tcp)?;
+        let u = tokio::spawn(serve_udp(self.clone(), shared.clone(), index, udp));
+        let t = tokio::spawn(serve_tcp(self.clone(), shared.clone(), index, tcp));
+        bound.insert(index, vec![u.abort_handle(), t.abort_handle()]);
+        debug!(index, %addr, "DNS proxy listening for principal");
+        Ok(())
+    }
+
+    /// Stops listening for principals not in `keep`.
+    fn retain(&self, keep: &std::collections::HashSet<u32>) {
+        self.bound().retain(|i, handles| {
+            let live = keep.contains(i);
+            if !live {
+                handles.iter().for_each(AbortHandle::abort);
+            }
+            live
+        });
+    }
+
+    fn stop_all(&self) {
+        for (_, handles) in self.bound().drain() {
+            handles.iter().for_each(AbortHandle::abort);
+        }
+    }
+
+    /// Answers one query of principal `index`; `None`: not a query (dropped).
+    async fn handle(&self, shared: &Shared, index: u32, q: &[u8], t: Transport) -> Option<Vec<u8>> {
+        let (msg, question) = message::query(q).ok()?;
+        bump(&self.counters.queries);
+        let Some(ctx) = Context::of(shared, index) else {
+            bump(&self.counters.refused);
+            return message::reply(&msg, ResponseCode::Refused).ok();
+        };
+        let policy = ctx.policy();
+        let asked_zone = policy.zone_of_name(&question.name).map(|h| h.zone);
+        let audit = policy.mode == Mode::Audit;
+        let mut event = pb::DnsQuery {
+            name: question.name.clone(),
+            r#type: question.qtype.clone(),
+            transport: t.name().into(),
+            ..pb::DnsQuery::default()
+        };
+        if asked_zone.is_none() && !policy.dns_allow_unlisted && !audit {
+            bump(&self.counters.refused);
+            event.rcode = "REFUSED".into();
+            event.chain = vec![question.name.clone()];
+            ctx.publish(shared, event, pb::Verdict::Deny);
+            return message::reply(&msg, ResponseCode::Refused).ok();
+        }
+        let verdict = if asked_zone.is_none() && !policy.dns_allow_unlisted {
+            pb::Verdict::AuditDeny
+        } else {
+            pb::Verdict::Allow
+        };
+        let up = match self.settings.upstream {
+            Some(u) => upstream::ask(u, q, t == Transport::Tcp).await,
+            None => Err(upstream::UpstreamError::None),
+        };
+        let up = match up {
+            Ok(b) => b,
+            Err(e) => {
+                bump(&self.counters.failures);
+                warn!(name = %question.name, error = %e, "DNS upstream failed: answered SERVFAIL");
+                event.rcode = "SERVFAIL".into();
+                ctx.publish(shared, event, verdict);
+                return message::reply(&msg, ResponseCode::ServFail).ok();
+            }
+        };
+        let Ok(answer) = message::answer(&up, &question.name) else {
+            bump(&self.counters.failures);
+            event.rcode = "SERVFAIL".into();
+            ctx.publish(shared, event, verdict);
+            return message::reply(&msg, ResponseCode::ServFail).ok();
+        };
+        let zone = asked_zone.or_else(|| {
+            answer
+                .chain
+                .iter()
+                .find_map(|n| policy.zone_of_name(n).map(|h| h.zone))
+        });
+        if let Some(zone) = zone {
+            self.learn(shared, index, &ctx, zone, &answer.addrs);
+            event.zone = policy
+                .zones
+                .get(zone as usize)
+                .map(|z| z.name.clone())
+                .unwrap_or_default();
+        }
+        event.rcode = answer.rcode.clone();
+        event.chain = answer.chain.clone();
+        event.answers = answer.addrs.iter().map(|(a, _)| a.to_string()).collect();
+        ctx.publish(shared, event, verdict);
+        Some(up)
+    }
+
+    /// Opens the answer's addresses for the principal, before the answer is released.
+    fn learn(
+        &self,
+        shared: &Shared,
+        index: u32,
+        ctx: &Context,
+        zone: u32,
+        addrs: &[(IpAddr, u32)],
+    ) {
+        let Ok(now) = crate::clock::boottime_ns() else {
+            bump(&self.counters.failures);
+            return;
+        };
+        let floor = self.settings.ttl_floor.as_secs();
+        let key = agent_common::policy_key(ctx.generation, ctx.slot);
+        let mut enf = shared.enforcer();
+        for (addr, ttl) in addrs {
+            let secs = u64::from(*ttl).max(floor);
+            let expires = now.saturating_add(secs.saturating_mul(1_000_000_000));
+            match enf.maps().dns().learn(index, *addr, key, zone, expires) {
+                Ok(()) => bump(&self.counters.learned),
+                Err(e) => {
+                    bump(&self.counters.failures);
+                    warn!(%addr, error = %corral_runtime::error_chain(&e), "a DNS answer's address could not be opened (the connect to it will be denied)");
+                }
+            }
+        }
+    }
+}
+
+/// Whose query, under which policy.
+struct Context {
+    principal: pb::Principal,
+    generation: u32,
+    slot: u32,
+    applied: Arc<super::policy::Generation>,
+}
+
+impl Context {
+    fn of(shared: &Shared, index: u32) -> Option<Self> {
+        let rec = shared.registry.get(index)?;
+        let st = shared.policy_state();
+        let generation = st.live?;
+        let applied = st.current()?.clone();
+        let slot = applied.compiled.policy_for(&rec.identity)?;
+        Some(Self {
+            principal: rec.to_pb(),
+            generation,
+            slot,
+            applied,
+        })
+    }
+
+    fn policy(&self) -> &corral_policy::CompiledPolicy {
+        &self.applied.compiled.policies[self.slot as usize]
+    }
+
+    fn publish(&self, shared: &Shared, dns: pb::DnsQuery, verdict: pb::Verdict) {
+        let reason = if dns.zone.is_empty() {
+            pb::Reason::Default
+        } else {
+            pb::Reason::Rule
+        };
+        let e = pb::Event {
+            seq: 0,
+            time_unix_nano: crate::clock::unix_now_ns(),
+            node: shared.resolved.node.clone(),
+            principal: Some(self.principal.clone()),
+            process: None,
+            call: Some(pb::event::Call::Dns(dns)),
+            decision: Some(pb::Decision {
+                verdict: verdict.into(),
+                reason: reason.into(),
+                policy: self.policy().name.clone(),
+                revision: self.applied.revision,
+                ..pb::Decision::default()
+            }),
+            suppressed: 0,
+        };
+        shared
+            .hub
+            .publish(&[Arc::new(corral_events::hub::HubEvent::from_pb(&e))]);
+    }
+}
+
+async fn serve_udp(proxy: Arc<DnsProxy>, shared: Arc<Shared>, index: u32, sock: Arc<UdpSocket>) {
+    let mut buf = vec![0u8; UDP_MAX];
+    loop {
+        let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+            continue;
+        };
+        let q = buf[..n].to_vec();
+        let (proxy, shared, sock) = (proxy.clone(), shared.clone(), sock.clone());
+        tokio::spawn(async move {
+            if let Some(r) = proxy.handle(&shared, index, &q, Transport::Udp).await {
+                let _ = sock.send_to(&r, from).await;
+            }
+        });
+    }
+}
+
+async fn serve_tcp(proxy: Arc<DnsProxy>, shared: Arc<Shared>, index: u32, l: TcpListener) {
+    loop {
+        let Ok((conn, _)) = l.accept().await else {
+            continue;
+        };
+        let (proxy, shared) = (proxy.clone(), shared.clone());
+        tokio::spawn(async move {
+            let _ = serve_conn(&proxy, &shared, index, conn).await;
+        });
+    }
+}
+
+/// DNS over TCP: length-prefixed messages, answered in turn until the client closes.
+async fn serve_conn(
+    proxy: &DnsProxy,
+    shared: &Shared,
+    index: u32,
+    mut conn: TcpStream,
+) -> std::io::Result<()> {
+    loop {
+        let len = match tokio::time::timeout(Duration::from_secs(10), conn.read_u16()).await {
+            Ok(Ok(n)) => usize::from(n),
+            _ => return Ok(()),
+        };
+        let mut q = vec![0u8; len];
+        conn.read_exact(&mut q).await?;
+        let Some(r) = proxy.handle(shared, index, &q, Transport::Tcp).await else {
+            return Ok(());
+        };
+        let n = u16::try_from(r.len()).map_err(std::io::Error::other)?;
+        conn.write_u16(n).await?;
+        conn.write_all(&r).await?;
+    }
+}
+
+/// Keeps a proxy address bound for every enrolled principal until shutdown.
+pub async fn run(
+    proxy: Arc<DnsProxy>,
+    shared: Arc<Shared>,
+    mut stop: corral_runtime::shutdown::ShutdownSignal,
+) {
+    let mut changes = shared.registry.subscribe();
+    loop {
+        let list = shared.registry.list();
+        let keep: std::collections::HashSet<u32> = list.iter().map(|p| p.index).collect();
+        for p in &list {
+            if let Err(e) = proxy.ensure(&shared, p.index) {
+                warn!(index = p.index, addr = %proxy.addr(p.index), error = %e, "cannot listen for a principal's DNS (its queries fail)");
+            }
+        }
+        proxy.retain(&keep);
+        tokio::select! {
+            _ = stop.wait() => break,
+            r = changes.changed() => if r.is_err() { break },
+        }
+    }
+    proxy.stop_all();
+}

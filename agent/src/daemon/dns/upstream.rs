@@ -1,0 +1,86 @@
+//! The resolver the proxy forwards to: `--dns-upstream`, else the first `nameserver` of the
+//! node's `/etc/resolv.conf`. A query goes over the transport it came in on (a UDP answer
+//! with the truncated bit is passed on as is: the client asks again over TCP).
+
+use std::{net::SocketAddr, time::Duration};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpStream, UdpSocket},
+};
+
+/// How long the upstream resolver has to answer.
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("no upstream resolver (give --dns-upstream, or a nameserver in /etc/resolv.conf)")]
+    None,
+    #[error("upstream {0} did not answer in {TIMEOUT:?}")]
+    Timeout(SocketAddr),
+    #[error("upstream {addr}: {source}")]
+    Io {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The first `nameserver` of resolv.conf text, port 53.
+pub fn from_resolv_conf(text: &str) -> Option<SocketAddr> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|v| v.trim().parse::<std::net::IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .next()
+}
+
+/// Forwards the query `q` to `addr` and returns the answer.
+pub async fn ask(addr: SocketAddr, q: &[u8], tcp: bool) -> Result<Vec<u8>, UpstreamError> {
+    let io = |source| UpstreamError::Io { addr, source };
+    let work = async {
+        if tcp {
+            let mut s = TcpStream::connect(addr).await.map_err(io)?;
+            let n = u16::try_from(q.len()).map_err(|e| io(std::io::Error::other(e)))?;
+            s.write_u16(n).await.map_err(io)?;
+            s.write_all(q).await.map_err(io)?;
+            let len = usize::from(s.read_u16().await.map_err(io)?);
+            let mut r = vec![0u8; len];
+            s.read_exact(&mut r).await.map_err(io)?;
+            Ok(r)
+        } else {
+            let local: SocketAddr = if addr.is_ipv4() {
+                "0.0.0.0:0".parse().map_err(|e| io(std::io::Error::other(e)))?
+            } else {
+                "[::]:0".parse().map_err(|e| io(std::io::Error::other(e)))?
+            };
+            let s = UdpSocket::bind(local).await.map_err(io)?;
+            s.connect(addr).await.map_err(io)?;
+            s.send(q).await.map_err(io)?;
+            let mut r = vec![0u8; super::UDP_MAX];
+            loop {
+                let n = s.recv(&mut r).await.map_err(io)?;
+                // The answer to this query (same id), not a stray datagram.
+                if n >= 2 && q.len() >= 2 && r[..2] == q[..2] {
+                    r.truncate(n);
+                    return Ok(r);
+                }
+            }
+        }
+    };
+    tokio::time::timeout(TIMEOUT, work)
+        .await
+        .map_err(|_| UpstreamError::Timeout(addr))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_nameserver_is_taken() {
+        let text = "# generated\nsearch example.com\nnameserver 10.0.2.3\nnameserver 1.1.1.1\n";
+        assert_eq!(from_resolv_conf(text), "10.0.2.3:53".parse().ok());
+        assert_eq!(from_resolv_conf("nameserver ::1\n"), "[::1]:53".parse().ok());
+        assert_eq!(from_resolv_conf("search x\n"), None);
+    }
+}
