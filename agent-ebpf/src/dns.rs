@@ -2,7 +2,8 @@
 //! 53 (UDP or TCP, to any resolver, IPv4 or IPv4-mapped) is sent to the agent's DNS proxy at
 //! the principal's own address (`agent_common::dns`), which answers only for names in the
 //! principal's zones and writes the answer's addresses into `LEARNED` before releasing it.
-//! `recvmsg4/6` make a reply read from an unconnected socket name the resolver it was sent to.
+//! `recvmsg4/6` make a reply read from an unconnected socket name the resolver it was sent to,
+//! and `getpeername4/6` make a redirected socket's peer that resolver too (TCP clients check).
 //!
 //! Refused (EPERM, reason containment): a principal's call straight to a proxy address (only
 //! the redirect goes there: another principal's address would be its view of DNS), and DNS to
@@ -154,5 +155,15 @@ pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore(&ctx, false)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    restore(&ctx, true)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
     restore(&ctx, false)
 }

@@ -308,12 +308,13 @@ impl Sink {
     }
 }
 
-/// Builds compiled policies for tests, without YAML.
+pub mod dnsmasq;
 pub mod e2e;
 pub mod fleet;
 /// A real node (server + agent) and a prober in a principal, for latency benchmarks.
 pub mod harness;
 
+/// Builds compiled policies for tests, without YAML.
 pub mod build {
     use std::net::IpAddr;
 

@@ -53,9 +53,7 @@ fn a_learned_address_opens_for_its_principal_until_it_expires() -> anyhow::Resul
     assert_eq!(probe(&a)?, [eperm()]);
     // Learned by principal 1 (zone 0, `api`): open for it, not for principal 2.
     let now = boottime_ns()?;
-    e.maps()
-        .dns()
-        .learn(1, ip, key, 0, now + 60_000_000_000)?;
+    e.maps().dns().learn(1, ip, key, 0, now + 60_000_000_000)?;
     assert_eq!(probe(&a)?, [Outcome::Ok]);
     assert_eq!(probe(&b)?, [eperm()], "learned by another principal");
     // Expired: closed for new connections.
@@ -70,9 +68,7 @@ fn a_learned_address_opens_for_its_principal_until_it_expires() -> anyhow::Resul
     // Principal 1 learns the address again, under the policy now live.
     let relearn = |e: &mut Enforcer| -> anyhow::Result<()> {
         let key = policy_key(e.maps().config()?.generation & 1, 0);
-        Ok(e.maps()
-            .dns()
-            .learn(1, ip, key, 0, now + 60_000_000_000)?)
+        Ok(e.maps().dns().learn(1, ip, key, 0, now + 60_000_000_000)?)
     };
     relearn(&mut e)?;
     // The address is also in `internal`, whose rule denies the port: an allowed name cannot

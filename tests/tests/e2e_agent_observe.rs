@@ -139,9 +139,16 @@ fn status_reports_features_policy_and_principals() -> anyhow::Result<()> {
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
     assert_eq!(
-        hooks[..6],
+        hooks[..8],
         [
-            "connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6"
+            "connect4",
+            "connect6",
+            "sendmsg4",
+            "sendmsg6",
+            "recvmsg4",
+            "recvmsg6",
+            "getpeername4",
+            "getpeername6"
         ],
         "{s}"
     );

@@ -31,8 +31,15 @@ use super::{
 /// The sock_addr programs, by the names of their functions in `agent-ebpf`. The unix-socket
 /// hooks (kernel 6.7+) are attached where the kernel has them, by [`super::unix_hooks`]:
 /// [`Enforcer::sock_addr_hooks`] lists what is attached.
-pub const SOCK_ADDR_PROGRAMS: [&str; 6] = [
-    "connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6",
+pub const SOCK_ADDR_PROGRAMS: [&str; 8] = [
+    "connect4",
+    "connect6",
+    "sendmsg4",
+    "sendmsg6",
+    "recvmsg4",
+    "recvmsg6",
+    "getpeername4",
+    "getpeername6",
 ];
 
 /// The containment guards (`agent-ebpf/src/guard.rs`): `socket()` (cgroup `sock_create`) and

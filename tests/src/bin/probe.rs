@@ -40,6 +40,10 @@
 //! - `rthdrmsg6:ADDR:PORT:HEX`: UDP `sendmsg()` with the routing header HEX in an
 //!   `IPV6_RTHDR` control message.
 //!
+//! - `dns:NAME@ADDR:PORT`, `dnsc:...`, `dnstcp:...`, `dnsconn:PORT:NAME@ADDR:PORT`: DNS
+//!   queries as a client sends them (see `probe/dns.rs`);
+//! - `sleep:MS`: sleep MS milliseconds (prints `ok`).
+//!
 //! ADDR is `1.2.3.4` or `[::1]`.
 use std::{
     collections::BTreeMap,
@@ -55,6 +59,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+#[path = "probe/dns.rs"]
+mod dns;
 #[path = "probe/session.rs"]
 mod session;
 use socket2::{Domain, SockAddr, Socket, Type};
@@ -336,6 +342,18 @@ fn one(op: &str) -> String {
             Ok(()) => "ok".into(),
             Err(e) => errno_name(&e),
         };
+    }
+    if kind == "sleep" {
+        return match rest.parse() {
+            Ok(ms) => {
+                std::thread::sleep(Duration::from_millis(ms));
+                "ok".into()
+            }
+            Err(e) => format!("bad sleep {rest}: {e}"),
+        };
+    }
+    if let Some(r) = dns::op(kind, rest) {
+        return r.unwrap_or_else(|e| errno_name(&e));
     }
     if kind == "spawn" {
         return match std::process::Command::new(rest).status() {

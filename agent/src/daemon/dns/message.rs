@@ -135,7 +135,9 @@ mod tests {
         let mut q = Message::new();
         q.set_id(77).set_recursion_desired(true);
         q.add_query(Query::query(name("API.Example.COM."), RecordType::A));
-        let bytes = q.to_vec().map_err(|e| MessageError::Encode(e.to_string()))?;
+        let bytes = q
+            .to_vec()
+            .map_err(|e| MessageError::Encode(e.to_string()))?;
         let (m, question) = query(&bytes)?;
         assert_eq!(question.name, "api.example.com");
         assert_eq!(question.qtype, "A");
@@ -168,7 +170,9 @@ mod tests {
             20,
             RData::A(rdata::A("198.51.100.1".parse().expect("ip"))),
         ));
-        let bytes = m.to_vec().map_err(|e| MessageError::Encode(e.to_string()))?;
+        let bytes = m
+            .to_vec()
+            .map_err(|e| MessageError::Encode(e.to_string()))?;
         let a = answer(&bytes, "www.example.com")?;
         assert_eq!(a.chain, ["www.example.com", "edge.cdn.net"]);
         assert_eq!(a.addrs, [("192.0.2.7".parse().expect("ip"), 20)]);

@@ -49,7 +49,9 @@ pub async fn ask(addr: SocketAddr, q: &[u8], tcp: bool) -> Result<Vec<u8>, Upstr
             Ok(r)
         } else {
             let local: SocketAddr = if addr.is_ipv4() {
-                "0.0.0.0:0".parse().map_err(|e| io(std::io::Error::other(e)))?
+                "0.0.0.0:0"
+                    .parse()
+                    .map_err(|e| io(std::io::Error::other(e)))?
             } else {
                 "[::]:0".parse().map_err(|e| io(std::io::Error::other(e)))?
             };
@@ -80,7 +82,10 @@ mod tests {
     fn the_first_nameserver_is_taken() {
         let text = "# generated\nsearch example.com\nnameserver 10.0.2.3\nnameserver 1.1.1.1\n";
         assert_eq!(from_resolv_conf(text), "10.0.2.3:53".parse().ok());
-        assert_eq!(from_resolv_conf("nameserver ::1\n"), "[::1]:53".parse().ok());
+        assert_eq!(
+            from_resolv_conf("nameserver ::1\n"),
+            "[::1]:53".parse().ok()
+        );
         assert_eq!(from_resolv_conf("search x\n"), None);
     }
 }

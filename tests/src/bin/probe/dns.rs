@@ -1,0 +1,152 @@
+//! DNS operations of the probe: a real query over UDP or TCP to a resolver address, as any
+//! client sends it, and the reply as the client reads it (rcode, A/AAAA addresses, and the
+//! source the reply claims to come from).
+//!
+//! - `dns:NAME@ADDR:PORT`: A query over UDP with an unconnected socket (`sendto` +
+//!   `recvfrom`); prints `RCODE ADDRS from SRC` (`NOERROR 127.0.0.2 from 10.0.0.53:53`,
+//!   ADDRS `-` when none), or the errno of the send;
+//! - `dnsc:NAME@ADDR:PORT`: the same with a connected UDP socket (`connect` + `send`);
+//! - `dnstcp:NAME@ADDR:PORT`: the same over TCP (length-prefixed);
+//! - `dnsconn:PORT:NAME@ADDR:PORT`: a UDP query, then at once a TCP connect to the first
+//!   address of the answer at PORT; prints the connect's outcome (`ok`, `EPERM`, ...), or the
+//!   rcode when the answer has no address.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use hickory_proto::{
+    op::{Message, MessageType, OpCode, Query},
+    rr::{Name, RData, RecordType},
+};
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+fn other(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+/// `NAME@ADDR:PORT`.
+fn target(spec: &str) -> std::io::Result<(Name, SocketAddr)> {
+    let (name, addr) = spec
+        .split_once('@')
+        .ok_or_else(|| other(format!("bad dns target {spec}")))?;
+    let name = Name::from_ascii(name).map_err(other)?;
+    let addr = addr.parse().map_err(other)?;
+    Ok((name, addr))
+}
+
+fn query(name: &Name) -> std::io::Result<Vec<u8>> {
+    let mut m = Message::new();
+    m.set_id(rand_id())
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(true)
+        .add_query(Query::query(name.clone(), RecordType::A));
+    m.to_vec().map_err(other)
+}
+
+fn rand_id() -> u16 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    (t ^ std::process::id()) as u16
+}
+
+/// The reply's rcode and A/AAAA addresses.
+struct Reply {
+    rcode: String,
+    addrs: Vec<IpAddr>,
+}
+
+fn parse(bytes: &[u8]) -> std::io::Result<Reply> {
+    let m = Message::from_vec(bytes).map_err(other)?;
+    let addrs = m
+        .answers()
+        .iter()
+        .filter_map(|r| match r.data() {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+            _ => None,
+        })
+        .collect();
+    Ok(Reply {
+        rcode: corral_agent::daemon::dns::message::rcode_name(m.response_code()),
+        addrs,
+    })
+}
+
+fn udp(spec: &str, connected: bool) -> std::io::Result<(Reply, SocketAddr)> {
+    let (name, server) = target(spec)?;
+    let bind: SocketAddr = if server.is_ipv4() {
+        "0.0.0.0:0".parse().map_err(other)?
+    } else {
+        "[::]:0".parse().map_err(other)?
+    };
+    let s = UdpSocket::bind(bind)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    let q = query(&name)?;
+    if connected {
+        s.connect(server)?;
+        s.send(&q)?;
+    } else {
+        s.send_to(&q, server)?;
+    }
+    let mut buf = [0u8; 4096];
+    let (n, from) = s.recv_from(&mut buf)?;
+    Ok((parse(&buf[..n])?, from))
+}
+
+fn tcp(spec: &str) -> std::io::Result<(Reply, SocketAddr)> {
+    let (name, server) = target(spec)?;
+    let mut s = TcpStream::connect_timeout(&server, TIMEOUT)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    let q = query(&name)?;
+    let len = u16::try_from(q.len()).map_err(other)?;
+    s.write_all(&len.to_be_bytes())?;
+    s.write_all(&q)?;
+    let mut n = [0u8; 2];
+    s.read_exact(&mut n)?;
+    let mut buf = vec![0u8; usize::from(u16::from_be_bytes(n))];
+    s.read_exact(&mut buf)?;
+    let peer = s.peer_addr()?;
+    Ok((parse(&buf)?, peer))
+}
+
+fn line((r, from): (Reply, SocketAddr)) -> String {
+    let addrs = if r.addrs.is_empty() {
+        "-".to_owned()
+    } else {
+        r.addrs
+            .iter()
+            .map(IpAddr::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    format!("{} {addrs} from {from}", r.rcode)
+}
+
+/// Runs DNS op `kind` (`dns`, `dnsc`, `dnstcp`, `dnsconn`) on `rest`; `None`: not a DNS op.
+pub fn op(kind: &str, rest: &str) -> Option<std::io::Result<String>> {
+    Some(match kind {
+        "dns" => udp(rest, false).map(line),
+        "dnsc" => udp(rest, true).map(line),
+        "dnstcp" => tcp(rest).map(line),
+        "dnsconn" => conn(rest),
+        _ => return None,
+    })
+}
+
+fn conn(rest: &str) -> std::io::Result<String> {
+    let (port, spec) = rest
+        .split_once(':')
+        .ok_or_else(|| other(format!("bad dnsconn {rest}")))?;
+    let port: u16 = port.parse().map_err(other)?;
+    let (reply, _) = udp(spec, false)?;
+    let Some(addr) = reply.addrs.first() else {
+        return Ok(reply.rcode);
+    };
+    TcpStream::connect_timeout(&SocketAddr::new(*addr, port), TIMEOUT).map(|_| "ok".to_owned())
+}
