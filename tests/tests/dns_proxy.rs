@@ -324,9 +324,9 @@ fn an_answer_opens_its_addresses_for_the_resolving_principal_only() -> anyhow::R
         [format!("NOERROR 127.0.0.2 from {ELSEWHERE}"), "ok".into()]
     );
     // Another session of the same identity is another principal: nothing opened for it.
-    assert_eq!(s.probe("s2", &[api.clone()])?, ["EPERM"]);
+    assert_eq!(s.probe("s2", std::slice::from_ref(&api))?, ["EPERM"]);
     // The first still has it, in a new process.
-    assert_eq!(s.probe("s1", &[api.clone()])?, ["ok"]);
+    assert_eq!(s.probe("s1", std::slice::from_ref(&api))?, ["ok"]);
     // The second resolves for itself: then it is open for it too.
     assert_eq!(
         s.probe("s2", &[dns("dnstcp", "api.corral.test", ELSEWHERE), api])?,
