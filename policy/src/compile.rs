@@ -166,7 +166,7 @@ fn policy(file: &str, d: &PolicyDoc) -> CompiledPolicy {
         grants: d.grants.iter().map(|g| g.pos).collect(),
         identities: d.identities.iter().map(|i| i.pos).collect(),
     };
-    CompiledPolicy {
+    let mut p = CompiledPolicy {
         name: d.name.value.clone(),
         identities: d.identities.iter().map(|i| i.value.clone()).collect(),
         mode: d.mode,
@@ -180,5 +180,7 @@ fn policy(file: &str, d: &PolicyDoc) -> CompiledPolicy {
         hosts,
         dns_allow_unlisted: d.dns_allow_unlisted,
         source,
-    }
+    };
+    crate::dns_bypass::close(&mut p);
+    p
 }

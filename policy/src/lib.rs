@@ -22,6 +22,7 @@ pub mod bench;
 pub mod compile;
 pub mod compiled;
 pub mod diag;
+pub mod dns_bypass;
 pub mod eval;
 pub mod explain;
 pub mod fields;
