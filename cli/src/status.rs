@@ -71,6 +71,10 @@ fn to_json(s: &pb::AgentStatus) -> serde_json::Value {
         "containers_enrolled": s.containers_enrolled,
         "containers_failed_open": s.containers_failed_open,
         "containers_missed": s.containers_missed,
+        "dns": s.dns.as_ref().map(|d| json!({
+            "port": d.port, "upstream": d.upstream, "queries": d.queries, "refused": d.refused,
+            "learned": d.learned, "learned_now": d.learned_now, "failures": d.failures,
+        })),
         "server_state": s.server_state,
     })
 }
@@ -123,6 +127,17 @@ fn human(s: &pb::AgentStatus) -> String {
             ));
         }
         out.push('\n');
+    }
+    if let Some(d) = &s.dns {
+        let upstream = if d.upstream.is_empty() {
+            "NO UPSTREAM"
+        } else {
+            d.upstream.as_str()
+        };
+        out.push_str(&format!(
+            "dns proxy:   port {} -> {upstream}: {} queries, {} refused, {} addresses opened ({} open now), {} failures\n",
+            d.port, d.queries, d.refused, d.learned, d.learned_now, d.failures
+        ));
     }
     out.push_str(&format!("principals:  {}\n", s.principals.len()));
     for p in &s.principals {

@@ -299,6 +299,13 @@ fn allowed_names_resolve_and_connect_and_others_are_refused_unasked() -> anyhow:
                 && e["decision"]["verdict"] == "allow"),
         "{dns_evs:#?}"
     );
+    // Counted in status: 13 queries, 5 refused, the addresses opened and open now (4).
+    let st = s.node.status()?;
+    let d = &st["dns"];
+    assert_eq!(d["upstream"], resolver.addr.to_string(), "{st}");
+    assert_eq!((d["queries"].as_u64(), d["refused"].as_u64()), (Some(13), Some(5)), "{st}");
+    assert!(d["learned"].as_u64() >= Some(4) && d["learned_now"].as_u64() == Some(4), "{st}");
+    assert_eq!(d["failures"], 0, "{st}");
     Ok(())
 }
 

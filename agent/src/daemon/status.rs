@@ -126,6 +126,7 @@ pub fn build(shared: &Shared) -> pb::AgentStatus {
         containers_enrolled: shared.containers.enrolled.load(Ordering::Relaxed),
         containers_failed_open: shared.containers.failed_open.load(Ordering::Relaxed),
         containers_missed: shared.containers.missed.load(Ordering::Relaxed),
+        dns: dns_status(shared),
         events_delivered: shared.hub.published.load(Ordering::Relaxed),
         events_dropped_kernel: kernel_drops(shared),
         events_dropped_subscribers: shared.hub.subscriber_dropped.load(Ordering::Relaxed),
@@ -257,6 +258,22 @@ pub fn metrics(shared: &Shared) -> String {
         "counter",
         shared.containers.missed.load(Ordering::Relaxed),
     );
+    if let Some(d) = dns_status(shared) {
+        for (name, help, v) in [
+            ("corral_dns_queries_total", "DNS queries the proxy answered.", d.queries),
+            ("corral_dns_refused_total", "DNS queries answered REFUSED (name in no zone).", d.refused),
+            ("corral_dns_learned_total", "Addresses opened from DNS answers.", d.learned),
+            ("corral_dns_failures_total", "DNS upstream failures and addresses that could not be opened.", d.failures),
+        ] {
+            gauge(name, help, "counter", v);
+        }
+        gauge(
+            "corral_dns_learned_addresses",
+            "Addresses open by name now (kernel map entries).",
+            "gauge",
+            d.learned_now,
+        );
+    }
     gauge(
         "corral_events_undecodable_total",
         "Events the agent could not decode (kernel/agent version skew).",
@@ -354,4 +371,20 @@ mod tests {
              corral_k8s_pods_not_enrolled{state=\"failed\"} 1\n"
         );
     }
+}
+
+/// The DNS proxy's settings and counters, if it runs.
+fn dns_status(shared: &Shared) -> Option<pb::DnsProxyStatus> {
+    let d = shared.dns.as_ref()?;
+    let c = &d.counters;
+    let learned_now = shared.enforcer().maps().dns().len() as u64;
+    Some(pb::DnsProxyStatus {
+        port: u32::from(d.settings.port),
+        upstream: d.settings.upstream.map(|u| u.to_string()).unwrap_or_default(),
+        queries: c.queries.load(Ordering::Relaxed),
+        refused: c.refused.load(Ordering::Relaxed),
+        learned: c.learned.load(Ordering::Relaxed),
+        learned_now,
+        failures: c.failures.load(Ordering::Relaxed),
+    })
 }
