@@ -72,7 +72,7 @@ pub fn event_json(e: &pb::Event, subscriber_dropped: Option<u64>) -> Value {
         Some(pb::event::Call::Connect(c)) => {
             v["connect"] = json!({
                 "family": c.family, "protocol": c.protocol, "destination": c.destination,
-                "port": c.port, "zone": c.zone, "hook": c.hook,
+                "port": c.port, "zone": c.zone, "hook": c.hook, "name": c.name,
             });
         }
         Some(pb::event::Call::Exec(x)) => v["exec"] = json!({"path": x.path}),
@@ -125,10 +125,10 @@ pub fn call_text(e: &pb::Event) -> String {
             } else {
                 "connect"
             };
-            let zone = if c.zone.is_empty() {
-                String::new()
-            } else {
-                format!(" (zone {})", c.zone)
+            let zone = match (c.zone.is_empty(), c.name.is_empty()) {
+                (true, _) => String::new(),
+                (false, true) => format!(" (zone {})", c.zone),
+                (false, false) => format!(" (zone {}, name {})", c.zone, c.name),
             };
             if c.protocol.is_empty() {
                 format!("{verb} {} {dest}{zone}", c.family)
@@ -256,6 +256,7 @@ mod tests {
                 port: 9090,
                 zone: "local".into(),
                 hook: "connect4".into(),
+                name: String::new(),
             })),
             decision: Some(pb::Decision {
                 verdict: pb::Verdict::Deny as i32,

@@ -273,12 +273,14 @@ fn allowed_names_resolve_and_connect_and_others_are_refused_unasked() -> anyhow:
     );
 
     // `dns` events: the refusal and the answer with its chain and zone.
-    let evs = wait_for(5, "the dns events", || {
+    // (Kernel events come through the ring buffer, DNS events from the proxy: wait for both.)
+    let evs = wait_for(5, "the dns and connect events", || {
         let evs = s.events()?;
-        Ok(evs
+        let dns = evs.iter().any(|e| e["dns"]["name"] == "alias.corral.test");
+        let last = evs
             .iter()
-            .any(|e| e["dns"]["name"] == "alias.corral.test")
-            .then_some(evs))
+            .any(|e| e["connect"]["destination"] == "127.0.0.5");
+        Ok((dns && last).then_some(evs))
     })?;
     let dns_evs: Vec<&Value> = evs.iter().filter(|e| e["kind"] == "dns").collect();
     assert!(
@@ -299,12 +301,35 @@ fn allowed_names_resolve_and_connect_and_others_are_refused_unasked() -> anyhow:
                 && e["decision"]["verdict"] == "allow"),
         "{dns_evs:#?}"
     );
+    // A connect to an address a name opened carries the name.
+    assert!(
+        evs.iter()
+            .any(|e| e["connect"]["destination"] == "127.0.0.4"
+                && e["connect"]["name"] == "alias.corral.test"
+                && e["connect"]["zone"] == "api"
+                && e["decision"]["verdict"] == "allow"),
+        "{evs:#?}"
+    );
+    assert!(
+        evs.iter()
+            .any(|e| e["connect"]["destination"] == "127.0.0.6"
+                && e["connect"]["name"] == ""
+                && e["decision"]["verdict"] == "deny"),
+        "{evs:#?}"
+    );
     // Counted in status: 13 queries, 5 refused, the addresses opened and open now (4).
     let st = s.node.status()?;
     let d = &st["dns"];
     assert_eq!(d["upstream"], resolver.addr.to_string(), "{st}");
-    assert_eq!((d["queries"].as_u64(), d["refused"].as_u64()), (Some(13), Some(5)), "{st}");
-    assert!(d["learned"].as_u64() >= Some(4) && d["learned_now"].as_u64() == Some(4), "{st}");
+    assert_eq!(
+        (d["queries"].as_u64(), d["refused"].as_u64()),
+        (Some(13), Some(5)),
+        "{st}"
+    );
+    assert!(
+        d["learned"].as_u64() >= Some(4) && d["learned_now"].as_u64() == Some(4),
+        "{st}"
+    );
     assert_eq!(d["failures"], 0, "{st}");
     Ok(())
 }

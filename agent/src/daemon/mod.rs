@@ -417,7 +417,7 @@ async fn sweep_principals(shared: Arc<Shared>, mut stop: ShutdownSignal) {
                     s.registry.sweep(enf.maps());
                     if addrs {
                         refresh_node_facts(enf.maps());
-                        sweep_learned(&s.registry, enf.maps());
+                        sweep_learned(&s, enf.maps());
                     }
                     drop(enf);
                     if addrs {
@@ -431,11 +431,15 @@ async fn sweep_principals(shared: Arc<Shared>, mut stop: ShutdownSignal) {
 }
 
 /// Removes the DNS-learned addresses that have expired or whose principal is gone.
-fn sweep_learned(registry: &Registry, maps: &mut crate::ebpf::PolicyMaps) {
+fn sweep_learned(shared: &Shared, maps: &mut crate::ebpf::PolicyMaps) {
     let Ok(now) = crate::clock::boottime_ns() else {
         return;
     };
-    let live: std::collections::HashSet<u32> = registry.list().iter().map(|p| p.index).collect();
+    let live: std::collections::HashSet<u32> =
+        shared.registry.list().iter().map(|p| p.index).collect();
+    if let Some(d) = &shared.dns {
+        d.sweep_names(now, |p| live.contains(&p));
+    }
     let n = maps.dns().sweep(now, |p| live.contains(&p));
     if n > 0 {
         tracing::debug!(removed = n, "expired DNS-learned addresses removed");

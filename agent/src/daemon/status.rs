@@ -260,10 +260,26 @@ pub fn metrics(shared: &Shared) -> String {
     );
     if let Some(d) = dns_status(shared) {
         for (name, help, v) in [
-            ("corral_dns_queries_total", "DNS queries the proxy answered.", d.queries),
-            ("corral_dns_refused_total", "DNS queries answered REFUSED (name in no zone).", d.refused),
-            ("corral_dns_learned_total", "Addresses opened from DNS answers.", d.learned),
-            ("corral_dns_failures_total", "DNS upstream failures and addresses that could not be opened.", d.failures),
+            (
+                "corral_dns_queries_total",
+                "DNS queries the proxy answered.",
+                d.queries,
+            ),
+            (
+                "corral_dns_refused_total",
+                "DNS queries answered REFUSED (name in no zone).",
+                d.refused,
+            ),
+            (
+                "corral_dns_learned_total",
+                "Addresses opened from DNS answers.",
+                d.learned,
+            ),
+            (
+                "corral_dns_failures_total",
+                "DNS upstream failures and addresses that could not be opened.",
+                d.failures,
+            ),
         ] {
             gauge(name, help, "counter", v);
         }
@@ -380,7 +396,11 @@ fn dns_status(shared: &Shared) -> Option<pb::DnsProxyStatus> {
     let learned_now = shared.enforcer().maps().dns().len() as u64;
     Some(pb::DnsProxyStatus {
         port: u32::from(d.settings.port),
-        upstream: d.settings.upstream.map(|u| u.to_string()).unwrap_or_default(),
+        upstream: d
+            .settings
+            .upstream
+            .map(|u| u.to_string())
+            .unwrap_or_default(),
         queries: c.queries.load(Ordering::Relaxed),
         refused: c.refused.load(Ordering::Relaxed),
         learned: c.learned.load(Ordering::Relaxed),

@@ -58,11 +58,15 @@ pub struct Counters {
     pub failures: std::sync::atomic::AtomicU64,
 }
 
-/// The running proxy: its settings and the sockets bound per principal.
+/// The running proxy: its settings, the sockets bound per principal, and the name each
+/// opened address was learned from.
 #[derive(Debug)]
 pub struct DnsProxy {
     pub settings: Settings,
     bound: Mutex<HashMap<u32, Vec<AbortHandle>>>,
+    /// (principal index, address) -> (the name asked, expiry in boot-time ns): connect events
+    /// to the address carry the name. Bounded like the kernel map (swept with it).
+    names: Mutex<HashMap<(u32, IpAddr), (Arc<str>, u64)>>,
     pub counters: Counters,
 }
 
@@ -90,12 +94,28 @@ impl DnsProxy {
         Self {
             settings,
             bound: Mutex::new(HashMap::new()),
+            names: Mutex::new(HashMap::new()),
             counters: Counters::default(),
         }
     }
 
     fn bound(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Vec<AbortHandle>>> {
         self.bound.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn names(&self) -> std::sync::MutexGuard<'_, HashMap<(u32, IpAddr), (Arc<str>, u64)>> {
+        self.names.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The name principal `index` learned `addr` from, if it did.
+    pub fn name_of(&self, index: u32, addr: IpAddr) -> Option<Arc<str>> {
+        self.names().get(&(index, addr)).map(|(n, _)| n.clone())
+    }
+
+    /// Forgets the names of addresses expired at `now` (boot-time ns) or of principals gone.
+    pub fn sweep_names(&self, now: u64, live: impl Fn(u32) -> bool) {
+        self.names()
+            .retain(|(index, _), (_, expires)| *expires > now && live(*index));
     }
 
     /// The proxy address of principal `index`.
@@ -201,7 +221,7 @@ impl DnsProxy {
                 .find_map(|n| policy.zone_of_name(n).map(|h| h.zone))
         });
         if let Some(zone) = zone {
-            self.learn(shared, index, &ctx, zone, &answer.addrs);
+            self.learn(shared, index, &ctx, zone, &question.name, &answer.addrs);
             event.zone = policy
                 .zones
                 .get(zone as usize)
@@ -222,6 +242,7 @@ impl DnsProxy {
         index: u32,
         ctx: &Context,
         zone: u32,
+        name: &str,
         addrs: &[(IpAddr, u32)],
     ) {
         let Ok(now) = crate::clock::boottime_ns() else {
@@ -235,7 +256,15 @@ impl DnsProxy {
             let secs = u64::from(*ttl).max(floor);
             let expires = now.saturating_add(secs.saturating_mul(1_000_000_000));
             match enf.maps().dns().learn(index, *addr, key, zone, expires) {
-                Ok(()) => bump(&self.counters.learned),
+                Ok(()) => {
+                    bump(&self.counters.learned);
+                    let mut names = self.names();
+                    if names.len() < agent_common::maps::limits::LEARNED as usize
+                        || names.contains_key(&(index, *addr))
+                    {
+                        names.insert((index, *addr), (Arc::from(name), expires));
+                    }
+                }
                 Err(e) => {
                     bump(&self.counters.failures);
                     warn!(%addr, error = %corral_runtime::error_chain(&e), "a DNS answer's address could not be opened (the connect to it will be denied)");

@@ -263,6 +263,14 @@ impl Enricher {
         set(&mut call.protocol, proto_name(c.proto));
         call.port = u32::from(c.port);
         set(&mut call.hook, hook_name(c.hook));
+        // The name that opened this address for this principal, if a DNS answer did.
+        call.name.clear();
+        if c.unix_path.is_none()
+            && let Some(d) = &self.shared.dns
+            && let Some(name) = d.name_of(c.header.principal, c.addr)
+        {
+            call.name.push_str(&name);
+        }
         self.scratch.call = Some(pb::event::Call::Connect(call));
         self.process(c.header.pid, c.header.uid, now);
         self.scratch.seq = c.header.seq;
