@@ -6,7 +6,7 @@
 //! contacted yet, no grants).
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     path::{Path, PathBuf},
     process::ExitCode,
 };
@@ -15,7 +15,7 @@ use clap::{Args, Subcommand};
 use corral_policy::{
     self as policy, PolicyError,
     eval::ConnectCall,
-    explain::{Call, explain},
+    explain::{Call, Target, explain, explain_name, parse_target},
     identity,
 };
 
@@ -53,7 +53,9 @@ pub struct ExplainArgs {
     /// The caller's SPIFFE ID, e.g. spiffe://example.org/agent/research/r1.
     #[arg(long)]
     identity: String,
-    /// A connect: ADDR:PORT[/tcp|udp] (IPv6 as [ADDR]:PORT; protocol defaults to tcp).
+    /// A connect: ADDR:PORT[/tcp|udp] (IPv6 as [ADDR]:PORT; protocol defaults to tcp), or
+    /// NAME:PORT[/tcp|udp]: the name is resolved (here with --policy, else by the agent) and
+    /// each address explained as the DNS proxy would open it.
     #[arg(long, conflicts_with = "exec", required_unless_present = "exec")]
     connect: Option<String>,
     /// An exec of PATH (symlinks are resolved when the file exists here).
@@ -98,38 +100,47 @@ fn check(file: &Path) -> Result<ExitCode, CliError> {
     }
 }
 
-/// `ADDR:PORT[/tcp|udp]`.
-pub fn parse_connect(s: &str) -> Result<ConnectCall, CliError> {
-    let (addr, proto) = match s.rsplit_once('/') {
-        Some((a, "tcp")) => (a, agent_common::PROTO_TCP),
-        Some((a, "udp")) => (a, agent_common::PROTO_UDP),
-        Some((_, p)) => {
-            return Err(CliError::usage(format!(
-                "--connect {s}: protocol `{p}` is not supported; write /tcp or /udp"
-            )));
-        }
-        None => (s, agent_common::PROTO_TCP),
-    };
-    let sa: SocketAddr = addr.parse().map_err(|_| {
-        CliError::usage(format!(
-            "--connect {s}: write ADDR:PORT[/tcp|udp], e.g. 10.0.0.1:443/tcp or [::1]:53/udp"
-        ))
-    })?;
-    let addr = match sa.ip() {
-        IpAddr::V6(a) => a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4),
-        v4 => v4,
-    };
-    Ok(ConnectCall {
-        addr,
-        port: sa.port(),
-        proto,
-    })
+/// The addresses `name` resolves to here (the system resolver), IPv4-mapped as IPv4,
+/// deduplicated, for `explain --connect NAME:PORT`.
+fn resolve(name: &str, port: u16) -> Result<Vec<IpAddr>, CliError> {
+    use std::net::ToSocketAddrs as _;
+    let mut out: Vec<IpAddr> = (name, port)
+        .to_socket_addrs()
+        .map_err(|e| {
+            CliError::usage(format!(
+                "--connect {name}:{port}: cannot resolve {name} here: {e}"
+            ))
+        })?
+        .map(|sa| match sa.ip() {
+            IpAddr::V6(a) => a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4),
+            v4 => v4,
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
 }
 
 async fn explain_cmd(a: &ExplainArgs) -> Result<(), CliError> {
     identity::validate_id(&a.identity).map_err(|source| CliError::BadIdentity { source })?;
     let call = match (&a.connect, &a.exec) {
-        (Some(c), _) => Call::Connect(parse_connect(c)?),
+        (Some(c), _) => match parse_target(c).map_err(CliError::usage)? {
+            Target::Addr(c) => Call::Connect(c),
+            Target::Name { name, port, proto } => {
+                let Some(file) = &a.policy else {
+                    return explain_by_agent(a).await;
+                };
+                let compiled = policy::compile_file(file, 0)?;
+                for (i, addr) in resolve(&name, port)?.into_iter().enumerate() {
+                    if i > 0 {
+                        println!();
+                    }
+                    let c = ConnectCall { addr, port, proto };
+                    println!("{}", explain_name(&compiled, &a.identity, &name, c));
+                }
+                return Ok(());
+            }
+        },
         (None, Some(p)) => {
             let resolved = match std::fs::canonicalize(p) {
                 Ok(r) => r.display().to_string(),
@@ -190,12 +201,26 @@ mod tests {
 
     #[test]
     fn connect_syntax() {
-        let c = parse_connect("127.0.0.1:80/udp").expect("valid");
+        let addr = |s: &str| match parse_target(s) {
+            Ok(Target::Addr(c)) => c,
+            other => panic!("{s}: {other:?}"),
+        };
+        let c = addr("127.0.0.1:80/udp");
         assert_eq!((c.port, c.proto), (80, agent_common::PROTO_UDP));
-        let c = parse_connect("[::ffff:10.0.0.1]:443").expect("valid");
+        let c = addr("[::ffff:10.0.0.1]:443");
         assert_eq!(c.addr, "10.0.0.1".parse::<IpAddr>().expect("ip"));
         assert_eq!(c.proto, agent_common::PROTO_TCP);
-        assert!(parse_connect("127.0.0.1:80/icmp").is_err());
-        assert!(parse_connect("127.0.0.1").is_err());
+        assert!(parse_target("127.0.0.1:80/icmp").is_err());
+        assert!(parse_target("127.0.0.1").is_err());
+        assert_eq!(
+            parse_target("API.GitHub.com:443"),
+            Ok(Target::Name {
+                name: "api.github.com".into(),
+                port: 443,
+                proto: agent_common::PROTO_TCP
+            })
+        );
+        assert!(parse_target("bad_name!:443").is_err());
+        assert!(parse_target("api.github.com:99999").is_err());
     }
 }

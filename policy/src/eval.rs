@@ -86,7 +86,7 @@ pub struct Decision {
 }
 
 impl Decision {
-    fn new(verdict: Verdict, reason: Reason) -> Self {
+    pub(crate) fn new(verdict: Verdict, reason: Reason) -> Self {
         Self {
             verdict,
             reason,
@@ -97,7 +97,7 @@ impl Decision {
         }
     }
 
-    fn audit(mut self, mode: Mode) -> Self {
+    pub(crate) fn audit(mut self, mode: Mode) -> Self {
         if self.verdict == Verdict::Deny && mode == Mode::Audit {
             self.verdict = Verdict::AuditDeny;
         }
@@ -133,6 +133,19 @@ pub fn connect(
     call: &ConnectCall,
     now_ns: u64,
 ) -> Decision {
+    connect_learned(policy, state, call, None, now_ns)
+}
+
+/// [`connect`] for an address a DNS answer put in zone `learned` for this principal (zones by
+/// host name), as the kernel decides it: in the name's zone, unless a rule or chaining of the
+/// address's own zone denies it (an allowed name cannot open a denied range).
+pub fn connect_learned(
+    policy: Option<&CompiledPolicy>,
+    state: &PrincipalState,
+    call: &ConnectCall,
+    learned: Option<u32>,
+    now_ns: u64,
+) -> Decision {
     let Some(policy) = policy else {
         return Decision::new(Verdict::Deny, Reason::NoPolicy);
     };
@@ -142,6 +155,15 @@ pub fn connect(
         Some(z) => decide_in_zone(policy, state, call, z, now_ns),
     };
     d.zone = zone;
+    let by_addr_denies =
+        d.verdict == Verdict::Deny && matches!(d.reason, Reason::Rule | Reason::Chaining);
+    if let Some(l) = learned
+        && policy.has_hosts()
+        && !by_addr_denies
+    {
+        d = decide_in_zone(policy, state, call, l, now_ns);
+        d.zone = Some(l);
+    }
     d.audit(policy.mode)
 }
 

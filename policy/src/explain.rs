@@ -33,7 +33,52 @@ pub struct Explanation {
     /// `file:line:col` of the deciding rule, if a rule decided.
     pub rule_at: Option<String>,
     pub zone: Option<String>,
+    /// For a connect by DNS name: the name, and the zone and pattern it matched.
+    pub name: Option<String>,
     pub why: String,
+}
+
+/// A `--connect` target: an address, or a DNS name (resolved by the caller).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Addr(ConnectCall),
+    Name { name: String, port: u16, proto: u8 },
+}
+
+/// Parses `ADDR:PORT[/tcp|udp]` or `NAME:PORT[/tcp|udp]` (IPv6 as `[ADDR]:PORT`; protocol
+/// defaults to tcp; an IPv4-mapped IPv6 address counts as IPv4).
+pub fn parse_target(s: &str) -> Result<Target, String> {
+    let bad = || {
+        format!(
+            "--connect {s}: write ADDR:PORT[/tcp|udp] or NAME:PORT[/tcp|udp], e.g. \
+             10.0.0.1:443/tcp, [::1]:53/udp or api.github.com:443"
+        )
+    };
+    let (addr, proto) = match s.rsplit_once('/') {
+        Some((a, "tcp")) => (a, agent_common::PROTO_TCP),
+        Some((a, "udp")) => (a, agent_common::PROTO_UDP),
+        Some((_, p)) => {
+            return Err(format!(
+                "--connect {s}: protocol `{p}` is not supported; write /tcp or /udp"
+            ));
+        }
+        None => (s, agent_common::PROTO_TCP),
+    };
+    if let Ok(sa) = addr.parse::<std::net::SocketAddr>() {
+        let addr = match sa.ip() {
+            IpAddr::V6(a) => a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4),
+            v4 => v4,
+        };
+        return Ok(Target::Addr(ConnectCall {
+            addr,
+            port: sa.port(),
+            proto,
+        }));
+    }
+    let (name, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    let port = port.parse().map_err(|_| bad())?;
+    let name = crate::hosts::normalize(name).ok_or_else(bad)?;
+    Ok(Target::Name { name, port, proto })
 }
 
 fn verdict_word(v: Verdict) -> &'static str {
@@ -56,6 +101,34 @@ fn proto_name(p: u8) -> String {
 
 /// Explains `call` by `identity` against `compiled`.
 pub fn explain(compiled: &CompiledSet, identity: &str, call: Call) -> Explanation {
+    explain_inner(compiled, identity, call, None)
+}
+
+/// Explains a connect to `addr` (in `call`), an address DNS name `name` resolved to, as the
+/// agent decides it: the DNS proxy refuses a name in none of the zones by host name (unless
+/// `spec.dns.allowUnlisted`); an answered name opens its addresses in its zone.
+pub fn explain_name(
+    compiled: &CompiledSet,
+    identity: &str,
+    name: &str,
+    call: ConnectCall,
+) -> Explanation {
+    explain_inner(compiled, identity, Call::Connect(call), Some(name))
+}
+
+/// How a name fares under a policy.
+struct NameMatch {
+    zone: Option<u32>,
+    pattern: Option<String>,
+    refused: bool,
+}
+
+fn explain_inner(
+    compiled: &CompiledSet,
+    identity: &str,
+    call: Call,
+    name: Option<&str>,
+) -> Explanation {
     let slot = compiled.policy_for(identity).map(|s| s as usize);
     let governing = slot.and_then(|s| {
         let p = compiled.policies.get(s)?;
@@ -69,9 +142,34 @@ pub fn explain(compiled: &CompiledSet, identity: &str, call: Call) -> Explanatio
         Some((s, p, src, pi, pat))
     });
     let state = PrincipalState::default();
-    let decision = match (&call, governing) {
-        (Call::Connect(c), g) => eval::connect(g.map(|g| g.1), &state, c, 0),
-        (Call::Exec { resolved, .. }, g) => eval::exec(g.map(|g| g.1), resolved),
+    let named = match (name, governing) {
+        (Some(_), Some((_, p, ..))) if !p.has_hosts() => Some(NameMatch {
+            zone: None,
+            pattern: None,
+            refused: false,
+        }),
+        (Some(n), Some((_, p, ..))) => {
+            let hz = p.zone_of_name(n);
+            Some(NameMatch {
+                zone: hz.map(|h| h.zone),
+                pattern: hz.map(|h| h.pattern.to_string()),
+                refused: hz.is_none() && !p.dns_allow_unlisted,
+            })
+        }
+        _ => None,
+    };
+    let decision = match (&call, governing, &named) {
+        (Call::Connect(_), Some((_, p, ..)), Some(m)) if m.refused => {
+            Decision::new(Verdict::Deny, Reason::Default).audit(p.mode)
+        }
+        (Call::Connect(c), g, m) => eval::connect_learned(
+            g.map(|g| g.1),
+            &state,
+            c,
+            m.as_ref().and_then(|m| m.zone),
+            0,
+        ),
+        (Call::Exec { resolved, .. }, g, _) => eval::exec(g.map(|g| g.1), resolved),
     };
     let Some((_, policy, src, pi, pat)) = governing else {
         return Explanation {
@@ -81,6 +179,7 @@ pub fn explain(compiled: &CompiledSet, identity: &str, call: Call) -> Explanatio
             policy: None,
             rule_at: None,
             zone: None,
+            name: name.map(str::to_owned),
             why: "no policy in this file governs this identity: an enrolled principal without \
                   a policy is denied everything (add its SPIFFE ID pattern to a policy's \
                   `identities`)"
@@ -162,7 +261,28 @@ pub fn explain(compiled: &CompiledSet, identity: &str, call: Call) -> Explanatio
         Reason::NoPolicy => "no policy governs this identity".into(),
         Reason::Containment => "a containment guard refuses it whatever the policy says".into(),
     };
-    let mut why = why;
+    let mut why = match (name, &named) {
+        (Some(n), Some(m)) if m.refused => format!(
+            "the DNS proxy answers REFUSED for `{n}`: it is in none of the policy's zones by host \
+             name (and `spec.dns.allowUnlisted` is off), so no DNS answer opens an address for this \
+             principal (its addresses are decided as addresses)"
+        ),
+        (Some(n), Some(m)) => match m.zone {
+            Some(z) if decision.zone == Some(z) => format!(
+                "`{n}` is in zone `{}` by name (pattern `{}`): a DNS answer opens {dest} in that \
+                 zone for this principal only, until its TTL passes; {why}",
+                zone_name(z).unwrap_or_default(),
+                m.pattern.clone().unwrap_or_default()
+            ),
+            Some(z) => format!(
+                "`{n}` is in zone `{}` by name, but the address's own zone denies it (an allowed \
+                 name cannot open a denied range): {why}",
+                zone_name(z).unwrap_or_default()
+            ),
+            None => format!("`{n}` is in no zone by host name, so the address decides: {why}"),
+        },
+        _ => why,
+    };
     if policy.mode == crate::compiled::Mode::Audit && decision.verdict == Verdict::AuditDeny {
         why.push_str("; the policy is in audit mode, so the denial is only recorded");
     }
@@ -209,6 +329,10 @@ pub fn explain(compiled: &CompiledSet, identity: &str, call: Call) -> Explanatio
         policy: Some((policy.name.clone(), pat.as_str().to_owned(), pat_at)),
         rule_at,
         zone,
+        name: name.map(|n| match named.as_ref().and_then(|m| m.pattern.clone()) {
+            Some(p) => format!("{n} (pattern {p})"),
+            None => n.to_owned(),
+        }),
         why,
     }
 }
@@ -229,6 +353,9 @@ impl fmt::Display for Explanation {
         }
         if let Call::Connect(_) = self.call {
             writeln!(f, "zone:     {}", self.zone.as_deref().unwrap_or("none"))?;
+        }
+        if let Some(n) = &self.name {
+            writeln!(f, "name:     {n}")?;
         }
         if let Call::Exec { given, resolved } = &self.call
             && given != resolved

@@ -317,6 +317,33 @@ fn allowed_names_resolve_and_connect_and_others_are_refused_unasked() -> anyhow:
                 && e["decision"]["verdict"] == "deny"),
         "{evs:#?}"
     );
+    // `explain` by name, through the agent: it resolves at the proxy's upstream and decides
+    // each address as a DNS answer would open it.
+    let explain = |to: &str| -> anyhow::Result<String> {
+        let out = Command::new(bin("corral")?)
+            .args(["policy", "explain", "--socket"])
+            .arg(&s.node.socket)
+            .args(["--identity", ID, "--connect", to])
+            .output()?;
+        ensure!(out.status.success(), "explain {to}: {}", text(&out));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let x = explain(&format!("alias.corral.test:{p}"))?;
+    assert!(
+        x.contains("verdict:  allow")
+            && x.contains("zone:     api")
+            && x.contains("name:     alias.corral.test (pattern alias.corral.test)")
+            && x.contains("127.0.0.4"),
+        "{x}"
+    );
+    let x = explain(&format!("other.corral.test:{p}"))?;
+    assert!(x.contains("verdict:  deny") && x.contains("REFUSED"), "{x}");
+    let x = explain(&format!("a.cdn.corral.test:{}", p + 1))?;
+    assert!(
+        x.contains("verdict:  deny")
+            && x.contains("name:     a.cdn.corral.test (pattern *.cdn.corral.test)"),
+        "another port: {x}"
+    );
     // Counted in status: 13 queries, 5 refused, the addresses opened and open now (4).
     let st = s.node.status()?;
     let d = &st["dns"];

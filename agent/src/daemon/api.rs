@@ -5,7 +5,7 @@
 //! its `Status` shows its own principal only.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     path::{Path, PathBuf},
     pin::Pin,
     sync::{Arc, atomic::Ordering},
@@ -14,7 +14,7 @@ use std::{
 use corral_events::hub::{Filter, FilterError};
 use corral_policy::{
     eval::ConnectCall,
-    explain::{Call, explain},
+    explain::{Call, Target, explain, explain_name, parse_target},
 };
 use corral_proto::v1::{self as pb, agent_service_server::AgentService};
 use tokio_stream::{Stream, StreamExt as _};
@@ -323,24 +323,35 @@ fn explain_grant_available(
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>>;
 
-fn parse_connect(s: &str) -> Result<ConnectCall, ApiError> {
-    let bad = || ApiError::Connect(s.into());
-    let (addr, proto) = match s.rsplit_once('/') {
-        Some((a, "tcp")) => (a, agent_common::PROTO_TCP),
-        Some((a, "udp")) => (a, agent_common::PROTO_UDP),
-        Some(_) => return Err(bad()),
-        None => (s, agent_common::PROTO_TCP),
+fn parse_connect(s: &str) -> Result<Target, ApiError> {
+    parse_target(s).map_err(|_| ApiError::Connect(s.into()))
+}
+
+/// The addresses `name` resolves to from the agent (the resolver its DNS proxy forwards to,
+/// when set; else the system's), IPv4-mapped as IPv4, deduplicated.
+async fn resolve_for_explain(shared: &super::Shared, name: &str) -> Result<Vec<IpAddr>, ApiError> {
+    let bad =
+        |e: String| ApiError::Connect(format!("{name}: cannot resolve it from the agent: {e}"));
+    let mut out: Vec<IpAddr> = match shared.dns.as_ref().and_then(|d| d.settings.upstream) {
+        Some(up) => super::dns::upstream::resolve_a(up, name)
+            .await
+            .map_err(|e| bad(e.to_string()))?,
+        None => tokio::net::lookup_host((name, 0))
+            .await
+            .map_err(|e| bad(e.to_string()))?
+            .map(|sa| sa.ip())
+            .collect(),
     };
-    let sa: SocketAddr = addr.parse().map_err(|_| bad())?;
-    let ip = match sa.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
-    Ok(ConnectCall {
-        addr: ip,
-        port: sa.port(),
-        proto,
-    })
+    for a in &mut out {
+        if let IpAddr::V6(v6) = a
+            && let Some(v4) = v6.to_ipv4_mapped()
+        {
+            *a = IpAddr::V4(v4);
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
 }
 
 #[tonic::async_trait]
@@ -480,8 +491,23 @@ impl AgentService for Api {
         let r = req.into_inner();
         corral_policy::identity::validate_id(&r.identity)
             .map_err(|e| ApiError::Registry(RegistryError::Identity(e)))?;
+        let mut named: Option<(String, Vec<ConnectCall>)> = None;
         let call = match r.call {
-            Some(pb::explain_request::Call::Connect(c)) => Call::Connect(parse_connect(&c)?),
+            Some(pb::explain_request::Call::Connect(c)) => match parse_connect(&c)? {
+                Target::Addr(c) => Call::Connect(c),
+                Target::Name { name, port, proto } => {
+                    let addrs = resolve_for_explain(&self.shared, &name).await?;
+                    let calls: Vec<ConnectCall> = addrs
+                        .into_iter()
+                        .map(|addr| ConnectCall { addr, port, proto })
+                        .collect();
+                    let first = *calls
+                        .first()
+                        .ok_or_else(|| ApiError::Connect(format!("{name}: no address")))?;
+                    named = Some((name, calls));
+                    Call::Connect(first)
+                }
+            },
             Some(pb::explain_request::Call::Exec(p)) => {
                 let resolved = std::fs::canonicalize(&p)
                     .map(|x| x.display().to_string())
@@ -496,7 +522,25 @@ impl AgentService for Api {
             .current()
             .cloned()
             .ok_or(ApiError::NoPolicy)?;
-        let x = explain(&generation.compiled, &r.identity, call.clone());
+        let (x, text) = match &named {
+            Some((name, calls)) => {
+                let all: Vec<_> = calls
+                    .iter()
+                    .map(|c| explain_name(&generation.compiled, &r.identity, name, *c))
+                    .collect();
+                let text = all
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n\n");
+                (all[0].clone(), text)
+            }
+            None => {
+                let x = explain(&generation.compiled, &r.identity, call.clone());
+                let text = x.to_string();
+                (x, text)
+            }
+        };
         let grant_available = match &call {
             Call::Connect(c) => explain_grant_available(&generation, &r.identity, c, &x.decision),
             Call::Exec { .. } => None,
@@ -513,7 +557,7 @@ impl AgentService for Api {
             }),
             zone: x.zone.clone().unwrap_or_default(),
             rule_location: x.rule_at.clone().unwrap_or_default(),
-            explanation: x.to_string(),
+            explanation: text,
         }))
     }
 }
@@ -522,12 +566,19 @@ impl AgentService for Api {
 mod tests {
     use super::*;
 
+    fn addr(s: &str) -> Result<ConnectCall, ApiError> {
+        match parse_connect(s)? {
+            Target::Addr(c) => Ok(c),
+            Target::Name { .. } => Err(ApiError::Connect(s.into())),
+        }
+    }
+
     #[test]
     fn connect_values_parse_like_the_cli_documents() -> Result<(), ApiError> {
-        let c = parse_connect("127.0.0.1:9090")?;
+        let c = addr("127.0.0.1:9090")?;
         assert_eq!(c.port, 9090);
         assert_eq!(c.proto, agent_common::PROTO_TCP);
-        let c = parse_connect("[::ffff:10.0.0.1]:53/udp")?;
+        let c = addr("[::ffff:10.0.0.1]:53/udp")?;
         assert_eq!(c.addr, "10.0.0.1".parse::<IpAddr>().expect("ip"));
         assert_eq!(c.proto, agent_common::PROTO_UDP);
         assert!(parse_connect("1.2.3.4:1/sctp").is_err());
@@ -543,7 +594,7 @@ mod tests {
             compiled: Arc::new(corral_policy::compile_str("p.yaml", src, 1).expect("valid")),
         };
         let ask = |identity: &str, to: &str| -> Result<Option<String>, ApiError> {
-            let c = parse_connect(to)?;
+            let c = addr(to)?;
             let x = explain(&generation.compiled, identity, Call::Connect(c));
             Ok(explain_grant_available(
                 &generation,

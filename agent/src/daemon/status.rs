@@ -319,6 +319,26 @@ pub fn metrics(shared: &Shared) -> String {
     s
 }
 
+/// The DNS proxy's settings and counters, if it runs.
+fn dns_status(shared: &Shared) -> Option<pb::DnsProxyStatus> {
+    let d = shared.dns.as_ref()?;
+    let c = &d.counters;
+    let learned_now = shared.enforcer().maps().dns().len() as u64;
+    Some(pb::DnsProxyStatus {
+        port: u32::from(d.settings.port),
+        upstream: d
+            .settings
+            .upstream
+            .map(|u| u.to_string())
+            .unwrap_or_default(),
+        queries: c.queries.load(Ordering::Relaxed),
+        refused: c.refused.load(Ordering::Relaxed),
+        learned: c.learned.load(Ordering::Relaxed),
+        learned_now,
+        failures: c.failures.load(Ordering::Relaxed),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
@@ -387,24 +407,4 @@ mod tests {
              corral_k8s_pods_not_enrolled{state=\"failed\"} 1\n"
         );
     }
-}
-
-/// The DNS proxy's settings and counters, if it runs.
-fn dns_status(shared: &Shared) -> Option<pb::DnsProxyStatus> {
-    let d = shared.dns.as_ref()?;
-    let c = &d.counters;
-    let learned_now = shared.enforcer().maps().dns().len() as u64;
-    Some(pb::DnsProxyStatus {
-        port: u32::from(d.settings.port),
-        upstream: d
-            .settings
-            .upstream
-            .map(|u| u.to_string())
-            .unwrap_or_default(),
-        queries: c.queries.load(Ordering::Relaxed),
-        refused: c.refused.load(Ordering::Relaxed),
-        learned: c.learned.load(Ordering::Relaxed),
-        learned_now,
-        failures: c.failures.load(Ordering::Relaxed),
-    })
 }

@@ -27,6 +27,22 @@ pub struct Question {
     pub qtype: String,
 }
 
+/// A recursive query for the A records of `name` (for `explain --connect NAME:PORT`).
+pub fn a_query(name: &str, id: u16) -> Result<Vec<u8>, MessageError> {
+    use hickory_proto::{
+        op::{OpCode, Query},
+        rr::{Name, RecordType},
+    };
+    let n = Name::from_ascii(name).map_err(|e| MessageError::Parse(e.to_string()))?;
+    let mut m = Message::new();
+    m.set_id(id)
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(true)
+        .add_query(Query::query(n, RecordType::A));
+    m.to_vec().map_err(|e| MessageError::Encode(e.to_string()))
+}
+
 /// The wire name of a response code: `NOERROR`, `NXDOMAIN`, `REFUSED`, ...
 pub fn rcode_name(code: ResponseCode) -> String {
     match code {

@@ -58,6 +58,9 @@ pub struct Counters {
     pub failures: std::sync::atomic::AtomicU64,
 }
 
+/// (principal index, address) -> (the name asked, expiry in boot-time ns).
+type Names = HashMap<(u32, IpAddr), (Arc<str>, u64)>;
+
 /// The running proxy: its settings, the sockets bound per principal, and the name each
 /// opened address was learned from.
 #[derive(Debug)]
@@ -66,7 +69,7 @@ pub struct DnsProxy {
     bound: Mutex<HashMap<u32, Vec<AbortHandle>>>,
     /// (principal index, address) -> (the name asked, expiry in boot-time ns): connect events
     /// to the address carry the name. Bounded like the kernel map (swept with it).
-    names: Mutex<HashMap<(u32, IpAddr), (Arc<str>, u64)>>,
+    names: Mutex<Names>,
     pub counters: Counters,
 }
 
@@ -103,7 +106,7 @@ impl DnsProxy {
         self.bound.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn names(&self) -> std::sync::MutexGuard<'_, HashMap<(u32, IpAddr), (Arc<str>, u64)>> {
+    fn names(&self) -> std::sync::MutexGuard<'_, Names> {
         self.names.lock().unwrap_or_else(PoisonError::into_inner)
     }
 

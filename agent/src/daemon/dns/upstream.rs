@@ -18,6 +18,10 @@ pub enum UpstreamError {
     None,
     #[error("upstream {0} did not answer in {TIMEOUT:?}")]
     Timeout(SocketAddr),
+    #[error("upstream answer: {0}")]
+    Answer(#[from] super::message::MessageError),
+    #[error("upstream answered {0}")]
+    Rcode(String),
     #[error("upstream {addr}: {source}")]
     Io {
         addr: SocketAddr,
@@ -72,6 +76,21 @@ pub async fn ask(addr: SocketAddr, q: &[u8], tcp: bool) -> Result<Vec<u8>, Upstr
     tokio::time::timeout(TIMEOUT, work)
         .await
         .map_err(|_| UpstreamError::Timeout(addr))?
+}
+
+/// The IPv4 addresses `name` resolves to at `upstream` (CNAME chains followed), as the proxy
+/// would see them; for `explain`.
+pub async fn resolve_a(
+    upstream: SocketAddr,
+    name: &str,
+) -> Result<Vec<std::net::IpAddr>, UpstreamError> {
+    let q = super::message::a_query(name, std::process::id() as u16)?;
+    let r = ask(upstream, &q, false).await?;
+    let a = super::message::answer(&r, name)?;
+    if a.rcode != "NOERROR" {
+        return Err(UpstreamError::Rcode(a.rcode));
+    }
+    Ok(a.addrs.into_iter().map(|(ip, _)| ip).collect())
 }
 
 #[cfg(test)]
