@@ -6,7 +6,9 @@
 //! programs at all, with 10 and 10k rules), `events` (kernel → agent → gRPC subscriber events/s
 //! with drop accounting, agent RSS), `fleet` (policy server: apply → every simulated node
 //! ACKed, p50/p99 with 1, 100 and 1000 nodes; server RSS), `apply` (policy server + a real
-//! agent: apply → enforced in the real kernel, p50/p99 as seen by a process in a principal).
+//! agent: apply → enforced in the real kernel, p50/p99 as seen by a process in a principal),
+//! `dns` (zones by host name: DNS proxy latency and lookups/s against dnsmasq asked directly,
+//! connect overhead with 10k learned addresses against CIDR-only, memory with 100k).
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -28,6 +30,7 @@ enum Section {
     Events,
     Fleet,
     Apply,
+    Dns,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
@@ -46,6 +49,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     if all || args.sections.contains(&Section::Apply) {
         apply_bench(args.apply_rounds)?;
+    }
+    if all || args.sections.contains(&Section::Dns) {
+        dns_bench()?;
     }
     Ok(())
 }
@@ -163,4 +169,12 @@ pub fn apply_bench(rounds: usize) -> anyhow::Result<()> {
             .arg("--rounds")
             .arg(rounds.to_string()),
     )
+}
+
+/// Zones by host name (`corral-dns-bench`): a real agent's DNS proxy against a real dnsmasq,
+/// and the real programs with 1/10k/100k learned addresses. Release binaries; root (through
+/// `sudo -E` when not); needs `dnsmasq` (Debian `dnsmasq-base`).
+pub fn dns_bench() -> anyhow::Result<()> {
+    build_release(&["corral-agent", "corral", "corral-probe", "corral-dns-bench"])?;
+    crate::cmd::run(&mut as_root(&built("release", "corral-dns-bench")))
 }

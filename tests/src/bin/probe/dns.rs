@@ -7,6 +7,8 @@
 //!   ADDRS `-` when none), or the errno of the send;
 //! - `dnsc:NAME@ADDR:PORT`: the same with a connected UDP socket (`connect` + `send`);
 //! - `dnstcp:NAME@ADDR:PORT`: the same over TCP (length-prefixed);
+//! - `dnslat:N:NAME@ADDR:PORT`: N UDP queries in turn; prints `p50=NS p99=NS qps=Q ok=N`
+//!   (benchmarks: each query's round trip, and queries per second, one client);
 //! - `dnsconn:PORT:NAME@ADDR:PORT`: a UDP query, then at once a TCP connect to the first
 //!   address of the answer at PORT; prints the connect's outcome (`ok`, `EPERM`, ...), or the
 //!   rcode when the answer has no address.
@@ -135,6 +137,7 @@ pub fn op(kind: &str, rest: &str) -> Option<std::io::Result<String>> {
         "dnsc" => udp(rest, true).map(line),
         "dnstcp" => tcp(rest).map(line),
         "dnsconn" => conn(rest),
+        "dnslat" => latency(rest),
         _ => return None,
     })
 }
@@ -149,4 +152,45 @@ fn conn(rest: &str) -> std::io::Result<String> {
         return Ok(reply.rcode);
     };
     TcpStream::connect_timeout(&SocketAddr::new(*addr, port), TIMEOUT).map(|_| "ok".to_owned())
+}
+
+fn latency(rest: &str) -> std::io::Result<String> {
+    let (n, spec) = rest
+        .split_once(':')
+        .ok_or_else(|| other(format!("bad dnslat {rest}")))?;
+    let n: usize = n.parse().map_err(other)?;
+    let (name, server) = target(spec)?;
+    let s = UdpSocket::bind(if server.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.connect(server)?;
+    let q = query(&name)?;
+    let mut buf = [0u8; 4096];
+    let mut ns: Vec<u64> = Vec::with_capacity(n);
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        s.send(&q)?;
+        let got = s.recv(&mut buf)?;
+        ns.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        if parse(&buf[..got])?.addrs.is_empty() {
+            return Err(other("an answer without addresses"));
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    ns.sort_unstable();
+    let at = |p: usize| {
+        ns.get((ns.len() * p / 100).min(ns.len().saturating_sub(1)))
+            .copied()
+    };
+    Ok(format!(
+        "p50={} p99={} qps={:.0} ok={}",
+        at(50).unwrap_or(0),
+        at(99).unwrap_or(0),
+        n as f64 / secs.max(1e-9),
+        ns.len()
+    ))
 }
