@@ -163,26 +163,25 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
     ) else {
         return Ok(ALLOW);
     };
-    if let crate::dns::Redirect::Refuse = redirected {
-        out.zone = NONE;
-        out.decision = Decision {
+    /// A refusal no policy can lift (reason containment).
+    #[inline(always)]
+    fn containment() -> Decision {
+        Decision {
             verdict: VERDICT_DENY,
             reason: REASON_CONTAINMENT,
             rule: NONE,
             grant_id: 0,
             valid_until: VALID_FOREVER,
-        };
+        }
+    }
+    if let crate::dns::Redirect::Refuse = redirected {
+        out.zone = NONE;
+        out.decision = containment();
     }
     // What lets the call through is recorded on the socket, so the egress program can end the
     // connection when the decision no longer holds; no room for that: fail closed.
     if out.ret() == ALLOW && !egress::record(ctx, &caller, &d, &out, hook) {
-        out.decision = Decision {
-            verdict: VERDICT_DENY,
-            reason: REASON_CONTAINMENT,
-            rule: NONE,
-            grant_id: 0,
-            valid_until: VALID_FOREVER,
-        };
+        out.decision = containment();
     }
     let Some(header) = event_header(&cfg, &caller, &out, KIND_CONNECT) else {
         return Ok(out.ret());

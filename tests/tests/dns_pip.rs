@@ -234,24 +234,30 @@ fn pip_reaches_pypi_by_name_and_nothing_else() -> anyhow::Result<()> {
         resolver.log_text()
     );
 
+    // Python code run as the principal: its stdout, trimmed, and the run's output.
+    let python = |code: &str| -> anyhow::Result<(String, Output)> {
+        let out = node.local(&[
+            "run",
+            "--identity",
+            ID,
+            "--session",
+            "s1",
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            code,
+        ])?;
+        Ok((String::from_utf8_lossy(&out.stdout).trim().to_owned(), out))
+    };
     // Anything else: the name does not resolve, and the resolver never hears of it.
-    let out = node.local(&[
-        "run",
-        "--identity",
-        ID,
-        "--session",
-        "s1",
-        "--",
-        "/usr/bin/python3",
-        "-c",
+    let (said, out) = python(
         "import socket
 try:
     socket.getaddrinfo('example.com', 443)
     print('resolved')
 except socket.gaierror as e:
     print('unresolved', e.errno)",
-    ])?;
-    let said = String::from_utf8_lossy(&out.stdout);
+    )?;
     assert!(said.starts_with("unresolved"), "{}", text(&out));
     assert_eq!(
         resolver.queries_for("example.com"),
@@ -260,15 +266,7 @@ except socket.gaierror as e:
         resolver.log_text()
     );
     // And its address, known or not, is closed.
-    let out = node.local(&[
-        "run",
-        "--identity",
-        ID,
-        "--session",
-        "s1",
-        "--",
-        "/usr/bin/python3",
-        "-c",
+    let (said, out) = python(
         "import socket
 s = socket.socket()
 try:
@@ -276,13 +274,7 @@ try:
     print('connected')
 except OSError as e:
     print('refused', e.errno)",
-    ])?;
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        said.trim(),
-        format!("refused {}", libc::EPERM),
-        "{}",
-        text(&out)
-    );
+    )?;
+    assert_eq!(said, format!("refused {}", libc::EPERM), "{}", text(&out));
     Ok(())
 }

@@ -272,20 +272,9 @@ fn learned_memlock() -> Option<u64> {
     None
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// The agent's name table (`DnsProxy`'s, same type) with 100k entries: RSS delta.
 fn name_table() {
-    let before = rss_kib();
+    let before = corral_tests::harness::rss_kib(std::process::id());
     let mut t: HashMap<(u32, IpAddr), (Arc<str>, u64)> = HashMap::new();
     for i in 0..100_000u32 {
         let name: Arc<str> = Arc::from(format!("host-{i}.cdn.example.com").as_str());
@@ -294,7 +283,7 @@ fn name_table() {
             (name, u64::from(i)),
         );
     }
-    let after = rss_kib();
+    let after = corral_tests::harness::rss_kib(std::process::id());
     println!(
         "agent name table: 100k entries, +{:.1} MiB RSS ({} bytes per address)",
         (after.saturating_sub(before)) as f64 / 1024.0,
