@@ -1,6 +1,8 @@
 //! A real resolver for the DNS tests: `dnsmasq` (Debian's `dnsmasq-base`) started by the test
 //! on a loopback port of its own, answering only from the records the test gives it (no
-//! upstream, no hosts file), logging every query. Stopped by pid on drop.
+//! upstream, no hosts file), logging every query; or on port 53 of 127.0.0.1 in a network
+//! namespace of the test's (a pod's own resolver, as a container runtime's embedded DNS is).
+//! Stopped by pid on drop.
 
 use std::{
     net::{SocketAddr, UdpSocket},
@@ -11,7 +13,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::fleet::{Dir, free_port, stop_child};
+use crate::{
+    fleet::{Dir, free_port, stop_child},
+    netns::Netns,
+};
 
 /// One record dnsmasq answers.
 pub enum Record<'a> {
@@ -27,15 +32,44 @@ pub struct Dnsmasq {
     child: Option<Child>,
     pub addr: SocketAddr,
     pub log: PathBuf,
+    /// The namespace it runs in (`None`: the test's own).
+    netns: Option<String>,
 }
 
 impl Dnsmasq {
     /// Starts dnsmasq on 127.0.0.1 (a free port), answering `records` with TTL `ttl` seconds.
     pub fn start(dir: &Dir, records: &[Record<'_>], ttl: u32) -> anyhow::Result<Self> {
-        let port = free_port()?;
+        Self::start_at(dir, records, ttl, free_port()?, None)
+    }
+
+    /// Starts dnsmasq on 127.0.0.1:53 inside `netns`.
+    pub fn start_in(
+        dir: &Dir,
+        records: &[Record<'_>],
+        ttl: u32,
+        netns: &Netns,
+    ) -> anyhow::Result<Self> {
+        Self::start_at(dir, records, ttl, 53, Some(netns))
+    }
+
+    fn start_at(
+        dir: &Dir,
+        records: &[Record<'_>],
+        ttl: u32,
+        port: u16,
+        netns: Option<&Netns>,
+    ) -> anyhow::Result<Self> {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-        let log = dir.0.join(format!("dnsmasq-{port}.log"));
-        let mut cmd = Command::new("dnsmasq");
+        let tag = netns.map_or_else(|| port.to_string(), |n| n.name.clone());
+        let log = dir.0.join(format!("dnsmasq-{tag}.log"));
+        let mut cmd = match netns {
+            Some(n) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &n.name, "dnsmasq"]);
+                c
+            }
+            None => Command::new("dnsmasq"),
+        };
         cmd.args([
             "--keep-in-foreground",
             "--no-resolv",
@@ -66,6 +100,7 @@ impl Dnsmasq {
             child: Some(child),
             addr,
             log,
+            netns: netns.map(|n| n.name.clone()),
         };
         d.wait_ready()?;
         Ok(d)
@@ -76,7 +111,10 @@ impl Dnsmasq {
         let deadline = Instant::now() + Duration::from_secs(10);
         // A minimal query: id 1, RD, one question `.` type NS class IN.
         let q = [0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 1];
-        let s = UdpSocket::bind("127.0.0.1:0")?;
+        let s = match &self.netns {
+            Some(name) => Netns::socket_in(name)?,
+            None => UdpSocket::bind("127.0.0.1:0")?,
+        };
         s.set_read_timeout(Some(Duration::from_millis(200)))?;
         loop {
             if let Some(c) = self.child.as_mut()

@@ -313,6 +313,7 @@ pub mod e2e;
 pub mod fleet;
 /// A real node (server + agent) and a prober in a principal, for latency benchmarks.
 pub mod harness;
+pub mod netns;
 
 /// Builds compiled policies for tests, without YAML.
 pub mod build {

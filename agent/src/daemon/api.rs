@@ -261,6 +261,13 @@ impl Api {
                 reason: e.to_string(),
             })?;
         self.shared.resolve_container_exec_rules(&rec.identity)?;
+        // A container with a network of its own: its DNS proxy address listens there before
+        // it starts (its DNS fails closed otherwise, until the scan binds it).
+        if let Some(d) = &self.shared.dns
+            && let Err(e) = d.ensure_in(&self.shared, rec.index, pid)
+        {
+            tracing::warn!(index = rec.index, pid, error = %e, "cannot listen for the container's DNS in its network namespace");
+        }
         self.shared
             .containers
             .enrolled
@@ -379,6 +386,13 @@ impl AgentService for Api {
         let rec = self.enroll_under_policy(&r.identity, |registry, slot, maps| {
             registry.enroll(&r.identity, &session, &opt_outs, slot, maps)
         })?;
+        // `corral run` in a network namespace of its own: the proxy listens there too before
+        // the command starts.
+        if let (Some(d), Some(pid)) = (&self.shared.dns, p.pid)
+            && let Err(e) = d.ensure_in(&self.shared, rec.index, pid)
+        {
+            tracing::warn!(index = rec.index, pid, error = %e, "cannot listen for the principal's DNS in its network namespace");
+        }
         Ok(Response::new(pb::EnrollResponse {
             principal: Some(rec.to_pb()),
             cgroup_path: rec.cgroup.display().to_string(),

@@ -520,6 +520,7 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
         Arc::new(dns::DnsProxy::new(dns::Settings {
             port: cfg.dns_port,
             upstream,
+            upstream_given: cfg.dns_upstream.is_some(),
             ttl_floor: std::time::Duration::from_secs(cfg.dns_ttl_floor_secs),
         }))
     });

@@ -12,14 +12,22 @@
 //!   released: the connect right after it is decided with the address already known;
 //! - every query is a `dns` event.
 //!
+//! A principal whose processes are in a network namespace of their own (a pod, a container
+//! with its own network) has its proxy address bound in that namespace too: when a container
+//! is enrolled by its OCI hook (before it starts), and by a scan of the principals' processes
+//! every second and on every enrolment (pods enrolled by the pod watch, processes that moved).
+//! Such a binding ends when no process of the principal is left in the namespace.
+//!
 //! - [`message`]: parsing and building DNS messages (hickory-proto).
 //! - [`upstream`]: the resolver queries are forwarded to.
+//! - [`netns`]: sockets in other network namespaces.
 
 pub mod message;
+pub mod netns;
 pub mod upstream;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
@@ -33,7 +41,7 @@ use tokio::{
     net::{TcpListener, TcpStream, UdpSocket},
     task::AbortHandle,
 };
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::Shared;
 
@@ -44,8 +52,38 @@ const UDP_MAX: usize = 4096;
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub port: u16,
+    /// The node's resolver.
     pub upstream: Option<SocketAddr>,
+    /// `upstream` was given (`--dns-upstream`): every principal's queries go there, pods'
+    /// included, instead of their own `resolv.conf`'s resolver.
+    pub upstream_given: bool,
     pub ttl_floor: Duration,
+}
+
+/// How often principals' processes are scanned for network namespaces of their own.
+const NETNS_SCAN: Duration = Duration::from_secs(1);
+
+/// A principal's proxy binding: its index, and the network namespace (`None`: the agent's).
+type BindKey = (u32, Option<netns::NetnsId>);
+
+/// The tasks serving one binding, and when it was made.
+#[derive(Debug)]
+struct Binding {
+    tasks: Vec<AbortHandle>,
+    since: std::time::Instant,
+}
+
+impl Binding {
+    fn new(tasks: Vec<AbortHandle>) -> Self {
+        Self {
+            tasks,
+            since: std::time::Instant::now(),
+        }
+    }
+
+    fn stop(&self) {
+        self.tasks.iter().for_each(AbortHandle::abort);
+    }
 }
 
 /// Counters for status and metrics.
@@ -66,7 +104,11 @@ type Names = HashMap<(u32, IpAddr), (Arc<str>, u64)>;
 #[derive(Debug)]
 pub struct DnsProxy {
     pub settings: Settings,
-    bound: Mutex<HashMap<u32, Vec<AbortHandle>>>,
+    bound: Mutex<HashMap<BindKey, Binding>>,
+    /// The threads in other network namespaces, by namespace.
+    workers: Mutex<HashMap<netns::NetnsId, Arc<netns::Worker>>>,
+    /// The agent's own network namespace (`None`: unreadable; no other is bound then).
+    own_netns: Option<netns::NetnsId>,
     /// (principal index, address) -> (the name asked, expiry in boot-time ns): connect events
     /// to the address carry the name. Bounded like the kernel map (swept with it).
     names: Mutex<Names>,
@@ -97,12 +139,14 @@ impl DnsProxy {
         Self {
             settings,
             bound: Mutex::new(HashMap::new()),
+            workers: Mutex::new(HashMap::new()),
+            own_netns: netns::own().ok(),
             names: Mutex::new(HashMap::new()),
             counters: Counters::default(),
         }
     }
 
-    fn bound(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Vec<AbortHandle>>> {
+    fn bound(&self) -> std::sync::MutexGuard<'_, HashMap<BindKey, Binding>> {
         self.bound.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -134,42 +178,167 @@ impl DnsProxy {
     /// registry holds (see [`run`]). Must run inside the runtime.
     pub fn ensure(self: &Arc<Self>, shared: &Arc<Shared>, index: u32) -> std::io::Result<()> {
         let mut bound = self.bound();
-        if bound.contains_key(&index) {
+        if bound.contains_key(&(index, None)) {
             return Ok(());
         }
         let addr = self.addr(index);
-        let udp = std::net::UdpSocket::bind(addr)?;
-        udp.set_nonblocking(true)?;
-        let udp = Arc::new(UdpSocket::from_std(udp)?);
-        let tcp = std::net::TcpListener::bind(addr)?;
-        tcp.set_nonblocking(true)?;
-        let tcp = TcpListener::from_std(tcp)?;
-        let u = tokio::spawn(serve_udp(self.clone(), shared.clone(), index, udp));
-        let t = tokio::spawn(serve_tcp(self.clone(), shared.clone(), index, tcp));
-        bound.insert(index, vec![u.abort_handle(), t.abort_handle()]);
+        let (udp, tcp) = bind(addr)?;
+        let up = upstream::Route::Node(self.settings.upstream);
+        bound.insert((index, None), Binding::new(self.serve(shared, index, udp, tcp, up)?));
         debug!(index, %addr, "DNS proxy listening for principal");
         Ok(())
     }
 
-    /// Stops listening for principals not in `keep`.
-    fn retain(&self, keep: &std::collections::HashSet<u32>) {
-        self.bound().retain(|i, handles| {
-            let live = keep.contains(i);
+    /// Listens at principal `index`'s proxy address in the network namespace of process
+    /// `pid` too, if that is not the agent's and not yet bound. Called when a container is
+    /// enrolled (before it starts) and by the scan ([`run`]). Must run inside the runtime.
+    pub fn ensure_in(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        index: u32,
+        pid: i32,
+    ) -> Result<(), NetnsBindError> {
+        let Some(own) = self.own_netns else {
+            return Ok(());
+        };
+        let id = netns::of_pid(pid).map_err(|_| netns::NetnsError::NoProcess(pid))?;
+        if id == own || self.bound().contains_key(&(index, Some(id))) {
+            return Ok(());
+        }
+        let worker = self.worker(pid)?;
+        let addr = self.addr(index);
+        let (udp, tcp) = worker
+            .run(move || bind(addr))
+            .map_err(|source| NetnsBindError::Bind { addr, source })?;
+        let up = if self.settings.upstream_given {
+            upstream::Route::Node(self.settings.upstream)
+        } else {
+            upstream::Route::Netns {
+                worker: worker.clone(),
+                node: self.settings.upstream,
+            }
+        };
+        let handles = self
+            .serve(shared, index, udp, tcp, up)
+            .map_err(|source| NetnsBindError::Bind { addr, source })?;
+        self.bound()
+            .insert((index, Some(worker.id)), Binding::new(handles));
+        info!(index, netns = %worker.id, pid, %addr, "DNS proxy listening for principal in its network namespace");
+        Ok(())
+    }
+
+    /// The thread in process `pid`'s network namespace (started if there is none).
+    fn worker(&self, pid: i32) -> Result<Arc<netns::Worker>, netns::NetnsError> {
+        let id = netns::of_pid(pid).map_err(|_| netns::NetnsError::NoProcess(pid))?;
+        let mut workers = self
+            .workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(w) = workers.get(&id) {
+            return Ok(w.clone());
+        }
+        let w = Arc::new(netns::Worker::enter(pid)?);
+        workers.insert(w.id, w.clone());
+        Ok(w)
+    }
+
+    /// Serves the sockets bound for principal `index`.
+    fn serve(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        index: u32,
+        udp: std::net::UdpSocket,
+        tcp: std::net::TcpListener,
+        up: upstream::Route,
+    ) -> std::io::Result<Vec<AbortHandle>> {
+        let udp = Arc::new(UdpSocket::from_std(udp)?);
+        let tcp = TcpListener::from_std(tcp)?;
+        let up = Arc::new(up);
+        let u = tokio::spawn(serve_udp(self.clone(), shared.clone(), index, udp, up.clone()));
+        let t = tokio::spawn(serve_tcp(self.clone(), shared.clone(), index, tcp, up));
+        Ok(vec![u.abort_handle(), t.abort_handle()])
+    }
+
+    /// Stops listening for principals not in `keep`, and in namespaces where they have no
+    /// process left (`seen`: the bindings in other namespaces found by the scan that started
+    /// at `scanned`; one made since, by an enrolment, stays).
+    fn retain(&self, keep: &HashSet<u32>, seen: &HashSet<BindKey>, scanned: std::time::Instant) {
+        self.bound().retain(|key, b| {
+            let live = keep.contains(&key.0)
+                && (key.1.is_none() || seen.contains(key) || b.since >= scanned);
             if !live {
-                handles.iter().for_each(AbortHandle::abort);
+                b.stop();
+                if let Some(ns) = key.1 {
+                    info!(index = key.0, netns = %ns, "DNS proxy no longer listening in a network namespace (no process of the principal left there)");
+                }
             }
             live
         });
+        let used: HashSet<netns::NetnsId> = self.bound().keys().filter_map(|k| k.1).collect();
+        self.workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|id, _| used.contains(id));
+    }
+
+    /// Binds principals' proxy addresses in the network namespaces their processes are in;
+    /// returns the bindings that should stay.
+    async fn scan(self: &Arc<Self>, shared: &Arc<Shared>) -> HashSet<BindKey> {
+        let Some(own) = self.own_netns else {
+            return HashSet::new();
+        };
+        let list = shared.registry.list();
+        let cgroups: Vec<(u32, std::path::PathBuf)> =
+            list.iter().map(|p| (p.index, p.cgroup.clone())).collect();
+        let found = tokio::task::spawn_blocking(move || {
+            cgroups
+                .into_iter()
+                .map(|(i, cg)| (i, netns::members(&cg, own)))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        let mut seen = HashSet::new();
+        for (index, members) in found {
+            for (id, pid) in members {
+                if let Some(w) = self
+                    .workers
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(&id)
+                {
+                    w.seen(pid);
+                }
+                match self.ensure_in(shared, index, pid) {
+                    Ok(()) => {
+                        seen.insert((index, Some(id)));
+                    }
+                    Err(e) => debug!(index, pid, error = %e, "no DNS proxy in a principal's network namespace"),
+                }
+            }
+        }
+        seen
     }
 
     fn stop_all(&self) {
-        for (_, handles) in self.bound().drain() {
-            handles.iter().for_each(AbortHandle::abort);
+        for (_, b) in self.bound().drain() {
+            b.stop();
         }
+        self.workers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     /// Answers one query of principal `index`; `None`: not a query (dropped).
-    async fn handle(&self, shared: &Shared, index: u32, q: &[u8], t: Transport) -> Option<Vec<u8>> {
+    async fn handle(
+        &self,
+        shared: &Shared,
+        index: u32,
+        q: &[u8],
+        t: Transport,
+        route: &upstream::Route,
+    ) -> Option<Vec<u8>> {
         let (msg, question) = message::query(q).ok()?;
         bump(&self.counters.queries);
         let Some(ctx) = Context::of(shared, index) else {
@@ -197,8 +366,8 @@ impl DnsProxy {
         } else {
             pb::Verdict::Allow
         };
-        let up = match self.settings.upstream {
-            Some(u) => upstream::ask(u, q, t == Transport::Tcp).await,
+        let up = match route.upstream() {
+            Some(u) => upstream::ask(&u, q, t == Transport::Tcp).await,
             None => Err(upstream::UpstreamError::None),
         };
         let up = match up {
@@ -332,30 +501,67 @@ impl Context {
     }
 }
 
-async fn serve_udp(proxy: Arc<DnsProxy>, shared: Arc<Shared>, index: u32, sock: Arc<UdpSocket>) {
+/// A principal's listeners at `addr`: UDP and TCP, non-blocking.
+fn bind(addr: SocketAddr) -> std::io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    let udp = std::net::UdpSocket::bind(addr)?;
+    udp.set_nonblocking(true)?;
+    let tcp = std::net::TcpListener::bind(addr)?;
+    tcp.set_nonblocking(true)?;
+    Ok((udp, tcp))
+}
+
+/// Why a principal's proxy address could not be bound in another network namespace.
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsBindError {
+    #[error(transparent)]
+    Netns(#[from] netns::NetnsError),
+    #[error("bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+async fn serve_udp(
+    proxy: Arc<DnsProxy>,
+    shared: Arc<Shared>,
+    index: u32,
+    sock: Arc<UdpSocket>,
+    up: Arc<upstream::Route>,
+) {
     let mut buf = vec![0u8; UDP_MAX];
     loop {
         let Ok((n, from)) = sock.recv_from(&mut buf).await else {
             continue;
         };
         let q = buf[..n].to_vec();
-        let (proxy, shared, sock) = (proxy.clone(), shared.clone(), sock.clone());
+        let (proxy, shared, sock, up) = (proxy.clone(), shared.clone(), sock.clone(), up.clone());
         tokio::spawn(async move {
-            if let Some(r) = proxy.handle(&shared, index, &q, Transport::Udp).await {
+            if let Some(r) = proxy
+                .handle(&shared, index, &q, Transport::Udp, &up)
+                .await
+            {
                 let _ = sock.send_to(&r, from).await;
             }
         });
     }
 }
 
-async fn serve_tcp(proxy: Arc<DnsProxy>, shared: Arc<Shared>, index: u32, l: TcpListener) {
+async fn serve_tcp(
+    proxy: Arc<DnsProxy>,
+    shared: Arc<Shared>,
+    index: u32,
+    l: TcpListener,
+    up: Arc<upstream::Route>,
+) {
     loop {
         let Ok((conn, _)) = l.accept().await else {
             continue;
         };
-        let (proxy, shared) = (proxy.clone(), shared.clone());
+        let (proxy, shared, up) = (proxy.clone(), shared.clone(), up.clone());
         tokio::spawn(async move {
-            let _ = serve_conn(&proxy, &shared, index, conn).await;
+            let _ = serve_conn(&proxy, &shared, index, conn, &up).await;
         });
     }
 }
@@ -366,6 +572,7 @@ async fn serve_conn(
     shared: &Shared,
     index: u32,
     mut conn: TcpStream,
+    up: &upstream::Route,
 ) -> std::io::Result<()> {
     loop {
         let len = match tokio::time::timeout(Duration::from_secs(10), conn.read_u16()).await {
@@ -374,7 +581,7 @@ async fn serve_conn(
         };
         let mut q = vec![0u8; len];
         conn.read_exact(&mut q).await?;
-        let Some(r) = proxy.handle(shared, index, &q, Transport::Tcp).await else {
+        let Some(r) = proxy.handle(shared, index, &q, Transport::Tcp, up).await else {
             return Ok(());
         };
         let n = u16::try_from(r.len()).map_err(std::io::Error::other)?;
@@ -383,24 +590,30 @@ async fn serve_conn(
     }
 }
 
-/// Keeps a proxy address bound for every enrolled principal until shutdown.
+/// Keeps a proxy address bound for every enrolled principal, in the agent's network namespace
+/// and in every other one its processes are in, until shutdown.
 pub async fn run(
     proxy: Arc<DnsProxy>,
     shared: Arc<Shared>,
     mut stop: corral_runtime::shutdown::ShutdownSignal,
 ) {
     let mut changes = shared.registry.subscribe();
+    let mut tick = tokio::time::interval(NETNS_SCAN);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let list = shared.registry.list();
-        let keep: std::collections::HashSet<u32> = list.iter().map(|p| p.index).collect();
+        let keep: HashSet<u32> = list.iter().map(|p| p.index).collect();
         for p in &list {
             if let Err(e) = proxy.ensure(&shared, p.index) {
                 warn!(index = p.index, addr = %proxy.addr(p.index), error = %e, "cannot listen for a principal's DNS (its queries fail)");
             }
         }
-        proxy.retain(&keep);
+        let scanned = std::time::Instant::now();
+        let seen = proxy.scan(&shared).await;
+        proxy.retain(&keep, &seen, scanned);
         tokio::select! {
             _ = stop.wait() => break,
+            _ = tick.tick() => {}
             r = changes.changed() => if r.is_err() { break },
         }
     }

@@ -1,13 +1,85 @@
-//! The resolver the proxy forwards to: `--dns-upstream`, else the first `nameserver` of the
-//! node's `/etc/resolv.conf`. A query goes over the transport it came in on (a UDP answer
-//! with the truncated bit is passed on as is: the client asks again over TCP).
+//! The resolver the proxy forwards to: `--dns-upstream` for every principal; without it, a
+//! principal in a network namespace of its own (a pod) has its queries asked from that
+//! namespace, of the first `nameserver` of the `resolv.conf` its processes see (as they would
+//! have asked: the cluster DNS, or a runtime's resolver on the pod's own loopback), and
+//! otherwise the first `nameserver` of the node's `/etc/resolv.conf`. A query goes over the
+//! transport it came in on (a UDP answer with the truncated bit is passed on as is: the
+//! client asks again over TCP).
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpStream, UdpSocket},
+    net::{TcpSocket, TcpStream, UdpSocket},
 };
+
+use super::netns::Worker;
+
+/// A resolver, and the network namespace it is asked from (`None`: the agent's own).
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub netns: Option<Arc<Worker>>,
+}
+
+/// Which resolver a principal's proxy binding asks, chosen per query.
+#[derive(Debug)]
+pub enum Route {
+    /// The node's resolver (or the one given), asked from the agent's namespace.
+    Node(Option<SocketAddr>),
+    /// A namespace's own resolver (its processes' `resolv.conf`), asked from inside it; the
+    /// node's when they name none.
+    Netns {
+        worker: Arc<Worker>,
+        node: Option<SocketAddr>,
+    },
+}
+
+impl Route {
+    pub fn upstream(&self) -> Option<Upstream> {
+        match self {
+            Self::Node(a) => a.map(Upstream::here),
+            Self::Netns { worker, node } => match worker.resolver() {
+                Some(addr) => Some(Upstream {
+                    addr,
+                    netns: Some(worker.clone()),
+                }),
+                None => node.map(Upstream::here),
+            },
+        }
+    }
+}
+
+impl Upstream {
+    pub fn here(addr: SocketAddr) -> Self {
+        Self { addr, netns: None }
+    }
+
+    async fn tcp(&self) -> std::io::Result<TcpStream> {
+        let Some(w) = &self.netns else {
+            return TcpStream::connect(self.addr).await;
+        };
+        let v4 = self.addr.is_ipv4();
+        let s = w
+            .call(move || if v4 { TcpSocket::new_v4() } else { TcpSocket::new_v6() })
+            .await?;
+        s.connect(self.addr).await
+    }
+
+    async fn udp(&self) -> std::io::Result<UdpSocket> {
+        let local: SocketAddr = if self.addr.is_ipv4() {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        } else {
+            SocketAddr::from(([0u16; 8], 0))
+        };
+        let s = match &self.netns {
+            None => std::net::UdpSocket::bind(local)?,
+            Some(w) => w.call(move || std::net::UdpSocket::bind(local)).await?,
+        };
+        s.set_nonblocking(true)?;
+        UdpSocket::from_std(s)
+    }
+}
 
 /// How long the upstream resolver has to answer.
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -38,12 +110,13 @@ pub fn from_resolv_conf(text: &str) -> Option<SocketAddr> {
         .next()
 }
 
-/// Forwards the query `q` to `addr` and returns the answer.
-pub async fn ask(addr: SocketAddr, q: &[u8], tcp: bool) -> Result<Vec<u8>, UpstreamError> {
+/// Forwards the query `q` to `up` and returns the answer.
+pub async fn ask(up: &Upstream, q: &[u8], tcp: bool) -> Result<Vec<u8>, UpstreamError> {
+    let addr = up.addr;
     let io = |source| UpstreamError::Io { addr, source };
     let work = async {
         if tcp {
-            let mut s = TcpStream::connect(addr).await.map_err(io)?;
+            let mut s = up.tcp().await.map_err(io)?;
             let n = u16::try_from(q.len()).map_err(|e| io(std::io::Error::other(e)))?;
             s.write_u16(n).await.map_err(io)?;
             s.write_all(q).await.map_err(io)?;
@@ -52,14 +125,7 @@ pub async fn ask(addr: SocketAddr, q: &[u8], tcp: bool) -> Result<Vec<u8>, Upstr
             s.read_exact(&mut r).await.map_err(io)?;
             Ok(r)
         } else {
-            let local: SocketAddr = if addr.is_ipv4() {
-                "0.0.0.0:0"
-                    .parse()
-                    .map_err(|e| io(std::io::Error::other(e)))?
-            } else {
-                "[::]:0".parse().map_err(|e| io(std::io::Error::other(e)))?
-            };
-            let s = UdpSocket::bind(local).await.map_err(io)?;
+            let s = up.udp().await.map_err(io)?;
             s.connect(addr).await.map_err(io)?;
             s.send(q).await.map_err(io)?;
             let mut r = vec![0u8; super::UDP_MAX];
@@ -85,7 +151,7 @@ pub async fn resolve_a(
     name: &str,
 ) -> Result<Vec<std::net::IpAddr>, UpstreamError> {
     let q = super::message::a_query(name, std::process::id() as u16)?;
-    let r = ask(upstream, &q, false).await?;
+    let r = ask(&Upstream::here(upstream), &q, false).await?;
     let a = super::message::answer(&r, name)?;
     if a.rcode != "NOERROR" {
         return Err(UpstreamError::Rcode(a.rcode));

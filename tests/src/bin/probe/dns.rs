@@ -11,7 +11,9 @@
 //!   (benchmarks: each query's round trip, and queries per second, one client);
 //! - `dnsconn:PORT:NAME@ADDR:PORT`: a UDP query, then at once a TCP connect to the first
 //!   address of the answer at PORT; prints the connect's outcome (`ok`, `EPERM`, ...), or the
-//!   rcode when the answer has no address.
+//!   rcode when the answer has no address;
+//! - `listen:ADDR:PORT`: a TCP listener at ADDR:PORT, kept until the probe ends (a target in
+//!   the probe's own network namespace).
 
 use std::{
     io::{Read as _, Write as _},
@@ -138,8 +140,16 @@ pub fn op(kind: &str, rest: &str) -> Option<std::io::Result<String>> {
         "dnstcp" => tcp(rest).map(line),
         "dnsconn" => conn(rest),
         "dnslat" => latency(rest),
+        "listen" => listen(rest),
         _ => return None,
     })
+}
+
+fn listen(rest: &str) -> std::io::Result<String> {
+    let addr: SocketAddr = rest.parse().map_err(other)?;
+    // Kept open for the probe's life.
+    std::mem::forget(std::net::TcpListener::bind(addr)?);
+    Ok("ok".to_owned())
 }
 
 fn conn(rest: &str) -> std::io::Result<String> {
