@@ -52,17 +52,17 @@ impl Netns {
 
 /// Runs `f` on a thread inside the namespace named `name` (sockets it creates stay there).
 fn run_in<T: Send + 'static>(
-        name: &str,
-        f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-    ) -> anyhow::Result<T> {
-        let file = std::fs::File::open(PathBuf::from("/run/netns").join(name))?;
-        std::thread::spawn(move || {
-            move_into_link_name_space(file.as_fd(), Some(LinkNameSpaceType::Network))?;
-            f()
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("the thread in the namespace panicked"))?
-        .context("in the network namespace")
+    name: &str,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let file = std::fs::File::open(PathBuf::from("/run/netns").join(name))?;
+    std::thread::spawn(move || {
+        move_into_link_name_space(file.as_fd(), Some(LinkNameSpaceType::Network))?;
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the thread in the namespace panicked"))?
+    .context("in the network namespace")
 }
 
 impl Drop for Netns {

@@ -270,7 +270,7 @@ impl<'a> Waiting<'a> {
                 ],
                 own_root: Some(&volume),
                 pod: None,
-            netns: None,
+                netns: None,
             },
         )?;
         let fifo = mkfifo(&volume.join("go"))?;

@@ -90,3 +90,67 @@ fn a_learned_address_opens_for_its_principal_until_it_expires() -> anyhow::Resul
     assert!(e.maps().dns().is_empty());
     Ok(())
 }
+
+/// The rules `policy/src/dns_bypass.rs` adds, decided by the real kernel on UDP connects (no
+/// packet leaves: connect() on UDP only decides and sets the peer).
+#[test]
+fn known_doh_resolvers_and_port_853_stay_closed_under_a_wide_zone() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let cg = TestCgroup::new("dns-bypass")?;
+    let mut e = Enforcer::load_and_attach(&cg.root)?;
+    e.maps().add_principal(cg.id()?, cg.level(), 1, Some(0))?;
+    let src = "apiVersion: corral.dev/v1alpha1\nkind: AgentPolicy\nmetadata: { name: bypass }\n\
+         spec:\n  identities: [spiffe://test.corral/bypass]\n  defaultAction: deny\n  zones:\n    \
+         api: { hosts: [api.corral.test] }\n    \
+         web: { cidrs: [0.0.0.0/0] }\n    \
+         quad9: { cidrs: [9.9.9.9/32] }\n  connect:\n    \
+         - { action: allow, zones: [web, api], ports: [443, 853] }\n";
+    // The rule names 853 for `web` explicitly, so 853 stays open there.
+    let set = corral_policy::compile_str("bypass.yaml", src, 1)?;
+    e.maps().apply(&set, |_, _| Some(0))?;
+    let ops = [
+        "udp:192.0.2.1:443", // web
+        "udp:1.1.1.1:443",   // a known DoH resolver: (dns-bypass), though 0.0.0.0/0 allows
+        "udp:8.8.8.8:443",   // another
+        "udp:9.9.9.9:443",   // named exactly by `quad9`, which allows nothing
+        "udp:192.0.2.1:853", // web names 853 explicitly
+    ];
+    let got = probe_in(&cg.path, &ops)?;
+    assert_eq!(got[0], Outcome::Ok, "{got:?}");
+    assert_eq!(got[1], eperm(), "1.1.1.1:443 under 0.0.0.0/0: {got:?}");
+    assert_eq!(got[2], eperm(), "8.8.8.8:443 under 0.0.0.0/0: {got:?}");
+    assert_eq!(
+        got[3],
+        eperm(),
+        "9.9.9.9 in a zone of its own that allows nothing: {got:?}"
+    );
+    assert_eq!(got[4], Outcome::Ok, "853 named by the rule: {got:?}");
+
+    // A zone whose rules allow every port but never name 853: DoT stays closed there, and
+    // a known resolver named exactly by an allowed zone is opened by it.
+    let src = "apiVersion: corral.dev/v1alpha1\nkind: AgentPolicy\nmetadata: { name: bypass }\n\
+         spec:\n  identities: [spiffe://test.corral/bypass]\n  defaultAction: deny\n  zones:\n    \
+         api: { hosts: [api.corral.test] }\n    \
+         web: { cidrs: [0.0.0.0/0] }\n    \
+         quad9: { cidrs: [9.9.9.9/32] }\n  connect:\n    \
+         - { action: allow, zones: [web, quad9] }\n";
+    let set = corral_policy::compile_str("bypass.yaml", src, 2)?;
+    e.maps().apply(&set, |_, _| Some(0))?;
+    let got = probe_in(
+        &cg.path,
+        &[
+            "udp:192.0.2.1:8443",
+            "udp:192.0.2.1:853",
+            "udp:9.9.9.9:443",
+            "udp:1.1.1.1:8443",
+        ],
+    )?;
+    assert_eq!(
+        got,
+        [Outcome::Ok, eperm(), Outcome::Ok, eperm()],
+        "any port but 853; 9.9.9.9 named exactly; 1.1.1.1 still closed"
+    );
+    Ok(())
+}

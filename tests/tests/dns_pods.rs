@@ -6,7 +6,6 @@
 //! `--dns-upstream`: it must listen at the principal's proxy address inside the pod's
 //! namespace and ask the pod's own resolver from there, or nothing resolves.
 
-
 use anyhow::Context as _;
 use corral_tests::{
     dnsmasq::{Dnsmasq, Record},
@@ -140,9 +139,22 @@ fn a_pods_dns_is_answered_in_its_own_namespace_from_its_own_resolver() -> anyhow
     );
     // The pod's own resolver was asked, from inside the pod's namespace (dnsmasq listens
     // nowhere else), and never for the refused name.
-    assert!(resolver.queries_for("api.corral.test") >= 1, "{}", resolver.log_text());
-    assert!(resolver.queries_for("alias.corral.test") >= 1, "{}", resolver.log_text());
-    assert_eq!(resolver.queries_for("other.corral.test"), 0, "{}", resolver.log_text());
+    assert!(
+        resolver.queries_for("api.corral.test") >= 1,
+        "{}",
+        resolver.log_text()
+    );
+    assert!(
+        resolver.queries_for("alias.corral.test") >= 1,
+        "{}",
+        resolver.log_text()
+    );
+    assert_eq!(
+        resolver.queries_for("other.corral.test"),
+        0,
+        "{}",
+        resolver.log_text()
+    );
 
     let evs = wait_for(5, "the pod's dns events", || {
         let evs = events(&spec, &["--identity", ID])?;
@@ -180,8 +192,7 @@ fn cgroup_of(pid: u32) -> anyhow::Result<std::path::PathBuf> {
 }
 
 #[test]
-fn a_principals_process_that_turns_up_in_another_namespace_is_served_there() -> anyhow::Result<()>
-{
+fn a_principals_process_that_turns_up_in_another_namespace_is_served_there() -> anyhow::Result<()> {
     // No hook and no enrolment from inside: a process of the pod's namespace joins a
     // principal's cgroup (as the pod watch enrols a pod whose processes already run), and
     // the agent's scan of its principals' processes must find the namespace.
@@ -245,6 +256,10 @@ fn a_principals_process_that_turns_up_in_another_namespace_is_served_there() -> 
         text(&out),
         agent.log_text()
     );
-    assert!(resolver.queries_for("api.corral.test") >= 1, "{}", resolver.log_text());
+    assert!(
+        resolver.queries_for("api.corral.test") >= 1,
+        "{}",
+        resolver.log_text()
+    );
     Ok(())
 }

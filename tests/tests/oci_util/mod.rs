@@ -299,4 +299,3 @@ pub fn probe_args(ops: &[&str]) -> anyhow::Result<Vec<String>> {
     a.extend(ops.iter().map(|s| (*s).to_owned()));
     Ok(a)
 }
-

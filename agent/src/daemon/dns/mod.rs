@@ -184,7 +184,10 @@ impl DnsProxy {
         let addr = self.addr(index);
         let (udp, tcp) = bind(addr)?;
         let up = upstream::Route::Node(self.settings.upstream);
-        bound.insert((index, None), Binding::new(self.serve(shared, index, udp, tcp, up)?));
+        bound.insert(
+            (index, None),
+            Binding::new(self.serve(shared, index, udp, tcp, up)?),
+        );
         debug!(index, %addr, "DNS proxy listening for principal");
         Ok(())
     }
@@ -230,10 +233,7 @@ impl DnsProxy {
     /// The thread in process `pid`'s network namespace (started if there is none).
     fn worker(&self, pid: i32) -> Result<Arc<netns::Worker>, netns::NetnsError> {
         let id = netns::of_pid(pid).map_err(|_| netns::NetnsError::NoProcess(pid))?;
-        let mut workers = self
-            .workers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(w) = workers.get(&id) {
             return Ok(w.clone());
         }
@@ -254,7 +254,13 @@ impl DnsProxy {
         let udp = Arc::new(UdpSocket::from_std(udp)?);
         let tcp = TcpListener::from_std(tcp)?;
         let up = Arc::new(up);
-        let u = tokio::spawn(serve_udp(self.clone(), shared.clone(), index, udp, up.clone()));
+        let u = tokio::spawn(serve_udp(
+            self.clone(),
+            shared.clone(),
+            index,
+            udp,
+            up.clone(),
+        ));
         let t = tokio::spawn(serve_tcp(self.clone(), shared.clone(), index, tcp, up));
         Ok(vec![u.abort_handle(), t.abort_handle()])
     }
@@ -313,7 +319,9 @@ impl DnsProxy {
                     Ok(()) => {
                         seen.insert((index, Some(id)));
                     }
-                    Err(e) => debug!(index, pid, error = %e, "no DNS proxy in a principal's network namespace"),
+                    Err(e) => {
+                        debug!(index, pid, error = %e, "no DNS proxy in a principal's network namespace")
+                    }
                 }
             }
         }
@@ -538,10 +546,7 @@ async fn serve_udp(
         let q = buf[..n].to_vec();
         let (proxy, shared, sock, up) = (proxy.clone(), shared.clone(), sock.clone(), up.clone());
         tokio::spawn(async move {
-            if let Some(r) = proxy
-                .handle(&shared, index, &q, Transport::Udp, &up)
-                .await
-            {
+            if let Some(r) = proxy.handle(&shared, index, &q, Transport::Udp, &up).await {
                 let _ = sock.send_to(&r, from).await;
             }
         });

@@ -216,14 +216,22 @@ mod tests {
     fn a_worker_entered_by_the_own_pid_is_in_the_own_namespace() {
         // Entering a namespace takes CAP_SYS_ADMIN (the agent runs as root; so do the tests
         // under `cargo xtask test`).
-        if std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(1) != 0 {
+        if std::fs::metadata("/proc/self")
+            .map(|m| m.uid())
+            .unwrap_or(1)
+            != 0
+        {
             return;
         }
         let me = i32::try_from(std::process::id()).expect("pid");
         let w = Worker::enter(me).expect("enter own netns");
         assert_eq!(w.id, own().expect("own"));
         let port = w
-            .run(|| Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port()))
+            .run(|| {
+                Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+                    .local_addr()?
+                    .port())
+            })
             .expect("bind in the worker");
         assert_ne!(port, 0);
     }

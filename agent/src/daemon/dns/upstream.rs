@@ -61,7 +61,13 @@ impl Upstream {
         };
         let v4 = self.addr.is_ipv4();
         let s = w
-            .call(move || if v4 { TcpSocket::new_v4() } else { TcpSocket::new_v6() })
+            .call(move || {
+                if v4 {
+                    TcpSocket::new_v4()
+                } else {
+                    TcpSocket::new_v6()
+                }
+            })
             .await?;
         s.connect(self.addr).await
     }
