@@ -177,6 +177,8 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
     if let crate::dns::Redirect::Refuse = redirected {
         out.zone = NONE;
         out.decision = containment();
+        // Audit mode records it and lets it through, as every containment refusal.
+        out.decision.verdict = crate::guard::containment_verdict(&cfg, &caller).0;
     }
     // What lets the call through is recorded on the socket, so the egress program can end the
     // connection when the decision no longer holds; no room for that: fail closed.

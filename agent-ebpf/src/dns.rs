@@ -5,9 +5,10 @@
 //! `recvmsg4/6` make a reply read from an unconnected socket name the resolver it was sent to,
 //! and `getpeername4/6` make a redirected socket's peer that resolver too (TCP clients check).
 //!
-//! Refused (EPERM, reason containment): a principal's call straight to a proxy address (only
-//! the redirect goes there: another principal's address would be its view of DNS), and DNS to
-//! an IPv6 resolver (the proxy listens on IPv4 loopback only).
+//! Refused (EPERM, reason containment; audit-deny and let through under an audit-mode policy):
+//! a principal's call straight to a proxy address (only the redirect goes there: another
+//! principal's address would be its view of DNS), and DNS to an IPv6 resolver (the proxy
+//! listens on IPv4 loopback only).
 
 use core::ptr;
 

@@ -507,5 +507,36 @@ fn in_audit_mode_unlisted_names_are_answered_and_recorded() -> anyhow::Result<()
             .find(|e| e["dns"]["name"] == "audit.corral.test"))
     })?;
     assert_eq!(evs["decision"]["verdict"], "audit-deny", "{evs:#}");
+    // What enforce mode refuses in the kernel is recorded and let through: the principal's
+    // own proxy address asked directly (the proxy answers), and an IPv6 resolver (nothing
+    // listens at [::1]:53 here: refused by the loopback, not by Corral).
+    let own = format!("127.64.0.1:{}", s.dns_port);
+    let out = s.probe(
+        "s1",
+        &[
+            dns("dnsc", "audit.corral.test", &own),
+            dns("dnsc", "audit.corral.test", "[::1]:53"),
+        ],
+    )?;
+    assert_eq!(
+        out,
+        [
+            format!("NOERROR 127.0.0.7 from {own}"),
+            "ECONNREFUSED".to_owned()
+        ]
+    );
+    let evs = wait_for(5, "the audited containment refusals", || {
+        let evs: Vec<Value> = s
+            .events()?
+            .into_iter()
+            .filter(|e| e["decision"]["reason"] == "containment")
+            .collect();
+        let port = |p: u16| evs.iter().any(|e| e["connect"]["port"] == p);
+        Ok((port(53) && port(s.dns_port)).then_some(evs))
+    })?;
+    assert!(
+        evs.iter().all(|e| e["decision"]["verdict"] == "audit-deny"),
+        "{evs:#?}"
+    );
     Ok(())
 }
