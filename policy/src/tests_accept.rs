@@ -208,8 +208,6 @@ fn every_example_file_passes_check() {
 
 #[test]
 fn zones_by_host_name_compile_with_their_most_specific_pattern() {
-    // Parsed and compiled without the validation gate that refuses hosts for now
-    // (`validate::HOSTS_ENFORCED`).
     let src = "apiVersion: corral.dev/v1alpha1
 kind: AgentPolicy
 metadata: { name: p }

@@ -478,21 +478,3 @@ fn bad_hosts_are_rejected_where_written() {
     );
     assert!(ds.iter().any(|d| d.message.contains("cache")), "{ds:?}");
 }
-
-#[test]
-fn hosts_are_refused_until_the_agent_enforces_them() {
-    let src = BASE.replace(
-        "    local: { cidrs: [127.0.0.0/8] }\n",
-        "    local: { cidrs: [127.0.0.0/8] }\n    web: { hosts: [api.github.com] }\n",
-    );
-    if crate::validate::HOSTS_ENFORCED {
-        assert!(parse_str("p.yaml", &src).is_ok());
-    } else {
-        rejects(
-            &src,
-            9,
-            "api.github.com",
-            &["not enforced by this version", "cidrs"],
-        );
-    }
-}

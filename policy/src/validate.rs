@@ -10,9 +10,6 @@ use super::{
     diag::{Sink, Spanned},
 };
 
-/// Whether the agent enforces zones by host name (`hosts:`). Until it does, they are refused.
-pub(crate) const HOSTS_ENFORCED: bool = true;
-
 /// Reports every cross-field and cross-document problem in `docs`.
 pub fn check(docs: &[PolicyDoc], sink: &mut Sink) {
     for d in docs {
@@ -96,21 +93,6 @@ fn policy(d: &PolicyDoc, sink: &mut Sink) {
                     unix_owner.insert(&u.value, &z.name.value);
                 }
             }
-        }
-    }
-    // Zones by name need the agent's DNS proxy (issue 16), which this version does not have:
-    // a zone it cannot fill must not be accepted (under `defaultAction: allow` a deny rule
-    // naming it would deny nothing).
-    if !HOSTS_ENFORCED {
-        for h in d.zones.iter().flat_map(|z| z.hosts.iter()) {
-            sink.error(
-                h.pos,
-                format!(
-                    "host `{}`: zones by host name are not enforced by this version of Corral \
-                     yet (its DNS proxy is not built); list the addresses under `cidrs`",
-                    h.value
-                ),
-            );
         }
     }
     let mut host_owner: HashMap<&crate::hosts::HostPattern, &str> = HashMap::new();

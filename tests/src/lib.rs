@@ -86,6 +86,13 @@ pub enum Outcome {
     Errno(String),
 }
 
+impl Outcome {
+    /// The outcome of a call Corral refused.
+    pub fn eperm() -> Self {
+        Self::Errno("EPERM".into())
+    }
+}
+
 /// Path of the `corral-probe` helper binary, beside the running executable: cargo puts test
 /// executables in `target/<profile>/deps/` and binaries in `target/<profile>/`.
 pub fn probe_bin() -> anyhow::Result<PathBuf> {

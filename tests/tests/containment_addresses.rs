@@ -14,10 +14,6 @@ use corral_tests::{
     privileged, probe_in,
 };
 
-fn eperm() -> Outcome {
-    Outcome::Errno("EPERM".into())
-}
-
 #[test]
 fn the_unspecified_address_is_decided_as_loopback() -> anyhow::Result<()> {
     if !privileged() {
@@ -55,7 +51,7 @@ fn the_unspecified_address_is_decided_as_loopback() -> anyhow::Result<()> {
     ];
     let refs: Vec<&str> = ops.iter().map(String::as_str).collect();
     let got = probe_in(&cg.path, &refs)?;
-    assert_eq!(got, vec![eperm(); ops.len()], "{ops:?}");
+    assert_eq!(got, vec![Outcome::eperm(); ops.len()], "{ops:?}");
 
     // Each was recorded as a loopback destination in zone `local` (index 0), denied.
     let events = reader.drain_connects();
@@ -127,13 +123,13 @@ fn the_nodes_own_addresses_are_decided_as_loopback() -> anyhow::Result<()> {
     let mut reader = EventReader::take(e.maps())?;
     let op = format!("tcp:198.51.100.7:{}", l.port);
     // The enforcer read the node's addresses when it started: the address is this host.
-    assert_eq!(probe_in(&cg.path, &[&op])?, vec![eperm()]);
+    assert_eq!(probe_in(&cg.path, &[&op])?, vec![Outcome::eperm()]);
     // Without the node's addresses known, the same connect is decided as the lab network's:
     // the mapping is what denies it.
     e.maps().set_local_addrs(&Default::default())?;
     assert_eq!(probe_in(&cg.path, &[&op])?, vec![Outcome::Ok]);
     e.maps().set_local_addrs(&addrs)?;
-    assert_eq!(probe_in(&cg.path, &[&op])?, vec![eperm()]);
+    assert_eq!(probe_in(&cg.path, &[&op])?, vec![Outcome::eperm()]);
     let events = reader.drain_connects();
     let last = events.last().ok_or_else(|| anyhow::anyhow!("no event"))?;
     assert_eq!(last.header.verdict, Verdict::Deny);

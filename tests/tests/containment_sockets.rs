@@ -21,10 +21,6 @@ use corral_tests::{
     privileged, probe_bin, probe_in, probe_outside,
 };
 
-fn eperm() -> Outcome {
-    Outcome::Errno("EPERM".into())
-}
-
 /// A raw ICMP socket, a raw ICMPv6 socket, a ping socket.
 const RAW4: &str = "socket:2:3:1";
 const RAW6: &str = "socket:10:3:58";
@@ -108,14 +104,14 @@ fn raw_and_ping_sockets_and_source_routes_are_refused_inside_only() -> anyhow::R
     ops.extend(refused);
     let got = probe_in(&n.cg.path, &ops)?;
     let mut want = vec![Outcome::Ok; ok_ops.len()];
-    want.extend(vec![eperm(); refused.len()]);
+    want.extend(vec![Outcome::eperm(); refused.len()]);
     assert_eq!(got, want, "{ops:?}");
 
     // Outside the principal the same calls go through (as root): the guards leave at once.
     let outside = probe_outside(&refused)?;
     assert_eq!(outside.len(), refused.len());
     for (op, got) in refused.iter().zip(&outside) {
-        assert_ne!(*got, eperm(), "{op} outside a principal");
+        assert_ne!(*got, Outcome::eperm(), "{op} outside a principal");
     }
 
     // One event per refusal, reason containment, naming the socket or the option.
@@ -295,7 +291,10 @@ fn a_policy_naming_icmp_allows_ping_to_its_zone_only() -> anyhow::Result<()> {
         &cg.path,
         &["ping:127.0.0.1", "ping:[::1]", "ping:127.0.0.2", RAW4],
     )?;
-    assert_eq!(got, vec![Outcome::Ok, Outcome::Ok, eperm(), eperm()]);
+    assert_eq!(
+        got,
+        vec![Outcome::Ok, Outcome::Ok, Outcome::eperm(), Outcome::eperm()]
+    );
 
     let mut all = Vec::new();
     reader.drain_all(&mut all);
@@ -327,6 +326,9 @@ fn a_policy_naming_icmp_allows_ping_to_its_zone_only() -> anyhow::Result<()> {
         .build();
     assert!(!p.allows_ping());
     e.maps().apply(&set(2, vec![p]), |_, _| Some(0))?;
-    assert_eq!(probe_in(&cg.path, &["ping:127.0.0.1"])?, vec![eperm()]);
+    assert_eq!(
+        probe_in(&cg.path, &["ping:127.0.0.1"])?,
+        vec![Outcome::eperm()]
+    );
     Ok(())
 }

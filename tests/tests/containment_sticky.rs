@@ -14,10 +14,6 @@ use corral_tests::{
     privileged, probe_in, probe_outside,
 };
 
-fn eperm() -> Outcome {
-    Outcome::Errno("EPERM".into())
-}
-
 #[test]
 fn leaving_the_cgroup_changes_nothing_for_a_process_or_its_children() -> anyhow::Result<()> {
     if !privileged() {
@@ -55,7 +51,12 @@ fn leaving_the_cgroup_changes_nothing_for_a_process_or_its_children() -> anyhow:
     )?;
     assert_eq!(
         got,
-        vec![eperm(), Outcome::Ok, eperm(), eperm()],
+        vec![
+            Outcome::eperm(),
+            Outcome::Ok,
+            Outcome::eperm(),
+            Outcome::eperm()
+        ],
         "denied inside, after moving to the root cgroup, and in a forked child that moved out"
     );
     let events = reader.drain_connects();
@@ -120,7 +121,7 @@ fn a_thread_outliving_its_leader_stays_the_principals() -> anyhow::Result<()> {
     let got = probe_in(&cg.path, &[&tcp, &format!("leaderout:{root}={tcp}")])?;
     assert_eq!(
         got,
-        vec![eperm(), eperm()],
+        vec![Outcome::eperm(), Outcome::eperm()],
         "denied inside, and in the thread that outlived its leader and moved to the root"
     );
     assert_eq!(e.maps().sticky(), vec![], "the dead group left no entry");

@@ -14,10 +14,6 @@ use corral_tests::{
     privileged, probe_in,
 };
 
-fn eperm() -> Outcome {
-    Outcome::Errno("EPERM".into())
-}
-
 #[test]
 fn a_learned_address_opens_for_its_principal_until_it_expires() -> anyhow::Result<()> {
     if !privileged() {
@@ -50,21 +46,29 @@ fn a_learned_address_opens_for_its_principal_until_it_expires() -> anyhow::Resul
     let probe = |cg: &TestCgroup| probe_in(&cg.path, &[&to]);
 
     // Nothing learned: the address is only in `wide`, which allows nothing.
-    assert_eq!(probe(&a)?, [eperm()]);
+    assert_eq!(probe(&a)?, [Outcome::eperm()]);
     // Learned by principal 1 (zone 0, `api`): open for it, not for principal 2.
     let now = boottime_ns()?;
     e.maps().dns().learn(1, ip, key, 0, now + 60_000_000_000)?;
     assert_eq!(probe(&a)?, [Outcome::Ok]);
-    assert_eq!(probe(&b)?, [eperm()], "learned by another principal");
+    assert_eq!(
+        probe(&b)?,
+        [Outcome::eperm()],
+        "learned by another principal"
+    );
     // Expired: closed for new connections.
     e.maps().dns().learn(2, ip, key, 0, now - 1)?;
-    assert_eq!(probe(&b)?, [eperm()], "expired");
+    assert_eq!(probe(&b)?, [Outcome::eperm()], "expired");
     assert_eq!(e.maps().dns().sweep(boottime_ns()?, |_| true), 1);
     assert_eq!(e.maps().dns().len(), 1);
 
     // A policy swap renumbers zones: an entry learned under the old key means nothing.
     e.maps().apply(&named(2, true), |_, _| Some(0))?;
-    assert_eq!(probe(&a)?, [eperm()], "learned under the previous policy");
+    assert_eq!(
+        probe(&a)?,
+        [Outcome::eperm()],
+        "learned under the previous policy"
+    );
     // Principal 1 learns the address again, under the policy now live.
     let relearn = |e: &mut Enforcer| -> anyhow::Result<()> {
         let key = policy_key(e.maps().config()?.generation & 1, 0);
@@ -75,7 +79,7 @@ fn a_learned_address_opens_for_its_principal_until_it_expires() -> anyhow::Resul
     // open it (DNS rebinding to a denied range).
     assert_eq!(
         probe(&a)?,
-        [eperm()],
+        [Outcome::eperm()],
         "a rule denying the address's zone wins"
     );
     e.maps().apply(&named(3, false), |_, _| Some(0))?;
@@ -119,11 +123,19 @@ fn known_doh_resolvers_and_port_853_stay_closed_under_a_wide_zone() -> anyhow::R
     ];
     let got = probe_in(&cg.path, &ops)?;
     assert_eq!(got[0], Outcome::Ok, "{got:?}");
-    assert_eq!(got[1], eperm(), "1.1.1.1:443 under 0.0.0.0/0: {got:?}");
-    assert_eq!(got[2], eperm(), "8.8.8.8:443 under 0.0.0.0/0: {got:?}");
+    assert_eq!(
+        got[1],
+        Outcome::eperm(),
+        "1.1.1.1:443 under 0.0.0.0/0: {got:?}"
+    );
+    assert_eq!(
+        got[2],
+        Outcome::eperm(),
+        "8.8.8.8:443 under 0.0.0.0/0: {got:?}"
+    );
     assert_eq!(
         got[3],
-        eperm(),
+        Outcome::eperm(),
         "9.9.9.9 in a zone of its own that allows nothing: {got:?}"
     );
     assert_eq!(got[4], Outcome::Ok, "853 named by the rule: {got:?}");
@@ -149,7 +161,7 @@ fn known_doh_resolvers_and_port_853_stay_closed_under_a_wide_zone() -> anyhow::R
     )?;
     assert_eq!(
         got,
-        [Outcome::Ok, eperm(), Outcome::Ok, eperm()],
+        [Outcome::Ok, Outcome::eperm(), Outcome::Ok, Outcome::eperm()],
         "any port but 853; 9.9.9.9 named exactly; 1.1.1.1 still closed"
     );
     Ok(())

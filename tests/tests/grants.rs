@@ -61,10 +61,6 @@ fn grant(id: u64, session: &str, ttl: Duration) -> DesiredGrant {
     }
 }
 
-fn eperm() -> Outcome {
-    Outcome::Errno("EPERM".into())
-}
-
 #[test]
 fn a_reconciled_grant_allows_until_removed_rekeyed_on_flip_and_expired_by_the_kernel()
 -> anyhow::Result<()> {
@@ -96,7 +92,7 @@ fn a_reconciled_grant_allows_until_removed_rekeyed_on_flip_and_expired_by_the_ke
     let book = GrantBook::managed(PathBuf::from(&dir).join("grants.json"));
     assert_eq!(
         probe_in(&cg.path, &[&target])?,
-        vec![eperm()],
+        vec![Outcome::eperm()],
         "no grant yet"
     );
 
@@ -104,7 +100,7 @@ fn a_reconciled_grant_allows_until_removed_rekeyed_on_flip_and_expired_by_the_ke
     book.set(1, vec![grant(41, "s2", Duration::from_secs(60))]);
     let applied = book.reconcile(maps, &principals, Some(&v1))?;
     assert_eq!(applied.added, 0);
-    assert_eq!(probe_in(&cg.path, &[&target])?, vec![eperm()]);
+    assert_eq!(probe_in(&cg.path, &[&target])?, vec![Outcome::eperm()]);
 
     // Issued for this session: allowed, and the event names the grant.
     book.set(2, vec![grant(42, "s1", Duration::from_secs(60))]);
@@ -139,7 +135,7 @@ fn a_reconciled_grant_allows_until_removed_rekeyed_on_flip_and_expired_by_the_ke
     // Revoked: denied again.
     book.set(3, vec![]);
     assert_eq!(book.reconcile(maps, &principals, Some(&v2))?.removed, 1);
-    assert_eq!(probe_in(&cg.path, &[&target])?, vec![eperm()]);
+    assert_eq!(probe_in(&cg.path, &[&target])?, vec![Outcome::eperm()]);
 
     // A short grant: the kernel stops honouring it at its expiry with no userspace step.
     book.set(4, vec![grant(43, "", Duration::from_millis(1500))]);
@@ -148,7 +144,7 @@ fn a_reconciled_grant_allows_until_removed_rekeyed_on_flip_and_expired_by_the_ke
     std::thread::sleep(Duration::from_millis(1700));
     assert_eq!(
         probe_in(&cg.path, &[&target])?,
-        vec![eperm()],
+        vec![Outcome::eperm()],
         "expired in the kernel"
     );
     assert_eq!(

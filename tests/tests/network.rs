@@ -21,9 +21,6 @@ use corral_tests::{
 fn ok() -> Outcome {
     Outcome::Ok
 }
-fn eperm() -> Outcome {
-    Outcome::Errno("EPERM".into())
-}
 
 /// Loads the programs and enrols `cg` as principal `index` under policy slot 0.
 fn enforcer_with(cg: &TestCgroup, index: u32) -> anyhow::Result<Enforcer> {
@@ -83,24 +80,28 @@ fn tcp_udp_sendto_ipv6_mapped_and_fast_open() -> anyhow::Result<()> {
         Outcome::Errno("ECONNREFUSED".into()), // allowed (p6 is a TCP port too) but nothing listens on v4
         ok(),
         Outcome::Errno("ECONNREFUSED".into()),
-        ok(),    // IPv4-mapped decided as IPv4: allowed port
-        eperm(), // IPv4-mapped decided as IPv4: denied port
+        ok(),             // IPv4-mapped decided as IPv4: allowed port
+        Outcome::eperm(), // IPv4-mapped decided as IPv4: denied port
         ok(),
-        eperm(),
+        Outcome::eperm(),
         ok(),
-        eperm(),
+        Outcome::eperm(),
         ok(),
-        eperm(),
-        eperm(),
-        eperm(),
-        eperm(), // TCP fast open to a denied port
-        eperm(),
+        Outcome::eperm(),
+        Outcome::eperm(),
+        Outcome::eperm(),
+        Outcome::eperm(), // TCP fast open to a denied port
+        Outcome::eperm(),
     ];
     // ECONNREFUSED above is only possible if the port is free on that family; tolerate `ok`
     // there (another listener may hold it) but never EPERM.
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         if *w == Outcome::Errno("ECONNREFUSED".into()) {
-            assert_ne!(*g, eperm(), "op {i}: allowed port must not be EPERM");
+            assert_ne!(
+                *g,
+                Outcome::eperm(),
+                "op {i}: allowed port must not be EPERM"
+            );
         } else {
             assert_eq!(g, w, "op {i}");
         }
@@ -172,7 +173,7 @@ fn daemonised_and_nested_cgroup_children_stay_attributed() -> anyhow::Result<()>
     let got = probe_in(&cg.path, &["subcg:nested", &target])?;
     assert_eq!(
         got,
-        vec![ok(), eperm()],
+        vec![ok(), Outcome::eperm()],
         "nested sub-cgroup must still be denied"
     );
 
@@ -213,7 +214,7 @@ fn chaining_blocks_after_internal_zone_per_session() -> anyhow::Result<()> {
     )?;
     assert_eq!(
         got,
-        vec![ok(), ok(), eperm()],
+        vec![ok(), ok(), Outcome::eperm()],
         "external is allowed until the session touched internal"
     );
     let got = probe_in(&s2.path, &["udp:127.0.2.1:9"])?;
@@ -285,12 +286,18 @@ fn enrolled_without_policy_is_denied_and_default_allow_works() -> anyhow::Result
     e.maps()
         .add_principal(open.id()?, open.level(), 6, Some(0))?;
     // Before any policy is applied: both fail closed.
-    assert_eq!(probe_in(&open.path, &["udp:127.0.0.1:9"])?, vec![eperm()]);
+    assert_eq!(
+        probe_in(&open.path, &["udp:127.0.0.1:9"])?,
+        vec![Outcome::eperm()]
+    );
     e.maps().apply(
         &set(1, vec![policy("open").default_allow().build()]),
         |cg, _| (cg != none.id().unwrap_or(0)).then_some(0),
     )?;
-    assert_eq!(probe_in(&none.path, &["udp:127.0.0.1:9"])?, vec![eperm()]);
+    assert_eq!(
+        probe_in(&none.path, &["udp:127.0.0.1:9"])?,
+        vec![Outcome::eperm()]
+    );
     assert_eq!(probe_in(&open.path, &["udp:127.0.0.1:9"])?, vec![ok()]);
     let events = EventReader::take(e.maps())?.drain_connects();
     assert!(
@@ -316,7 +323,10 @@ fn expired_grant_denies_without_userspace_action() -> anyhow::Result<()> {
         ),
         |_, _| Some(0),
     )?;
-    assert_eq!(probe_in(&cg.path, &["udp:127.0.3.1:5433"])?, vec![eperm()]);
+    assert_eq!(
+        probe_in(&cg.path, &["udp:127.0.3.1:5433"])?,
+        vec![Outcome::eperm()]
+    );
     let ttl = Duration::from_millis(600);
     let now = boottime_ns()?;
     e.maps().add_grant(
@@ -334,12 +344,15 @@ fn expired_grant_denies_without_userspace_action() -> anyhow::Result<()> {
     )?;
     assert_eq!(
         probe_in(&cg.path, &["udp:127.0.3.1:5433", "udp:127.0.3.1:5434"])?,
-        vec![ok(), eperm()],
+        vec![ok(), Outcome::eperm()],
         "the grant allows what it names, nothing else"
     );
     std::thread::sleep(ttl + Duration::from_millis(100));
     // No userspace action since: the kernel itself stops honouring the grant.
-    assert_eq!(probe_in(&cg.path, &["udp:127.0.3.1:5433"])?, vec![eperm()]);
+    assert_eq!(
+        probe_in(&cg.path, &["udp:127.0.3.1:5433"])?,
+        vec![Outcome::eperm()]
+    );
     let events = EventReader::take(e.maps())?.drain_connects();
     assert!(
         events.iter().any(|c| c.header.reason == Reason::Grant
