@@ -37,11 +37,7 @@ const ELSEWHERE: &str = "192.0.2.53:53";
 const PORT: u16 = 7443;
 
 fn policy() -> anyhow::Result<String> {
-    let bindir = probe_bin()?
-        .parent()
-        .context("binary dir")?
-        .display()
-        .to_string();
+    let bindir = corral_tests::harness::bin_dir()?.display().to_string();
     Ok(format!(
         "apiVersion: corral.dev/v1alpha1
 kind: AgentPolicy

@@ -15,7 +15,7 @@ use corral_tests::{
     dnsmasq::{Dnsmasq, Record},
     e2e::{bin, wait_for},
     fleet::{Agent, Dir, Node, stop_child, text},
-    privileged, probe_bin,
+    privileged,
 };
 use serde_json::Value;
 
@@ -55,11 +55,7 @@ fn records() -> Vec<Record<'static>> {
 }
 
 fn policy(dir: &Dir, port: u16, mode: &str) -> anyhow::Result<std::path::PathBuf> {
-    let bindir = probe_bin()?
-        .parent()
-        .context("probe dir")?
-        .display()
-        .to_string();
+    let bindir = corral_tests::harness::bin_dir()?.display().to_string();
     dir.write(
         "policy.yaml",
         &format!(

@@ -19,7 +19,7 @@ use corral_tests::{
     Outcome,
     e2e::{Reaped, bin, wait_for},
     fleet::{Agent, Dir, Follower, Node, Server, connected, free_port, text},
-    privileged, probe_bin, probe_in,
+    privileged, probe_in,
 };
 use serde_json::Value;
 
@@ -35,11 +35,7 @@ const AGENT_BOT: u32 = 2001;
 const ALICE: u32 = 2002;
 
 fn policy() -> anyhow::Result<String> {
-    let bindir = probe_bin()?
-        .parent()
-        .context("binary dir")?
-        .display()
-        .to_string();
+    let bindir = corral_tests::harness::bin_dir()?.display().to_string();
     Ok(format!(
         "apiVersion: corral.dev/v1alpha1
 kind: AgentPolicy

@@ -18,7 +18,7 @@ use anyhow::{Context as _, ensure};
 use corral_tests::{
     e2e::{Reaped, bin, udp, wait_for},
     fleet::{Agent, Dir, Node, Server, cli, connected, free_port, pki, stop_child, text, tls_args},
-    privileged, probe_bin,
+    privileged,
 };
 use serde_json::Value;
 
@@ -28,11 +28,7 @@ const DENIED: u16 = 9;
 /// The test policy: `allow` and `deny` are ports on loopback; execs of the build's binaries
 /// and of system tools are allowed. `extra` more connect rules (for the node-limit test).
 fn policy(allow: u16, deny: u16, extra: usize) -> anyhow::Result<String> {
-    let bindir = probe_bin()?
-        .parent()
-        .context("binary dir")?
-        .display()
-        .to_string();
+    let bindir = corral_tests::harness::bin_dir()?.display().to_string();
     let mut more = String::new();
     for i in 0..extra {
         more.push_str(&format!(

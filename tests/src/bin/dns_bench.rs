@@ -69,10 +69,7 @@ spec:
   exec:
     - {{ action: allow, paths: [\"{}/**\"] }}
 ",
-            corral_tests::probe_bin()?
-                .parent()
-                .context("probe dir")?
-                .display()
+            corral_tests::harness::bin_dir()?.display()
         ),
     )?;
     let upstream = resolver.addr.to_string();

@@ -24,11 +24,7 @@ pub fn bpffs() -> Option<PathBuf> {
 /// The test policy: `allow` and `deny` are UDP/TCP ports on loopback; exec of the build's
 /// binaries and of system tools is allowed.
 pub fn policy(allow: u16, deny: u16) -> anyhow::Result<String> {
-    let bindir = probe_bin()?
-        .parent()
-        .context("binary dir")?
-        .display()
-        .to_string();
+    let bindir = corral_tests::harness::bin_dir()?.display().to_string();
     Ok(format!(
         "apiVersion: corral.dev/v1alpha1
 kind: AgentPolicy
