@@ -35,17 +35,19 @@ pub struct DnsConfig {
 const _: () = assert!(core::mem::size_of::<DnsConfig>() == 8);
 
 /// Per socket (`DNS_ORIG`, socket-local storage): where a redirected query was sent, so a
-/// reply read with `recvmsg()` names that resolver as its source, not the proxy. Network order.
+/// reply read with `recvmsg()` (or the peer `getpeername()` names) is that resolver, not the
+/// proxy. Network order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct DnsOrig {
-    pub addr: u32,
+    /// The resolver's address, IPv6 form (an IPv4 one mapped: `::ffff:a.b.c.d`).
+    pub addr: [u32; 4],
+    /// The principal's proxy address (IPv4).
     pub proxy: u32,
     pub port: u16,
     pub proxy_port: u16,
-    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<DnsOrig>() == 16);
+const _: () = assert!(core::mem::size_of::<DnsOrig>() == 24);
 
 #[cfg(test)]
 mod tests {

@@ -1,19 +1,23 @@
 //! DNS of principals whose policy has zones by host name (`POLICY_F_DNS`): every call to port
-//! 53 (UDP or TCP, to any resolver, IPv4 or IPv4-mapped) is sent to the agent's DNS proxy at
-//! the principal's own address (`agent_common::dns`), which answers only for names in the
-//! principal's zones and writes the answer's addresses into `LEARNED` before releasing it.
-//! `recvmsg4/6` make a reply read from an unconnected socket name the resolver it was sent to,
-//! and `getpeername4/6` make a redirected socket's peer that resolver too (TCP clients check).
+//! 53 (UDP or TCP, to any resolver) is sent to the agent's DNS proxy at the principal's own
+//! address (`agent_common::dns`), which answers only for names in the principal's zones and
+//! writes the answer's addresses into `LEARNED` before releasing it. An IPv6 socket's
+//! `connect()` to an IPv6 resolver is sent to the proxy's address IPv4-mapped (the kernel
+//! then connects over IPv4; glibc connects its UDP sockets). `recvmsg4/6` make a reply's
+//! source the resolver the query was sent to, and `getpeername4/6` make a redirected
+//! socket's peer that resolver too (TCP clients check).
 //!
 //! Refused (EPERM, reason containment; audit-deny and let through under an audit-mode policy):
 //! a principal's call straight to a proxy address (only the redirect goes there: another
-//! principal's address would be its view of DNS), and DNS to an IPv6 resolver (the proxy
-//! listens on IPv4 loopback only).
+//! principal's address would be its view of DNS), and an unconnected `sendmsg()` to an IPv6
+//! resolver (the kernel cannot send it to an IPv4-mapped address from that hook: `ENOTSUPP`),
+//! or from an `IPV6_V6ONLY` socket (it fails to reach the mapped address: closed either way).
 
 use core::ptr;
 
 use agent_common::{
-    Config, DnsOrig, HOOK_CONNECT4, HOOK_SENDMSG4, NONE, POLICY_F_DNS, PROTO_TCP, PROTO_UDP,
+    Config, DnsOrig, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, NONE, POLICY_F_DNS, PROTO_TCP,
+    PROTO_UDP,
     dns::{PROXY_MASK, PROXY_NET, proxy_addr},
     is_v4_mapped, policy_key,
 };
@@ -74,7 +78,12 @@ pub(crate) fn redirect(
     if !(is_dns || to_proxy) || !uses_names(cfg, caller) {
         return Redirect::No;
     }
-    if to_proxy || !mapped {
+    if to_proxy && redirected_to(ctx, d.addr[3], port.to_be()) {
+        // A socket this redirect connected to the proxy (IPv4-mapped, from an IPv6 socket):
+        // the kernel sends each datagram through the IPv4 path, which names the proxy.
+        return Redirect::Done;
+    }
+    if to_proxy || (!mapped && hook != HOOK_CONNECT6) {
         return Redirect::Refuse;
     }
     let proxy = proxy_addr(caller.principal.index).to_be();
@@ -85,6 +94,9 @@ pub(crate) fn redirect(
         if hook == HOOK_CONNECT4 || hook == HOOK_SENDMSG4 {
             (*sa).user_ip4 = proxy;
         } else {
+            (*sa).user_ip6[0] = 0;
+            (*sa).user_ip6[1] = 0;
+            (*sa).user_ip6[2] = 0xffffu32.to_be();
             (*sa).user_ip6[3] = proxy;
         }
         (*sa).user_port = u32::from(port.to_be());
@@ -104,13 +116,29 @@ pub(crate) fn redirect(
         .cast::<DnsOrig>();
         // SAFETY: a socket storage pointer, valid for this run (or null).
         if let Some(o) = unsafe { o.as_mut() } {
-            o.addr = d.addr[3];
+            o.addr = d.addr;
             o.port = 53u16.to_be();
             o.proxy = proxy;
             o.proxy_port = port.to_be();
         }
     }
     Redirect::Done
+}
+
+/// Whether the context's socket was sent by the redirect to `proxy`:`proxy_port` (network
+/// order).
+#[inline(always)]
+fn redirected_to(ctx: &SockAddrContext, proxy: u32, proxy_port: u16) -> bool {
+    // SAFETY: the context's socket pointer (readable in sock_addr programs).
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: helper call with the map and the program's socket; no creation.
+    let o = unsafe { bpf_sk_storage_get(orig_map(), sk.cast(), ptr::null_mut(), 0) };
+    // SAFETY: a socket storage pointer, valid for this run (or null).
+    unsafe { o.cast::<DnsOrig>().as_ref() }
+        .is_some_and(|o| o.proxy == proxy && o.proxy_port == proxy_port)
 }
 
 /// A reply's source as the caller reads it: the resolver it asked, not the proxy.
@@ -139,9 +167,12 @@ fn restore(ctx: &SockAddrContext, v4: bool) -> i32 {
             };
         if from_proxy {
             if v4 {
-                (*sa).user_ip4 = o.addr;
+                (*sa).user_ip4 = o.addr[3];
             } else {
-                (*sa).user_ip6[3] = o.addr;
+                (*sa).user_ip6[0] = o.addr[0];
+                (*sa).user_ip6[1] = o.addr[1];
+                (*sa).user_ip6[2] = o.addr[2];
+                (*sa).user_ip6[3] = o.addr[3];
             }
             (*sa).user_port = u32::from(o.port);
         }
