@@ -18,6 +18,8 @@ const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 /// `BPF_CGROUP_INET4_CONNECT`.
 pub const ATTACH_INET4_CONNECT: u32 = 10;
+/// `BPF_CGROUP_UDP4_SENDMSG`.
+pub const ATTACH_UDP4_SENDMSG: u32 = 14;
 /// Verifier log size when a load is retried to explain its failure.
 const LOG_BYTES: usize = 1 << 20;
 

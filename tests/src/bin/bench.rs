@@ -35,6 +35,9 @@ use corral_agent::{
 use corral_policy::compiled::{Action, CompiledPolicy, CompiledSet, ExecRule};
 use corral_tests::{TestCgroup, build, probe_bin};
 
+#[path = "bench/marginal.rs"]
+mod marginal;
+
 /// Timed rounds; `CORRAL_BENCH_ROUNDS` overrides (at least 1).
 const ROUNDS: usize = 12;
 
@@ -382,6 +385,9 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let cost = kernel_cost(&setup, &workloads)?;
+    // Where `sendto()` lands: bound, never read (a full queue drops; nothing answers ICMP).
+    let sink = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let udp_port = sink.local_addr()?.port();
 
     println!();
     println!(
@@ -449,5 +455,7 @@ fn main() -> anyhow::Result<()> {
         "(the programs also run for the node's other processes during a pass: exec_fork and \
          exec_exit from other tasks can appear)"
     );
+    marginal::run(&setup, port, udp_port, rounds)?;
+    drop(sink);
     Ok(())
 }

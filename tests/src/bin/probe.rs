@@ -28,6 +28,9 @@
 //! - `until:FILE:OP`: run OP in a loop until FILE exists, print counts as for `repeat`;
 //! - `spawn:PATH`: fork+exec PATH (no arguments) and wait for it;
 //! - `time:N:OP`: run OP N times, print `ns=<mean nanoseconds per op> ok=<n>` (benchmarks);
+//! - `loop:N:connect:ADDR:PORT`, `loop:N:sendto:ADDR:PORT`: N `connect()`s, or N one-byte
+//!   `sendto()`s, on one UDP socket created first; print `ns=<mean per call> ok=<n>` and
+//!   `<ERR>=<n>` counts (benchmarks: the syscall's marginal cost, no socket setup);
 //! - `watch:US:OP`: run OP every US microseconds until stdin reaches EOF (or the probe is
 //!   killed); print `<CLOCK_MONOTONIC ns> <outcome>` for the first outcome and for each change
 //!   (latency benchmarks: `corral_tests::harness::Prober`);
@@ -536,6 +539,8 @@ fn run(ops: &[String], out: &mut dyn std::io::Write, out_path: Option<&str>) -> 
             let oks = (0..n).filter(|_| one(inner) == "ok").count();
             let ns = start.elapsed().as_nanos() / u128::from(n.max(1));
             writeln!(out, "ns={ns} ok={oks}")?;
+        } else if let Some(rest) = op.strip_prefix("loop:") {
+            writeln!(out, "{}", looped(rest)?)?;
         } else if let Some(rest) = op.strip_prefix("watch:") {
             let (us, inner) = rest.split_once(':').context("watch:US:OP")?;
             let us: u64 = us.parse().context("watch interval (microseconds)")?;
@@ -550,6 +555,38 @@ fn run(ops: &[String], out: &mut dyn std::io::Write, out_path: Option<&str>) -> 
         }
     }
     Ok(())
+}
+
+/// `N:KIND:ADDR:PORT` (see the module docs): one socket, N calls, each timed together.
+fn looped(spec: &str) -> anyhow::Result<String> {
+    let mut parts = spec.splitn(3, ':');
+    let n: u32 = parts.next().context("loop count")?.parse()?;
+    let kind = parts.next().context("loop kind")?;
+    let addr: SocketAddr = parts.next().context("loop address")?.parse()?;
+    let s = UdpSocket::bind(if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })?;
+    let mut outcomes: BTreeMap<String, u32> = BTreeMap::new();
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        let r = match kind {
+            "connect" => s.connect(addr),
+            "sendto" => s.send_to(b"c", addr).map(drop),
+            other => bail!("loop kind {other}"),
+        };
+        if let Err(e) = r {
+            *outcomes.entry(errno_name(&e)).or_default() += 1;
+        }
+    }
+    let ns = start.elapsed().as_nanos() / u128::from(n.max(1));
+    let failed: u32 = outcomes.values().sum();
+    let mut line = format!("ns={ns} ok={}", n - failed);
+    for (k, v) in outcomes {
+        line.push_str(&format!(" {k}={v}"));
+    }
+    Ok(line)
 }
 
 fn main() -> anyhow::Result<()> {
