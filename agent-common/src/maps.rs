@@ -77,6 +77,9 @@ pub const DNS_ORIG: &str = "CORRAL_DNSORIG";
 /// (`ld-linux*.so*`, `ld-musl-*.so*`), kept by the agent. Executing one directly is allowed
 /// only by a rule naming it.
 pub const LOADERS: &str = "CORRAL_LOADERS";
+/// `PerCpuArray<u64>`, one entry: when this CPU last woke the event reader for a deny
+/// (monotonic ns), so a burst of denies wakes it once per `DENY_WAKE_NS`.
+pub const WAKE: &str = "CORRAL_WAKE";
 
 /// Every map name above: the kernel object must define exactly these (checked by the agent's
 /// `ebpf::object` tests against the built object).
@@ -109,6 +112,7 @@ pub const ALL: &[&str] = &[
     LEARNED,
     DNS_CFG,
     DNS_ORIG,
+    WAKE,
 ];
 
 /// The kernel keeps at most this many bytes of a map name (`BPF_OBJ_NAME_LEN` - 1) and cuts

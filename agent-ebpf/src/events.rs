@@ -5,12 +5,12 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 use aya_ebpf::bindings::{
     BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE,
 };
-use aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns;
+use aya_ebpf::helpers::generated::{bpf_ktime_get_boot_ns, bpf_ktime_get_ns};
 use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid};
 
 use agent_common::{Config, EventHeader, RateState, VERDICT_ALLOW};
 
-use crate::maps::{DROPS, EVENTS, RATE, SEQ};
+use crate::maps::{DROPS, EVENTS, RATE, SEQ, WAKE};
 
 /// Next per-node sequence number. Taken before the reserve, so a failed reserve leaves a gap
 /// that the counted drop explains.
@@ -75,24 +75,44 @@ pub fn header_for(
 
 /// The submit flags for a record with `verdict`: when to wake the reader.
 ///
-/// A deny or audit-deny wakes it at once (the kernel's default: only if the reader has caught
-/// up). An allow does not, unless a quarter of the ring (`BPF_RB_RING_SIZE`) is unread
-/// records: waking the reader costs an interrupt per record (an inter-processor interrupt, which a
-/// VM pays dearly), which tripled the cost of an allowed UDP connect when the reader kept up.
-/// The reader also drains on a timer (the agent every 20 ms), which bounds an allow event's
-/// delay. Minimum kernel: 5.8 (as the ring buffer itself).
+/// Waking the reader costs an interrupt per record (an inter-processor interrupt, which a VM
+/// pays dearly): it tripled the cost of an allowed UDP connect when the reader kept up, and
+/// doubled a denied one's. The reader also drains on a timer (the agent every 20 ms), which
+/// bounds any record's delay. So:
+/// - an allow does not wake it, unless a quarter of the ring (`BPF_RB_RING_SIZE`) is unread;
+/// - a deny or audit-deny wakes it at once (if it has caught up: the kernel's default), unless
+///   this CPU woke it for one less than [`DENY_WAKE_NS`] ago: the first deny of a burst is
+///   read at once, the rest within the timer's period (never lost: only later).
+///
+/// Minimum kernel: 5.8 (as the ring buffer itself).
 #[inline(always)]
 pub fn submit_flags(verdict: u8) -> u64 {
-    if verdict != VERDICT_ALLOW {
-        return 0;
-    }
     let unread = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
-    if unread.saturating_mul(4) >= EVENTS.query(u64::from(BPF_RB_RING_SIZE)) {
-        u64::from(BPF_RB_FORCE_WAKEUP)
-    } else {
-        u64::from(BPF_RB_NO_WAKEUP)
+    let filling = unread.saturating_mul(4) >= EVENTS.query(u64::from(BPF_RB_RING_SIZE));
+    if filling {
+        return u64::from(BPF_RB_FORCE_WAKEUP);
     }
+    if verdict == VERDICT_ALLOW {
+        return u64::from(BPF_RB_NO_WAKEUP);
+    }
+    let Some(last) = WAKE.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: this CPU's slot of a per-CPU array, valid for this run. A program on this CPU
+    // interleaving with this one can only cost one wakeup more or fewer.
+    unsafe {
+        if now.wrapping_sub(*last) < DENY_WAKE_NS {
+            return u64::from(BPF_RB_NO_WAKEUP);
+        }
+        *last = now;
+    }
+    0
 }
+
+/// How long after a deny woke the reader further denies on that CPU do not (1 ms).
+pub const DENY_WAKE_NS: u64 = 1_000_000;
 
 /// Writes `event` (whose header says `verdict`) to the ring buffer or counts it as dropped;
 /// true if written.

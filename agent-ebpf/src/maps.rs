@@ -58,6 +58,9 @@ pub static SEQ: Array<u64> = Array::with_max_entries(1, 0);
 #[map(name = "CORRAL_DROPS")]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+#[map(name = "CORRAL_WAKE")]
+pub static WAKE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 // Preallocated: the rate words are updated with atomics in place.
 #[map(name = "CORRAL_RATE")]
 pub static RATE: HashMap<u32, RateState> = HashMap::with_max_entries(limits::PRINCIPALS, 0);
