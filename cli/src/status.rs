@@ -74,6 +74,7 @@ fn to_json(s: &pb::AgentStatus) -> serde_json::Value {
         "dns": s.dns.as_ref().map(|d| json!({
             "port": d.port, "upstream": d.upstream, "queries": d.queries, "refused": d.refused,
             "learned": d.learned, "learned_now": d.learned_now, "failures": d.failures,
+            "capped": d.capped, "namespaces": d.namespaces,
         })),
         "server_state": s.server_state,
     })
@@ -135,8 +136,8 @@ fn human(s: &pb::AgentStatus) -> String {
             d.upstream.as_str()
         };
         out.push_str(&format!(
-            "dns proxy:   port {} -> {upstream}: {} queries, {} refused, {} addresses opened ({} open now), {} failures\n",
-            d.port, d.queries, d.refused, d.learned, d.learned_now, d.failures
+            "dns proxy:   port {} -> {upstream}: {} queries, {} refused, {} addresses opened ({} open now, {} over a principal's cap), {} failures; {} pod namespaces\n",
+            d.port, d.queries, d.refused, d.learned, d.learned_now, d.capped, d.failures, d.namespaces
         ));
     }
     out.push_str(&format!("principals:  {}\n", s.principals.len()));

@@ -26,7 +26,7 @@ mod agent_util;
 )]
 mod oci_util;
 
-use agent_util::{Agent, events};
+use agent_util::{Agent, events, status};
 use oci_util::{Opts, bundle, lines, probe_args, setup, text};
 
 const ID: &str = "spiffe://e2e.corral/agent/pod-dns";
@@ -236,10 +236,19 @@ fn a_principals_process_that_turns_up_in_another_namespace_is_served_there() -> 
         cg.display(),
         dns("dns", "api.corral.test"),
     );
-    let out = std::process::Command::new("unshare")
+    let child = std::process::Command::new("unshare")
         .args(["-m", "sh", "-c", &script])
-        .output()?;
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // While it sleeps: the binding in its namespace is counted.
+    let bound = wait_for(5, "a binding in the pod's namespace", || {
+        let s = status(&spec)?;
+        Ok((s["dns"]["namespaces"] == 1).then_some(()))
+    });
+    let out = child.wait_with_output()?;
     let _ = corral_tests::fleet::stop_child(&mut held);
+    bound?;
     assert_eq!(
         lines(&out),
         [

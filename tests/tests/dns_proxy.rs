@@ -99,6 +99,18 @@ fn setup(
     floor: u64,
     mode: &str,
 ) -> anyhow::Result<Option<Setup>> {
+    setup_with(name, dns, port, floor, mode, &[])
+}
+
+/// [`setup`] with more agent arguments.
+fn setup_with(
+    name: &str,
+    dns: &Dnsmasq,
+    port: u16,
+    floor: u64,
+    mode: &str,
+    extra: &[&str],
+) -> anyhow::Result<Option<Setup>> {
     let dir = Dir::new(name)?;
     let Some(node) = Node::new(&dir, "n1")? else {
         return Ok(None);
@@ -108,18 +120,16 @@ fn setup(
     let port_num = corral_tests::fleet::free_port()?;
     let dns_port = port_num.to_string();
     let floor = floor.to_string();
-    let agent = Agent::standalone(
-        &node,
-        &policy,
-        &[
-            "--dns-upstream",
-            &upstream,
-            "--dns-port",
-            &dns_port,
-            "--dns-ttl-floor-secs",
-            &floor,
-        ],
-    )?;
+    let mut args = vec![
+        "--dns-upstream",
+        &upstream,
+        "--dns-port",
+        &dns_port,
+        "--dns-ttl-floor-secs",
+        &floor,
+    ];
+    args.extend_from_slice(extra);
+    let agent = Agent::standalone(&node, &policy, &args)?;
     Ok(Some(Setup {
         node,
         dns_port: port_num,
@@ -542,5 +552,53 @@ fn in_audit_mode_unlisted_names_are_answered_and_recorded() -> anyhow::Result<()
         evs.iter().all(|e| e["decision"]["verdict"] == "audit-deny"),
         "{evs:#?}"
     );
+    Ok(())
+}
+
+#[test]
+fn a_principal_at_its_cap_opens_nothing_more_and_others_are_unaffected() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let t = Targets::new()?;
+    let dir = Dir::new("dns-resolver")?;
+    let resolver = Dnsmasq::start(&dir, &records(), 60)?;
+    let Some(s) = setup_with(
+        "dns-cap",
+        &resolver,
+        t.port,
+        30,
+        "enforce",
+        &["--dns-max-learned", "2"],
+    )?
+    else {
+        return Ok(());
+    };
+    let p = t.port;
+    let conn = |name: &str| format!("dnsconn:{p}:{name}@{ELSEWHERE}");
+    // s1 opens two addresses; the third answer is still answered, but opens nothing.
+    let _held = s.hold("s1")?;
+    assert_eq!(
+        s.probe(
+            "s1",
+            &[
+                conn("api.corral.test"),
+                conn("a.cdn.corral.test"),
+                conn("x.deep.corral.test"),
+                // Asked again: an address it has is renewed, not counted twice.
+                conn("api.corral.test"),
+            ]
+        )?,
+        ["ok", "ok", "EPERM", "ok"],
+        "{}",
+        s.agent.log_text()
+    );
+    // Another principal has a cap of its own.
+    assert_eq!(
+        s.probe("s2", &[conn("x.deep.corral.test"), conn("api.corral.test")])?,
+        ["ok", "ok"]
+    );
+    let st = s.node.status()?;
+    assert_eq!(st["dns"]["capped"], 1, "{st}");
     Ok(())
 }

@@ -125,6 +125,13 @@ pub struct Config {
     #[arg(long, env = "CORRAL_DNS_TTL_FLOOR_SECS", default_value_t = 30)]
     pub dns_ttl_floor_secs: u64,
 
+    /// Most addresses one principal's DNS answers keep open at once, so that no principal can
+    /// fill the node's map (131,072 entries) for the others. Past it, an answer's new
+    /// addresses are not opened (counted as `capped`; connects to them are denied) until
+    /// some of the principal's expire.
+    #[arg(long, env = "CORRAL_DNS_MAX_LEARNED", default_value_t = 16_384)]
+    pub dns_max_learned: u32,
+
     /// `--kubernetes` and its settings.
     #[command(flatten)]
     pub k8s: super::k8s::K8sArgs,

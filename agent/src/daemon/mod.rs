@@ -521,6 +521,7 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
             port: cfg.dns_port,
             upstream,
             upstream_given: cfg.dns_upstream.is_some(),
+            max_learned: cfg.dns_max_learned,
             ttl_floor: std::time::Duration::from_secs(cfg.dns_ttl_floor_secs),
         }))
     });

@@ -280,6 +280,11 @@ pub fn metrics(shared: &Shared) -> String {
                 "DNS upstream failures and addresses that could not be opened.",
                 d.failures,
             ),
+            (
+                "corral_dns_capped_total",
+                "Answer addresses not opened: the principal had --dns-max-learned open.",
+                d.capped,
+            ),
         ] {
             gauge(name, help, "counter", v);
         }
@@ -336,6 +341,8 @@ fn dns_status(shared: &Shared) -> Option<pb::DnsProxyStatus> {
         learned: c.learned.load(Ordering::Relaxed),
         learned_now,
         failures: c.failures.load(Ordering::Relaxed),
+        capped: c.capped.load(Ordering::Relaxed),
+        namespaces: d.namespaces(),
     })
 }
 

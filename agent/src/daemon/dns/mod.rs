@@ -58,6 +58,8 @@ pub struct Settings {
     /// included, instead of their own `resolv.conf`'s resolver.
     pub upstream_given: bool,
     pub ttl_floor: Duration,
+    /// Most addresses one principal keeps open by name at once.
+    pub max_learned: u32,
 }
 
 /// How often principals' processes are scanned for network namespaces of their own.
@@ -94,10 +96,42 @@ pub struct Counters {
     pub learned: std::sync::atomic::AtomicU64,
     /// Upstream failures (answered SERVFAIL) and addresses that could not be written.
     pub failures: std::sync::atomic::AtomicU64,
+    /// Addresses not opened: the principal had `max_learned` open.
+    pub capped: std::sync::atomic::AtomicU64,
 }
 
-/// (principal index, address) -> (the name asked, expiry in boot-time ns).
-type Names = HashMap<(u32, IpAddr), (Arc<str>, u64)>;
+/// The addresses principals' answers opened: (principal index, address) -> (the name asked,
+/// expiry in boot-time ns), and how many each principal has.
+#[derive(Debug, Default)]
+struct Names {
+    by_addr: HashMap<(u32, IpAddr), (Arc<str>, u64)>,
+    per_principal: HashMap<u32, u32>,
+}
+
+impl Names {
+    fn count(&self, index: u32) -> u32 {
+        self.per_principal.get(&index).copied().unwrap_or(0)
+    }
+
+    fn insert(&mut self, index: u32, addr: IpAddr, name: &str, expires: u64) {
+        if self
+            .by_addr
+            .insert((index, addr), (Arc::from(name), expires))
+            .is_none()
+        {
+            *self.per_principal.entry(index).or_default() += 1;
+        }
+    }
+
+    fn retain(&mut self, keep: impl Fn(u32, u64) -> bool) {
+        self.by_addr
+            .retain(|(index, _), (_, expires)| keep(*index, *expires));
+        self.per_principal.clear();
+        for (index, _) in self.by_addr.keys() {
+            *self.per_principal.entry(*index).or_default() += 1;
+        }
+    }
+}
 
 /// The running proxy: its settings, the sockets bound per principal, and the name each
 /// opened address was learned from.
@@ -141,7 +175,7 @@ impl DnsProxy {
             bound: Mutex::new(HashMap::new()),
             workers: Mutex::new(HashMap::new()),
             own_netns: netns::own().ok(),
-            names: Mutex::new(HashMap::new()),
+            names: Mutex::new(Names::default()),
             counters: Counters::default(),
         }
     }
@@ -156,13 +190,21 @@ impl DnsProxy {
 
     /// The name principal `index` learned `addr` from, if it did.
     pub fn name_of(&self, index: u32, addr: IpAddr) -> Option<Arc<str>> {
-        self.names().get(&(index, addr)).map(|(n, _)| n.clone())
+        self.names()
+            .by_addr
+            .get(&(index, addr))
+            .map(|(n, _)| n.clone())
+    }
+
+    /// Principals' bindings in network namespaces other than the agent's.
+    pub fn namespaces(&self) -> u32 {
+        self.bound().keys().filter(|k| k.1.is_some()).count() as u32
     }
 
     /// Forgets the names of addresses expired at `now` (boot-time ns) or of principals gone.
     pub fn sweep_names(&self, now: u64, live: impl Fn(u32) -> bool) {
         self.names()
-            .retain(|(index, _), (_, expires)| *expires > now && live(*index));
+            .retain(|index, expires| expires > now && live(index));
     }
 
     /// The proxy address of principal `index`.
@@ -432,17 +474,23 @@ impl DnsProxy {
         let floor = self.settings.ttl_floor.as_secs();
         let key = agent_common::policy_key(ctx.generation, ctx.slot);
         let mut enf = shared.enforcer();
+        let mut names = self.names();
         for (addr, ttl) in addrs {
             let secs = u64::from(*ttl).max(floor);
             let expires = now.saturating_add(secs.saturating_mul(1_000_000_000));
+            let known = names.by_addr.contains_key(&(index, *addr));
+            // A principal at its cap opens nothing new (the node's map is shared): counted,
+            // and the connect to the address is denied.
+            if !known && names.count(index) >= self.settings.max_learned {
+                bump(&self.counters.capped);
+                debug!(index, %addr, name, "principal at --dns-max-learned: address not opened");
+                continue;
+            }
             match enf.maps().dns().learn(index, *addr, key, zone, expires) {
                 Ok(()) => {
                     bump(&self.counters.learned);
-                    let mut names = self.names();
-                    if names.len() < agent_common::maps::limits::LEARNED as usize
-                        || names.contains_key(&(index, *addr))
-                    {
-                        names.insert((index, *addr), (Arc::from(name), expires));
+                    if known || names.by_addr.len() < agent_common::maps::limits::LEARNED as usize {
+                        names.insert(index, *addr, name, expires);
                     }
                 }
                 Err(e) => {
