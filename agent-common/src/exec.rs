@@ -287,7 +287,8 @@ mod tests {
             default_action,
             mode,
             flags: 0,
-            _pad: [0; 5],
+            skip: 0,
+            _pad: [0; 4],
         }
     }
 

@@ -44,6 +44,31 @@ pub const POLICY_F_VSOCK: u8 = 4;
 /// the agent's DNS proxy and the addresses in its answers are looked up in `LEARNED`.
 pub const POLICY_F_DNS: u8 = 8;
 
+/// `PolicyMeta::skip`: lookups a policy never needs, so the hooks skip them (set by the
+/// compiler from the policy's rules; 0, what an older agent left in that byte, skips
+/// nothing). A rule key's shape is whether it names a port and whether it names a protocol:
+/// no `RULES` entry of the policy has shape port+protocol ...
+pub const SKIP_PORT_PROTO: u8 = 1;
+/// ... port, any protocol ...
+pub const SKIP_PORT_ANY: u8 = 2;
+/// ... any port, a protocol ...
+pub const SKIP_ANY_PROTO: u8 = 4;
+/// ... any port, any protocol.
+pub const SKIP_ANY_ANY: u8 = 8;
+/// No chaining rule in the policy: no `CHAIN` lookup.
+pub const SKIP_CHAIN: u8 = 16;
+
+/// The `SKIP_*` bit of a rule key's shape.
+#[inline(always)]
+pub const fn rule_shape(port: u16, proto: u8) -> u8 {
+    match (port == ANY_PORT, proto == ANY_PROTO) {
+        (false, false) => SKIP_PORT_PROTO,
+        (false, true) => SKIP_PORT_ANY,
+        (true, false) => SKIP_ANY_PROTO,
+        (true, true) => SKIP_ANY_ANY,
+    }
+}
+
 /// Key of `LEARNED`: an address that a DNS answer of an allowed name opened for one principal.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -80,7 +105,9 @@ pub struct PolicyMeta {
     pub mode: u8,
     /// `POLICY_F_*` bits.
     pub flags: u8,
-    pub _pad: [u8; 5],
+    /// `SKIP_*` bits.
+    pub skip: u8,
+    pub _pad: [u8; 4],
 }
 const _: () = assert!(core::mem::size_of::<PolicyMeta>() == 16);
 

@@ -9,10 +9,10 @@ use core::intrinsics::{AtomicOrdering, atomic_or};
 use agent_common::{
     ACTION_ALLOW, ANY_PORT, ANY_PROTO, Addr, ChainKey, Config, ConnectEvent, EventHeader, GrantKey,
     HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, KIND_CONNECT, LearnedKey,
-    MODE_AUDIT, NONE, POLICY_F_DNS, REASON_CHAINING, REASON_CONTAINMENT, REASON_DEFAULT,
-    REASON_GRANT, REASON_NO_POLICY, REASON_RULE, RuleKey, VALID_FOREVER, VERDICT_ALLOW,
-    VERDICT_AUDIT_DENY, VERDICT_DENY, ZoneKey, is_v4_mapped, maps::limits, policy_key, v4_mapped,
-    zone_prefix_len,
+    MODE_AUDIT, NONE, POLICY_F_DNS, PolicyMeta, REASON_CHAINING, REASON_CONTAINMENT,
+    REASON_DEFAULT, REASON_GRANT, REASON_NO_POLICY, REASON_RULE, RuleKey, SKIP_CHAIN,
+    VALID_FOREVER, VERDICT_ALLOW, VERDICT_AUDIT_DENY, VERDICT_DENY, ZoneKey, is_v4_mapped,
+    maps::limits, policy_key, rule_shape, v4_mapped, zone_prefix_len,
 };
 use aya_ebpf::{
     helpers::generated::bpf_ktime_get_boot_ns, macros::cgroup_sock_addr, maps::lpm_trie::Key,
@@ -295,14 +295,14 @@ pub(crate) fn evaluate(
                     }
                     _ => NONE,
                 };
-                let by_addr = decide(policy, index, zone, port, proto, meta.default_action);
+                let by_addr = decide(policy, &meta, index, zone, port, proto);
                 let by_addr_denies = by_addr.verdict == VERDICT_DENY
                     && (by_addr.reason == REASON_RULE || by_addr.reason == REASON_CHAINING);
                 let mut dec = if learned == NONE || by_addr_denies {
                     by_addr
                 } else {
                     zone = learned;
-                    decide(policy, index, learned, port, proto, meta.default_action)
+                    decide(policy, &meta, index, learned, port, proto)
                 };
                 if dec.verdict == VERDICT_DENY && meta.mode == MODE_AUDIT {
                     dec.verdict = VERDICT_AUDIT_DENY;
@@ -389,12 +389,13 @@ pub(crate) fn lookup_zone(policy: u32, addr: &Addr) -> u32 {
 #[inline(always)]
 fn decide(
     policy: u32,
+    meta: &PolicyMeta,
     principal: u32,
     zone: u32,
     port: u16,
     proto: u8,
-    default_action: u8,
 ) -> Decision {
+    let default_action = meta.default_action;
     let mut allow_rule = NONE;
     let mut deny_rule = NONE;
     if zone != NONE {
@@ -404,6 +405,10 @@ fn decide(
             (ANY_PORT, proto),
             (ANY_PORT, ANY_PROTO),
         ] {
+            // A key shape no rule of the policy has: nothing to find.
+            if meta.skip & rule_shape(port, proto) != 0 {
+                continue;
+            }
             let key = RuleKey {
                 policy,
                 zone,
@@ -422,7 +427,7 @@ fn decide(
                 }
             }
         }
-        if chained(policy, principal, zone) {
+        if meta.skip & SKIP_CHAIN == 0 && chained(policy, principal, zone) {
             return Decision {
                 verdict: VERDICT_DENY,
                 reason: REASON_CHAINING,
@@ -492,8 +497,15 @@ fn chained(policy: u32, principal: u32, zone: u32) -> bool {
 #[inline(always)]
 fn mark_seen(principal: u32, zone: u32) {
     if let Some(p) = SEEN.get_ptr_mut(principal) {
-        // SAFETY: 8-byte aligned map value; concurrent updaters use the same atomic op.
-        unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(p, 1u64 << zone) };
+        let bit = 1u64 << zone;
+        // SAFETY: 8-byte aligned map value; concurrent updaters use the same atomic op. A bit
+        // already set needs no atomic (and no cache line taken from the other CPUs); a reset
+        // racing with this read wins either way, as it would against the atomic.
+        unsafe {
+            if core::ptr::read_volatile(p) & bit == 0 {
+                atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(p, bit);
+            }
+        }
     }
 }
 

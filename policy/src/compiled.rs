@@ -11,8 +11,8 @@ use std::{
 
 use agent_common::{
     ACTION_ALLOW, ACTION_DENY, ANY_PORT, ANY_PROTO, Addr, ChainKey, GrantKey, MODE_AUDIT,
-    MODE_ENFORCE, NONE, PolicyMeta, RuleKey, RuleValue, UnixKey, ZoneKey, ZoneValue, maps::limits,
-    zone_prefix_len,
+    MODE_ENFORCE, NONE, PolicyMeta, RuleKey, RuleValue, SKIP_ANY_ANY, SKIP_ANY_PROTO, SKIP_CHAIN,
+    SKIP_PORT_ANY, SKIP_PORT_PROTO, UnixKey, ZoneKey, ZoneValue, maps::limits, zone_prefix_len,
 };
 
 use crate::{diag::Pos, identity::IdentityPattern};
@@ -462,13 +462,21 @@ pub fn expand(
             *chain.entry(ChainKey { policy: key, zone }).or_default() |= after;
         }
     }
+    let shapes = rules.keys().fold(0u8, |acc, k| {
+        acc | agent_common::rule_shape(k.port, k.proto)
+    });
+    let mut skip = (SKIP_PORT_PROTO | SKIP_PORT_ANY | SKIP_ANY_PROTO | SKIP_ANY_ANY) & !shapes;
+    if chain.is_empty() {
+        skip |= SKIP_CHAIN;
+    }
     Ok(KernelPolicy {
         meta: PolicyMeta {
             revision,
             default_action: policy.default_action.to_kernel(),
             mode: policy.mode.to_kernel(),
             flags: 0,
-            _pad: [0; 5],
+            skip,
+            _pad: [0; 4],
         },
         zones,
         rules,

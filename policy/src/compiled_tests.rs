@@ -83,6 +83,12 @@ fn expand_keeps_lowest_index_per_action_and_key() {
         }
     );
     assert!(kp.chain.is_empty());
+    // Rules with a port and a protocol, and with a port and any protocol, no chaining: the
+    // other two key shapes and the chain lookup are skipped.
+    assert_eq!(
+        kp.meta.skip,
+        agent_common::SKIP_ANY_PROTO | agent_common::SKIP_ANY_ANY | agent_common::SKIP_CHAIN
+    );
 }
 
 #[test]
@@ -97,6 +103,11 @@ fn expand_chaining_bitmask_and_limit() {
     )
     .expect("expands");
     assert_eq!(kp.chain[&ChainKey { policy: 1, zone: 0 }], 0b1001);
+    assert_eq!(
+        kp.meta.skip & agent_common::SKIP_CHAIN,
+        0,
+        "chaining is looked up"
+    );
     let err = expand(
         1,
         &policy(vec![ChainRule {
