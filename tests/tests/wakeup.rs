@@ -88,19 +88,23 @@ fn denies_wake_the_reader_and_allows_wait_for_a_quarter_of_the_ring() -> anyhow:
     assert!(matches!(&events[0], Event::Connect(c) if c.header.verdict == Verdict::Allow));
 
     // A denied connect wakes it at once (long before its 10 s timeout).
-    events.clear();
-    let took = poll_while(fd, Duration::from_secs(10), || {
-        assert_eq!(
-            probe_in(&cg.path, &["udp:127.0.0.1:10"])?,
-            [Outcome::Errno("EPERM".into())]
+    let one_deny = |what: &str| -> anyhow::Result<()> {
+        let took = poll_while(fd, Duration::from_secs(10), || {
+            assert_eq!(
+                probe_in(&cg.path, &["udp:127.0.0.1:10"])?,
+                [Outcome::Errno("EPERM".into())]
+            );
+            Ok(())
+        })?;
+        println!("{what}: the reader returned after {took:?}");
+        assert!(
+            took < Duration::from_secs(5),
+            "{what} did not wake the reader ({took:?})"
         );
         Ok(())
-    })?;
-    println!("deny: the reader returned after {took:?}");
-    assert!(
-        took < Duration::from_secs(5),
-        "a deny did not wake the reader ({took:?})"
-    );
+    };
+    events.clear();
+    one_deny("a deny")?;
     reader.drain_all(&mut events);
     assert_eq!(events.len(), 1);
     assert!(matches!(&events[0], Event::Connect(c) if c.header.verdict == Verdict::Deny));
@@ -126,17 +130,7 @@ fn denies_wake_the_reader_and_allows_wait_for_a_quarter_of_the_ring() -> anyhow:
     );
     // Later, a single deny wakes it at once again.
     events.clear();
-    let took = poll_while(fd, Duration::from_secs(10), || {
-        assert_eq!(
-            probe_in(&cg.path, &["udp:127.0.0.1:10"])?,
-            [Outcome::Errno("EPERM".into())]
-        );
-        Ok(())
-    })?;
-    assert!(
-        took < Duration::from_secs(5),
-        "a later deny did not wake the reader ({took:?})"
-    );
+    one_deny("a later deny")?;
     reader.drain_all(&mut events);
     assert_eq!(events.len(), 1);
 
