@@ -47,6 +47,7 @@ mod oci_hook;
 mod policy;
 mod run;
 mod server_client;
+mod simulate;
 mod status;
 
 use std::process::ExitCode;

@@ -1,4 +1,4 @@
-//! `corral policy check` and `corral policy explain`.
+//! `corral policy check` and `corral policy explain` (`simulate`: [`crate::simulate`]).
 //!
 //! `explain` asks the running agent (its `Explain` call evaluates the policy it enforces), or,
 //! with `--policy FILE`, evaluates that file locally with the same reference evaluator the
@@ -30,6 +30,9 @@ pub enum Command {
     },
     /// Show which rule decides a call by an identity, and why.
     Explain(ExplainArgs),
+    /// Replay recorded calls (`corral events --json` output, audit logs) through a candidate
+    /// policy: list what would change; exit 1 if a call that went through would be denied.
+    Simulate(crate::simulate::SimulateArgs),
     /// Store the policies of a file on the server (one new revision) and wait until every
     /// connected node has ACKed or NACKed it.
     Apply(crate::fleet::ApplyArgs),
@@ -67,6 +70,7 @@ pub async fn run(c: Command) -> Result<ExitCode, CliError> {
     match c {
         Command::Check { file } => check(&file),
         Command::Explain(a) => explain_cmd(&a).await.map(|()| ExitCode::SUCCESS),
+        Command::Simulate(a) => crate::simulate::run(&a),
         Command::Apply(a) => crate::fleet::apply(&a).await,
         Command::List(a) => crate::fleet::list(&a).await,
         Command::Get(a) => crate::fleet::get(&a).await,

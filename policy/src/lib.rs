@@ -30,6 +30,7 @@ pub mod hosts;
 pub mod identity;
 pub mod model;
 pub mod parse;
+pub mod simulate;
 pub mod snapshot;
 pub mod validate;
 pub mod yaml;

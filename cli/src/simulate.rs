@@ -1,0 +1,218 @@
+//! `corral policy simulate -f CANDIDATE --events FILE`: the calls recorded in `corral events
+//! --json` output (or an `--audit-log` file: the same lines) replayed through a candidate
+//! policy (`corral_policy::simulate`); exits 1 when a call that went through would be blocked,
+//! so CI can gate a policy change.
+
+use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+
+use clap::Args;
+use corral_policy::{
+    PolicyError,
+    eval::ConnectCall,
+    simulate::{Call, Recorded, Report, simulate},
+};
+use serde_json::{Value, json};
+
+use crate::error::CliError;
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// The candidate policy file.
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    /// Recorded events: `corral events --json` output or an audit log (one JSON object per
+    /// line).
+    #[arg(long)]
+    events: PathBuf,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn proto_number(name: &str) -> Option<u8> {
+    match name {
+        "tcp" => Some(6),
+        "udp" => Some(17),
+        "icmp" | "icmpv6" => Some(1),
+        _ => None,
+    }
+}
+
+/// The replayable call of one event line, if it is one (`Ok(None)`: another kind of event).
+fn recorded(v: &Value) -> Result<Option<Recorded>, String> {
+    let (Some(p), Some(d)) = (v.get("principal"), v.get("decision")) else {
+        return Ok(None);
+    };
+    if p.is_null() || d.is_null() {
+        return Ok(None);
+    }
+    let s = |x: &Value, k: &str| x.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+    let seq = v.get("seq").and_then(Value::as_u64).unwrap_or(0);
+    let call = match v.get("kind").and_then(Value::as_str) {
+        Some("connect") => {
+            let c = &v["connect"];
+            let (family, dest, proto) = (s(c, "family"), s(c, "destination"), s(c, "protocol"));
+            if family == "unix" {
+                (Call::Unix(dest.clone()), format!("unix {dest}"))
+            } else {
+                let Some(proto_n) = proto_number(&proto) else {
+                    return Ok(None);
+                };
+                let addr: IpAddr = dest
+                    .parse()
+                    .map_err(|e| format!("destination {dest:?}: {e}"))?;
+                let port = c.get("port").and_then(Value::as_u64).unwrap_or(0);
+                let port = u16::try_from(port).map_err(|_| format!("port {port}"))?;
+                let shown = if addr.is_ipv6() {
+                    format!("[{addr}]:{port}")
+                } else {
+                    format!("{addr}:{port}")
+                };
+                (
+                    Call::Connect(ConnectCall {
+                        addr,
+                        port,
+                        proto: proto_n,
+                    }),
+                    format!("connect {proto} {shown}"),
+                )
+            }
+        }
+        Some("exec") => {
+            let path = s(&v["exec"], "path");
+            (Call::Exec(path.clone()), format!("exec {path}"))
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(Recorded {
+        identity: s(p, "identity"),
+        session: s(p, "session"),
+        went_through: s(d, "verdict") != "deny",
+        by_grant: s(d, "reason") == "grant",
+        what: format!("{} (seq {seq})", call.1),
+        call: call.0,
+    }))
+}
+
+/// Every replayable call of `text` in order; a line that is not JSON is an error naming it.
+fn parse(file: &str, text: &str) -> Result<Vec<Recorded>, CliError> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(line)
+            .map_err(|e| CliError::usage(format!("{file}:{}: not an event: {e}", i + 1)))?;
+        if let Some(r) =
+            recorded(&v).map_err(|e| CliError::usage(format!("{file}:{}: {e}", i + 1)))?
+        {
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+fn report_json(r: &Report) -> Value {
+    json!({
+        "replayed": r.replayed, "unchanged": r.unchanged, "by_grant": r.by_grant,
+        "newly_denied": r.newly_denied(), "newly_allowed": r.newly_allowed(),
+        "changes": r.changes.iter().map(|c| json!({
+            "change": if c.decider.newly_denied { "allow->deny" } else { "deny->allow" },
+            "policy": c.decider.policy, "kind": c.decider.kind, "reason": c.decider.reason,
+            "rule_index": c.decider.rule, "count": c.count, "example": c.example,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_text(r: &Report) {
+    println!(
+        "replayed {} calls: {} unchanged, {} would be denied, {} would be allowed ({} let through by grants, not replayed)",
+        r.replayed,
+        r.unchanged,
+        r.newly_denied(),
+        r.newly_allowed(),
+        r.by_grant
+    );
+    for c in &r.changes {
+        let d = &c.decider;
+        let by = match d.rule {
+            Some(i) => format!("{} rule {i}", d.kind),
+            None => format!("{} {}", d.kind, d.reason),
+        };
+        let policy = if d.policy.is_empty() {
+            "no policy".to_owned()
+        } else {
+            format!("policy {}", d.policy)
+        };
+        println!(
+            "  {} {:>6}x  {policy}, {by}: e.g. {}",
+            if d.newly_denied {
+                "allow->deny"
+            } else {
+                "deny->allow"
+            },
+            c.count,
+            c.example
+        );
+    }
+}
+
+pub fn run(a: &SimulateArgs) -> Result<ExitCode, CliError> {
+    let candidate = match corral_policy::compile_file(&a.file, 0) {
+        Ok(c) => c,
+        Err(PolicyError::Invalid(diags)) => {
+            for d in diags {
+                eprintln!("{d}");
+            }
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let name = a.events.display().to_string();
+    let text =
+        std::fs::read_to_string(&a.events).map_err(|e| CliError::usage(format!("{name}: {e}")))?;
+    let report = simulate(&candidate, &parse(&name, &text)?);
+    if a.json {
+        println!("{}", report_json(&report));
+    } else {
+        print_text(&report);
+    }
+    Ok(if report.newly_denied() > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINES: &str = r#"{"seq":1,"kind":"connect","principal":{"identity":"spiffe://e.org/a","session":"s"},"decision":{"verdict":"allow","reason":"rule"},"connect":{"family":"ipv4","protocol":"tcp","destination":"10.0.0.1","port":443}}
+{"seq":2,"kind":"exec","principal":{"identity":"spiffe://e.org/a","session":"s"},"decision":{"verdict":"audit-deny","reason":"default"},"exec":{"path":"/usr/bin/curl"}}
+{"seq":3,"kind":"connect","principal":{"identity":"spiffe://e.org/a","session":"s"},"decision":{"verdict":"deny","reason":"default"},"connect":{"family":"unix","protocol":"","destination":"/run/docker.sock","port":0}}
+{"seq":4,"kind":"grant","principal":null,"decision":null}
+
+{"seq":5,"kind":"connect","principal":{"identity":"spiffe://e.org/a","session":"s"},"decision":{"verdict":"allow","reason":"grant"},"connect":{"family":"ipv6","protocol":"udp","destination":"fd00::1","port":53}}
+"#;
+
+    #[test]
+    fn event_lines_become_recorded_calls_in_order() {
+        let r = parse("ev.json", LINES).expect("parses");
+        assert_eq!(r.len(), 4);
+        assert_eq!(r[0].what, "connect tcp 10.0.0.1:443 (seq 1)");
+        assert!(r[0].went_through && !r[0].by_grant);
+        assert_eq!(r[1].call, Call::Exec("/usr/bin/curl".into()));
+        assert!(r[1].went_through, "audit-deny went through");
+        assert_eq!(r[2].call, Call::Unix("/run/docker.sock".into()));
+        assert!(!r[2].went_through);
+        assert!(r[3].by_grant);
+        assert_eq!(r[3].what, "connect udp [fd00::1]:53 (seq 5)");
+    }
+
+    #[test]
+    fn a_line_that_is_not_an_event_is_named() {
+        let err = parse("ev.json", "{\"seq\":1}\nnot json\n").expect_err("refused");
+        assert!(err.to_string().contains("ev.json:2:"), "{err}");
+    }
+}
