@@ -33,6 +33,9 @@ pub enum Command {
     /// Replay recorded calls (`corral events --json` output, audit logs) through a candidate
     /// policy: list what would change; exit 1 if a call that went through would be denied.
     Simulate(crate::simulate::SimulateArgs),
+    /// A least-privilege policy from recorded calls (what went through), each rule commented
+    /// with the calls and sessions it covers; review it, then `simulate` and enforce.
+    Suggest(crate::simulate::SuggestArgs),
     /// Store the policies of a file on the server (one new revision) and wait until every
     /// connected node has ACKed or NACKed it.
     Apply(crate::fleet::ApplyArgs),
@@ -71,6 +74,7 @@ pub async fn run(c: Command) -> Result<ExitCode, CliError> {
         Command::Check { file } => check(&file),
         Command::Explain(a) => explain_cmd(&a).await.map(|()| ExitCode::SUCCESS),
         Command::Simulate(a) => crate::simulate::run(&a),
+        Command::Suggest(a) => crate::simulate::suggest(&a),
         Command::Apply(a) => crate::fleet::apply(&a).await,
         Command::List(a) => crate::fleet::list(&a).await,
         Command::Get(a) => crate::fleet::get(&a).await,

@@ -1,4 +1,5 @@
-//! `corral policy simulate -f CANDIDATE --events FILE`: the calls recorded in `corral events
+//! `corral policy suggest --events FILE` (a policy from what was recorded:
+//! `corral_policy::suggest`) and `corral policy simulate -f CANDIDATE --events FILE`: the calls recorded in `corral events
 //! --json` output (or an `--audit-log` file: the same lines) replayed through a candidate
 //! policy (`corral_policy::simulate`); exits 1 when a call that went through would be blocked,
 //! so CI can gate a policy change.
@@ -91,11 +92,16 @@ fn recorded(v: &Value) -> Result<Option<Recorded>, String> {
         by_grant: s(d, "reason") == "grant",
         what: format!("{} (seq {seq})", call.1),
         call: call.0,
+        name: v
+            .get("connect")
+            .map(|c| s(c, "name"))
+            .filter(|n| !n.is_empty()),
+        time_unix_nano: v.get("time_unix_nano").and_then(Value::as_u64).unwrap_or(0),
     }))
 }
 
 /// Every replayable call of `text` in order; a line that is not JSON is an error naming it.
-fn parse(file: &str, text: &str) -> Result<Vec<Recorded>, CliError> {
+pub fn parse(file: &str, text: &str) -> Result<Vec<Recorded>, CliError> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -110,6 +116,53 @@ fn parse(file: &str, text: &str) -> Result<Vec<Recorded>, CliError> {
         }
     }
     Ok(out)
+}
+
+#[derive(Debug, Args)]
+pub struct SuggestArgs {
+    /// Recorded events: `corral events --json` output or an audit log (one JSON object per
+    /// line).
+    #[arg(long)]
+    events: PathBuf,
+    /// Only the calls of identities matching this SPIFFE ID pattern; the policy governs it
+    /// (default: every identity seen, each named exactly).
+    #[arg(long)]
+    identity: Option<String>,
+    /// The policy's `metadata.name`.
+    #[arg(long, default_value = "suggested")]
+    name: String,
+}
+
+/// `corral policy suggest`: the policy YAML on standard output.
+pub fn suggest(a: &SuggestArgs) -> Result<ExitCode, CliError> {
+    let name = a.events.display().to_string();
+    let text =
+        std::fs::read_to_string(&a.events).map_err(|e| CliError::usage(format!("{name}: {e}")))?;
+    let mut calls = parse(&name, &text)?;
+    let identities = match &a.identity {
+        Some(p) => {
+            let pat = corral_policy::identity::IdentityPattern::parse(p)
+                .map_err(|e| CliError::usage(format!("--identity {p}: {e}")))?;
+            calls.retain(|c| pat.matches(&c.identity));
+            vec![p.clone()]
+        }
+        None => {
+            let mut ids: Vec<String> = calls.iter().map(|c| c.identity.clone()).collect();
+            ids.sort();
+            ids.dedup();
+            ids
+        }
+    };
+    if identities.is_empty() {
+        return Err(CliError::usage(format!(
+            "{name}: no recorded calls to suggest from"
+        )));
+    }
+    print!(
+        "{}",
+        corral_policy::suggest::suggest(&calls, &a.name, &identities)
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn report_json(r: &Report) -> Value {

@@ -32,6 +32,7 @@ pub mod model;
 pub mod parse;
 pub mod simulate;
 pub mod snapshot;
+pub mod suggest;
 pub mod validate;
 pub mod yaml;
 

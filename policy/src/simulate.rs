@@ -4,6 +4,9 @@
 //! lists every call whose outcome would change (went through → blocked, blocked → through),
 //! grouped by what decides it under the candidate, with a count and an example each.
 //!
+//! A connect to an address a DNS answer opened (the event names it) is decided in the
+//! candidate's zone for that name, as the kernel decides it.
+//!
 //! A call "went through" unless its verdict was `deny` (an `audit-deny` went through). Calls
 //! that a just-in-time grant let through are not replayed (grants are not part of a policy):
 //! they are counted apart.
@@ -36,6 +39,9 @@ pub struct Recorded {
     pub by_grant: bool,
     /// How the report names it (`connect tcp 10.0.0.1:443`, with its sequence number).
     pub what: String,
+    /// For a connect to an address a DNS answer opened: the name.
+    pub name: Option<String>,
+    pub time_unix_nano: u64,
 }
 
 /// What decides a group of changed calls under the candidate.
@@ -110,7 +116,16 @@ pub fn simulate(candidate: &CompiledSet, calls: &[Recorded]) -> Report {
             .or_default();
         // Time does not matter without grants.
         let d = match &c.call {
-            Call::Connect(call) => eval::connect(policy, state, call, 0),
+            // An address a DNS answer opened: decided in the candidate's zone for that name,
+            // as the kernel decides a learned address.
+            Call::Connect(call) => {
+                let learned = c
+                    .name
+                    .as_deref()
+                    .zip(policy)
+                    .and_then(|(n, p)| p.zone_of_name(n).map(|h| h.zone));
+                eval::connect_learned(policy, state, call, learned, 0)
+            }
             Call::Unix(path) => match eval::unix_connect(policy, state, path, 0) {
                 Some(d) => d,
                 None => continue,

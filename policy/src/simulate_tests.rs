@@ -29,6 +29,8 @@ fn connect(session: &str, addr: &str, port: u16, went_through: bool) -> Recorded
         went_through,
         by_grant: false,
         what: format!("connect tcp {addr}:{port}"),
+        name: None,
+        time_unix_nano: 0,
     }
 }
 

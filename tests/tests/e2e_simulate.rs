@@ -1,8 +1,9 @@
-//! `corral policy simulate` on a real recording: a scripted agent's calls under an audit
-//! policy, decided by the real kernel and recorded by the real agent (`corral events --json`),
-//! replayed through candidate policies. A candidate that allows everything the script did
-//! changes nothing (exit 0); one that forgets a call reports exactly that call as newly denied
-//! (exit 1); enforcing the good candidate, the same script runs with every call allowed.
+//! From audit to enforce on a real recording: a scripted agent's calls under an audit
+//! policy, decided by the real kernel and recorded by the real agent (`corral events --json`).
+//! `corral policy suggest` turns the recording into a policy that `policy check` accepts;
+//! `corral policy simulate` replays the recording through it (nothing changes, exit 0) and a
+//! recording of the script doing one new thing (exactly that call newly denied, exit 1);
+//! enforced, the script runs with every call allowed and the new call alone is denied.
 
 use std::{net::TcpListener, process::Command};
 
@@ -51,29 +52,50 @@ fn simulate(
     ))
 }
 
+fn corral(args: &[&str]) -> anyhow::Result<std::process::Output> {
+    Ok(Command::new(bin("corral")?).args(args).output()?)
+}
+
+/// The recorded event lines of `session`.
+fn of_session(all: &str, session: &str) -> String {
+    let tag = format!("\"session\":\"{session}\"");
+    all.lines()
+        .filter(|l| l.contains(&tag))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 #[test]
-fn a_recording_replayed_through_candidates_gates_the_change() -> anyhow::Result<()> {
+fn from_audit_to_enforce_suggest_simulate_and_the_kernel_agree() -> anyhow::Result<()> {
     if !privileged() {
         return Ok(());
     }
-    let (a, b) = (
-        TcpListener::bind("127.0.0.1:0")?,
-        TcpListener::bind("127.0.0.1:0")?,
-    );
-    let (pa, pb) = (a.local_addr()?.port(), b.local_addr()?.port());
+    let listeners: Vec<TcpListener> = (0..3)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()?;
+    let ports: Vec<u16> = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()?;
     let dir = Dir::new("sim")?;
     let Some(node) = Node::new(&dir, "n1")? else {
         return Ok(());
     };
     let bindir = corral_tests::harness::bin_dir()?.display().to_string();
     let audit = dir.write("audit.yaml", &policy("audit", "1", &bindir))?;
-    let script = [format!("tcp:127.0.0.1:{pa}"), format!("tcp:127.0.0.1:{pb}")];
+    let op = |p: u16| format!("tcp:127.0.0.1:{p}");
+    let script = [op(ports[0]), op(ports[1])];
     let script: Vec<&str> = script.iter().map(String::as_str).collect();
-    let events = {
+    // The same script doing one new thing.
+    let changed = [op(ports[0]), op(ports[1]), op(ports[2])];
+    let changed: Vec<&str> = changed.iter().map(String::as_str).collect();
+
+    // 1. Record under audit: everything goes through.
+    let all = {
         let _agent = Agent::standalone(&node, &audit, &[])?;
-        // Audit mode: both calls go through (and are recorded as audit-deny).
         assert_eq!(node.probe_as(ID, "rec", &script)?, ["ok", "ok"]);
-        let recorded = wait_for(5, "the recorded connects", || {
+        assert_eq!(node.probe_as(ID, "rec2", &changed)?, ["ok", "ok", "ok"]);
+        wait_for(5, "the recorded connects", || {
             let out = node.local(&["events", "--json", "--identity", ID])?;
             ensure!(out.status.success(), "corral events: {}", text(&out));
             let s = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -81,35 +103,46 @@ fn a_recording_replayed_through_candidates_gates_the_change() -> anyhow::Result<
                 .lines()
                 .filter(|l| l.contains("\"kind\":\"connect\""))
                 .count();
-            Ok((n >= 2).then_some(s))
-        })?;
-        dir.write("events.jsonl", &recorded)?
+            Ok((n >= 5).then_some(s))
+        })?
     };
+    let rec = dir.write("rec.jsonl", &of_session(&all, "rec"))?;
+    let rec2 = dir.write("rec2.jsonl", &of_session(&all, "rec2"))?;
 
-    let good = dir.write(
-        "good.yaml",
-        &policy("enforce", &format!("{pa}, {pb}"), &bindir),
-    )?;
-    let (ok, out) = simulate(&good, &events)?;
-    assert!(ok, "nothing newly denied: {out}");
+    // 2. Suggest from the first recording: a valid policy.
+    let out = corral(&[
+        "policy",
+        "suggest",
+        "--events",
+        &rec.display().to_string(),
+        "--identity",
+        "spiffe://e2e.corral/agent/**",
+    ])?;
+    ensure!(out.status.success(), "suggest: {}", text(&out));
+    let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("{yaml}");
+    let suggested = dir.write("suggested.yaml", &yaml)?;
+    let out = corral(&["policy", "check", &suggested.display().to_string()])?;
+    ensure!(out.status.success(), "check: {}\n{yaml}", text(&out));
+
+    // 3. Simulated against its own recording: nothing changes.
+    let (ok, out) = simulate(&suggested, &rec)?;
+    assert!(ok, "{out}\n{yaml}");
     assert!(out.contains(" 0 would be denied"), "{out}");
-
-    let forgets = dir.write("forgets.yaml", &policy("enforce", &pa.to_string(), &bindir))?;
-    let (ok, out) = simulate(&forgets, &events)?;
-    assert!(!ok, "a newly denied call fails the gate: {out}");
+    // Against the changed script's recording: exactly the new call would be denied.
+    let (ok, out) = simulate(&suggested, &rec2)?;
+    assert!(!ok, "{out}");
     assert!(out.contains(" 1 would be denied"), "{out}");
     assert!(
-        out.contains(&format!("connect tcp 127.0.0.1:{pb}")),
+        out.contains(&format!("connect tcp 127.0.0.1:{}", ports[2])),
         "{out}"
     );
-    assert!(!out.contains(&format!("127.0.0.1:{pa} ")), "{out}");
 
-    // Enforcing the good candidate, the same script runs with every call allowed; the one
-    // the other candidate forgot is denied by it.
-    let _agent = Agent::standalone(&node, &good, &[])?;
+    // 4. Enforced: the script runs with every call allowed (its exec included); the changed
+    // script's new call, and only it, is denied.
+    let _agent = Agent::standalone(&node, &suggested, &[])?;
     assert_eq!(node.probe_as(ID, "enf", &script)?, ["ok", "ok"]);
-    drop(_agent);
-    let _agent = Agent::standalone(&node, &forgets, &[])?;
-    assert_eq!(node.probe_as(ID, "enf2", &script)?, ["ok", "EPERM"]);
+    assert_eq!(node.probe_as(ID, "enf2", &changed)?, ["ok", "ok", "EPERM"]);
+    drop(listeners);
     Ok(())
 }
