@@ -131,6 +131,30 @@ pub struct SuggestArgs {
     /// The policy's `metadata.name`.
     #[arg(long, default_value = "suggested")]
     name: String,
+    /// Only calls at or after this time (`2026-12-06T01:00:00Z`, or Unix seconds).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only calls at or before this time.
+    #[arg(long)]
+    until: Option<String>,
+    /// Exec rules by directory (`dir/**`) where two or more binaries of a directory ran.
+    #[arg(long)]
+    exec_prefixes: bool,
+    /// Propose chaining rules where no session that reached one zone reached another one
+    /// afterwards (each marked as a suggestion in a comment).
+    #[arg(long)]
+    suggest_chaining: bool,
+}
+
+fn time_arg(flag: &str, v: Option<&String>) -> Result<Option<u64>, CliError> {
+    v.map(|t| {
+        corral_policy::suggest::parse_utc(t).ok_or_else(|| {
+            CliError::usage(format!(
+                "--{flag} {t}: give a UTC time like 2026-12-06T01:00:00Z, or Unix seconds"
+            ))
+        })
+    })
+    .transpose()
 }
 
 /// `corral policy suggest`: the policy YAML on standard output.
@@ -139,6 +163,13 @@ pub fn suggest(a: &SuggestArgs) -> Result<ExitCode, CliError> {
     let text =
         std::fs::read_to_string(&a.events).map_err(|e| CliError::usage(format!("{name}: {e}")))?;
     let mut calls = parse(&name, &text)?;
+    let (since, until) = (
+        time_arg("since", a.since.as_ref())?,
+        time_arg("until", a.until.as_ref())?,
+    );
+    calls.retain(|c| {
+        since.is_none_or(|t| c.time_unix_nano >= t) && until.is_none_or(|t| c.time_unix_nano <= t)
+    });
     let identities = match &a.identity {
         Some(p) => {
             let pat = corral_policy::identity::IdentityPattern::parse(p)
@@ -158,10 +189,13 @@ pub fn suggest(a: &SuggestArgs) -> Result<ExitCode, CliError> {
             "{name}: no recorded calls to suggest from"
         )));
     }
-    print!(
-        "{}",
-        corral_policy::suggest::suggest(&calls, &a.name, &identities)
-    );
+    let opts = corral_policy::suggest::Options {
+        name: a.name.clone(),
+        identities,
+        exec_prefixes: a.exec_prefixes,
+        chaining: a.suggest_chaining,
+    };
+    print!("{}", corral_policy::suggest::suggest(&calls, &opts));
     Ok(ExitCode::SUCCESS)
 }
 

@@ -140,8 +140,118 @@ fn proto_name(p: u8) -> Option<&'static str> {
     }
 }
 
-/// The suggested policy `name` governing `identities`, from `calls`.
-pub fn suggest(calls: &[Recorded], name: &str, identities: &[String]) -> String {
+/// What to suggest, besides the calls.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// `metadata.name`.
+    pub name: String,
+    /// `spec.identities`.
+    pub identities: Vec<String>,
+    /// Exec rules by directory (`dir/**`) where two or more binaries of a directory ran.
+    pub exec_prefixes: bool,
+    /// Chaining rules where every session that reached one zone never reached another one
+    /// afterwards (marked as suggestions).
+    pub chaining: bool,
+}
+
+/// `2026-12-06T01:02:03Z` (or Unix seconds) as Unix nanoseconds.
+pub fn parse_utc(s: &str) -> Option<u64> {
+    if let Ok(secs) = s.parse::<u64>() {
+        return secs.checked_mul(1_000_000_000);
+    }
+    let b = s.as_bytes();
+    if b.len() != 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[19] != b'Z' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    u64::try_from(secs).ok()?.checked_mul(1_000_000_000)
+}
+
+/// Exec rules: exact paths, or `dir/**` for a directory two or more binaries ran from.
+fn exec_rules(exec: BTreeMap<String, Seen>, prefixes: bool) -> Vec<(String, Seen)> {
+    if !prefixes {
+        return exec.into_iter().map(|(p, s)| (quote(&p), s)).collect();
+    }
+    let mut by_dir: BTreeMap<String, Vec<(String, Seen)>> = BTreeMap::new();
+    for (p, s) in exec {
+        let dir = p.rsplit_once('/').map_or("", |(d, _)| d).to_owned();
+        by_dir.entry(dir).or_default().push((p, s));
+    }
+    let mut out = Vec::new();
+    for (dir, files) in by_dir {
+        if files.len() >= 2 && !dir.is_empty() {
+            let mut all = Seen::default();
+            for (_, s) in files {
+                all.calls += s.calls;
+                all.sessions.extend(s.sessions);
+                if all.first == 0 || (s.first != 0 && s.first < all.first) {
+                    all.first = s.first;
+                }
+                all.last = all.last.max(s.last);
+            }
+            out.push((quote(&format!("{dir}/**")), all));
+        } else {
+            out.extend(files.into_iter().map(|(p, s)| (quote(&p), s)));
+        }
+    }
+    out
+}
+
+/// A zone no session reached after another: (the zone, sessions that reached the other,
+/// sessions that reached it).
+type Unreached = (ZoneOf, usize, usize);
+
+/// Chaining suggestions: `after` zone -> the zones no session reached after it (each reached
+/// by some session, and `after` reached by two or more), with the session counts.
+fn chaining(order: &BTreeMap<(String, String), Vec<ZoneOf>>) -> BTreeMap<ZoneOf, Vec<Unreached>> {
+    let mut reached: BTreeMap<&ZoneOf, usize> = BTreeMap::new();
+    for zones in order.values() {
+        for z in zones.iter().collect::<BTreeSet<_>>() {
+            *reached.entry(z).or_default() += 1;
+        }
+    }
+    let mut out: BTreeMap<ZoneOf, Vec<Unreached>> = BTreeMap::new();
+    for (&a, &na) in &reached {
+        if na < 2 {
+            continue;
+        }
+        for (&b, &nb) in &reached {
+            if a == b {
+                continue;
+            }
+            let never_after = order
+                .values()
+                .all(|zones| match zones.iter().position(|z| z == a) {
+                    Some(i) => !zones[i + 1..].contains(b),
+                    None => true,
+                });
+            if never_after {
+                out.entry(a.clone()).or_default().push((b.clone(), na, nb));
+            }
+        }
+    }
+    out
+}
+
+/// The suggested policy from `calls`.
+pub fn suggest(calls: &[Recorded], opts: &Options) -> String {
+    let (name, identities) = (opts.name.as_str(), opts.identities.as_slice());
+    // Per session, the zones its connects reached, in order.
+    let mut order: BTreeMap<(String, String), Vec<ZoneOf>> = BTreeMap::new();
     let mut zones: BTreeMap<ZoneOf, ()> = BTreeMap::new();
     // (zone, protocol) -> ports, and what the rule covers.
     let mut connect: BTreeMap<RuleKey, (BTreeSet<u16>, Seen)> = BTreeMap::new();
@@ -164,6 +274,10 @@ pub fn suggest(calls: &[Recorded], name: &str, identities: &[String]) -> String 
                     continue;
                 };
                 zones.insert(zone.clone(), ());
+                order
+                    .entry((r.identity.clone(), r.session.clone()))
+                    .or_default()
+                    .push(zone.clone());
                 let e = connect.entry((zone, Some(proto))).or_default();
                 if proto != "icmp" {
                     e.0.insert(c.port);
@@ -173,6 +287,10 @@ pub fn suggest(calls: &[Recorded], name: &str, identities: &[String]) -> String 
             Call::Unix(p) => {
                 let zone = ZoneOf::Unix(p.clone());
                 zones.insert(zone.clone(), ());
+                order
+                    .entry((r.identity.clone(), r.session.clone()))
+                    .or_default()
+                    .push(zone.clone());
                 connect.entry((zone, None)).or_default().1.add(r);
             }
             Call::Exec(p) => exec.entry(p.clone()).or_default().add(r),
@@ -231,12 +349,52 @@ pub fn suggest(calls: &[Recorded], name: &str, identities: &[String]) -> String 
     }
     if !exec.is_empty() {
         y.push_str("  exec:\n");
-        for (path, seen) in &exec {
+        for (path, seen) in exec_rules(exec, opts.exec_prefixes) {
             let _ = writeln!(
                 y,
-                "    {}\n    - {{ action: allow, paths: [{}] }}",
-                seen.comment(),
-                quote(path)
+                "    {}\n    - {{ action: allow, paths: [{path}] }}",
+                seen.comment()
+            );
+        }
+    }
+    if opts.chaining {
+        // Only zones the kernel's chaining can track (the first 64 of the policy).
+        let index: BTreeMap<&ZoneOf, usize> =
+            names.keys().enumerate().map(|(i, z)| (z, i)).collect();
+        let trackable = |z: &ZoneOf| index.get(z).is_some_and(|&i| i < 64);
+        let rules: Vec<(ZoneOf, Vec<Unreached>)> = chaining(&order)
+            .into_iter()
+            .filter(|(a, _)| trackable(a))
+            .map(|(a, bs)| {
+                (
+                    a,
+                    bs.into_iter()
+                        .filter(|(b, _, _)| trackable(b))
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .filter(|(_, bs)| !bs.is_empty())
+            .collect();
+        if !rules.is_empty() {
+            y.push_str("  chaining:\n");
+        }
+        for (a, bs) in rules {
+            for (b, na, nb) in &bs {
+                let _ = writeln!(
+                    y,
+                    "    # suggested: none of the {na} sessions that reached {} reached {} \
+                     afterwards ({nb} session{} reached it)",
+                    names[&a],
+                    names[b],
+                    if *nb == 1 { "" } else { "s" }
+                );
+            }
+            let deny: Vec<&str> = bs.iter().map(|(b, _, _)| names[b].as_str()).collect();
+            let _ = writeln!(
+                y,
+                "    - {{ after: [{}], deny: [{}] }}",
+                names[&a],
+                deny.join(", ")
             );
         }
     }

@@ -24,6 +24,14 @@ fn tcp(addr: &str, port: u16) -> Call {
     })
 }
 
+fn opts() -> Options {
+    Options {
+        name: "suggested".into(),
+        identities: vec!["spiffe://example.org/agent/*".into()],
+        ..Options::default()
+    }
+}
+
 fn recording() -> Vec<Recorded> {
     vec![
         rec(
@@ -67,11 +75,7 @@ fn recording() -> Vec<Recorded> {
 #[test]
 fn the_suggestion_is_a_valid_policy_that_changes_nothing_of_the_recording() {
     let calls = recording();
-    let yaml = suggest(
-        &calls,
-        "suggested",
-        &["spiffe://example.org/agent/*".into()],
-    );
+    let yaml = suggest(&calls, &opts());
     let set = compile_str("suggested.yaml", &yaml, 1).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     let r = simulate(&set, &calls);
     assert_eq!(r.newly_denied(), 0, "{r:?}\n{yaml}");
@@ -84,11 +88,7 @@ fn the_suggestion_is_a_valid_policy_that_changes_nothing_of_the_recording() {
 
 #[test]
 fn zones_rules_and_comments_say_what_was_seen() {
-    let yaml = suggest(
-        &recording(),
-        "suggested",
-        &["spiffe://example.org/agent/*".into()],
-    );
+    let yaml = suggest(&recording(), &opts());
     for want in [
         "pypi-org: { hosts: [\"pypi.org\"] }",
         "local: { cidrs: [127.0.0.0/8, \"::1/128\"] }",
@@ -111,12 +111,80 @@ fn zones_rules_and_comments_say_what_was_seen() {
 #[test]
 fn a_call_outside_the_suggestion_is_denied_by_it() {
     let calls = recording();
-    let set = compile_str(
-        "s.yaml",
-        &suggest(&calls, "s", &["spiffe://example.org/agent/*".into()]),
-        1,
-    )
-    .expect("compiles");
+    let set = compile_str("s.yaml", &suggest(&calls, &opts()), 1).expect("compiles");
     let new = vec![rec("s3", tcp("10.1.2.3", 22), None, 0)];
     assert_eq!(simulate(&set, &new).newly_denied(), 1);
+}
+
+#[test]
+fn times_read_back_as_written() {
+    for ns in [0u64, 1_764_979_200_000_000_000, 1_796_522_549_000_000_000] {
+        assert_eq!(parse_utc(&utc(ns)), Some(ns), "{}", utc(ns));
+    }
+    assert_eq!(parse_utc("1764979200"), Some(1_764_979_200_000_000_000));
+    assert_eq!(parse_utc("2025-13-01T00:00:00Z"), None);
+    assert_eq!(parse_utc("yesterday"), None);
+}
+
+#[test]
+fn exec_prefixes_only_where_asked_and_where_two_binaries_ran() {
+    let calls = vec![
+        rec("s1", Call::Exec("/usr/bin/python3".into()), None, 1),
+        rec("s1", Call::Exec("/usr/bin/git".into()), None, 2),
+        rec("s1", Call::Exec("/opt/tool/run".into()), None, 3),
+    ];
+    let exact = suggest(&calls, &opts());
+    assert!(
+        exact.contains("paths: [\"/usr/bin/git\"]") && !exact.contains("**"),
+        "{exact}"
+    );
+    let y = suggest(
+        &calls,
+        &Options {
+            exec_prefixes: true,
+            ..opts()
+        },
+    );
+    assert!(y.contains("paths: [\"/usr/bin/**\"] }"), "{y}");
+    assert!(y.contains("# 2 calls, 1 session"), "{y}");
+    assert!(y.contains("paths: [\"/opt/tool/run\"]"), "{y}");
+    compile_str("p.yaml", &y, 1).unwrap_or_else(|e| panic!("{e}\n{y}"));
+}
+
+#[test]
+fn chaining_is_suggested_where_no_session_went_on_and_changes_nothing_recorded() {
+    let calls = vec![
+        // Two sessions reach the database, then only loopback; the web is reached by a
+        // third session that never touched the database.
+        rec("s1", tcp("10.1.2.3", 5432), None, 1),
+        rec("s1", tcp("127.0.0.1", 8080), None, 2),
+        rec("s2", tcp("10.1.2.3", 5432), None, 3),
+        rec("s3", tcp("151.101.0.223", 443), Some("pypi.org"), 4),
+    ];
+    let o = Options {
+        chaining: true,
+        ..opts()
+    };
+    let y = suggest(&calls, &o);
+    assert!(
+        y.contains("- { after: [ip-10-1-2-3], deny: [pypi-org] }"),
+        "{y}"
+    );
+    assert!(
+        y.contains("# suggested: none of the 2 sessions that reached ip-10-1-2-3"),
+        "{y}"
+    );
+    assert!(
+        !y.contains("deny: [local"),
+        "s1 reached local after the database:\n{y}"
+    );
+    let set = compile_str("p.yaml", &y, 1).unwrap_or_else(|e| panic!("{e}\n{y}"));
+    let r = simulate(&set, &calls);
+    assert_eq!((r.newly_denied(), r.newly_allowed()), (0, 0), "{r:?}\n{y}");
+    // A later session that reaches the web after the database is what the rule stops.
+    let later = vec![
+        rec("s4", tcp("10.1.2.3", 5432), None, 5),
+        rec("s4", tcp("151.101.0.223", 443), Some("pypi.org"), 6),
+    ];
+    assert_eq!(simulate(&set, &later).newly_denied(), 1);
 }
