@@ -125,35 +125,32 @@ pub(crate) fn redirect(
     Redirect::Done
 }
 
-/// Whether the context's socket was sent by the redirect to `proxy`:`proxy_port` (network
-/// order).
+/// Where the redirect sent the context's socket, if it did.
 #[inline(always)]
-fn redirected_to(ctx: &SockAddrContext, proxy: u32, proxy_port: u16) -> bool {
+fn orig(ctx: &SockAddrContext) -> Option<&DnsOrig> {
     // SAFETY: the context's socket pointer (readable in sock_addr programs).
     let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
     if sk.is_null() {
-        return false;
+        return None;
     }
     // SAFETY: helper call with the map and the program's socket; no creation.
     let o = unsafe { bpf_sk_storage_get(orig_map(), sk.cast(), ptr::null_mut(), 0) };
     // SAFETY: a socket storage pointer, valid for this run (or null).
     unsafe { o.cast::<DnsOrig>().as_ref() }
-        .is_some_and(|o| o.proxy == proxy && o.proxy_port == proxy_port)
+}
+
+/// Whether the context's socket was sent by the redirect to `proxy`:`proxy_port` (network
+/// order).
+#[inline(always)]
+fn redirected_to(ctx: &SockAddrContext, proxy: u32, proxy_port: u16) -> bool {
+    orig(ctx).is_some_and(|o| o.proxy == proxy && o.proxy_port == proxy_port)
 }
 
 /// A reply's source as the caller reads it: the resolver it asked, not the proxy.
 #[inline(always)]
 fn restore(ctx: &SockAddrContext, v4: bool) -> i32 {
     let sa = ctx.sock_addr;
-    // SAFETY: the context's socket pointer (readable in sock_addr programs).
-    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
-    if sk.is_null() {
-        return ALLOW;
-    }
-    // SAFETY: helper call with the map and the program's socket; no creation.
-    let o = unsafe { bpf_sk_storage_get(orig_map(), sk.cast(), ptr::null_mut(), 0) };
-    // SAFETY: a socket storage pointer, valid for this run (or null).
-    let Some(o) = (unsafe { o.cast::<DnsOrig>().as_ref() }) else {
+    let Some(o) = orig(ctx) else {
         return ALLOW;
     };
     // SAFETY: the program's context pointer; the source fields are readable and writable in

@@ -100,8 +100,17 @@ fn recorded(v: &Value) -> Result<Option<Recorded>, String> {
     }))
 }
 
+/// The file's name as given, and its replayable calls in order.
+fn read_events(path: &std::path::Path) -> Result<(String, Vec<Recorded>), CliError> {
+    let name = path.display().to_string();
+    let text =
+        std::fs::read_to_string(path).map_err(|e| CliError::usage(format!("{name}: {e}")))?;
+    let calls = parse(&name, &text)?;
+    Ok((name, calls))
+}
+
 /// Every replayable call of `text` in order; a line that is not JSON is an error naming it.
-pub fn parse(file: &str, text: &str) -> Result<Vec<Recorded>, CliError> {
+fn parse(file: &str, text: &str) -> Result<Vec<Recorded>, CliError> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -159,10 +168,7 @@ fn time_arg(flag: &str, v: Option<&String>) -> Result<Option<u64>, CliError> {
 
 /// `corral policy suggest`: the policy YAML on standard output.
 pub fn suggest(a: &SuggestArgs) -> Result<ExitCode, CliError> {
-    let name = a.events.display().to_string();
-    let text =
-        std::fs::read_to_string(&a.events).map_err(|e| CliError::usage(format!("{name}: {e}")))?;
-    let mut calls = parse(&name, &text)?;
+    let (name, mut calls) = read_events(&a.events)?;
     let (since, until) = (
         time_arg("since", a.since.as_ref())?,
         time_arg("until", a.until.as_ref())?,
@@ -255,10 +261,7 @@ pub fn run(a: &SimulateArgs) -> Result<ExitCode, CliError> {
         }
         Err(e) => return Err(e.into()),
     };
-    let name = a.events.display().to_string();
-    let text =
-        std::fs::read_to_string(&a.events).map_err(|e| CliError::usage(format!("{name}: {e}")))?;
-    let report = simulate(&candidate, &parse(&name, &text)?);
+    let report = simulate(&candidate, &read_events(&a.events)?.1);
     if a.json {
         println!("{}", report_json(&report));
     } else {

@@ -38,6 +38,16 @@ impl Seen {
         self.last = self.last.max(r.time_unix_nano);
     }
 
+    /// What `other` covers, added.
+    fn merge(&mut self, other: Self) {
+        self.calls += other.calls;
+        self.sessions.extend(other.sessions);
+        if self.first == 0 || (other.first != 0 && other.first < self.first) {
+            self.first = other.first;
+        }
+        self.last = self.last.max(other.last);
+    }
+
     fn comment(&self) -> String {
         format!(
             "# {} call{}, {} session{}, first {}, last {}",
@@ -196,12 +206,7 @@ fn exec_rules(exec: BTreeMap<String, Seen>, prefixes: bool) -> Vec<(String, Seen
         if files.len() >= 2 && !dir.is_empty() {
             let mut all = Seen::default();
             for (_, s) in files {
-                all.calls += s.calls;
-                all.sessions.extend(s.sessions);
-                if all.first == 0 || (s.first != 0 && s.first < all.first) {
-                    all.first = s.first;
-                }
-                all.last = all.last.max(s.last);
+                all.merge(s);
             }
             out.push((quote(&format!("{dir}/**")), all));
         } else {

@@ -67,26 +67,25 @@ fn policy_with(n: u32, port: u16) -> CompiledPolicy {
 }
 
 fn time(cg: Option<&Path>, op: &str, iters: u32) -> anyhow::Result<f64> {
+    run_probe(cg, &format!("time:{iters}:{op}"), iters, "ok")
+}
+
+/// Runs the probe (in `cg`) with `arg`, which prints `ns=<per call>` and outcome counts
+/// (`ok=N`, `EPERM=N`); the ns per call, once all `iters` calls had outcome `expect`.
+fn run_probe(cg: Option<&Path>, arg: &str, iters: u32, expect: &str) -> anyhow::Result<f64> {
     let mut c = Command::new(probe_bin()?);
     if let Some(cg) = cg {
         c.arg("--cgroup").arg(cg);
     }
-    let out = c.arg(format!("time:{iters}:{op}")).output()?;
+    let out = c.arg(arg).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let ns = text
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("ns="))
-        .context("probe printed no ns=")?
-        .parse::<f64>()?;
-    let oks: u32 = text
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("ok="))
-        .context("probe printed no ok=")?
-        .parse()?;
-    anyhow::ensure!(
-        oks == iters,
-        "{op}: only {oks}/{iters} calls succeeded: {text}"
-    );
+    let field = |k: &str| {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
+    };
+    let ns: f64 = field("ns").context("probe printed no ns=")?.parse()?;
+    let got: u32 = field(expect).map_or(Ok(0), str::parse)?;
+    anyhow::ensure!(got == iters, "{arg}: {got}/{iters} calls {expect}: {text}");
     Ok(ns)
 }
 

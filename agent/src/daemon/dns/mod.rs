@@ -247,10 +247,24 @@ impl DnsProxy {
             return Ok(());
         };
         let id = netns::of_pid(pid).map_err(|_| netns::NetnsError::NoProcess(pid))?;
-        if id == own || self.bound().contains_key(&(index, Some(id))) {
+        if id == own {
             return Ok(());
         }
-        let worker = self.worker(pid)?;
+        self.bind_in(shared, index, id, pid)
+    }
+
+    /// [`Self::ensure_in`] for process `pid`, known to be in namespace `id` (not the agent's).
+    fn bind_in(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        index: u32,
+        id: netns::NetnsId,
+        pid: i32,
+    ) -> Result<(), NetnsBindError> {
+        if self.bound().contains_key(&(index, Some(id))) {
+            return Ok(());
+        }
+        let worker = self.worker(id, pid)?;
         let addr = self.addr(index);
         let (udp, tcp) = worker
             .run(move || bind(addr))
@@ -272,9 +286,13 @@ impl DnsProxy {
         Ok(())
     }
 
-    /// The thread in process `pid`'s network namespace (started if there is none).
-    fn worker(&self, pid: i32) -> Result<Arc<netns::Worker>, netns::NetnsError> {
-        let id = netns::of_pid(pid).map_err(|_| netns::NetnsError::NoProcess(pid))?;
+    /// The thread in network namespace `id`, that of process `pid` (started by it if there is
+    /// none).
+    fn worker(
+        &self,
+        id: netns::NetnsId,
+        pid: i32,
+    ) -> Result<Arc<netns::Worker>, netns::NetnsError> {
         let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(w) = workers.get(&id) {
             return Ok(w.clone());
@@ -357,7 +375,7 @@ impl DnsProxy {
                 {
                     w.seen(pid);
                 }
-                match self.ensure_in(shared, index, pid) {
+                match self.bind_in(shared, index, id, pid) {
                     Ok(()) => {
                         seen.insert((index, Some(id)));
                     }

@@ -22,7 +22,7 @@ use std::path::Path;
 use anyhow::Context as _;
 use corral_agent::ebpf::{events::EventReader, raw};
 
-use super::{CALIBRATION, Drainer, Setup, calibration_stats, median, stats_delta};
+use super::{CALIBRATION, Drainer, Setup, calibration_stats, median, run_probe, stats_delta};
 
 const NONE: usize = 0;
 const EMPTY: usize = 1;
@@ -60,25 +60,6 @@ struct Marginal {
     allow: String,
     deny: Option<String>,
     iters: u32,
-}
-
-/// Runs the probe in `cg` with `arg`; the mean ns per call, once every call had `expect`.
-fn probe(cg: &Path, arg: &str, iters: u32, expect: &str) -> anyhow::Result<f64> {
-    let out = std::process::Command::new(corral_tests::probe_bin()?)
-        .arg("--cgroup")
-        .arg(cg)
-        .arg(arg)
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let field = |k: &str| {
-        text.split_whitespace()
-            .find_map(|w| w.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
-            .map(str::to_owned)
-    };
-    let ns: f64 = field("ns").context("probe printed no ns=")?.parse()?;
-    let got: u32 = field(expect).map_or(Ok(0), |v| v.parse())?;
-    anyhow::ensure!(got == iters, "{arg}: {got}/{iters} calls {expect}: {text}");
-    Ok(ns)
 }
 
 fn workloads(port: u16, udp_port: u16) -> [Marginal; 3] {
@@ -120,7 +101,7 @@ fn measure(setup: &Setup, w: &Marginal, config: usize) -> anyhow::Result<Option<
             None => return Ok(None),
         },
     };
-    probe(cg, arg, w.iters, expect).map(Some)
+    run_probe(Some(cg), arg, w.iters, expect).map(Some)
 }
 
 /// The trivial connect4 and sendmsg4 programs, linked to the cgroups `at` while held.
