@@ -384,7 +384,14 @@ impl AgentService for Api {
             r.session
         };
         let rec = self.enroll_under_policy(&r.identity, |registry, slot, maps| {
-            registry.enroll(&r.identity, &session, &opt_outs, slot, maps)
+            registry.enroll(
+                &r.identity,
+                &session,
+                &opt_outs,
+                p.pidfd.clone(),
+                slot,
+                maps,
+            )
         })?;
         // `corral run` in a network namespace of its own: the proxy listens there too before
         // the command starts.

@@ -7,11 +7,14 @@
 //! pinned maps). A principal is removed, with its cgroup and its session-bound kernel state
 //! (chaining, grants), when its cgroup is empty (`populated 0` in `cgroup.events`) after a
 //! process ran in it (seen populated, or CPU time in `cpu.stat`: a short-lived principal can
-//! come and go between two sweeps), or when nobody joined it within [`JOIN_GRACE`].
+//! come and go between two sweeps), or when nobody joined it within [`JOIN_GRACE`]. A principal
+//! that another `corral run` of its session has just enrolled into is kept while that process
+//! lives and has not joined yet, even if every earlier process has exited.
 
 use std::{
     collections::BTreeMap,
     io::ErrorKind,
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
@@ -21,6 +24,7 @@ use corral_policy::identity::{self, IdentityError};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use super::peer;
 use crate::{
     cgroup::{self, CgroupError},
     ebpf::{MapError, PolicyMaps},
@@ -148,6 +152,30 @@ struct Entry {
     rec: Arc<PrincipalRecord>,
     seen_populated: bool,
     created: Instant,
+    /// Another process enrolled into this existing principal (`corral run` again in the
+    /// session): when, and a pidfd of it if known. While that process lives (at most
+    /// [`JOIN_GRACE`]) an empty cgroup has not "exited": it is about to join, even if the
+    /// earlier processes have all gone.
+    rejoining: Option<(Instant, Option<Arc<OwnedFd>>)>,
+}
+
+impl Entry {
+    fn new(rec: Arc<PrincipalRecord>, seen_populated: bool) -> Self {
+        Self {
+            rec,
+            seen_populated,
+            created: Instant::now(),
+            rejoining: None,
+        }
+    }
+
+    /// A process is about to join: an empty cgroup is not "exited" until it did (or the
+    /// grace ran out).
+    fn awaits_join(&self) -> bool {
+        self.rejoining.as_ref().is_some_and(|(t, joiner)| {
+            t.elapsed() <= JOIN_GRACE && joiner.as_deref().is_none_or(peer::pidfd_alive)
+        })
+    }
 }
 
 /// The enrolled principals.
@@ -269,14 +297,7 @@ impl Registry {
                     let seen_populated = populated(&rec.cgroup).unwrap_or(false);
                     info!(identity = %rec.identity, session = %rec.session, index = rec.index,
                           "principal carried over from the previous agent");
-                    inner.insert(
-                        rec.index,
-                        Entry {
-                            rec: Arc::new(rec),
-                            seen_populated,
-                            created: Instant::now(),
-                        },
-                    );
+                    inner.insert(rec.index, Entry::new(Arc::new(rec), seen_populated));
                 }
                 _ => info!(identity = %rec.identity, session = %rec.session,
                            "principal's cgroup is gone: forgetting it"),
@@ -363,12 +384,15 @@ impl Registry {
     }
 
     /// Enrols (identity, session) governed by policy slot `slot`, or returns the existing
-    /// principal of that pair. Its cgroup is created; the caller joins it.
+    /// principal of that pair. Its cgroup is created; the caller joins it. `joiner` is the
+    /// process that will (the caller's pidfd, when known): an existing principal's cgroup is
+    /// kept for it while it lives.
     pub fn enroll(
         &self,
         identity: &str,
         session: &str,
         opt_outs: &[String],
+        joiner: Option<Arc<OwnedFd>>,
         slot: Option<u32>,
         maps: &mut PolicyMaps,
     ) -> Result<Arc<PrincipalRecord>, RegistryError> {
@@ -381,7 +405,9 @@ impl Registry {
             .values_mut()
             .find(|e| e.rec.identity == identity && e.rec.session == session)
         {
-            // Another `corral run` in the session: its opt-outs are the principal's too.
+            // Another `corral run` in the session: it joins the existing cgroup, which the
+            // sweep must not remove under it; its opt-outs are the principal's too.
+            e.rejoining = Some((Instant::now(), joiner));
             let new: Vec<&String> = opt_outs
                 .iter()
                 .filter(|o| !e.rec.opt_outs.contains(o))
@@ -426,14 +452,7 @@ impl Registry {
             external: false,
             opt_outs: opt_outs.to_vec(),
         });
-        inner.insert(
-            index,
-            Entry {
-                rec: rec.clone(),
-                seen_populated: false,
-                created: Instant::now(),
-            },
-        );
+        inner.insert(index, Entry::new(rec.clone(), false));
         let persisted = self.persist(&inner);
         drop(inner);
         // Enrolled in the kernel either way: tell the followers even if persisting failed.
@@ -493,11 +512,7 @@ impl Registry {
         });
         inner.insert(
             index,
-            Entry {
-                rec: rec.clone(),
-                seen_populated: populated(cgroup).unwrap_or(false),
-                created: Instant::now(),
-            },
+            Entry::new(rec.clone(), populated(cgroup).unwrap_or(false)),
         );
         let persisted = self.persist(&inner);
         drop(inner);
@@ -567,6 +582,7 @@ impl Registry {
                 // An external (pod) cgroup stays enrolled while it exists, empty or not.
                 Some(_) if e.rec.external => {}
                 Some(true) => e.seen_populated = true,
+                Some(false) if e.awaits_join() => {}
                 Some(false)
                     if e.seen_populated
                         || ever_ran(&e.rec.cgroup)
