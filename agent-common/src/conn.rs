@@ -61,5 +61,57 @@ pub struct SockState {
     /// `SOCK_F_*`.
     pub flags: u8,
     pub _pad: [u8; 2],
+    /// The socket's last allowed call and the identical calls since its last event.
+    pub repeat: Repeat,
 }
-const _: () = assert!(core::mem::size_of::<SockState>() == 80);
+const _: () = assert!(core::mem::size_of::<SockState>() == 80 + 96);
+
+/// How long identical allowed calls on one socket are reported together: the first call's
+/// event goes out at once; the identical calls after it, within this window, are counted on the
+/// socket and carried (`ConnectEvent::repeats`) by the first identical call's event after the
+/// window. 1 s.
+pub const REPEAT_WINDOW_NS: u64 = 1_000_000_000;
+
+/// The repeat cache of a socket (see `agent-ebpf/src/repeat.rs`): an allowed call decided in
+/// full, under what it was decided, and how many identical calls followed it unreported. A
+/// call is identical when the same process (so the same principal) makes it through the same
+/// hook to the same destination (address as given, port, protocol, family), while `EPOCH`
+/// (policy swaps, grant revocations, principal removals, node address changes) and the principal's
+/// `SEEN` mask (chaining) have not moved and the allowing grant has not expired. Only plain
+/// allows are cached: no audit-deny, no address opened by a DNS answer (those expire on their
+/// own), no DNS redirect.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Repeat {
+    /// As the caller gave it (the unspecified address made loopback).
+    pub addr: Addr,
+    pub epoch: u64,
+    pub seen: u64,
+    /// The allowing grant's expiry (CLOCK_BOOTTIME ns), or [`VALID_FOREVER`].
+    pub valid_until: u64,
+    /// CLOCK_MONOTONIC (coarse) ns of the socket's last event for this call (or of the
+    /// decision when that event was suppressed or lost).
+    pub since: u64,
+    pub grant_id: u64,
+    /// The principal's cgroup id.
+    pub cgroup_id: u64,
+    pub policy: u32,
+    pub rule: u32,
+    pub zone: u32,
+    /// Identical calls since the last event, not reported yet.
+    pub pending: u32,
+    /// Process (tgid) that made the call.
+    pub pid: u32,
+    /// Principal index.
+    pub principal: u32,
+    /// Host byte order.
+    pub port: u16,
+    pub family: u16,
+    pub proto: u8,
+    pub hook: u8,
+    /// `REASON_*` of the decision.
+    pub reason: u8,
+    /// 1 while the fields above hold a decision.
+    pub valid: u8,
+}
+const _: () = assert!(core::mem::size_of::<Repeat>() == 96);

@@ -93,7 +93,11 @@ pub struct ConnectEvent {
     pub family: u16,
     pub proto: u8,
     pub hook: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Identical allowed calls on the same socket before this one, since its previous event
+    /// for them, reported with this event instead of one by one (see `agent_common::Repeat`).
+    /// This event stands for `1 + repeats` calls.
+    pub repeats: u32,
     /// Grant that allowed the call, or 0.
     pub grant_id: u64,
 }

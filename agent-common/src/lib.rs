@@ -39,6 +39,42 @@ pub const NONE: u32 = u32::MAX;
 /// ancestor walk). Levels are counted from the cgroup v2 root (level 0).
 pub const MAX_CGROUP_LEVEL: u32 = 31;
 
+/// A cgroup the kernel programs found in no principal (no principal at it or above it), under
+/// principals' generation `gen` (`PRINCIPALS_GEN`); the per-CPU `UNENROLLED` cache's slot.
+/// `check` ties the two, so an entry torn by a preempted writer is never taken for valid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Unenrolled {
+    pub cgroup_id: u64,
+    pub generation: u32,
+    pub check: u32,
+}
+const _: () = assert!(core::mem::size_of::<Unenrolled>() == 16);
+
+impl Unenrolled {
+    #[inline(always)]
+    pub const fn new(cgroup_id: u64, generation: u32) -> Self {
+        Self {
+            cgroup_id,
+            generation,
+            check: Self::check_of(cgroup_id, generation),
+        }
+    }
+
+    #[inline(always)]
+    const fn check_of(cgroup_id: u64, generation: u32) -> u32 {
+        (cgroup_id as u32) ^ ((cgroup_id >> 32) as u32) ^ generation ^ 0x9e37_79b9
+    }
+
+    /// Whether this slot says `cgroup_id` is in no principal under `generation`.
+    #[inline(always)]
+    pub const fn holds(&self, cgroup_id: u64, generation: u32) -> bool {
+        self.cgroup_id == cgroup_id
+            && self.generation == generation
+            && self.check == Self::check_of(cgroup_id, generation)
+    }
+}
+
 /// Global settings the agent writes into the `CONFIG` array (index 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

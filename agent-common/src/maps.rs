@@ -43,6 +43,17 @@ pub const UNIX_ZONES: &str = "CORRAL_UNIXZ2";
 /// `HashMap<u32 tgid, u64 cgroup id>`: sticky attribution. A process that belongs to a
 /// principal (and every process it forks) stays that principal's whatever cgroup it moves to.
 pub const STICKY: &str = "CORRAL_STICKY";
+/// `Array<u64>` bitmap (`BPF_F_MMAPABLE` not needed: only the programs write it once the
+/// agent runs): bit `pid` set while `STICKY` may hold an entry for `pid`. A clear bit lets the
+/// un-enrolled fast path skip the `STICKY` lookup; it is set before the entry is inserted and
+/// cleared after it is removed. Covers every possible pid (`PID_MAX_LIMIT`).
+pub const STICKY_MARK: &str = "CORRAL_STMARK";
+/// `Array<u32>`, one entry: the principals' generation, bumped by the agent after every
+/// principal it adds. Tags the entries of `UNENROLLED`.
+pub const PRINCIPALS_GEN: &str = "CORRAL_PGEN";
+/// `PerCpuArray<Unenrolled>`: cgroups recently found to be in no principal, by
+/// `cgroup id % UNENROLLED_SLOTS`, valid under the principals' generation they carry.
+pub const UNENROLLED: &str = "CORRAL_UNENR";
 /// `Array<u32>`, one entry: the offset of `child_pid` in the `sched_process_fork` tracepoint
 /// record (it moved between kernel versions; read from tracefs by the agent), 0 if unknown.
 pub const FORK_CFG: &str = "CORRAL_FORKCFG";
@@ -103,6 +114,9 @@ pub const ALL: &[&str] = &[
     EXEC_TASKS,
     UNIX_ZONES,
     STICKY,
+    STICKY_MARK,
+    PRINCIPALS_GEN,
+    UNENROLLED,
     FORK_CFG,
     EXIT_CFG,
     SOCKS,
@@ -156,4 +170,9 @@ pub mod limits {
     pub const LEARNED: u32 = 131_072;
     /// Processes (and threads) of principals attributed stickily.
     pub const STICKY: u32 = 65_536;
+    /// Words of the `STICKY_MARK` bitmap: one bit for each pid up to the kernel's
+    /// `PID_MAX_LIMIT` (4,194,304 on 64-bit), 512 KiB.
+    pub const STICKY_MARK_WORDS: u32 = 4_194_304 / 64;
+    /// Per-CPU slots of the un-enrolled cgroup cache (a power of two).
+    pub const UNENROLLED_SLOTS: u32 = 256;
 }

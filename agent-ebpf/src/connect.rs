@@ -15,7 +15,9 @@ use agent_common::{
     maps::limits, policy_key, rule_shape, v4_mapped, zone_prefix_len,
 };
 use aya_ebpf::{
-    helpers::generated::bpf_ktime_get_boot_ns, macros::cgroup_sock_addr, maps::lpm_trie::Key,
+    helpers::{bpf_get_current_pid_tgid, generated::bpf_ktime_get_boot_ns},
+    macros::cgroup_sock_addr,
+    maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 
@@ -23,6 +25,7 @@ use crate::{
     egress, events,
     maps::{CHAIN, GRANTS, LEARNED, LOCAL_ADDRS, POLICIES, RULES, SEEN, ZONES},
     principal::{self, Caller},
+    repeat,
 };
 
 pub(crate) const ALLOW: i32 = 1;
@@ -77,8 +80,10 @@ pub(crate) struct Dest {
     pub proto: u8,
 }
 
+/// The destination as the caller gave it (the unspecified address made loopback);
+/// `zone_addr` is left equal to it.
 #[inline(always)]
-fn dest(ctx: &SockAddrContext, hook: u8) -> Dest {
+fn raw_dest(ctx: &SockAddrContext, hook: u8) -> Dest {
     let sa = ctx.sock_addr;
     // SAFETY: `sock_addr` is the program's context pointer; these fields are readable for
     // cgroup sock_addr programs of the matching family (checked by the verifier).
@@ -99,12 +104,21 @@ fn dest(ctx: &SockAddrContext, hook: u8) -> Dest {
         let addr = effective(addr);
         Dest {
             addr,
-            zone_addr: zone_addr(&addr),
+            // Looked up by `dest` (the repeat check needs only the address as given).
+            zone_addr: addr,
             port,
             family,
             proto,
         }
     }
+}
+
+/// The destination, with its address as decided (`zone_addr`).
+#[inline(always)]
+fn dest(ctx: &SockAddrContext, hook: u8) -> Dest {
+    let mut d = raw_dest(ctx, hook);
+    d.zone_addr = zone_addr(&d.addr);
+    d
 }
 
 /// The destination the kernel really connects to. `connect()`/`sendto()` to the unspecified
@@ -142,6 +156,17 @@ pub(crate) fn zone_addr(addr: &Addr) -> Addr {
 #[inline(always)]
 fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
     let cfg = principal::config();
+    let sk = repeat::sock(ctx);
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // The socket's last allowed call again, by the same process (a principal's: it has a
+    // sticky mark), with nothing it was decided under moved: counted, not decided again.
+    if cfg.level_mask != 0
+        && principal::may_be_sticky(tgid)
+        && let Some(st) = repeat::state_of(sk)
+        && repeat::again(st, &cfg, &raw_dest(ctx, hook), hook, tgid)
+    {
+        return Ok(ALLOW);
+    }
     let Some(caller) = principal::resolve(&cfg) else {
         return Ok(ALLOW);
     };
@@ -150,6 +175,7 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
     if let crate::dns::Redirect::Done = redirected {
         return Ok(ALLOW);
     }
+    let plain = matches!(redirected, crate::dns::Redirect::No);
     // Every policy polices IP destinations: `evaluate` always decides.
     let Some(mut out) = evaluate(
         &cfg,
@@ -185,6 +211,7 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
     if out.ret() == ALLOW && !egress::record(ctx, &caller, &d, &out, hook) {
         out.decision = containment();
     }
+    repeat::remember(sk, &caller, &d, hook, &out, plain && !out.by_name, tgid);
     let Some(header) = event_header(&cfg, &caller, &out, KIND_CONNECT) else {
         return Ok(out.ret());
     };
@@ -199,7 +226,8 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
             family: d.family,
             proto: d.proto,
             hook,
-            _pad: [0; 6],
+            _pad: [0; 2],
+            repeats: 0,
             grant_id: out.decision.grant_id,
         },
         verdict,
@@ -217,6 +245,8 @@ pub(crate) struct Outcome {
     pub zone: u32,
     /// Generation-qualified policy key, or `NONE`.
     pub policy: u32,
+    /// The zone came from an address a DNS answer opened (it expires on its own).
+    pub by_name: bool,
 }
 
 impl Outcome {
@@ -262,6 +292,7 @@ pub(crate) fn evaluate(
 
     let mut zone = NONE;
     let mut policy = NONE;
+    let mut named = false;
     let decision = if pol_slot == NONE {
         Decision {
             verdict: VERDICT_DENY,
@@ -302,6 +333,7 @@ pub(crate) fn evaluate(
                     by_addr
                 } else {
                     zone = learned;
+                    named = true;
                     decide(policy, &meta, index, learned, port, proto)
                 };
                 if dec.verdict == VERDICT_DENY && meta.mode == MODE_AUDIT {
@@ -319,6 +351,7 @@ pub(crate) fn evaluate(
         decision,
         zone,
         policy,
+        by_name: named,
     })
 }
 

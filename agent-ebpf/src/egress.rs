@@ -81,17 +81,17 @@ const IPV6_HEADER: usize = 40;
 const MAX_EXT_HEADERS: usize = 4;
 
 #[inline(always)]
-fn socks() -> *mut core::ffi::c_void {
+pub(crate) fn socks() -> *mut core::ffi::c_void {
     ptr::from_ref(&SOCKS).cast_mut().cast()
 }
 
 #[inline(always)]
-fn epoch() -> u64 {
+pub(crate) fn epoch() -> u64 {
     EPOCH.get(0).copied().unwrap_or(0)
 }
 
 #[inline(always)]
-fn seen(principal: u32) -> u64 {
+pub(crate) fn seen(principal: u32) -> u64 {
     // SAFETY: map value read, valid for this run.
     unsafe { SEEN.get(principal) }.copied().unwrap_or(0)
 }
@@ -140,7 +140,10 @@ pub(crate) fn record(
 /// The state of `sk` (created zeroed if it has none), marked as `caller`'s socket, opened by
 /// the current process; `None` if no state could be stored.
 #[inline(always)]
-fn principal_state(sk: *mut bpf_sock, caller: &Caller) -> Option<&'static mut SockState> {
+pub(crate) fn principal_state(
+    sk: *mut bpf_sock,
+    caller: &Caller,
+) -> Option<&'static mut SockState> {
     // SAFETY: helper call with the map and the program's socket; the value pointer may be
     // null (a zeroed state is created).
     let st = unsafe {
@@ -295,7 +298,8 @@ fn decide_ping(ctx: &SkBuffContext, st: &SockState) -> i32 {
                 family: st.family,
                 proto: PROTO_ICMP,
                 hook,
-                _pad: [0; 6],
+                _pad: [0; 2],
+                repeats: 0,
                 grant_id: out.decision.grant_id,
             },
             out.decision.verdict,
@@ -352,6 +356,7 @@ fn redecide(st: &mut SockState) -> i32 {
         },
         zone: st.zone,
         policy: NONE,
+        by_name: false,
     });
     let verdict = out.decision.verdict;
     if verdict == VERDICT_ALLOW || verdict == VERDICT_AUDIT_DENY {
@@ -400,7 +405,8 @@ fn report_cut(st: &SockState, out: &Outcome) {
             family: st.family,
             proto: st.proto,
             hook,
-            _pad: [0; 6],
+            _pad: [0; 2],
+            repeats: 0,
             // The grant that had allowed the connection (a grant still allowing it would not
             // have ended it).
             grant_id: st.grant_id,

@@ -28,9 +28,14 @@ fn next_seq() -> u64 {
 
 #[inline(always)]
 pub fn count_drop() {
+    count_drops(1);
+}
+
+#[inline(always)]
+pub fn count_drops(n: u64) {
     if let Some(p) = DROPS.get_ptr_mut(0) {
         // SAFETY: per-CPU element, no other writer on this CPU while we run.
-        unsafe { *p += 1 };
+        unsafe { *p += n };
     }
 }
 
@@ -218,6 +223,26 @@ pub fn take_suppressed(principal: u32) -> u32 {
         // Subtract exactly what is taken: increments racing with us stay counted.
         atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(p, take.wrapping_neg());
         take as u32
+    }
+}
+
+/// Adds `count` allow calls not reported one by one (see repeat.rs) to the principal's
+/// suppressed count, carried on its next event.
+#[inline(always)]
+pub fn add_suppressed(principal: u32, count: u32) {
+    if count == 0 {
+        return;
+    }
+    match rate_state(principal) {
+        // SAFETY: map value pointer, 8-byte aligned, valid for this run.
+        Some(state) => unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(
+                core::ptr::addr_of_mut!((*state).suppressed),
+                u64::from(count),
+            );
+        },
+        // The map is full: counted as dropped rather than lost.
+        None => count_drops(u64::from(count)),
     }
 }
 

@@ -17,6 +17,7 @@ mod exec;
 mod guard;
 mod maps;
 mod principal;
+mod repeat;
 mod unix;
 
 #[cfg(not(test))]

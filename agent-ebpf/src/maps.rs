@@ -3,7 +3,7 @@
 use agent_common::{
     Addr, ChainKey, Config, DnsConfig, DnsOrig, ExecConfig, ExecKey, GrantKey, GrantValue,
     LearnedKey, LearnedValue, PolicyMeta, Principal, RateState, RuleKey, RuleValue, ScriptConfig,
-    SockState, TaskInfo, UnixKey, ZoneKey, ZoneValue, maps::limits,
+    SockState, TaskInfo, Unenrolled, UnixKey, ZoneKey, ZoneValue, maps::limits,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -69,6 +69,18 @@ pub static RATE: HashMap<u32, RateState> = HashMap::with_max_entries(limits::PRI
 
 #[map(name = "CORRAL_STICKY")]
 pub static STICKY: HashMap<u32, u64> = HashMap::with_max_entries(limits::STICKY, 0);
+
+#[map(name = "CORRAL_STMARK")]
+pub static STICKY_MARK: Array<u64> = Array::with_max_entries(limits::STICKY_MARK_WORDS, 0);
+
+// The un-enrolled fast path (see principal.rs).
+
+#[map(name = "CORRAL_PGEN")]
+pub static PRINCIPALS_GEN: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map(name = "CORRAL_UNENR")]
+pub static UNENROLLED: PerCpuArray<Unenrolled> =
+    PerCpuArray::with_max_entries(limits::UNENROLLED_SLOTS, 0);
 
 #[map(name = "CORRAL_FORKCFG")]
 pub static FORK_CFG: Array<u32> = Array::with_max_entries(1, 0);

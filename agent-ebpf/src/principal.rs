@@ -8,16 +8,33 @@
 //! it forks. `sched_process_exit` removes a task's entry, so a reused pid is never
 //! attributed. If the principal has gone (its cgroup id is no longer in `PRINCIPALS`), the
 //! cgroup walk decides again. Minimum kernel: 4.7 (tracepoints), as the rest.
+//!
+//! The un-enrolled fast path. Most calls on a node come from processes that are nobody's, and
+//! they pay for the hook too. Two hash lookups (`STICKY`, then `PRINCIPALS` for the ancestor)
+//! are replaced by two array reads:
+//! - `STICKY_MARK`, one bit per pid, set before a `STICKY` entry is inserted and cleared after
+//!   it is removed: a clear bit means "no sticky entry", so no `STICKY` lookup;
+//! - `UNENROLLED`, per CPU: cgroups the walk found in no principal, tagged with the principals'
+//!   generation the agent bumps after each principal it adds. A cgroup (or an ancestor) that
+//!   becomes a principal invalidates every entry at once; a principal removed only makes more
+//!   cgroups un-enrolled, so it needs no bump. Cgroup ids are never reused.
 
-use agent_common::{Config, MAX_CGROUP_LEVEL, Principal};
+use core::intrinsics::{AtomicOrdering, atomic_and, atomic_or};
+
+use agent_common::{Config, MAX_CGROUP_LEVEL, Principal, Unenrolled, maps::limits};
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_current_ancestor_cgroup_id},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        generated::bpf_get_current_ancestor_cgroup_id,
+    },
     macros::tracepoint,
     programs::TracePointContext,
 };
 
-use crate::maps::{CONFIG, EXIT_CFG, FORK_CFG, PRINCIPALS, STICKY};
+use crate::maps::{
+    CONFIG, EXIT_CFG, FORK_CFG, PRINCIPALS, PRINCIPALS_GEN, STICKY, STICKY_MARK, UNENROLLED,
+};
 
 /// A resolved caller: which principal, and which of its cgroups matched.
 pub struct Caller {
@@ -56,8 +73,9 @@ pub fn resolve(cfg: &Config) -> Option<Caller> {
         return None;
     }
     let tgid = current_tgid();
-    // SAFETY: map value read, valid for this program run.
-    if let Some(cg) = unsafe { STICKY.get(tgid) }.copied()
+    if may_be_sticky(tgid)
+        // SAFETY: map value read, valid for this program run.
+        && let Some(cg) = unsafe { STICKY.get(tgid) }.copied()
         && let Some(p) = PRINCIPALS.get_ptr(cg)
     {
         // SAFETY: pointer returned by a map lookup, valid for this program run.
@@ -67,10 +85,57 @@ pub fn resolve(cfg: &Config) -> Option<Caller> {
             cgroup_id: cg,
         });
     }
-    let caller = walk(cfg)?;
+    // Read before the walk: an entry stored under it is stale once a principal is added
+    // after (the agent inserts the principal, then bumps the generation).
+    let generation = PRINCIPALS_GEN.get(0).copied().unwrap_or(0);
+    // SAFETY: helper call without arguments.
+    let own = unsafe { bpf_get_current_cgroup_id() };
+    let slot = UNENROLLED.get_ptr_mut((own as u32) & (limits::UNENROLLED_SLOTS - 1));
+    if let Some(e) = slot
+        // SAFETY: pointer returned by a map lookup, valid for this program run.
+        && unsafe { (*e).holds(own, generation) }
+    {
+        return None;
+    }
+    let Some(caller) = walk(cfg) else {
+        if let Some(e) = slot {
+            // SAFETY: as above; this CPU's slot (a torn write fails `holds`).
+            unsafe { *e = Unenrolled::new(own, generation) };
+        }
+        return None;
+    };
     // A full map leaves the process to the cgroup walk, as before stickiness.
+    mark(tgid);
     let _ = STICKY.insert(tgid, caller.cgroup_id, 0);
     Some(caller)
+}
+
+/// Whether `STICKY` may hold an entry for `pid` (its mark is set, or it is beyond the bitmap).
+#[inline(always)]
+pub(crate) fn may_be_sticky(pid: u32) -> bool {
+    match STICKY_MARK.get(pid >> 6) {
+        Some(w) => *w & (1u64 << (pid & 63)) != 0,
+        None => true,
+    }
+}
+
+/// Sets `pid`'s mark (before its `STICKY` entry is inserted).
+#[inline(always)]
+fn mark(pid: u32) {
+    if let Some(w) = STICKY_MARK.get_ptr_mut(pid >> 6) {
+        // SAFETY: pointer returned by a map lookup, valid for this program run; atomic, as
+        // other CPUs set and clear other bits of the word.
+        unsafe { atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(w, 1u64 << (pid & 63)) };
+    }
+}
+
+/// Clears `pid`'s mark (after its `STICKY` entry was removed).
+#[inline(always)]
+fn unmark(pid: u32) {
+    if let Some(w) = STICKY_MARK.get_ptr_mut(pid >> 6) {
+        // SAFETY: as in `mark`.
+        unsafe { atomic_and::<u64, u64, { AtomicOrdering::SeqCst }>(w, !(1u64 << (pid & 63))) };
+    }
 }
 
 /// Looks up the current task's ancestors at the levels where principals exist (deepest first),
@@ -119,6 +184,7 @@ pub fn sticky_fork(ctx: TracePointContext) -> u32 {
     }
     // SAFETY: a read within the tracepoint record at the offset tracefs gave for `child_pid`.
     if let Ok(child) = unsafe { ctx.read_at::<i32>(offset as usize) } {
+        mark(child as u32);
         let _ = STICKY.insert(child as u32, parent.cgroup_id, u64::from(BPF_NOEXIST));
     }
     0
@@ -139,6 +205,7 @@ pub fn sticky_exit(ctx: TracePointContext) -> u32 {
     let (tgid, tid) = ((id >> 32) as u32, id as u32);
     if tid != tgid {
         let _ = STICKY.remove(tid);
+        unmark(tid);
     }
     let group_dead = match EXIT_CFG.get(0) {
         // SAFETY: a read within the tracepoint record at the offset tracefs gave for
@@ -150,6 +217,7 @@ pub fn sticky_exit(ctx: TracePointContext) -> u32 {
     };
     if group_dead {
         let _ = STICKY.remove(tgid);
+        unmark(tgid);
     }
     0
 }

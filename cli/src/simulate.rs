@@ -97,6 +97,11 @@ fn recorded(v: &Value) -> Result<Option<Recorded>, String> {
             .map(|c| s(c, "name"))
             .filter(|n| !n.is_empty()),
         time_unix_nano: v.get("time_unix_nano").and_then(Value::as_u64).unwrap_or(0),
+        calls: 1 + v
+            .get("repeats")
+            .and_then(Value::as_u64)
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(0),
     }))
 }
 

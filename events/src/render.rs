@@ -67,6 +67,7 @@ pub fn event_json(e: &pb::Event, subscriber_dropped: Option<u64>) -> Value {
         "process": process,
         "decision": decision,
         "suppressed": e.suppressed,
+        "repeats": e.repeats,
     });
     match &e.call {
         Some(pb::event::Call::Connect(c)) => {
@@ -130,10 +131,14 @@ pub fn call_text(e: &pb::Event) -> String {
                 (false, true) => format!(" (zone {})", c.zone),
                 (false, false) => format!(" (zone {}, name {})", c.zone, c.name),
             };
+            let repeats = match e.repeats {
+                0 => String::new(),
+                n => format!(" (+{n} identical before)"),
+            };
             if c.protocol.is_empty() {
-                format!("{verb} {} {dest}{zone}", c.family)
+                format!("{verb} {} {dest}{zone}{repeats}", c.family)
             } else {
-                format!("{verb} {} {dest}{zone}", c.protocol)
+                format!("{verb} {} {dest}{zone}{repeats}", c.protocol)
             }
         }
         Some(pb::event::Call::Exec(x)) => format!("exec {}", x.path),

@@ -42,6 +42,9 @@ pub struct Recorded {
     /// For a connect to an address a DNS answer opened: the name.
     pub name: Option<String>,
     pub time_unix_nano: u64,
+    /// The calls this record stands for: 1, or more for an event that reported identical
+    /// repeated calls with it (`repeats`).
+    pub calls: usize,
 }
 
 /// What decides a group of changed calls under the candidate.
@@ -105,10 +108,10 @@ pub fn simulate(candidate: &CompiledSet, calls: &[Recorded]) -> Report {
     let mut report = Report::default();
     for c in calls {
         if c.by_grant {
-            report.by_grant += 1;
+            report.by_grant += c.calls;
             continue;
         }
-        report.replayed += 1;
+        report.replayed += c.calls;
         let slot = candidate.policy_for(&c.identity);
         let policy = slot.and_then(|s| candidate.policies.get(s as usize));
         let state = states
@@ -137,7 +140,7 @@ pub fn simulate(candidate: &CompiledSet, calls: &[Recorded]) -> Report {
         }
         let through = d.verdict != Verdict::Deny;
         if through == c.went_through {
-            report.unchanged += 1;
+            report.unchanged += c.calls;
             continue;
         }
         let decider = Decider {
@@ -158,7 +161,7 @@ pub fn simulate(candidate: &CompiledSet, calls: &[Recorded]) -> Report {
         groups
             .entry(decider)
             .or_insert_with(|| (0, c.what.clone()))
-            .0 += 1;
+            .0 += c.calls;
     }
     // Newly denied first (`true` sorts after `false`).
     let mut changes: Vec<Change> = groups

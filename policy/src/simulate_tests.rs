@@ -31,6 +31,7 @@ fn connect(session: &str, addr: &str, port: u16, went_through: bool) -> Recorded
         what: format!("connect tcp {addr}:{port}"),
         name: None,
         time_unix_nano: 0,
+        calls: 1,
     }
 }
 
@@ -69,6 +70,12 @@ fn newly_denied_and_newly_allowed_are_grouped_by_what_decides_them() {
         .find(|c| c.decider.reason == "default" && c.decider.kind == "connect")
         .expect("default group");
     assert_eq!(default.count, 2);
+    // An event standing for repeated calls counts each of them.
+    let mut repeated = calls.clone();
+    repeated[0].calls = 1 + 41;
+    let r = simulate(&candidate(""), &repeated);
+    assert_eq!(r.newly_denied(), 3 + 41);
+    assert_eq!(r.replayed, 4 + 41);
     assert!(
         r.changes
             .iter()

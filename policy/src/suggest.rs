@@ -29,7 +29,7 @@ struct Seen {
 
 impl Seen {
     fn add(&mut self, r: &Recorded) {
-        self.calls += 1;
+        self.calls += r.calls;
         self.sessions
             .insert((r.identity.clone(), r.session.clone()));
         if self.first == 0 || r.time_unix_nano < self.first {
@@ -264,7 +264,7 @@ pub fn suggest(calls: &[Recorded], opts: &Options) -> String {
     let mut skipped = 0usize;
     for r in calls {
         if !r.went_through {
-            skipped += 1;
+            skipped += r.calls;
             continue;
         }
         match &r.call {
@@ -275,7 +275,7 @@ pub fn suggest(calls: &[Recorded], opts: &Options) -> String {
                     (_, a) => ZoneOf::Addr(a),
                 };
                 let Some(proto) = proto_name(c.proto) else {
-                    skipped += 1;
+                    skipped += r.calls;
                     continue;
                 };
                 zones.insert(zone.clone(), ());
@@ -316,12 +316,13 @@ pub fn suggest(calls: &[Recorded], opts: &Options) -> String {
     }
 
     let mut y = String::new();
+    let recorded: usize = calls.iter().map(|c| c.calls).sum();
     let _ = writeln!(
         y,
         "# Suggested by `corral policy suggest` from {} recorded call{} ({} not covered: \
          denied when recorded, or not a connect/exec). Review before enforcing.",
-        calls.len(),
-        if calls.len() == 1 { "" } else { "s" },
+        recorded,
+        if recorded == 1 { "" } else { "s" },
         skipped
     );
     let _ = writeln!(

@@ -13,6 +13,7 @@ fn rec(session: &str, call: Call, name: Option<&str>, t: u64) -> Recorded {
         what: String::new(),
         name: name.map(str::to_owned),
         time_unix_nano: t,
+        calls: 1,
     }
 }
 
@@ -106,6 +107,20 @@ fn zones_rules_and_comments_say_what_was_seen() {
         !yaml.contains("192.0.2.1"),
         "a denied call is not suggested:\n{yaml}"
     );
+}
+
+#[test]
+fn an_event_for_repeated_calls_counts_each_call() {
+    let mut calls = recording();
+    // The first local call's event reported 9 identical calls before it.
+    calls[0].calls = 10;
+    let yaml = suggest(&calls, &opts());
+    for want in [
+        "# 11 calls, 2 sessions, first 2025-12-06T00:00:00Z",
+        "from 16 recorded calls",
+    ] {
+        assert!(yaml.contains(want), "missing {want:?} in\n{yaml}");
+    }
 }
 
 #[test]

@@ -186,6 +186,11 @@ impl Session {
         })
     }
 
+    /// The probe's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Runs one command; its outcome line (`ok`, `EPERM`, `EAGAIN`, ...).
     pub fn cmd(&mut self, line: &str) -> anyhow::Result<String> {
         use std::io::{BufRead as _, Write as _};

@@ -1,12 +1,17 @@
 //! Containment: attribution is sticky. A process of a principal (root here) that moves itself
 //! to the cgroup v2 root is still the principal's, and so is a child it forks that moves out
 //! before it makes any hooked call, and so is a thread left running after its thread-group
-//! leader exited. Exited processes leave no attribution behind (pids are reused).
+//! leader exited. Exited processes leave no attribution behind (pids are reused). The
+//! un-enrolled fast path (a per-CPU memory of cgroups in no principal, a mark per sticky pid)
+//! opens none of these ways out.
 
 use agent_common::PROTO_TCP;
-use corral_agent::ebpf::{
-    Enforcer,
-    events::{EventReader, Verdict},
+use corral_agent::{
+    cgroup,
+    ebpf::{
+        Enforcer,
+        events::{EventReader, Verdict},
+    },
 };
 use corral_tests::{
     Listener, Outcome, TestCgroup,
@@ -126,5 +131,88 @@ fn a_thread_outliving_its_leader_stays_the_principals() -> anyhow::Result<()> {
     );
     assert_eq!(e.maps().sticky(), vec![], "the dead group left no entry");
     assert_eq!(probe_outside(&[&tcp])?, vec![Outcome::Ok]);
+    Ok(())
+}
+
+/// Runs this test's thread, and the processes it starts, on CPU 0 only: the un-enrolled
+/// cache is per CPU, so what one probe left there is what the next one finds.
+fn pin_to_cpu0() -> anyhow::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity(0 = this thread) only
+    // read and write the set passed.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        anyhow::ensure!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// The un-enrolled fast path remembers, per CPU, the cgroups it found in no principal. A
+/// principal's process that moves into a remembered cgroup is still the principal's (its
+/// sticky mark), and a remembered cgroup that gets a principal above it, or becomes one, is
+/// policed from the next call (the principals' generation).
+#[test]
+fn a_cgroup_remembered_as_unenrolled_gives_no_way_out() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    pin_to_cpu0()?;
+    let l = Listener::tcp("127.0.0.1:0")?;
+    let tcp = format!("tcp:127.0.0.1:{}", l.port);
+    let p = TestCgroup::new("unenr-principal")?;
+    let outer = TestCgroup::new("unenr-outer")?;
+    let inner = outer.path.join("inner");
+    cgroup::create(&inner)?;
+    let alone = TestCgroup::new("unenr-alone")?;
+    let mut e = Enforcer::load_and_attach(&p.root)?;
+    e.maps().add_principal(p.id()?, p.level(), 31, Some(0))?;
+    e.maps().apply(
+        &set(
+            1,
+            vec![
+                policy("deny-loopback")
+                    .zone("local", &["127.0.0.0/8"])
+                    .deny(&["local"], &[l.port], &[PROTO_TCP])
+                    .allow_all_exec()
+                    .build(),
+            ],
+        ),
+        |_, _| Some(0),
+    )?;
+    // Un-enrolled, and remembered as such (the second call is answered from the cache).
+    assert_eq!(probe_in(&inner, &[&tcp, &tcp])?, [Outcome::Ok, Outcome::Ok]);
+    assert_eq!(probe_in(&alone.path, &[&tcp])?, [Outcome::Ok]);
+
+    let into_inner = format!("movecg:{}", inner.display());
+    assert_eq!(
+        probe_in(&p.path, &[&tcp, &into_inner, &tcp])?,
+        [Outcome::eperm(), Outcome::Ok, Outcome::eperm()],
+        "a principal's process moved into a remembered cgroup"
+    );
+    assert_eq!(
+        probe_in(&p.path, &[&format!("forkout:{}={tcp}", inner.display())])?,
+        [Outcome::eperm()],
+        "its child moved into a remembered cgroup before any call"
+    );
+
+    // A principal above the remembered cgroup, and the remembered cgroup itself enrolled.
+    e.maps()
+        .add_principal(outer.id()?, outer.level(), 32, Some(0))?;
+    assert_eq!(
+        probe_in(&inner, &[&tcp])?,
+        [Outcome::eperm()],
+        "an ancestor became a principal"
+    );
+    e.maps()
+        .add_principal(alone.id()?, alone.level(), 33, Some(0))?;
+    assert_eq!(
+        probe_in(&alone.path, &[&tcp])?,
+        [Outcome::eperm()],
+        "the cgroup itself became a principal"
+    );
     Ok(())
 }

@@ -276,6 +276,7 @@ impl Shared {
             call: Some(pb::event::Call::Container(change)),
             decision: None,
             suppressed: 0,
+            repeats: 0,
         };
         self.hub
             .publish(&[Arc::new(corral_events::hub::HubEvent::from_pb(&e))]);

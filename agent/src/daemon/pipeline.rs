@@ -296,6 +296,7 @@ mod tests {
             hook: HOOK_CONNECT4,
             grant_id: 0,
             unix_path: None,
+            repeats: 0,
         }
     }
 

@@ -78,6 +78,9 @@ pub struct ConnectDecision {
     pub grant_id: u64,
     /// The unix-socket destination (`@name` for an abstract one), or `None` for an IP one.
     pub unix_path: Option<String>,
+    /// Identical allowed calls on the same socket before this one, reported with it: the
+    /// event stands for `1 + repeats` calls.
+    pub repeats: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +105,7 @@ struct Dest {
     hook: u8,
     grant_id: u64,
     unix_path: Option<String>,
+    repeats: u32,
 }
 
 fn connect_decision(h: &EventHeader, d: Dest) -> Result<ConnectDecision, DecodeError> {
@@ -114,6 +118,7 @@ fn connect_decision(h: &EventHeader, d: Dest) -> Result<ConnectDecision, DecodeE
         hook: d.hook,
         grant_id: d.grant_id,
         unix_path: d.unix_path,
+        repeats: d.repeats,
     })
 }
 
@@ -136,6 +141,7 @@ impl KernelEvent {
                     hook: e.hook,
                     grant_id: e.grant_id,
                     unix_path: None,
+                    repeats: e.repeats,
                 }
             }
             KIND_UNIX => {
@@ -149,6 +155,7 @@ impl KernelEvent {
                     hook: e.hook,
                     grant_id: e.grant_id,
                     unix_path: Some(unix_name_from_bytes(&e.path[..len])),
+                    repeats: 0,
                 }
             }
             k => return Err(DecodeError::Kind(k)),

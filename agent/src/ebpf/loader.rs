@@ -46,6 +46,11 @@ pub const SOCK_ADDR_PROGRAMS: [&str; 8] = [
 /// `setsockopt()` (cgroup `setsockopt`), attached like the sock_addr programs.
 pub const GUARD_PROGRAMS: [&str; 2] = ["sock_create", "setsockopt"];
 
+/// Closing a principal's socket hands its unreported repeated calls to the principal's
+/// suppressed count (`agent-ebpf/src/repeat.rs`): cgroup `sock_release`, attached like the
+/// guards.
+pub const RELEASE_PROGRAM: &str = "sock_release";
+
 /// Revocation of established connections and per-message source routes
 /// (`agent-ebpf/src/egress.rs`): cgroup_skb programs, attached like the sock_addr programs.
 pub const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
@@ -173,7 +178,15 @@ impl Enforcer {
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
+        // Before the load pins it: whether the sticky-mark bitmap is new (see `sticky_marks`).
+        let marks_new = pins.is_none_or(|p| !p.map_path(agent_common::maps::STICKY_MARK).exists());
         let mut ebpf = loader.load(object).map_err(LoadError::Object)?;
+        if marks_new {
+            let seeded = super::sticky_marks::seed(&mut ebpf)?;
+            if seeded > 0 {
+                info!(seeded, "marked the sticky entries of the previous agent");
+            }
+        }
         let cg = File::open(cgroup).map_err(|source| LoadError::Cgroup {
             path: cgroup.into(),
             source,
@@ -213,7 +226,7 @@ impl Enforcer {
             info!(program = name, cgroup = %cgroup.display(), pinned = pins.is_some(), "attached");
         }
         let mut guard_links = Vec::new();
-        for name in GUARD_PROGRAMS {
+        for name in GUARD_PROGRAMS.into_iter().chain([RELEASE_PROGRAM]) {
             let link = attach_guard(&mut ebpf, name, &cg, cgroup)?;
             match pins {
                 Some(p) => p.install_link_fd(name, link.as_fd())?,
@@ -361,7 +374,8 @@ fn attach_skb(
     FdLink::try_from(link).map_err(|source| LoadError::Link { name, source })
 }
 
-/// Loads guard program `name` (a cgroup `sock_create` or `setsockopt` program) and links it
+/// Loads guard program `name` (a cgroup `sock_create`, `sock_release` or `setsockopt`
+/// program) and links it
 /// to `cg`. The link is made with a raw `BPF_LINK_CREATE`: aya 0.14 cannot turn a sockopt link
 /// into an `FdLink` to pin.
 fn attach_guard(
@@ -378,7 +392,11 @@ fn attach_guard(
         p.load().map_err(program)?;
         (
             p.fd().map_err(program)?.as_fd().try_clone_to_owned(),
-            bpf_attach_type::BPF_CGROUP_INET_SOCK_CREATE,
+            if name == RELEASE_PROGRAM {
+                bpf_attach_type::BPF_CGROUP_INET_SOCK_RELEASE
+            } else {
+                bpf_attach_type::BPF_CGROUP_INET_SOCK_CREATE
+            },
         )
     } else {
         let p: &mut CgroupSockopt = prog.try_into().map_err(program)?;

@@ -40,6 +40,7 @@ pub struct PolicyMaps {
     drops: PerCpuArray<MapData, u64>,
     rate: HashMap<MapData, u32, RateState>,
     sticky: HashMap<MapData, u32, u64>,
+    principals_gen: Array<MapData, u32>,
     epoch: Array<MapData, u64>,
     local_addrs: HashMap<MapData, agent_common::Addr, u32>,
     pub(super) events: Option<aya::maps::Map>,
@@ -62,6 +63,7 @@ impl PolicyMaps {
             drops: take(ebpf, names::DROPS)?,
             rate: take(ebpf, names::RATE)?,
             sticky: take(ebpf, names::STICKY)?,
+            principals_gen: take(ebpf, names::PRINCIPALS_GEN)?,
             epoch: take(ebpf, names::EPOCH)?,
             local_addrs: take(ebpf, names::LOCAL_ADDRS)?,
             exec: ExecMaps::take(ebpf)?,
@@ -117,6 +119,11 @@ impl PolicyMaps {
             let _ = self.local_addrs.remove(a);
             changed += 1;
         }
+        if changed > 0 {
+            // Decisions cached on sockets (repeats, connected sockets) were made with the old
+            // set: made again.
+            self.bump_epoch()?;
+        }
         Ok(changed)
     }
 
@@ -151,7 +158,22 @@ impl PolicyMaps {
             .map_err(op("insert", names::PRINCIPALS))?;
         let mut cfg = self.config()?;
         cfg.level_mask |= 1u32 << level.min(agent_common::MAX_CGROUP_LEVEL);
-        self.set_config(cfg)
+        self.set_config(cfg)?;
+        // After the insert: every cgroup the programs remember as un-enrolled is looked at
+        // again (the new principal may be one of them, or above one).
+        self.bump_principals_gen()
+    }
+
+    /// Invalidates the programs' per-CPU cache of un-enrolled cgroups (see
+    /// `agent-ebpf/src/principal.rs`).
+    fn bump_principals_gen(&mut self) -> Result<(), MapError> {
+        let g = self
+            .principals_gen
+            .get(&0, 0)
+            .map_err(op("read", names::PRINCIPALS_GEN))?;
+        self.principals_gen
+            .set(0, g.wrapping_add(1), 0)
+            .map_err(op("update", names::PRINCIPALS_GEN))
     }
 
     /// Processes (and threads) attributed to a principal stickily, and their cgroup ids (see

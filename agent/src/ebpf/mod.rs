@@ -20,6 +20,7 @@ pub mod pins;
     reason = "raw bpf() syscalls aya lacks; SAFETY notes inside"
 )]
 pub mod raw;
+pub mod sticky_marks;
 pub mod unix_hooks;
 
 pub use exec::ExecMode;

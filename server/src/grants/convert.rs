@@ -31,6 +31,7 @@ pub fn event(g: &GrantRecord) -> Option<pb::Event> {
         })),
         decision: None,
         suppressed: 0,
+        repeats: 0,
     })
 }
 

@@ -568,6 +568,7 @@ impl Context {
                 ..pb::Decision::default()
             }),
             suppressed: 0,
+            repeats: 0,
         };
         shared
             .hub

@@ -184,7 +184,12 @@ impl Enricher {
     }
 
     pub(super) fn count(&self, v: Verdict, r: Reason) {
-        self.shared.counters.decisions[v.index()][r.index()].fetch_add(1, Ordering::Relaxed);
+        self.count_n(v, r, 1);
+    }
+
+    /// `n` decisions of one kind (an event standing for repeated calls).
+    pub(super) fn count_n(&self, v: Verdict, r: Reason, n: u64) {
+        self.shared.counters.decisions[v.index()][r.index()].fetch_add(n, Ordering::Relaxed);
     }
 
     /// Encodes the scratch event into the shared block.
@@ -215,7 +220,7 @@ impl Enricher {
         boot_to_unix: i128,
         now: Instant,
     ) -> Arc<HubEvent> {
-        self.count(c.header.verdict, c.header.reason);
+        self.count_n(c.header.verdict, c.header.reason, 1 + u64::from(c.repeats));
         if c.header.suppressed != 0 {
             self.shared
                 .counters
@@ -276,6 +281,7 @@ impl Enricher {
         self.scratch.seq = c.header.seq;
         self.scratch.time_unix_nano = to_unix(c.header.time_ns, boot_to_unix);
         self.scratch.suppressed = c.header.suppressed;
+        self.scratch.repeats = c.repeats;
         self.finish(c.header.seq, identity, c.header.verdict, "connect")
     }
 
@@ -308,6 +314,7 @@ impl Enricher {
         self.scratch.seq = s.header.seq;
         self.scratch.time_unix_nano = to_unix(s.header.time_ns, boot_to_unix);
         self.scratch.suppressed = s.header.suppressed;
+        self.scratch.repeats = 0;
         self.finish(s.header.seq, identity, s.header.verdict, "socket")
     }
 
@@ -382,6 +389,7 @@ impl Enricher {
         self.scratch.seq = x.header.seq;
         self.scratch.time_unix_nano = to_unix(x.header.time_ns, boot_to_unix);
         self.scratch.suppressed = 0;
+        self.scratch.repeats = 0;
         self.finish(x.header.seq, identity, x.header.verdict, "exec")
     }
 }

@@ -5,6 +5,14 @@
 //! - `send NAME`: write one byte on it;
 //! - `recv NAME`: read with a 300 ms timeout (`ok` if a byte came, `EAGAIN` if none did);
 //! - `op OP`: any single probe operation;
+//! - `udp NAME`: an unconnected UDP socket (IPv4), kept as NAME;
+//! - `calls NAME connect|sendto ADDR:PORT N`: N `connect()`s, or N one-byte `sendto()`s, on
+//!   socket NAME, answered as `ok=K` followed by ` ERRNO=M` for each failure kind (the same
+//!   socket each time: the kernel's repeat cache is per socket);
+//! - `close NAME`: close socket NAME;
+//! - `fd NAME`: the file descriptor number of UDP socket NAME;
+//! - `steal NAME PID FD`: a duplicate of process PID's file descriptor FD (a UDP socket), taken
+//!   with `pidfd_getfd` and kept as NAME (another process using a socket it did not open);
 //! - `exit`: end the session (so does the end of stdin).
 
 use std::{
@@ -91,9 +99,84 @@ fn command(line: &str, held: &mut HashMap<String, Held>) -> Option<String> {
             None => return missing(),
         },
         ["op", op] => super::one(op),
+        ["udp", name] => match UdpSocket::bind("0.0.0.0:0") {
+            Ok(s) => {
+                held.insert((*name).to_owned(), Held::Udp(s));
+                "ok".into()
+            }
+            Err(e) => outcome(Err(e)),
+        },
+        ["calls", name, kind, addr, n] => {
+            match (held.get(*name), super::parse_addr(addr), n.parse()) {
+                (Some(Held::Udp(s)), Ok(addr), Ok(n)) => calls(s, kind, addr, n),
+                (Some(_), ..) => format!("bad command: {line}"),
+                (None, ..) => return missing(),
+            }
+        }
+        ["fd", name] => match held.get(*name) {
+            Some(Held::Udp(s)) => {
+                use std::os::fd::AsRawFd as _;
+                s.as_raw_fd().to_string()
+            }
+            _ => return missing(),
+        },
+        ["steal", name, pid, fd] => match (pid.parse(), fd.parse()) {
+            (Ok(pid), Ok(fd)) => match steal(pid, fd) {
+                Ok(s) => {
+                    held.insert((*name).to_owned(), Held::Udp(s));
+                    "ok".into()
+                }
+                Err(e) => outcome(Err(e)),
+            },
+            _ => format!("bad command: {line}"),
+        },
+        ["close", name] => match held.remove(*name) {
+            Some(_) => "ok".into(),
+            None => return missing(),
+        },
         ["exit"] => return None,
         _ => format!("bad command: {line}"),
     })
+}
+
+/// A duplicate of process `pid`'s descriptor `fd`, as a UDP socket.
+fn steal(pid: i32, fd: i32) -> std::io::Result<UdpSocket> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    // SAFETY: pidfd_open with a pid and no flags; a non-negative result is a new fd we own.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: just returned by the kernel, owned by nobody else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: pidfd_getfd with an open pidfd, a descriptor number and no flags.
+    let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if got < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor the kernel just made for us; the caller says it is a UDP socket.
+    Ok(unsafe { UdpSocket::from_raw_fd(got as i32) })
+}
+
+/// `n` calls of `kind` to `addr` on `s`: `ok=K` and a count per failure kind.
+fn calls(s: &UdpSocket, kind: &str, addr: std::net::SocketAddr, n: u32) -> String {
+    let mut failed: std::collections::BTreeMap<String, u32> = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let r = match kind {
+            "connect" => s.connect(addr),
+            "sendto" => s.send_to(b"c", addr).map(drop),
+            other => return format!("bad call kind {other}"),
+        };
+        if let Err(e) = r {
+            *failed.entry(super::errno_name(&e)).or_default() += 1;
+        }
+    }
+    let mut line = format!("ok={}", n - failed.values().sum::<u32>());
+    for (k, v) in failed {
+        line.push_str(&format!(" {k}={v}"));
+    }
+    line
 }
 
 /// Runs commands from stdin until `exit` or the end of stdin.
