@@ -167,7 +167,7 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
     {
         return Ok(ALLOW);
     }
-    let Some(caller) = principal::resolve(&cfg) else {
+    let Some(caller) = principal::resolve_tgid(&cfg, tgid) else {
         return Ok(ALLOW);
     };
     let d = dest(ctx, hook);

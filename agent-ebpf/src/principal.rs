@@ -72,7 +72,15 @@ pub fn resolve(cfg: &Config) -> Option<Caller> {
         // No principal anywhere: nothing to be attributed to (the common fast path).
         return None;
     }
-    let tgid = current_tgid();
+    resolve_tgid(cfg, current_tgid())
+}
+
+/// [`resolve`] for the current task, whose tgid the caller has read already.
+#[inline(always)]
+pub fn resolve_tgid(cfg: &Config, tgid: u32) -> Option<Caller> {
+    if cfg.level_mask == 0 {
+        return None;
+    }
     if may_be_sticky(tgid)
         // SAFETY: map value read, valid for this program run.
         && let Some(cg) = unsafe { STICKY.get(tgid) }.copied()
