@@ -38,7 +38,7 @@ pub struct Args {
     #[command(flatten)]
     socket: SocketArgs,
     /// The fleet's events from this corral-server instead of the local agent (always
-    /// follows: the server keeps no history).
+    /// follows; its recorded history is what `corral policy suggest|simulate --server` read).
     #[arg(long, env = "CORRAL_SERVER")]
     server: Option<String>,
     #[command(flatten)]

@@ -284,6 +284,7 @@ pub async fn status(a: &StatusArgs) -> Result<ExitCode, CliError> {
             serde_json::json!({
                 "revision": s.revision, "nodes": nodes,
                 "events_received": s.events_received, "events_dropped": s.events_dropped,
+                "events_recorded": s.events_recorded, "events_not_recorded": s.events_not_recorded,
             })
         );
     } else {

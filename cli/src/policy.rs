@@ -73,8 +73,8 @@ pub async fn run(c: Command) -> Result<ExitCode, CliError> {
     match c {
         Command::Check { file } => check(&file),
         Command::Explain(a) => explain_cmd(&a).await.map(|()| ExitCode::SUCCESS),
-        Command::Simulate(a) => crate::simulate::run(&a),
-        Command::Suggest(a) => crate::simulate::suggest(&a),
+        Command::Simulate(a) => crate::simulate::run(&a).await,
+        Command::Suggest(a) => crate::simulate::suggest(&a).await,
         Command::Apply(a) => crate::fleet::apply(&a).await,
         Command::List(a) => crate::fleet::list(&a).await,
         Command::Get(a) => crate::fleet::get(&a).await,

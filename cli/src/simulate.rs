@@ -1,8 +1,9 @@
-//! `corral policy suggest --events FILE` (a policy from what was recorded:
-//! `corral_policy::suggest`) and `corral policy simulate -f CANDIDATE --events FILE`: the calls recorded in `corral events
-//! --json` output (or an `--audit-log` file: the same lines) replayed through a candidate
-//! policy (`corral_policy::simulate`); exits 1 when a call that went through would be blocked,
-//! so CI can gate a policy change.
+//! `corral policy suggest --events FILE|--server URL` (a policy from what was recorded:
+//! `corral_policy::suggest`) and `corral policy simulate -f CANDIDATE --events FILE|--server
+//! URL`: the calls recorded in `corral events --json` output (or an `--audit-log` file: the
+//! same lines), or in the central server's event history (`EventService.ListEvents`, turned
+//! into the same JSON), replayed through a candidate policy (`corral_policy::simulate`); exits
+//! 1 when a call that went through would be blocked, so CI can gate a policy change.
 
 use std::{net::IpAddr, path::PathBuf, process::ExitCode};
 
@@ -12,19 +13,42 @@ use corral_policy::{
     eval::ConnectCall,
     simulate::{Call, Recorded, Report, simulate},
 };
+use corral_proto::v1 as pb;
 use serde_json::{Value, json};
 
 use crate::error::CliError;
+
+/// Where the recorded calls come from: a file, or the central server's event history.
+#[derive(Debug, Args)]
+pub struct Source {
+    /// Recorded events: `corral events --json` output or an audit log (one JSON object per
+    /// line).
+    #[arg(long, required_unless_present = "server", conflicts_with = "server")]
+    events: Option<PathBuf>,
+    /// The fleet's recorded events, from this corral-server's event history
+    /// (`--event-history`), instead of a file.
+    #[arg(long)]
+    server: Option<String>,
+    /// With --server: only this node's events.
+    #[arg(long, requires = "server")]
+    node: Option<String>,
+    #[command(flatten)]
+    tls: corral_runtime::tls::TlsFiles,
+}
 
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
     /// The candidate policy file.
     #[arg(short = 'f', long = "file")]
     file: PathBuf,
-    /// Recorded events: `corral events --json` output or an audit log (one JSON object per
-    /// line).
+    #[command(flatten)]
+    source: Source,
+    /// Only calls at or after this time (`2026-12-06T01:00:00Z`, or Unix seconds).
     #[arg(long)]
-    events: PathBuf,
+    since: Option<String>,
+    /// Only calls at or before this time.
+    #[arg(long)]
+    until: Option<String>,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
@@ -105,6 +129,58 @@ fn recorded(v: &Value) -> Result<Option<Recorded>, String> {
     }))
 }
 
+/// Where the calls came from (for messages), and the replayable calls in order: from the file,
+/// or from the server's history within the time window and for `identity` (a pattern).
+async fn recorded_calls(
+    src: &Source,
+    since: Option<u64>,
+    until: Option<u64>,
+    identity: Option<&str>,
+) -> Result<(String, Vec<Recorded>), CliError> {
+    let (Some(url), None) = (&src.server, &src.events) else {
+        let path = src.events.as_deref().unwrap_or(std::path::Path::new("-"));
+        return read_events(path);
+    };
+    let server = crate::server_client::ServerArgs {
+        server: url.clone(),
+        tls: src.tls.clone(),
+    };
+    let req = pb::ListEventsRequest {
+        filter: Some(pb::EventFilter {
+            identity: identity.unwrap_or_default().to_owned(),
+            ..pb::EventFilter::default()
+        }),
+        node: src.node.clone().unwrap_or_default(),
+        since_unix_nano: since.unwrap_or(0),
+        until_unix_nano: until.unwrap_or(0),
+        limit: 0,
+    };
+    let events = {
+        use tokio_stream::StreamExt as _;
+        let mut c = crate::server_client::events(&server).await?;
+        let mut stream = c
+            .list_events(req)
+            .await
+            .map_err(CliError::server)?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(e) = stream.next().await {
+            out.push(e.map_err(CliError::server)?);
+        }
+        out
+    };
+    let mut calls = Vec::new();
+    for e in &events {
+        let v = corral_events::render::event_json(e, None);
+        if let Some(r) = recorded(&v).map_err(|m| {
+            CliError::usage(format!("{url}: event {} of node {}: {m}", e.seq, e.node))
+        })? {
+            calls.push(r);
+        }
+    }
+    Ok((url.clone(), calls))
+}
+
 /// The file's name as given, and its replayable calls in order.
 fn read_events(path: &std::path::Path) -> Result<(String, Vec<Recorded>), CliError> {
     let name = path.display().to_string();
@@ -134,10 +210,8 @@ fn parse(file: &str, text: &str) -> Result<Vec<Recorded>, CliError> {
 
 #[derive(Debug, Args)]
 pub struct SuggestArgs {
-    /// Recorded events: `corral events --json` output or an audit log (one JSON object per
-    /// line).
-    #[arg(long)]
-    events: PathBuf,
+    #[command(flatten)]
+    source: Source,
     /// Only the calls of identities matching this SPIFFE ID pattern; the policy governs it
     /// (default: every identity seen, each named exactly).
     #[arg(long)]
@@ -172,12 +246,12 @@ fn time_arg(flag: &str, v: Option<&String>) -> Result<Option<u64>, CliError> {
 }
 
 /// `corral policy suggest`: the policy YAML on standard output.
-pub fn suggest(a: &SuggestArgs) -> Result<ExitCode, CliError> {
-    let (name, mut calls) = read_events(&a.events)?;
+pub async fn suggest(a: &SuggestArgs) -> Result<ExitCode, CliError> {
     let (since, until) = (
         time_arg("since", a.since.as_ref())?,
         time_arg("until", a.until.as_ref())?,
     );
+    let (name, mut calls) = recorded_calls(&a.source, since, until, a.identity.as_deref()).await?;
     calls.retain(|c| {
         since.is_none_or(|t| c.time_unix_nano >= t) && until.is_none_or(|t| c.time_unix_nano <= t)
     });
@@ -255,7 +329,7 @@ fn print_text(r: &Report) {
     }
 }
 
-pub fn run(a: &SimulateArgs) -> Result<ExitCode, CliError> {
+pub async fn run(a: &SimulateArgs) -> Result<ExitCode, CliError> {
     let candidate = match corral_policy::compile_file(&a.file, 0) {
         Ok(c) => c,
         Err(PolicyError::Invalid(diags)) => {
@@ -266,7 +340,15 @@ pub fn run(a: &SimulateArgs) -> Result<ExitCode, CliError> {
         }
         Err(e) => return Err(e.into()),
     };
-    let report = simulate(&candidate, &read_events(&a.events)?.1);
+    let (since, until) = (
+        time_arg("since", a.since.as_ref())?,
+        time_arg("until", a.until.as_ref())?,
+    );
+    let (_, mut calls) = recorded_calls(&a.source, since, until, None).await?;
+    calls.retain(|c| {
+        since.is_none_or(|t| c.time_unix_nano >= t) && until.is_none_or(|t| c.time_unix_nano <= t)
+    });
+    let report = simulate(&candidate, &calls);
     if a.json {
         println!("{}", report_json(&report));
     } else {

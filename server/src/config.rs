@@ -39,6 +39,11 @@ pub struct Config {
     #[arg(long, env = "CORRAL_SERVER_EVENT_BUFFER", default_value_t = 16_384)]
     pub event_buffer: usize,
 
+    /// Fleet events kept in the database for `corral policy suggest --server` and `corral
+    /// policy simulate --server` (the newest are kept; 0: none).
+    #[arg(long, env = "CORRAL_SERVER_EVENT_HISTORY", default_value_t = 1_000_000)]
+    pub event_history: u64,
+
     /// Who may approve and deny grants (repeatable; the env form is comma-separated): client
     /// certificate names under mTLS, else local user names (or uids). Unset: anyone but the
     /// requester may approve. Revoke is open to approvers and to the grant's requester.

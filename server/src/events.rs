@@ -1,10 +1,12 @@
 //! `EventService.WatchEvents`: the fleet's events, as the agents forward them, filtered like
 //! the agent's own stream and by node. A watcher that falls behind the buffer loses events;
 //! they are counted (`PolicyStatusResponse.events_dropped`) and logged, never silent.
+//! `EventService.ListEvents`: the recorded history (see `history.rs`), oldest first, with
+//! the same filter, a node and a time window.
 
 use std::{pin::Pin, sync::Arc, sync::atomic::Ordering};
 
-use corral_events::hub::Filter;
+use corral_events::hub::{Filter, HubEvent};
 use corral_proto::v1::{self as pb, event_service_server::EventService};
 use corral_runtime::shutdown::ShutdownSignal;
 use tokio::sync::{broadcast::error::RecvError, mpsc};
@@ -12,24 +14,96 @@ use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 use tracing::{instrument, warn};
 
-use crate::{error::ServerError, fleet::Fleet};
+use crate::{
+    error::ServerError,
+    fleet::Fleet,
+    store::events::{EventLog, EventQuery},
+};
 
 pub struct Events {
     fleet: Arc<Fleet>,
+    log: Arc<dyn EventLog>,
     stop: ShutdownSignal,
 }
 
 impl Events {
-    pub fn new(fleet: Arc<Fleet>, stop: ShutdownSignal) -> Self {
-        Self { fleet, stop }
+    pub fn new(fleet: Arc<Fleet>, log: Arc<dyn EventLog>, stop: ShutdownSignal) -> Self {
+        Self { fleet, log, stop }
     }
 }
+
+/// Events read from the history per database query.
+const PAGE: usize = 1_024;
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl EventService for Events {
     type WatchEventsStream = EventStream;
+    type ListEventsStream = EventStream;
+
+    #[instrument(skip_all)]
+    async fn list_events(
+        &self,
+        req: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<Self::ListEventsStream>, Status> {
+        let r = req.into_inner();
+        let filter =
+            Filter::new(r.filter).map_err(|e| ServerError::BadRequest(format!("filter: {e}")))?;
+        let limit = usize::try_from(r.limit).unwrap_or(usize::MAX);
+        let mut q = EventQuery {
+            after_id: 0,
+            node: r.node,
+            since_unix_nano: r.since_unix_nano,
+            until_unix_nano: r.until_unix_nano,
+            limit: PAGE,
+        };
+        let log = self.log.clone();
+        let (tx, out) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut sent = 0usize;
+            loop {
+                let page = {
+                    let (log, q) = (log.clone(), q.clone());
+                    tokio::task::spawn_blocking(move || log.events(&q)).await
+                };
+                let page = match page {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(e)) => {
+                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        return;
+                    }
+                };
+                let Some(last) = page.last() else { return };
+                q.after_id = last.id;
+                let full = page.len() == PAGE;
+                for stored in page {
+                    let Ok(ev) = <pb::Event as prost::Message>::decode(stored.encoded.as_slice())
+                    else {
+                        continue;
+                    };
+                    if !filter.matches(&HubEvent::from_pb(&ev)) {
+                        continue;
+                    }
+                    if tx.send(Ok(ev)).await.is_err() {
+                        return;
+                    }
+                    sent += 1;
+                    if limit != 0 && sent >= limit {
+                        return;
+                    }
+                }
+                if !full {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
 
     #[instrument(skip_all)]
     async fn watch_events(

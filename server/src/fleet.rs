@@ -82,6 +82,9 @@ pub struct Fleet {
     pub events_received: AtomicU64,
     /// Events fleet watchers lost because they read too slowly (summed over watchers).
     pub events_dropped: AtomicU64,
+    /// Events kept in the event history, and events it missed (see `history.rs`).
+    pub events_recorded: AtomicU64,
+    pub events_not_recorded: AtomicU64,
 }
 
 impl Fleet {
@@ -98,6 +101,8 @@ impl Fleet {
             server_events: AtomicU64::new(0),
             events_received: AtomicU64::new(0),
             events_dropped: AtomicU64::new(0),
+            events_recorded: AtomicU64::new(0),
+            events_not_recorded: AtomicU64::new(0),
         }
     }
 

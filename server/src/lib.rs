@@ -23,6 +23,7 @@ pub mod error;
 pub mod events;
 pub mod fleet;
 pub mod grants;
+pub mod history;
 pub mod local_peer;
 pub mod policy_service;
 pub mod store;
@@ -72,6 +73,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let store: Arc<dyn PolicyStore> = db.clone();
     let current = store.current()?;
     let fleet = Arc::new(Fleet::new(&current, cfg.event_buffer));
+    let db_events = db.clone();
     let grants = Arc::new(grants::Grants::new(db, fleet.clone(), &cfg.approvers));
     grants.start()?;
     let listener = TcpListener::bind(cfg.listen)
@@ -98,7 +100,16 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         shutdown.subscribe(),
     ));
     let grant_api = grants::service::GrantApi::new(grants);
-    let events = events::Events::new(fleet.clone(), shutdown.subscribe());
+    let log: Arc<dyn store::events::EventLog> = db_events;
+    if cfg.event_history > 0 {
+        tokio::spawn(history::record_task(
+            fleet.clone(),
+            log.clone(),
+            cfg.event_history,
+            shutdown.subscribe(),
+        ));
+    }
+    let events = events::Events::new(fleet.clone(), log, shutdown.subscribe());
     let mut stop = shutdown.subscribe();
     let mut builder = tonic::transport::Server::builder();
     if cfg.tls.is_set() {

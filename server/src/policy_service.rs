@@ -224,6 +224,8 @@ impl PolicyService for Policies {
             nodes: self.fleet.status(),
             events_received: self.fleet.events_received.load(Relaxed),
             events_dropped: self.fleet.events_dropped.load(Relaxed),
+            events_recorded: self.fleet.events_recorded.load(Relaxed),
+            events_not_recorded: self.fleet.events_not_recorded.load(Relaxed),
         }))
     }
 }

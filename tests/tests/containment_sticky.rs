@@ -19,6 +19,20 @@ use corral_tests::{
     privileged, probe_in, probe_outside,
 };
 
+/// Loopback TCP to `port` denied: a principal's connect must fail wherever it goes.
+fn deny_loopback(port: u16) -> corral_policy::compiled::CompiledSet {
+    set(
+        1,
+        vec![
+            policy("deny-loopback")
+                .zone("local", &["127.0.0.0/8"])
+                .deny(&["local"], &[port], &[PROTO_TCP])
+                .allow_all_exec()
+                .build(),
+        ],
+    )
+}
+
 #[test]
 fn leaving_the_cgroup_changes_nothing_for_a_process_or_its_children() -> anyhow::Result<()> {
     if !privileged() {
@@ -29,19 +43,7 @@ fn leaving_the_cgroup_changes_nothing_for_a_process_or_its_children() -> anyhow:
     let mut e = Enforcer::load_and_attach(&cg.root)?;
     e.maps().add_principal(cg.id()?, cg.level(), 21, Some(0))?;
     // Loopback denied (default deny, no rules): the probe's connect must fail wherever it goes.
-    e.maps().apply(
-        &set(
-            1,
-            vec![
-                policy("sticky")
-                    .zone("local", &["127.0.0.0/8"])
-                    .deny(&["local"], &[l.port], &[PROTO_TCP])
-                    .allow_all_exec()
-                    .build(),
-            ],
-        ),
-        |_, _| Some(0),
-    )?;
+    e.maps().apply(&deny_loopback(l.port), |_, _| Some(0))?;
     let mut reader = EventReader::take(e.maps())?;
     let root = cg.root.display().to_string();
     let tcp = format!("tcp:127.0.0.1:{}", l.port);
@@ -108,19 +110,7 @@ fn a_thread_outliving_its_leader_stays_the_principals() -> anyhow::Result<()> {
     let cg = TestCgroup::new("contain-leader")?;
     let mut e = Enforcer::load_and_attach(&cg.root)?;
     e.maps().add_principal(cg.id()?, cg.level(), 22, Some(0))?;
-    e.maps().apply(
-        &set(
-            1,
-            vec![
-                policy("leader")
-                    .zone("local", &["127.0.0.0/8"])
-                    .deny(&["local"], &[l.port], &[PROTO_TCP])
-                    .allow_all_exec()
-                    .build(),
-            ],
-        ),
-        |_, _| Some(0),
-    )?;
+    e.maps().apply(&deny_loopback(l.port), |_, _| Some(0))?;
     let root = cg.root.display().to_string();
     let tcp = format!("tcp:127.0.0.1:{}", l.port);
     let got = probe_in(&cg.path, &[&tcp, &format!("leaderout:{root}={tcp}")])?;
@@ -170,19 +160,7 @@ fn a_cgroup_remembered_as_unenrolled_gives_no_way_out() -> anyhow::Result<()> {
     let alone = TestCgroup::new("unenr-alone")?;
     let mut e = Enforcer::load_and_attach(&p.root)?;
     e.maps().add_principal(p.id()?, p.level(), 31, Some(0))?;
-    e.maps().apply(
-        &set(
-            1,
-            vec![
-                policy("deny-loopback")
-                    .zone("local", &["127.0.0.0/8"])
-                    .deny(&["local"], &[l.port], &[PROTO_TCP])
-                    .allow_all_exec()
-                    .build(),
-            ],
-        ),
-        |_, _| Some(0),
-    )?;
+    e.maps().apply(&deny_loopback(l.port), |_, _| Some(0))?;
     // Un-enrolled, and remembered as such (the second call is answered from the cache).
     assert_eq!(probe_in(&inner, &[&tcp, &tcp])?, [Outcome::Ok, Outcome::Ok]);
     assert_eq!(probe_in(&alone.path, &[&tcp])?, [Outcome::Ok]);

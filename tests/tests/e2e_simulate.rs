@@ -10,7 +10,7 @@ use std::{net::TcpListener, process::Command};
 use anyhow::ensure;
 use corral_tests::{
     e2e::{bin, wait_for},
-    fleet::{Agent, Dir, Node, text},
+    fleet::{Agent, Dir, Node, Server, connected, free_port, text},
     privileged,
 };
 
@@ -56,6 +56,18 @@ fn corral(args: &[&str]) -> anyhow::Result<std::process::Output> {
     Ok(Command::new(bin("corral")?).args(args).output()?)
 }
 
+/// `n` loopback TCP listeners, and their ports.
+fn listeners(n: usize) -> anyhow::Result<(Vec<TcpListener>, Vec<u16>)> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()?;
+    let ports = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()?;
+    Ok((listeners, ports))
+}
+
 /// The recorded event lines of `session`.
 fn of_session(all: &str, session: &str) -> String {
     let tag = format!("\"session\":\"{session}\"");
@@ -70,13 +82,7 @@ fn from_audit_to_enforce_suggest_simulate_and_the_kernel_agree() -> anyhow::Resu
     if !privileged() {
         return Ok(());
     }
-    let listeners: Vec<TcpListener> = (0..3)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()?;
-    let ports: Vec<u16> = listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect::<Result<_, _>>()?;
+    let (listeners, ports) = listeners(3)?;
     let dir = Dir::new("sim")?;
     let Some(node) = Node::new(&dir, "n1")? else {
         return Ok(());
@@ -143,6 +149,100 @@ fn from_audit_to_enforce_suggest_simulate_and_the_kernel_agree() -> anyhow::Resu
     let _agent = Agent::standalone(&node, &suggested, &[])?;
     assert_eq!(node.probe_as(ID, "enf", &script)?, ["ok", "ok"]);
     assert_eq!(node.probe_as(ID, "enf2", &changed)?, ["ok", "ok", "EPERM"]);
+    drop(listeners);
+    Ok(())
+}
+
+/// The same loop on the fleet's history: a node connected to a real `corral-server` records
+/// under an audit policy applied through the server; `suggest --server` gives exactly what
+/// `suggest --events` gives from the node's own recording, and `simulate --server` replays the
+/// server's history (the new call alone newly denied).
+#[test]
+fn the_fleets_history_suggests_and_simulates_as_the_nodes_recording_does() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let (listeners, ports) = listeners(3)?;
+    let dir = Dir::new("sim-fleet")?;
+    let Some(node) = Node::new(&dir, "n1")? else {
+        return Ok(());
+    };
+    let server = Server::start(&dir, free_port()?)?;
+    let agent = Agent::start(&node, &server.url, &[])?;
+    wait_for(15, "the agent to connect", || connected(&node))
+        .map_err(|e| anyhow::anyhow!("{e}: {}", agent.log_text()))?;
+    let bindir = corral_tests::harness::bin_dir()?.display().to_string();
+    let audit = dir.write("audit.yaml", &policy("audit", "1", &bindir))?;
+    let out = server.apply(&audit, &[])?;
+    ensure!(out.status.success(), "apply: {}", text(&out));
+    let op = |p: u16| format!("tcp:127.0.0.1:{p}");
+    let script = [op(ports[0]), op(ports[1])];
+    let script: Vec<&str> = script.iter().map(String::as_str).collect();
+    assert_eq!(node.probe_as(ID, "rec", &script)?, ["ok", "ok"]);
+
+    // The node's own recording, and the server's once it has the same calls.
+    let local = wait_for(5, "the node's recording", || {
+        let out = node.local(&["events", "--json", "--identity", ID])?;
+        ensure!(out.status.success(), "corral events: {}", text(&out));
+        let s = String::from_utf8_lossy(&out.stdout).into_owned();
+        let n = s
+            .lines()
+            .filter(|l| l.contains("\"kind\":\"connect\""))
+            .count();
+        Ok((n >= 2).then_some(s))
+    })?;
+    let rec = dir.write("rec.jsonl", &of_session(&local, "rec"))?;
+    let suggest = [
+        "policy",
+        "suggest",
+        "--identity",
+        "spiffe://e2e.corral/agent/**",
+    ];
+    let from_file = {
+        let mut a = suggest.to_vec();
+        let f = rec.display().to_string();
+        a.extend(["--events", f.as_str()]);
+        let out = corral(&a)?;
+        ensure!(out.status.success(), "suggest --events: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let from_server = wait_for(10, "the server's history", || {
+        let out = server.cli(&suggest)?;
+        let y = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ok((out.status.success() && y == from_file).then_some(y))
+    })
+    .map_err(|e| {
+        let out = server.cli(&suggest).map(|o| text(&o)).unwrap_or_default();
+        anyhow::anyhow!("{e}:\nfrom the file:\n{from_file}\nfrom the server:\n{out}")
+    })?;
+    println!("{from_server}");
+    let suggested = dir.write("suggested.yaml", &from_server)?;
+
+    // The script doing one new thing, recorded on the server; replayed from its history.
+    let changed = [op(ports[0]), op(ports[1]), op(ports[2])];
+    let changed: Vec<&str> = changed.iter().map(String::as_str).collect();
+    assert_eq!(node.probe_as(ID, "rec2", &changed)?, ["ok", "ok", "ok"]);
+    let f = suggested.display().to_string();
+    let out = wait_for(10, "the new call in the server's history", || {
+        let out = server.cli(&["policy", "simulate", "-f", &f])?;
+        let t = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ok(t.contains(" 1 would be denied")
+            .then_some((out.status.success(), t)))
+    })?;
+    assert!(
+        !out.0,
+        "exit 1 when a call would be newly denied: {}",
+        out.1
+    );
+    assert!(
+        out.1
+            .contains(&format!("connect tcp 127.0.0.1:{}", ports[2])),
+        "{}",
+        out.1
+    );
+    let status = server.status()?;
+    assert!(status["events_recorded"].as_u64() >= Some(5), "{status}");
+    assert_eq!(status["events_not_recorded"], 0, "{status}");
     drop(listeners);
     Ok(())
 }

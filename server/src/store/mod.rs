@@ -3,8 +3,10 @@
 //! [`PolicyStore`] is the seam; [`sqlite::SqliteStore`] (embedded SQLite, WAL) is the default
 //! implementation. Grants live in the same database behind [`grants::GrantStore`].
 
+pub mod events;
 pub mod grants;
 pub mod sqlite;
+mod sqlite_events;
 mod sqlite_grants;
 mod sqlite_schema;
 

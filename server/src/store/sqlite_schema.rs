@@ -52,8 +52,19 @@ CREATE TABLE IF NOT EXISTS grant_history (
 CREATE INDEX IF NOT EXISTS grant_history_grant ON grant_history(grant_id, seq);
 ";
 
+/// The fleet's event history (`sqlite_events.rs`).
+const EVENT_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS fleet_events (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    node    TEXT NOT NULL,
+    at      INTEGER NOT NULL,
+    encoded BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS fleet_events_at ON fleet_events(at);
+";
+
 /// Every table, in creation order.
-pub(super) const SCHEMAS: [&str; 2] = [POLICY_SCHEMA, GRANT_SCHEMA];
+pub(super) const SCHEMAS: [&str; 3] = [POLICY_SCHEMA, GRANT_SCHEMA, EVENT_SCHEMA];
 
 /// Names the failed database operation in the error.
 pub(super) fn db(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {

@@ -64,6 +64,7 @@ pub async fn serve(db: &std::path::Path, approvers: &[&str]) -> anyhow::Result<S
     }
     let fleet = Arc::new(Fleet::new(&store.current()?, 64));
     let approvers: Vec<String> = approvers.iter().map(|a| (*a).to_owned()).collect();
+    let log: Arc<dyn crate::store::events::EventLog> = store.clone();
     let grants = Arc::new(Grants::new(store, fleet.clone(), &approvers));
     grants.start()?;
     let stop = Shutdown::new();
@@ -81,6 +82,7 @@ pub async fn serve(db: &std::path::Path, approvers: &[&str]) -> anyhow::Result<S
             .add_service(NodeSyncServer::new(sync))
             .add_service(EventServiceServer::new(Events::new(
                 fleet.clone(),
+                log,
                 stop.subscribe(),
             )))
             .serve_with_incoming_shutdown(

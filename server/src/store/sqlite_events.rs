@@ -1,0 +1,121 @@
+//! [`EventLog`] on the server's SQLite database: table `fleet_events(id, node, at, encoded)`
+//! (see `sqlite_schema.rs`), trimmed to the newest `keep` rows after every append.
+
+use rusqlite::params;
+
+use super::{
+    events::{EventLog, EventQuery, StoredEvent},
+    sqlite::SqliteStore,
+    sqlite_schema::{db, to_i64},
+};
+use crate::store::StoreError;
+
+impl EventLog for SqliteStore {
+    fn append(&self, events: &[(String, u64, Vec<u8>)], keep: u64) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(db("begin recording events"))?;
+        {
+            let mut st = tx
+                .prepare_cached("INSERT INTO fleet_events (node, at, encoded) VALUES (?1, ?2, ?3)")
+                .map_err(db("record an event"))?;
+            for (node, at, encoded) in events {
+                st.execute(params![node, to_i64(*at), encoded])
+                    .map_err(db("record an event"))?;
+            }
+        }
+        tx.execute(
+            "DELETE FROM fleet_events WHERE id <= (SELECT MAX(id) FROM fleet_events) - ?1",
+            params![to_i64(keep)],
+        )
+        .map_err(db("trim the event history"))?;
+        tx.commit().map_err(db("commit recorded events"))
+    }
+
+    fn events(&self, q: &EventQuery) -> Result<Vec<StoredEvent>, StoreError> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached(
+                "SELECT id, node, at, encoded FROM fleet_events
+                 WHERE id > ?1 AND (?2 = '' OR node = ?2) AND at >= ?3 AND (?4 = 0 OR at <= ?4)
+                 ORDER BY id LIMIT ?5",
+            )
+            .map_err(db("read the event history"))?;
+        st.query_map(
+            params![
+                to_i64(q.after_id),
+                q.node,
+                to_i64(q.since_unix_nano),
+                to_i64(q.until_unix_nano),
+                to_i64(q.limit as u64)
+            ],
+            |r| {
+                Ok(StoredEvent {
+                    id: r.get::<_, i64>(0)?.try_into().unwrap_or(0),
+                    node: r.get(1)?,
+                    time_unix_nano: r.get::<_, i64>(2)?.try_into().unwrap_or(0),
+                    encoded: r.get(3)?,
+                })
+            },
+        )
+        .map_err(db("read the event history"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db("read the event history"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> SqliteStore {
+        let dir = std::env::temp_dir().join(format!(
+            "corral-events-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        SqliteStore::open(&dir.join("db.sqlite")).expect("open")
+    }
+
+    fn ev(node: &str, at: u64) -> (String, u64, Vec<u8>) {
+        (node.into(), at, at.to_le_bytes().to_vec())
+    }
+
+    #[test]
+    fn the_history_keeps_the_newest_and_reads_back_by_node_and_time() {
+        let s = store();
+        s.append(&[ev("a", 10), ev("b", 20), ev("a", 30)], 100)
+            .expect("append");
+        s.append(&[ev("b", 40), ev("a", 50)], 4).expect("append");
+        let all = s
+            .events(&EventQuery {
+                limit: 100,
+                ..EventQuery::default()
+            })
+            .expect("read");
+        let times: Vec<u64> = all.iter().map(|e| e.time_unix_nano).collect();
+        assert_eq!(times, [20, 30, 40, 50], "trimmed to the newest 4");
+        let a: Vec<u64> = s
+            .events(&EventQuery {
+                node: "a".into(),
+                since_unix_nano: 25,
+                until_unix_nano: 50,
+                limit: 100,
+                ..EventQuery::default()
+            })
+            .expect("read")
+            .iter()
+            .map(|e| e.time_unix_nano)
+            .collect();
+        assert_eq!(a, [30, 50]);
+        let page = s
+            .events(&EventQuery {
+                after_id: all[1].id,
+                limit: 1,
+                ..EventQuery::default()
+            })
+            .expect("read");
+        assert_eq!(page.len(), 1);
+        assert_eq!(page[0].encoded, 40u64.to_le_bytes());
+    }
+}
