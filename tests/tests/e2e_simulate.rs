@@ -246,3 +246,67 @@ fn the_fleets_history_suggests_and_simulates_as_the_nodes_recording_does() -> an
     drop(listeners);
     Ok(())
 }
+
+/// `--suggest-chaining` on a real recording, enforced by the real kernel: sessions that
+/// reached one zone never reached another afterwards, so the suggestion denies the second
+/// after the first; the recording simulates unchanged, and an enforced session doing both is
+/// denied the second call only.
+#[test]
+fn suggested_chaining_is_what_the_kernel_enforces() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let dir = Dir::new("sim-chain")?;
+    let Some(node) = Node::new(&dir, "n1")? else {
+        return Ok(());
+    };
+    let bindir = corral_tests::harness::bin_dir()?.display().to_string();
+    let audit = dir.write("audit.yaml", &policy("audit", "1", &bindir))?;
+    // UDP connects (no packet) to two documentation addresses, through the default route.
+    let (a, b) = ("udp:198.51.100.7:9", "udp:203.0.113.7:9");
+    let all = {
+        let _agent = Agent::standalone(&node, &audit, &[])?;
+        assert_eq!(node.probe_as(ID, "c1", &[a])?, ["ok"]);
+        assert_eq!(node.probe_as(ID, "c2", &[a])?, ["ok"]);
+        assert_eq!(node.probe_as(ID, "c3", &[b])?, ["ok"]);
+        wait_for(5, "the recorded connects", || {
+            let out = node.local(&["events", "--json", "--identity", ID])?;
+            ensure!(out.status.success(), "corral events: {}", text(&out));
+            let s = String::from_utf8_lossy(&out.stdout).into_owned();
+            let n = s
+                .lines()
+                .filter(|l| l.contains("\"kind\":\"connect\""))
+                .count();
+            Ok((n >= 3).then_some(s))
+        })?
+    };
+    let rec = dir.write("rec.jsonl", &all)?;
+    let out = corral(&[
+        "policy",
+        "suggest",
+        "--events",
+        &rec.display().to_string(),
+        "--identity",
+        "spiffe://e2e.corral/agent/**",
+        "--suggest-chaining",
+    ])?;
+    ensure!(out.status.success(), "suggest: {}", text(&out));
+    let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("{yaml}");
+    assert!(
+        yaml.contains("- { after: [ip-198-51-100-7], deny: [ip-203-0-113-7] }"),
+        "{yaml}"
+    );
+    assert!(
+        !yaml.contains("after: [ip-203-0-113-7]"),
+        "one session is no evidence: {yaml}"
+    );
+    let suggested = dir.write("suggested.yaml", &yaml)?;
+    let (ok, out) = simulate(&suggested, &rec)?;
+    assert!(ok && out.contains(" 0 would be denied"), "{out}\n{yaml}");
+
+    let _agent = Agent::standalone(&node, &suggested, &[])?;
+    assert_eq!(node.probe_as(ID, "e1", &[a, b])?, ["ok", "EPERM"]);
+    assert_eq!(node.probe_as(ID, "e2", &[b, a])?, ["ok", "ok"]);
+    Ok(())
+}
