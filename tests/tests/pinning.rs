@@ -118,3 +118,128 @@ fn kill_9_keeps_enforcing_and_a_new_agent_adopts_without_a_window() -> anyhow::R
     assert_eq!(probe_in(&cg.path, &[denied])?, vec![Outcome::Ok]);
     Ok(())
 }
+
+/// A map made and pinned at `path` (replacing what is there) with this layout, as another
+/// Corral version would have left it.
+fn pin_foreign_map(
+    path: &Path,
+    map_type: u32,
+    key: u32,
+    value: u32,
+    entries: u32,
+) -> anyhow::Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    #[repr(C)]
+    struct Create {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    #[repr(C)]
+    struct Pin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let mut create = Create {
+        map_type,
+        key_size: key,
+        value_size: value,
+        max_entries: entries,
+        map_flags: 0,
+    };
+    // SAFETY: BPF_MAP_CREATE (0) with a live `union bpf_attr` prefix and its size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            0,
+            std::ptr::from_mut(&mut create),
+            std::mem::size_of::<Create>(),
+        )
+    };
+    anyhow::ensure!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new descriptor the kernel just returned, owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd)?) };
+    let _ = std::fs::remove_file(path);
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut pin = Pin {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    // SAFETY: BPF_OBJ_PIN (6) with a live attr whose path outlives the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            6,
+            std::ptr::from_mut(&mut pin),
+            std::mem::size_of::<Pin>(),
+        )
+    };
+    anyhow::ensure!(r == 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
+/// Pins left by another Corral version: a map of per-CPU or per-socket state with another
+/// layout is made afresh and enforcement goes on; a map of principal or policy state with
+/// another layout stops the agent with an error naming it and the way out (the old
+/// enforcement stays in force meanwhile), never a silent loss.
+#[test]
+fn pins_of_another_layout_are_rebuilt_or_refused_by_name() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let Some(bpffs) = bpffs_dir() else {
+        corral_tests::skip("bpffs", "no bpffs mounted (cargo xtask setup mounts it)");
+        return Ok(());
+    };
+    let pins = bpffs.join(format!("corral-test-layout-{}", std::process::id()));
+    let cg = TestCgroup::new("pinning-layout")?;
+    let denied = "udp:127.0.0.1:9";
+    let eperm = vec![Outcome::Errno("EPERM".into())];
+    let (mut a, _) = start_fixture(&pins, Some(&cg.path))?;
+    a.kill()?;
+    a.wait()?;
+
+    // CORRAL_WAKE (per-CPU u64) as a per-CPU array of 16-byte values (BPF_MAP_TYPE_PERCPU_ARRAY = 6).
+    pin_foreign_map(&pins.join("maps/CORRAL_WAKE"), 6, 4, 16, 1)?;
+    let (mut b, ready) = start_fixture(&pins, None)?;
+    assert_eq!(ready, "ready adopted=true");
+    assert_eq!(probe_in(&cg.path, &[denied])?, eperm, "still enforced");
+    b.kill()?;
+    b.wait()?;
+
+    // CORRAL_SEEN (chaining state, u32 -> u64) as a hash of 16-byte values (BPF_MAP_TYPE_HASH = 1).
+    pin_foreign_map(&pins.join("maps/CORRAL_SEEN"), 1, 4, 16, 16_384)?;
+    let out = Command::new(fixture_bin()?)
+        .arg("--pins")
+        .arg(&pins)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "must not start: {err}");
+    assert!(
+        err.contains("pinned map CORRAL_SEEN was made by another Corral version")
+            && err.contains("--uninstall"),
+        "{err}"
+    );
+    assert_eq!(
+        probe_in(&cg.path, &[denied])?,
+        eperm,
+        "the old enforcement stays in force"
+    );
+
+    let status = Command::new(fixture_bin()?)
+        .arg("--pins")
+        .arg(&pins)
+        .arg("--uninstall")
+        .status()?;
+    anyhow::ensure!(status.success(), "uninstall failed");
+    assert_eq!(probe_in(&cg.path, &[denied])?, vec![Outcome::Ok]);
+    Ok(())
+}

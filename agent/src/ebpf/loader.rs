@@ -165,6 +165,7 @@ impl Enforcer {
             Some(p) => {
                 adopted = p.has_state();
                 p.create()?;
+                super::pins::check_layouts(p, object)?;
                 super::pins::map_names(object)?
                     .into_iter()
                     .map(|n| {

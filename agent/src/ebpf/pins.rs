@@ -6,7 +6,14 @@
 //! state), attaches new links next to the old ones (cgroup links coexist), pins each new link
 //! at `<name>-new` (bpffs refuses names with a dot), then removes the old pin (detaching the old link) and renames the new pin
 //! into place. At every instant at least one set of programs reading the same maps is attached.
-
+//!
+//! Pins of another Corral version: a pinned map whose layout (type, key and value size,
+//! entries, flags) differs from this agent's definition cannot be adopted (the programs would
+//! not load against it). A map that holds only per-socket or per-CPU state, which the old
+//! programs keep using until their links are replaced, is unpinned and made afresh (what it
+//! held for sockets opened before is lost, and said so in the log). Any other map holds
+//! principals, policy or session state that must not be dropped silently: the agent refuses
+//! to start and names the map and the way out ([`check_layouts`]).
 use std::path::{Path, PathBuf};
 
 use aya::programs::links::{FdLink, PinnedLink};
@@ -46,6 +53,68 @@ pub enum PinError {
     },
     #[error("read the kernel object's map names")]
     Object(#[source] aya_obj::ParseError),
+    #[error(
+        "pinned map {name} was made by another Corral version ({detail}); stop its enforcement \
+         with that version's `corral-agent --uninstall` (or remove {dir}), then start again"
+    )]
+    Incompatible {
+        name: String,
+        detail: String,
+        dir: PathBuf,
+    },
+    #[error("read pinned map {path}")]
+    Info {
+        path: PathBuf,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// Maps that hold only per-socket or per-CPU state: made afresh when their pinned layout
+/// differs (see the module docs).
+pub const REBUILDABLE: &[&str] = &[
+    agent_common::maps::SOCKS,
+    agent_common::maps::DNS_ORIG,
+    agent_common::maps::WAKE,
+    agent_common::maps::UNENROLLED,
+];
+
+/// Checks every pinned map against the object's definition before the object is loaded:
+/// a rebuildable map of another layout is unpinned (returned, to be logged); any other is an
+/// error naming it.
+pub fn check_layouts(pins: &PinDir, object: &[u8]) -> Result<Vec<String>, PinError> {
+    let obj = aya_obj::Object::parse(object).map_err(PinError::Object)?;
+    let mut rebuilt = Vec::new();
+    for (name, def) in obj.maps.iter().filter(|(n, _)| n.starts_with("CORRAL_")) {
+        let path = pins.map_path(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(|source| PinError::Info {
+            path: path.clone(),
+            source,
+        })?;
+        let want = (def.key_size(), def.value_size(), def.max_entries());
+        let have = (info.key_size(), info.value_size(), info.max_entries());
+        if want == have {
+            continue;
+        }
+        let detail = format!(
+            "key/value size, entries: pinned {}/{}/{}, this agent {}/{}/{}",
+            have.0, have.1, have.2, want.0, want.1, want.2
+        );
+        if !REBUILDABLE.contains(&name.as_str()) {
+            return Err(PinError::Incompatible {
+                name: name.clone(),
+                detail,
+                dir: pins.root().to_path_buf(),
+            });
+        }
+        remove_pin(&path)?;
+        info!(map = %name, %detail, "pinned map of another layout made afresh: state it held for sockets opened before is lost");
+        rebuilt.push(name.clone());
+    }
+    Ok(rebuilt)
 }
 
 /// The pin directory layout.
