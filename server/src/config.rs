@@ -41,7 +41,7 @@ pub struct Config {
 
     /// Fleet events kept in the database for `corral policy suggest --server` and `corral
     /// policy simulate --server` (the newest are kept; 0: none).
-    #[arg(long, env = "CORRAL_SERVER_EVENT_HISTORY", default_value_t = 1_000_000)]
+    #[arg(long, env = "CORRAL_SERVER_EVENT_HISTORY", default_value_t = 250_000)]
     pub event_history: u64,
 
     /// Who may approve and deny grants (repeatable; the env form is comma-separated): client
