@@ -274,7 +274,8 @@ fn drop_capabilities(kept: CapabilitySet) -> Result<(), CliError> {
 }
 
 /// The seccomp filters, both "allow unless": calls that let a process reach beyond itself
-/// (ptrace and its kin, bpf, perf, kernel modules, kexec, namespaces, mounts) fail with EPERM;
+/// (ptrace and its kin, bpf, perf, kernel modules, kexec, namespaces, mounts, io_uring) fail
+/// with EPERM;
 /// clone3 fails with ENOSYS (its flags are in memory, out of the filter's reach), so libc falls
 /// back to clone, whose flags are checked.
 ///
@@ -302,6 +303,12 @@ pub fn filters() -> Result<Vec<BpfProgram>, CliError> {
         libc::SYS_fsmount,
         libc::SYS_move_mount,
         libc::SYS_open_tree,
+        // io_uring creates sockets (IORING_OP_SOCKET) without the socket() syscall, so past
+        // the `sys_enter_socket` guard of the families no cgroup hook sees (AF_VSOCK needs no
+        // capability). Docker's default profile refuses it too.
+        libc::SYS_io_uring_setup,
+        libc::SYS_io_uring_enter,
+        libc::SYS_io_uring_register,
     ]
     .into_iter()
     .map(|nr| (nr, Vec::new()))

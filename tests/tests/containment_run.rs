@@ -109,14 +109,18 @@ fn run_starts_commands_without_capabilities_with_no_new_privs_and_seccomp() -> a
     assert_eq!(text(&out.stdout), "moved\n");
 
     // ptrace fails with EPERM (PTRACE_TRACEME needs no privilege) and clone3 with ENOSYS
-    // (clone3 with no arguments is EINVAL otherwise); not with --no-seccomp. x86_64 numbers.
+    // (clone3 with no arguments is EINVAL otherwise); io_uring_setup with EPERM (io_uring
+    // creates sockets past the socket() guard); not with --no-seccomp. x86_64 numbers.
     if cfg!(target_arch = "x86_64") && std::path::Path::new("/usr/bin/perl").exists() {
         let calls = r#"$r = syscall(101, 0, 0, 0, 0); print "ptrace $r $!\n";
-                       $r = syscall(435, 0, 0); print "clone3 $r $!\n";"#;
+                       $r = syscall(435, 0, 0); print "clone3 $r $!\n";
+                       $p = "\0" x 120; $r = syscall(425, 1, $p);
+                       print "io_uring " . ($r >= 0 ? "ok" : "$r $!") . "\n";"#;
         let out = run(&spec, "c-default", &[], &["perl", "-e", calls])?;
         assert_eq!(
             text(&out.stdout),
-            "ptrace -1 Operation not permitted\nclone3 -1 Function not implemented\n",
+            "ptrace -1 Operation not permitted\nclone3 -1 Function not implemented\n\
+             io_uring -1 Operation not permitted\n",
             "{}",
             text(&out.stderr)
         );
@@ -128,7 +132,7 @@ fn run_starts_commands_without_capabilities_with_no_new_privs_and_seccomp() -> a
         )?;
         assert_eq!(
             text(&out.stdout),
-            "ptrace 0 \nclone3 -1 Invalid argument\n",
+            "ptrace 0 \nclone3 -1 Invalid argument\nio_uring ok\n",
             "{}",
             text(&out.stderr)
         );
