@@ -156,12 +156,15 @@ pub(crate) fn zone_addr(addr: &Addr) -> Addr {
 #[inline(always)]
 fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
     let cfg = principal::config();
+    if cfg.level_mask == 0 {
+        // No principal anywhere (the common fast path).
+        return Ok(ALLOW);
+    }
     let sk = repeat::sock(ctx);
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // The socket's last allowed call again, by the same process (a principal's: it has a
     // sticky mark), with nothing it was decided under moved: counted, not decided again.
-    if cfg.level_mask != 0
-        && principal::may_be_sticky(tgid)
+    if principal::may_be_sticky(tgid)
         && let Some(st) = repeat::state_of(sk)
         && repeat::again(st, &cfg, &raw_dest(ctx, hook), hook, tgid)
     {
@@ -212,11 +215,23 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
         out.decision = containment();
     }
     repeat::remember(sk, &caller, &d, hook, &out, plain && !out.by_name, tgid);
-    let Some(header) = event_header(&cfg, &caller, &out, KIND_CONNECT) else {
-        return Ok(out.ret());
-    };
-    let index = caller.principal.index;
-    let verdict = header.verdict;
+    if let Some(header) = event_header(&cfg, &caller, &out, KIND_CONNECT) {
+        emit_connect(header, &d, &out, hook, 0);
+    }
+    Ok(out.ret())
+}
+
+/// Emits the event of a call to `d` through `hook` decided as `out`, standing for
+/// `1 + repeats` calls; if it cannot be written (a counted drop), the suppressed count the
+/// header took is given back to the principal. True if written.
+#[inline(always)]
+pub(crate) fn emit_connect(
+    header: EventHeader,
+    d: &Dest,
+    out: &Outcome,
+    hook: u8,
+    repeats: u32,
+) -> bool {
     let written = events::emit(
         &ConnectEvent {
             header,
@@ -227,15 +242,15 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
             proto: d.proto,
             hook,
             _pad: [0; 2],
-            repeats: 0,
+            repeats,
             grant_id: out.decision.grant_id,
         },
-        verdict,
+        header.verdict,
     );
     if !written {
-        events::restore_suppressed(index, header.suppressed);
+        events::restore_suppressed(header.principal, header.suppressed);
     }
-    Ok(out.ret())
+    written
 }
 
 /// A decision with the zone and policy key it was made under.

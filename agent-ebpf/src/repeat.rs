@@ -27,7 +27,7 @@
 use core::ptr;
 
 use agent_common::{
-    Config, ConnectEvent, KIND_CONNECT, REPEAT_WINDOW_NS, Repeat, SOCK_F_CUT, SockState,
+    Config, KIND_CONNECT, Principal, REPEAT_WINDOW_NS, Repeat, SOCK_F_CUT, SockState,
     VALID_FOREVER, VERDICT_ALLOW,
 };
 use aya_ebpf::{
@@ -38,7 +38,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    connect::{Dest, Outcome},
+    connect::{Decision, Dest, Outcome, emit_connect, event_header},
     egress, events,
     principal::Caller,
 };
@@ -93,42 +93,38 @@ pub(crate) fn again(st: &mut SockState, cfg: &Config, d: &Dest, hook: u8, tgid: 
         r.pending += 1;
         return true;
     }
-    let index = r.principal;
-    if !events::allow_event_permitted(cfg, index) {
-        // This call was counted as suppressed there; the earlier ones join it.
-        events::add_suppressed(index, r.pending);
+    // The cached decision, as the full path would report it.
+    let caller = Caller {
+        principal: Principal {
+            index: r.principal,
+            ..Principal::default()
+        },
+        cgroup_id: r.cgroup_id,
+    };
+    let out = Outcome {
+        decision: Decision {
+            verdict: VERDICT_ALLOW,
+            reason: r.reason,
+            rule: r.rule,
+            grant_id: r.grant_id,
+            valid_until: r.valid_until,
+        },
+        zone: r.zone,
+        policy: r.policy,
+        by_name: false,
+    };
+    let Some(header) = event_header(cfg, &caller, &out, KIND_CONNECT) else {
+        // Rate-limited: this call was counted as suppressed; the earlier ones join it.
+        events::add_suppressed(r.principal, r.pending);
         r.pending = 0;
         r.since = now;
         return true;
-    }
-    let mut header = events::header(KIND_CONNECT, r.cgroup_id, index);
-    header.verdict = VERDICT_ALLOW;
-    header.reason = r.reason;
-    header.policy = r.policy;
-    header.rule = r.rule;
-    header.suppressed = events::take_suppressed(index);
-    let suppressed = header.suppressed;
-    let written = events::emit(
-        &ConnectEvent {
-            header,
-            addr: d.addr,
-            zone: r.zone,
-            port: d.port,
-            family: d.family,
-            proto: d.proto,
-            hook,
-            _pad: [0; 2],
-            repeats: r.pending,
-            grant_id: r.grant_id,
-        },
-        VERDICT_ALLOW,
-    );
-    if written {
+    };
+    // Not written: this call is a counted drop; the earlier ones stay pending for the next
+    // event.
+    if emit_connect(header, d, &out, hook, r.pending) {
         r.pending = 0;
         r.since = now;
-    } else {
-        // This call is a counted drop; the earlier ones stay pending for the next event.
-        events::restore_suppressed(index, suppressed);
     }
     true
 }

@@ -67,14 +67,13 @@ impl EventService for Events {
                     let (log, q) = (log.clone(), q.clone());
                     tokio::task::spawn_blocking(move || log.events(&q)).await
                 };
-                let page = match page {
-                    Ok(Ok(p)) => p,
-                    Ok(Err(e)) => {
-                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
-                        return;
-                    }
+                let page = match page
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                {
+                    Ok(p) => p,
                     Err(e) => {
-                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        let _ = tx.send(Err(Status::internal(e))).await;
                         return;
                     }
                 };

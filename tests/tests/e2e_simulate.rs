@@ -56,6 +56,21 @@ fn corral(args: &[&str]) -> anyhow::Result<std::process::Output> {
     Ok(Command::new(bin("corral")?).args(args).output()?)
 }
 
+/// The node's recorded events of `ID` (`corral events --json`), once it holds at least
+/// `connects` connect events.
+fn recording(node: &Node, connects: usize) -> anyhow::Result<String> {
+    wait_for(5, "the recorded connects", || {
+        let out = node.local(&["events", "--json", "--identity", ID])?;
+        ensure!(out.status.success(), "corral events: {}", text(&out));
+        let s = String::from_utf8_lossy(&out.stdout).into_owned();
+        let n = s
+            .lines()
+            .filter(|l| l.contains("\"kind\":\"connect\""))
+            .count();
+        Ok((n >= connects).then_some(s))
+    })
+}
+
 /// `n` loopback TCP listeners, and their ports.
 fn listeners(n: usize) -> anyhow::Result<(Vec<TcpListener>, Vec<u16>)> {
     let listeners: Vec<TcpListener> = (0..n)
@@ -101,16 +116,7 @@ fn from_audit_to_enforce_suggest_simulate_and_the_kernel_agree() -> anyhow::Resu
         let _agent = Agent::standalone(&node, &audit, &[])?;
         assert_eq!(node.probe_as(ID, "rec", &script)?, ["ok", "ok"]);
         assert_eq!(node.probe_as(ID, "rec2", &changed)?, ["ok", "ok", "ok"]);
-        wait_for(5, "the recorded connects", || {
-            let out = node.local(&["events", "--json", "--identity", ID])?;
-            ensure!(out.status.success(), "corral events: {}", text(&out));
-            let s = String::from_utf8_lossy(&out.stdout).into_owned();
-            let n = s
-                .lines()
-                .filter(|l| l.contains("\"kind\":\"connect\""))
-                .count();
-            Ok((n >= 5).then_some(s))
-        })?
+        recording(&node, 5)?
     };
     let rec = dir.write("rec.jsonl", &of_session(&all, "rec"))?;
     let rec2 = dir.write("rec2.jsonl", &of_session(&all, "rec2"))?;
@@ -181,16 +187,7 @@ fn the_fleets_history_suggests_and_simulates_as_the_nodes_recording_does() -> an
     assert_eq!(node.probe_as(ID, "rec", &script)?, ["ok", "ok"]);
 
     // The node's own recording, and the server's once it has the same calls.
-    let local = wait_for(5, "the node's recording", || {
-        let out = node.local(&["events", "--json", "--identity", ID])?;
-        ensure!(out.status.success(), "corral events: {}", text(&out));
-        let s = String::from_utf8_lossy(&out.stdout).into_owned();
-        let n = s
-            .lines()
-            .filter(|l| l.contains("\"kind\":\"connect\""))
-            .count();
-        Ok((n >= 2).then_some(s))
-    })?;
+    let local = recording(&node, 2)?;
     let rec = dir.write("rec.jsonl", &of_session(&local, "rec"))?;
     let suggest = [
         "policy",
@@ -269,16 +266,7 @@ fn suggested_chaining_is_what_the_kernel_enforces() -> anyhow::Result<()> {
         assert_eq!(node.probe_as(ID, "c1", &[a])?, ["ok"]);
         assert_eq!(node.probe_as(ID, "c2", &[a])?, ["ok"]);
         assert_eq!(node.probe_as(ID, "c3", &[b])?, ["ok"]);
-        wait_for(5, "the recorded connects", || {
-            let out = node.local(&["events", "--json", "--identity", ID])?;
-            ensure!(out.status.success(), "corral events: {}", text(&out));
-            let s = String::from_utf8_lossy(&out.stdout).into_owned();
-            let n = s
-                .lines()
-                .filter(|l| l.contains("\"kind\":\"connect\""))
-                .count();
-            Ok((n >= 3).then_some(s))
-        })?
+        recording(&node, 3)?
     };
     let rec = dir.write("rec.jsonl", &all)?;
     let out = corral(&[

@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use corral_agent::ebpf::raw;
 use corral_tests::{Outcome, TestCgroup, privileged, probe_bin, probe_in};
 
 fn fixture_bin() -> anyhow::Result<PathBuf> {
@@ -108,12 +109,7 @@ fn kill_9_keeps_enforcing_and_a_new_agent_adopts_without_a_window() -> anyhow::R
     b.kill()?;
     b.wait()?;
     // Uninstall removes the pins and with them the enforcement.
-    let status = Command::new(fixture_bin()?)
-        .arg("--pins")
-        .arg(&pins)
-        .arg("--uninstall")
-        .status()?;
-    anyhow::ensure!(status.success(), "uninstall failed");
+    uninstall(&pins)?;
     assert!(!pins.exists(), "pins removed");
     assert_eq!(probe_in(&cg.path, &[denied])?, vec![Outcome::Ok]);
     Ok(())
@@ -128,61 +124,21 @@ fn pin_foreign_map(
     value: u32,
     entries: u32,
 ) -> anyhow::Result<()> {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-    #[repr(C)]
-    struct Create {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-        map_flags: u32,
-    }
-    #[repr(C)]
-    struct Pin {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    let mut create = Create {
-        map_type,
-        key_size: key,
-        value_size: value,
-        max_entries: entries,
-        map_flags: 0,
-    };
-    // SAFETY: BPF_MAP_CREATE (0) with a live `union bpf_attr` prefix and its size.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            0,
-            std::ptr::from_mut(&mut create),
-            std::mem::size_of::<Create>(),
-        )
-    };
-    anyhow::ensure!(
-        fd >= 0,
-        "BPF_MAP_CREATE: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: a new descriptor the kernel just returned, owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd)?) };
+    use std::os::fd::AsFd as _;
+    let map = raw::create_map(map_type, key, value, entries).context("BPF_MAP_CREATE")?;
     let _ = std::fs::remove_file(path);
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    let mut pin = Pin {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: fd.as_raw_fd() as u32,
-        file_flags: 0,
-    };
-    // SAFETY: BPF_OBJ_PIN (6) with a live attr whose path outlives the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            6,
-            std::ptr::from_mut(&mut pin),
-            std::mem::size_of::<Pin>(),
-        )
-    };
-    anyhow::ensure!(r == 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    raw::pin_fd(map.as_fd(), path).context("BPF_OBJ_PIN")?;
+    Ok(())
+}
+
+/// `fixture --pins PINS --uninstall`: removes the pins and with them the enforcement.
+fn uninstall(pins: &Path) -> anyhow::Result<()> {
+    let status = Command::new(fixture_bin()?)
+        .arg("--pins")
+        .arg(pins)
+        .arg("--uninstall")
+        .status()?;
+    anyhow::ensure!(status.success(), "uninstall failed");
     Ok(())
 }
 
@@ -202,7 +158,7 @@ fn pins_of_another_layout_are_rebuilt_or_refused_by_name() -> anyhow::Result<()>
     let pins = bpffs.join(format!("corral-test-layout-{}", std::process::id()));
     let cg = TestCgroup::new("pinning-layout")?;
     let denied = "udp:127.0.0.1:9";
-    let eperm = vec![Outcome::Errno("EPERM".into())];
+    let eperm = vec![Outcome::eperm()];
     let (mut a, _) = start_fixture(&pins, Some(&cg.path))?;
     a.kill()?;
     a.wait()?;
@@ -234,12 +190,7 @@ fn pins_of_another_layout_are_rebuilt_or_refused_by_name() -> anyhow::Result<()>
         "the old enforcement stays in force"
     );
 
-    let status = Command::new(fixture_bin()?)
-        .arg("--pins")
-        .arg(&pins)
-        .arg("--uninstall")
-        .status()?;
-    anyhow::ensure!(status.success(), "uninstall failed");
+    uninstall(&pins)?;
     assert_eq!(probe_in(&cg.path, &[denied])?, vec![Outcome::Ok]);
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! The bpf(2) commands aya 0.14 does not offer: loading a cgroup sock_addr program with any
-//! attach type (aya lacks the unix ones), linking it to a cgroup, and pinning a raw fd. Used by
-//! the unix hooks ([`super::unix_hooks`]) and by the benchmark's calibration program
-//! ([`constant_sock_addr`]).
+//! attach type (aya lacks the unix ones), linking it to a cgroup, pinning a raw fd, and making
+//! a bare map. Used by the unix hooks ([`super::unix_hooks`]), by the benchmark's calibration
+//! program ([`constant_sock_addr`]), and by the tests that leave pins of another layout
+//! ([`create_map`]).
 
 use std::{
     ffi::CString,
@@ -12,6 +13,7 @@ use std::{
 
 use aya_obj::generated::bpf_insn;
 
+const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_LINK_CREATE: libc::c_long = 28;
@@ -53,6 +55,18 @@ struct LinkCreateAttr {
 }
 const _: () = assert!(size_of::<LinkCreateAttr>() == 16);
 
+/// `union bpf_attr` for `BPF_MAP_CREATE`, up to `map_flags`.
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+const _: () = assert!(size_of::<MapCreateAttr>() == 20);
+
 /// `union bpf_attr` for `BPF_OBJ_PIN`.
 #[repr(C)]
 #[derive(Default)]
@@ -89,7 +103,7 @@ fn owned(fd: libc::c_long) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Pins the bpf object `fd` (here: a link) at `path` on bpffs.
+/// Pins the bpf object `fd` (a link, a map) at `path` on bpffs.
 pub fn pin_fd(fd: BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
     let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
     let mut attr = ObjPinAttr {
@@ -98,6 +112,23 @@ pub fn pin_fd(fd: BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
         file_flags: 0,
     };
     bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+/// A new map of `map_type` (`BPF_MAP_TYPE_*`) with this layout and no flags.
+pub fn create_map(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) -> std::io::Result<OwnedFd> {
+    let mut attr = MapCreateAttr {
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        map_flags: 0,
+    };
+    bpf(BPF_MAP_CREATE, &mut attr).and_then(owned)
 }
 
 /// Links the cgroup program `prog` to `cgroup` at `attach_type`; dropping the link detaches it.
