@@ -72,14 +72,16 @@ const _: () = assert!(core::mem::size_of::<SockState>() == 80 + 96);
 /// window. 1 s.
 pub const REPEAT_WINDOW_NS: u64 = 1_000_000_000;
 
-/// The repeat cache of a socket (see `agent-ebpf/src/repeat.rs`): an allowed call decided in
-/// full, under what it was decided, and how many identical calls followed it unreported. A
-/// call is identical when the same process (so the same principal) makes it through the same
-/// hook to the same destination (address as given, port, protocol, family), while `EPOCH`
-/// (policy swaps, grant revocations, principal removals, node address changes) and the principal's
-/// `SEEN` mask (chaining) have not moved and the allowing grant has not expired. Only plain
-/// allows are cached: no audit-deny, no address opened by a DNS answer (those expire on their
-/// own), no DNS redirect.
+/// The repeat cache of a socket (see `agent-ebpf/src/repeat.rs`): a call decided in full,
+/// under what it was decided, and how many identical calls followed it unreported. A call is
+/// identical when the same process (so the same principal) makes it through the same hook to
+/// the same destination (address as given, port, protocol, family), while `EPOCH` (policy
+/// swaps, grants added or revoked, principal removals, node address changes) and the
+/// principal's `SEEN` mask (chaining) have not moved and the allowing grant has not expired.
+/// Cached: plain allows (no address opened by a DNS answer: those expire on their own; no DNS
+/// redirect), and denies nothing but an `EPOCH` move can lift (a deny rule, chaining, or the
+/// default of a policy without zones by host name, where no DNS answer can open the address).
+/// Never cached: audit-denies, containment, no policy.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Repeat {
@@ -111,7 +113,8 @@ pub struct Repeat {
     pub hook: u8,
     /// `REASON_*` of the decision.
     pub reason: u8,
-    /// 1 while the fields above hold a decision.
-    pub valid: u8,
+    /// The cached decision's `VERDICT_ALLOW` or `VERDICT_DENY`; 0: nothing cached. (Byte
+    /// for byte the earlier `valid` flag, which was 1 for a cached allow.)
+    pub verdict: u8,
 }
 const _: () = assert!(core::mem::size_of::<Repeat>() == 96);

@@ -29,7 +29,7 @@ use crate::{
 };
 
 pub(crate) const ALLOW: i32 = 1;
-const DENY: i32 = 0;
+pub(crate) const DENY: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
@@ -162,15 +162,16 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
     }
     let sk = repeat::sock(ctx);
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // The socket's last allowed call again, by the same process (a principal's: it has a
-    // sticky mark), with nothing it was decided under moved: counted, not decided again.
-    if principal::may_be_sticky(tgid)
+    // The socket's last call again, by the same process (a principal's: it has a sticky
+    // mark), with nothing it was decided under moved: counted, not decided again.
+    let sticky = principal::may_be_sticky(tgid);
+    if sticky
         && let Some(st) = repeat::state_of(sk)
-        && repeat::again(st, &cfg, &raw_dest(ctx, hook), hook, tgid)
+        && let Some(ret) = repeat::again(st, &cfg, &raw_dest(ctx, hook), hook, tgid)
     {
-        return Ok(ALLOW);
+        return Ok(ret);
     }
-    let Some(caller) = principal::resolve_tgid(&cfg, tgid) else {
+    let Some(caller) = principal::resolve_marked(&cfg, tgid, sticky) else {
         return Ok(ALLOW);
     };
     let d = dest(ctx, hook);
@@ -214,7 +215,7 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
     if out.ret() == ALLOW && !egress::record(ctx, &caller, &d, &out, hook) {
         out.decision = containment();
     }
-    repeat::remember(sk, &caller, &d, hook, &out, plain && !out.by_name, tgid);
+    repeat::remember(sk, &caller, &d, hook, &out, plain, tgid);
     if let Some(header) = event_header(&cfg, &caller, &out, KIND_CONNECT) {
         emit_connect(header, &d, &out, hook, 0);
     }
@@ -262,6 +263,8 @@ pub(crate) struct Outcome {
     pub policy: u32,
     /// The zone came from an address a DNS answer opened (it expires on its own).
     pub by_name: bool,
+    /// The policy has zones by host name: a DNS answer may open an address it denies now.
+    pub names: bool,
 }
 
 impl Outcome {
@@ -308,6 +311,7 @@ pub(crate) fn evaluate(
     let mut zone = NONE;
     let mut policy = NONE;
     let mut named = false;
+    let mut names = false;
     let decision = if pol_slot == NONE {
         Decision {
             verdict: VERDICT_DENY,
@@ -334,6 +338,7 @@ pub(crate) fn evaluate(
                     return None;
                 }
                 zone = zone_of(policy);
+                names = meta.flags & POLICY_F_DNS != 0;
                 let index = caller.principal.index;
                 let learned = match by_name {
                     Some((addr, fresh)) if meta.flags & POLICY_F_DNS != 0 => {
@@ -367,6 +372,7 @@ pub(crate) fn evaluate(
         zone,
         policy,
         by_name: named,
+        names,
     })
 }
 

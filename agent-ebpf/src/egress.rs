@@ -357,6 +357,7 @@ fn redecide(st: &mut SockState) -> i32 {
         zone: st.zone,
         policy: NONE,
         by_name: false,
+        names: false,
     });
     let verdict = out.decision.verdict;
     if verdict == VERDICT_ALLOW || verdict == VERDICT_AUDIT_DENY {

@@ -72,16 +72,18 @@ pub fn resolve(cfg: &Config) -> Option<Caller> {
         // No principal anywhere: nothing to be attributed to (the common fast path).
         return None;
     }
-    resolve_tgid(cfg, current_tgid())
+    let tgid = current_tgid();
+    resolve_marked(cfg, tgid, may_be_sticky(tgid))
 }
 
-/// [`resolve`] for the current task, whose tgid the caller has read already.
+/// [`resolve`] for the current task, whose tgid and its mark (`sticky`: [`may_be_sticky`])
+/// the caller has read already, so the hot path reads each once.
 #[inline(always)]
-pub fn resolve_tgid(cfg: &Config, tgid: u32) -> Option<Caller> {
+pub fn resolve_marked(cfg: &Config, tgid: u32, sticky: bool) -> Option<Caller> {
     if cfg.level_mask == 0 {
         return None;
     }
-    if may_be_sticky(tgid)
+    if sticky
         // SAFETY: map value read, valid for this program run.
         && let Some(cg) = unsafe { STICKY.get(tgid) }.copied()
         && let Some(p) = PRINCIPALS.get_ptr(cg)

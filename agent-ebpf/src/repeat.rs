@@ -1,8 +1,9 @@
-//! Repeated allowed calls on one socket: decided once, each still counted.
+//! Repeated calls on one socket: decided once, each still counted.
 //!
 //! A process that calls `connect()` or `sendto()` again and again on one socket to one
 //! destination gets the same answer each time, until something it depends on moves. The first
-//! call is decided in full ([`crate::connect`]) and, when it is a plain allow, cached on the
+//! call is decided in full ([`crate::connect`]) and, when it is a plain allow or a deny only an
+//! `EPOCH` move can lift, cached on the
 //! socket ([`agent_common::Repeat`], in the `SOCKS` socket storage). An identical call after it
 //! skips the policy lookups and the event: it is counted on the socket. The first identical
 //! call after [`agent_common::REPEAT_WINDOW_NS`] emits its event with the count
@@ -16,8 +17,12 @@
 //! process (so the same principal: attribution is sticky), hook and destination as given;
 //! `EPOCH` unchanged (policy swap, grant revocation, principal removal, a change of the node's
 //! own addresses); the principal's `SEEN` mask unchanged (a new zone contacted: chaining may
-//! now deny this one); the allowing grant not expired; the socket not cut. Audit-denies,
-//! addresses opened by a DNS answer (they expire) and DNS redirects are never cached. The
+//! now deny this one); the allowing grant not expired; the socket not cut. A deny is cached
+//! when it is a deny rule's or chaining's (they hold whatever a DNS answer opens), or the
+//! default of a policy without zones by host name (no DNS answer can open the address): a
+//! grant added moves `EPOCH`, so "ask a person" lifts it at the next call. Audit-denies,
+//! containment and no-policy denies, addresses opened by a DNS answer (they expire) and DNS
+//! redirects are never cached. The
 //! check runs before the caller is resolved, and only for a process with a sticky mark (one a
 //! principal's call was resolved for), so it costs un-enrolled callers nothing.
 //!
@@ -27,8 +32,8 @@
 use core::ptr;
 
 use agent_common::{
-    Config, KIND_CONNECT, Principal, REPEAT_WINDOW_NS, Repeat, SOCK_F_CUT, SockState,
-    VALID_FOREVER, VERDICT_ALLOW,
+    Config, KIND_CONNECT, Principal, REASON_CHAINING, REASON_DEFAULT, REASON_RULE,
+    REPEAT_WINDOW_NS, Repeat, SOCK_F_CUT, SockState, VALID_FOREVER, VERDICT_ALLOW, VERDICT_DENY,
 };
 use aya_ebpf::{
     bindings::bpf_sock,
@@ -38,7 +43,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    connect::{Decision, Dest, Outcome, emit_connect, event_header},
+    connect::{ALLOW, DENY, Decision, Dest, Outcome, emit_connect, event_header},
     egress, events,
     principal::Caller,
 };
@@ -65,15 +70,21 @@ pub(crate) fn state_of(sk: *mut bpf_sock) -> Option<&'static mut SockState> {
 }
 
 /// Whether this call by process `tgid` repeats the socket's cached one with nothing it was
-/// decided under moved; if so, accounts for it and returns true: counted on the socket within
-/// the window, and after it, this call's event goes out carrying the count. Runs before the
-/// caller is resolved: the cached call was made by this same process, sticky to its
-/// principal, and a removed principal moves `EPOCH`.
+/// decided under moved; if so, accounts for it and returns the program's return code: counted
+/// on the socket within the window, and after it, this call's event goes out carrying the
+/// count. Runs before the caller is resolved: the cached call was made by this same process,
+/// sticky to its principal, and a removed principal moves `EPOCH`.
 #[inline(always)]
-pub(crate) fn again(st: &mut SockState, cfg: &Config, d: &Dest, hook: u8, tgid: u32) -> bool {
+pub(crate) fn again(
+    st: &mut SockState,
+    cfg: &Config,
+    d: &Dest,
+    hook: u8,
+    tgid: u32,
+) -> Option<i32> {
     let flags = st.flags;
     let r = &mut st.repeat;
-    let same = r.valid != 0
+    let same = r.verdict != 0
         && flags & SOCK_F_CUT == 0
         && r.pid == tgid
         && r.hook == hook
@@ -86,12 +97,17 @@ pub(crate) fn again(st: &mut SockState, cfg: &Config, d: &Dest, hook: u8, tgid: 
         // SAFETY: helper without arguments.
         && (r.valid_until == VALID_FOREVER || unsafe { bpf_ktime_get_boot_ns() } < r.valid_until);
     if !same {
-        return false;
+        return None;
     }
+    let ret = if r.verdict == VERDICT_DENY {
+        DENY
+    } else {
+        ALLOW
+    };
     let now = coarse_now();
     if now.wrapping_sub(r.since) < REPEAT_WINDOW_NS && r.pending < u32::MAX {
         r.pending += 1;
-        return true;
+        return Some(ret);
     }
     // The cached decision, as the full path would report it.
     let caller = Caller {
@@ -103,7 +119,7 @@ pub(crate) fn again(st: &mut SockState, cfg: &Config, d: &Dest, hook: u8, tgid: 
     };
     let out = Outcome {
         decision: Decision {
-            verdict: VERDICT_ALLOW,
+            verdict: r.verdict,
             reason: r.reason,
             rule: r.rule,
             grant_id: r.grant_id,
@@ -112,13 +128,15 @@ pub(crate) fn again(st: &mut SockState, cfg: &Config, d: &Dest, hook: u8, tgid: 
         zone: r.zone,
         policy: r.policy,
         by_name: false,
+        names: false,
     };
+    // (A deny's event is never rate-limited.)
     let Some(header) = event_header(cfg, &caller, &out, KIND_CONNECT) else {
         // Rate-limited: this call was counted as suppressed; the earlier ones join it.
         events::add_suppressed(r.principal, r.pending);
         r.pending = 0;
         r.since = now;
-        return true;
+        return Some(ret);
     };
     // Not written: this call is a counted drop; the earlier ones stay pending for the next
     // event.
@@ -126,7 +144,7 @@ pub(crate) fn again(st: &mut SockState, cfg: &Config, d: &Dest, hook: u8, tgid: 
         r.pending = 0;
         r.since = now;
     }
-    true
+    Some(ret)
 }
 
 /// The window's clock: CLOCK_MONOTONIC at tick resolution, the cheapest the kernel has.
@@ -136,9 +154,10 @@ fn coarse_now() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// After a call decided in full: a plain allow (`cacheable`: not by a DNS answer, not
-/// redirected) is cached on the socket; anything else clears the cache. Either way a count of
-/// an earlier call not yet reported goes to the principal's suppressed count.
+/// After a call decided in full: a plain allow (`plain`: not redirected, not by a DNS answer)
+/// or a deny only an `EPOCH` move can lift ([`final_deny`]) is cached on the socket; anything
+/// else clears the cache. Either way a count of an earlier call not yet reported goes to the
+/// principal's suppressed count.
 #[inline(always)]
 #[allow(
     clippy::too_many_arguments,
@@ -150,10 +169,12 @@ pub(crate) fn remember(
     d: &Dest,
     hook: u8,
     out: &Outcome,
-    cacheable: bool,
+    plain: bool,
     tgid: u32,
 ) {
-    let cacheable = cacheable && out.decision.verdict == VERDICT_ALLOW && !sk.is_null();
+    let verdict = out.decision.verdict;
+    let cacheable =
+        !sk.is_null() && ((verdict == VERDICT_ALLOW && plain && !out.by_name) || final_deny(out));
     let st = if cacheable {
         egress::principal_state(sk, caller)
     } else {
@@ -162,7 +183,7 @@ pub(crate) fn remember(
     let Some(st) = st else { return };
     flush(st);
     if !cacheable {
-        st.repeat.valid = 0;
+        st.repeat.verdict = 0;
         return;
     }
     let index = caller.principal.index;
@@ -185,15 +206,28 @@ pub(crate) fn remember(
         proto: d.proto,
         hook,
         reason: out.decision.reason,
-        valid: 1,
+        verdict,
     };
+}
+
+/// A deny that holds until `EPOCH` moves: a deny rule's or chaining's (no DNS answer lifts
+/// them, see `connect::evaluate`), or a default deny under a policy without zones by host name
+/// (a DNS answer could open the address under one). Not audit-denies (they let the call
+/// through), containment or no-policy denies.
+#[inline(always)]
+fn final_deny(out: &Outcome) -> bool {
+    let d = &out.decision;
+    d.verdict == VERDICT_DENY
+        && (d.reason == REASON_RULE
+            || d.reason == REASON_CHAINING
+            || (d.reason == REASON_DEFAULT && !out.names))
 }
 
 /// Hands a count not yet reported to the principal's suppressed count.
 #[inline(always)]
 fn flush(st: &mut SockState) {
     let r = &mut st.repeat;
-    if r.valid != 0 && r.pending != 0 {
+    if r.verdict != 0 && r.pending != 0 {
         events::add_suppressed(r.principal, r.pending);
         r.pending = 0;
     }

@@ -1,9 +1,10 @@
-//! Repeated allowed calls on one socket (the kernel's repeat cache, `agent-ebpf/src/repeat.rs`),
+//! Repeated calls on one socket (the kernel's repeat cache, `agent-ebpf/src/repeat.rs`),
 //! against the real kernel: each call is still accounted for exactly (events stand for
 //! `1 + repeats` calls; what a closed socket had not reported goes to the principal's
 //! suppressed count), and nothing a cached allow was decided under can change without the next
 //! call being decided again: a policy swap, chaining, a grant's expiry, a DNS answer's expiry.
-//! Audit-denies are never cached.
+//! A cached deny is lifted at the next call by what can lift it (a grant, a policy swap), and a
+//! default deny a DNS answer could lift is never cached. Audit-denies are never cached.
 
 use std::{net::IpAddr, time::Duration};
 
@@ -256,6 +257,135 @@ fn a_cached_allow_ends_with_what_it_was_decided_under() -> anyhow::Result<()> {
             .iter()
             .all(|c| c.header.verdict == Verdict::AuditDeny && c.repeats == 0)
     );
+    Ok(())
+}
+
+#[test]
+fn repeated_denies_are_each_accounted_for_and_lifted_at_once() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let (_sink, port) = sink()?;
+    let to = |addr: &str| format!("{addr}:{port}");
+    let cg = TestCgroup::new("repeat-deny")?;
+    let mut e = Enforcer::load_and_attach(&cg.root)?;
+    e.maps().add_principal(cg.id()?, cg.level(), 46, Some(0))?;
+    // `d` is denied by a rule; `g` by the default (a rule for another port makes it a zone).
+    let denying = |revision| {
+        set(
+            revision,
+            vec![
+                policy("denying")
+                    .zone("d", &["127.0.0.1/32"])
+                    .zone("g", &["127.0.0.4/32"])
+                    .deny(&["d"], &[port], &[PROTO_UDP])
+                    .allow(&["g"], &[1], &[PROTO_UDP])
+                    .allow_all_exec()
+                    .build(),
+            ],
+        )
+    };
+    let set1 = denying(1);
+    e.maps().apply(&set1, |_, _| Some(0))?;
+    let mut reader = EventReader::take(e.maps())?;
+    let mut s = Session::start(&cg.path)?;
+    let (d, g) = (to("127.0.0.1"), to("127.0.0.4"));
+
+    // 500 denied sends: every one EPERM, one event, the rest counted on the socket.
+    assert_eq!(s.cmd("udp a")?, "ok");
+    assert_eq!(s.cmd(&format!("calls a sendto {d} 500"))?, "ok=0 EPERM=500");
+    let first = ours(&mut reader, port);
+    assert_eq!(first.len(), 1, "{first:#?}");
+    assert_eq!(
+        (first[0].repeats, first[0].header.verdict),
+        (0, Verdict::Deny)
+    );
+    std::thread::sleep(Duration::from_millis(1_100));
+    assert_eq!(s.cmd(&format!("calls a sendto {d} 1"))?, "ok=0 EPERM=1");
+    let second = ours(&mut reader, port);
+    assert_eq!(second.len(), 1, "{second:#?}");
+    assert_eq!(
+        (second[0].repeats, second[0].header.verdict),
+        (499, Verdict::Deny)
+    );
+    assert_eq!(
+        calls(&first) + calls(&second),
+        501,
+        "every denied call accounted for"
+    );
+
+    // A default deny, cached, is lifted by a grant at the next call ("ask a person").
+    assert_eq!(s.cmd("udp b")?, "ok");
+    assert_eq!(s.cmd(&format!("calls b sendto {g} 20"))?, "ok=0 EPERM=20");
+    let zone_g = set1.policies[0]
+        .zones
+        .iter()
+        .position(|z| z.name == "g")
+        .map(u32::try_from)
+        .transpose()?
+        .ok_or_else(|| anyhow::anyhow!("zone g"))?;
+    e.maps().add_grant(
+        GrantKey {
+            principal: 46,
+            zone: zone_g,
+            port,
+            proto: PROTO_UDP,
+            _pad: 0,
+        },
+        GrantValue {
+            expires_ns: boottime_ns()? + 60_000_000_000,
+            grant_id: 4_243,
+        },
+    )?;
+    assert_eq!(s.cmd(&format!("calls b sendto {g} 1"))?, "ok=1");
+
+    // A rule's deny, cached, is lifted by a policy that allows it at the next call.
+    assert_eq!(s.cmd(&format!("calls a sendto {d} 20"))?, "ok=0 EPERM=20");
+    e.maps().apply(
+        &set(
+            2,
+            vec![
+                policy("open")
+                    .zone("d", &["127.0.0.1/32"])
+                    .allow(&["d"], &[port], &[PROTO_UDP])
+                    .allow_all_exec()
+                    .build(),
+            ],
+        ),
+        |_, _| Some(0),
+    )?;
+    assert_eq!(s.cmd(&format!("calls a sendto {d} 1"))?, "ok=1");
+
+    // Under a policy with zones by host name, a default deny is not cached: a DNS answer
+    // opens the address at the next call, and each denied call is its own event.
+    e.maps().apply(
+        &set(
+            3,
+            vec![
+                policy("named")
+                    .hosts_zone("api", &["api.corral.test"])
+                    .allow(&["api"], &[port], &[PROTO_UDP])
+                    .allow_all_exec()
+                    .build(),
+            ],
+        ),
+        |_, _| Some(0),
+    )?;
+    let _ = ours(&mut reader, port);
+    let named = to("127.0.0.5");
+    assert_eq!(s.cmd("udp n")?, "ok");
+    assert_eq!(s.cmd(&format!("calls n sendto {named} 5"))?, "ok=0 EPERM=5");
+    let each = ours(&mut reader, port);
+    assert_eq!(each.len(), 5, "{each:#?}");
+    let key = policy_key(e.maps().config()?.generation & 1, 0);
+    e.maps().dns().learn(
+        46,
+        "127.0.0.5".parse::<IpAddr>()?,
+        key,
+        0,
+        boottime_ns()? + 10_000_000_000,
+    )?;
+    assert_eq!(s.cmd(&format!("calls n sendto {named} 1"))?, "ok=1");
     Ok(())
 }
 

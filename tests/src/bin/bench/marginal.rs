@@ -6,6 +6,9 @@
 //! - `none`: no programs attached;
 //! - `empty`: only a trivial connect4 and sendmsg4 program (return 1) on the caller's cgroup,
 //!   what any cgroup hook costs at all;
+//! - `sys tp`: no programs, only the `syscalls:sys_enter_socket` trace event enabled (through
+//!   tracefs), what Corral's socket-family guard costs a syscall that is not `socket()`: any
+//!   syscall tracepoint sends every task's every syscall through the kernel's slow entry path;
 //! - `unenr`: Corral's programs attached, principals and policies loaded, the caller not
 //!   enrolled;
 //! - `allow 10`, `allow 10k`: enrolled, the call allowed (an event each, drained as the agent
@@ -26,14 +29,16 @@ use super::{CALIBRATION, Drainer, Setup, calibration_stats, median, run_probe, s
 
 const NONE: usize = 0;
 const EMPTY: usize = 1;
-const UNENR: usize = 2;
-const ALLOW10: usize = 3;
-const ALLOW10K: usize = 4;
-const ALLOW_1KP: usize = 5;
-const DENY10K: usize = 6;
-const NAMES: [&str; 7] = [
+const SYS_TP: usize = 2;
+const UNENR: usize = 3;
+const ALLOW10: usize = 4;
+const ALLOW10K: usize = 5;
+const ALLOW_1KP: usize = 6;
+const DENY10K: usize = 7;
+const NAMES: [&str; 8] = [
     "none",
     "empty",
+    "sys tp",
     "unenr",
     "allow 10",
     "allow 10k",
@@ -93,7 +98,7 @@ fn workloads(port: u16, udp_port: u16) -> [Marginal; 3] {
 /// needs them are in place); `None` for a deny column the workload has not.
 fn measure(setup: &Setup, w: &Marginal, config: usize) -> anyhow::Result<Option<f64>> {
     let (cg, arg, expect) = match config {
-        NONE | EMPTY | UNENR => (&setup.plain.path, &w.allow, "ok"),
+        NONE | EMPTY | SYS_TP | UNENR => (&setup.plain.path, &w.allow, "ok"),
         ALLOW10 | ALLOW_1KP => (&setup.small.path, &w.allow, "ok"),
         ALLOW10K => (&setup.big.path, &w.allow, "ok"),
         _ => match &w.deny {
@@ -117,6 +122,27 @@ fn empty_programs(at: &[&Path]) -> anyhow::Result<Vec<std::os::fd::OwnedFd>> {
     Ok(held)
 }
 
+/// The `syscalls:sys_enter_socket` trace event, enabled while held (through tracefs: no
+/// program runs on the measured calls either way, and what a syscall pays for the tracepoint
+/// is the same whoever listens).
+struct SyscallTracepoint(std::path::PathBuf);
+
+impl SyscallTracepoint {
+    fn enable() -> anyhow::Result<Self> {
+        let path = Path::new("/sys/kernel/tracing/events/syscalls/sys_enter_socket/enable");
+        std::fs::write(path, "1").with_context(|| format!("enable {}", path.display()))?;
+        Ok(Self(path.to_owned()))
+    }
+}
+
+impl Drop for SyscallTracepoint {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(&self.0, "0") {
+            eprintln!("could not disable {}: {e}", self.0.display());
+        }
+    }
+}
+
 /// Enrols `MANY - 2` more principals (cgroup ids no process has) beside the bench's two.
 fn enrol_many(maps: &mut corral_agent::ebpf::PolicyMaps, level: u32) -> anyhow::Result<()> {
     for i in 0..MANY - 2 {
@@ -126,7 +152,7 @@ fn enrol_many(maps: &mut corral_agent::ebpf::PolicyMaps, level: u32) -> anyhow::
 }
 
 /// cells[workload][config]: one value per round.
-type Cells = Vec<[Vec<f64>; 7]>;
+type Cells = Vec<[Vec<f64>; 8]>;
 
 pub fn run(setup: &Setup, port: u16, udp_port: u16, rounds: usize) -> anyhow::Result<()> {
     let ws = workloads(port, udp_port);
@@ -147,6 +173,11 @@ pub fn run(setup: &Setup, port: u16, udp_port: u16, rounds: usize) -> anyhow::Re
                 push(cells, i, EMPTY, measure(setup, w, EMPTY)?);
             }
             drop(held);
+            let tp = SyscallTracepoint::enable()?;
+            for (i, w) in ws.iter().enumerate() {
+                push(cells, i, SYS_TP, measure(setup, w, SYS_TP)?);
+            }
+            drop(tp);
             Ok(())
         };
         if none_first {
@@ -179,11 +210,11 @@ pub fn run(setup: &Setup, port: u16, udp_port: u16, rounds: usize) -> anyhow::Re
 }
 
 /// Median of the per-round `a - b` (rounds where both were measured).
-fn diff(c: &[Vec<f64>; 7], a: usize, b: usize) -> Option<f64> {
+fn diff(c: &[Vec<f64>; 8], a: usize, b: usize) -> Option<f64> {
     (!c[a].is_empty()).then(|| median(c[a].iter().zip(&c[b]).map(|(x, y)| x - y).collect()))
 }
 
-fn ratio(c: &[Vec<f64>; 7], a: usize, b: usize) -> Option<f64> {
+fn ratio(c: &[Vec<f64>; 8], a: usize, b: usize) -> Option<f64> {
     (!c[a].is_empty()).then(|| median(c[a].iter().zip(&c[b]).map(|(x, y)| x / y).collect()))
 }
 
@@ -210,14 +241,19 @@ fn report(ws: &[Marginal], cells: &Cells, rounds: usize) {
         println!();
     }
     println!();
-    println!("net of `empty` (ns, median of per-round differences) and ratios (median per round)");
+    println!(
+        "net of `empty` (`sys tp`: of `none`; ns, median of per-round differences) and ratios \
+         (median per round)"
+    );
     print!("{:<22}", "workload");
-    for n in &NAMES[UNENR..] {
+    for n in &NAMES[SYS_TP..] {
         print!(" {n:>10}");
     }
     println!("  targets: unenr <= +25, allow <= +120, deny <= +150");
     for (w, c) in ws.iter().zip(cells) {
         print!("{:<22}", w.name);
+        // (`sys tp` has no program: net of `none`.)
+        print!(" {:>10}", cell(diff(c, SYS_TP, NONE), 1));
         for i in UNENR..NAMES.len() {
             print!(" {:>10}", cell(diff(c, i, EMPTY), 1));
         }
@@ -236,11 +272,12 @@ fn report(ws: &[Marginal], cells: &Cells, rounds: usize) {
             println!("  missed: {}", missed.join(", "));
         }
         print!("{:<22}", "  vs none");
-        for i in UNENR..NAMES.len() {
+        for i in SYS_TP..NAMES.len() {
             print!(" {:>10}", cell(ratio(c, i, NONE), 3));
         }
         println!();
         print!("{:<22}", "  vs empty");
+        print!(" {:>10}", "-");
         for i in UNENR..NAMES.len() {
             print!(" {:>10}", cell(ratio(c, i, EMPTY), 3));
         }
