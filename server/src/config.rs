@@ -1,7 +1,7 @@
 //! The server's one configuration struct: flags (clap) with `CORRAL_SERVER_*` environment
 //! overrides and documented defaults.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::net::SocketAddr;
 
 pub use corral_runtime::logging::LogFormat;
 
@@ -17,13 +17,15 @@ pub struct Config {
     #[arg(long, env = "CORRAL_SERVER_LISTEN", default_value = "127.0.0.1:7443")]
     pub listen: SocketAddr,
 
-    /// SQLite database (created if missing; WAL mode).
+    /// Where the server keeps its state: a SQLite file (created if missing; WAL mode; one
+    /// server), or a PostgreSQL URL, `postgres://user:password@host:port/db` (any number of
+    /// replicas sharing it). Put a password in `CORRAL_SERVER_DB`, not on the command line.
     #[arg(
         long,
         env = "CORRAL_SERVER_DB",
         default_value = "/var/lib/corral/server.db"
     )]
-    pub db: PathBuf,
+    pub db: String,
 
     /// Serve without TLS: must be asked for, and only on a loopback address.
     #[arg(long, env = "CORRAL_SERVER_PLAINTEXT", conflicts_with = "cert")]

@@ -63,17 +63,12 @@ impl EventService for Events {
         tokio::spawn(async move {
             let mut sent = 0usize;
             loop {
-                let page = {
-                    let (log, q) = (log.clone(), q.clone());
-                    tokio::task::spawn_blocking(move || log.events(&q)).await
-                };
-                let page = match page
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()))
-                {
+                let page = match log.events(&q).await {
                     Ok(p) => p,
                     Err(e) => {
-                        let _ = tx.send(Err(Status::internal(e))).await;
+                        let _ = tx
+                            .send(Err(Status::internal(corral_runtime::error_chain(&e))))
+                            .await;
                         return;
                     }
                 };

@@ -59,19 +59,13 @@ pub async fn record_task(
         }
         let events = std::mem::take(&mut batch);
         let n = events.len() as u64;
-        let log = log.clone();
-        let written = tokio::task::spawn_blocking(move || log.append(&events, keep)).await;
-        match written {
-            Ok(Ok(())) => {
+        match log.append(&events, keep).await {
+            Ok(()) => {
                 fleet.events_recorded.fetch_add(n, Ordering::Relaxed);
-            }
-            Ok(Err(e)) => {
-                fleet.events_not_recorded.fetch_add(n, Ordering::Relaxed);
-                warn!(lost = n, error = %e, "cannot record events in the history");
             }
             Err(e) => {
                 fleet.events_not_recorded.fetch_add(n, Ordering::Relaxed);
-                warn!(lost = n, error = %e, "the event history's writer failed");
+                warn!(lost = n, error = %corral_runtime::error_chain(&e), "cannot record events in the history");
             }
         }
     }

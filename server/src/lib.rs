@@ -69,13 +69,13 @@ pub enum RunError {
 /// Runs the server until SIGTERM/SIGINT.
 pub async fn run(cfg: Config) -> Result<(), RunError> {
     cfg.check()?;
-    let db = Arc::new(store::sqlite::SqliteStore::open(&cfg.db)?);
+    let db = store::open(&cfg.db).await?;
     let store: Arc<dyn PolicyStore> = db.clone();
-    let current = store.current()?;
+    let current = store.current().await?;
     let fleet = Arc::new(Fleet::new(&current, cfg.event_buffer));
     let db_events = db.clone();
     let grants = Arc::new(grants::Grants::new(db, fleet.clone(), &cfg.approvers));
-    grants.start()?;
+    grants.start().await?;
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| RunError::Listen {
@@ -134,7 +134,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         // Plaintext: callers are named by the uid owning their socket (nodelay set there).
         tokio::spawn(router.serve_with_incoming_shutdown(local_peer::incoming(listener), stopped))
     };
-    info!(addr = %local, mtls = cfg.tls.is_set(), db = %cfg.db.display(), revision = current.revision, policies = current.policies.len(), grants = fleet.current().grants.len(), approvers = ?cfg.approvers, policy_admins = ?cfg.policy_admins, "corral-server ready");
+    info!(addr = %local, mtls = cfg.tls.is_set(), db = %store::describe(&cfg.db), revision = current.revision, policies = current.policies.len(), grants = fleet.current().grants.len(), approvers = ?cfg.approvers, policy_admins = ?cfg.policy_admins, "corral-server ready");
     let signal = shutdown::signal();
     tokio::pin!(signal);
     tokio::select! {

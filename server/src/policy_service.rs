@@ -70,16 +70,21 @@ impl Policies {
     }
 
     /// Commits `change` over `base` (already validated) and pushes the result.
-    fn commit(&self, base: &StoreSnapshot, change: &Change) -> Result<u64, ServerError> {
-        let revision = self.store.commit(base.revision, change)?;
-        let now = self.store.current()?;
+    async fn commit(&self, base: &StoreSnapshot, change: &Change) -> Result<u64, ServerError> {
+        let revision = self.store.commit(base.revision, change).await?;
+        let now = self.store.current().await?;
         self.fleet.publish(&now);
         Ok(revision)
     }
 
-    fn apply(&self, file: &str, yaml: &str, by: String) -> Result<pb::ApplyResponse, ServerError> {
+    async fn apply(
+        &self,
+        file: &str,
+        yaml: &str,
+        by: String,
+    ) -> Result<pb::ApplyResponse, ServerError> {
         let docs = validate::split_file(file, yaml)?;
-        let base = self.store.current()?;
+        let base = self.store.current().await?;
         let current = by_name(&base);
         let names: Vec<String> = docs.iter().map(|d| d.name.clone()).collect();
         let upserts: Vec<(String, String)> = docs
@@ -99,17 +104,20 @@ impl Policies {
             base.revision + 1,
             &validate::merged(&current, file, &docs, &[]),
         )?;
-        let revision = self.commit(
-            &base,
-            &Change {
-                applied_by: by,
-                upserts,
-                deletes: Vec::new(),
-            },
-        )?;
+        let revision = self
+            .commit(
+                &base,
+                &Change {
+                    applied_by: by,
+                    upserts,
+                    deletes: Vec::new(),
+                },
+            )
+            .await?;
         let applied = self
             .store
-            .history(&names[0])?
+            .history(&names[0])
+            .await?
             .last()
             .map_or(0, |r| r.applied_unix_nano);
         info!(revision, policies = ?names, "policies applied");
@@ -121,8 +129,8 @@ impl Policies {
         })
     }
 
-    fn delete(&self, name: &str, by: String) -> Result<u64, ServerError> {
-        let base = self.store.current()?;
+    async fn delete(&self, name: &str, by: String) -> Result<u64, ServerError> {
+        let base = self.store.current().await?;
         let current = by_name(&base);
         if !current.contains_key(name) {
             return Err(ServerError::NotFound { name: name.into() });
@@ -132,14 +140,16 @@ impl Policies {
             base.revision + 1,
             &validate::merged(&current, "", &[], &deletes),
         )?;
-        let revision = self.commit(
-            &base,
-            &Change {
-                applied_by: by,
-                upserts: Vec::new(),
-                deletes,
-            },
-        )?;
+        let revision = self
+            .commit(
+                &base,
+                &Change {
+                    applied_by: by,
+                    upserts: Vec::new(),
+                    deletes,
+                },
+            )
+            .await?;
         info!(revision, policy = name, "policy deleted");
         Ok(revision)
     }
@@ -160,7 +170,7 @@ impl PolicyService for Policies {
             r.file_name.as_str()
         };
         let _one = self.change.lock().await;
-        Ok(Response::new(self.apply(file, &r.yaml, by)?))
+        Ok(Response::new(self.apply(file, &r.yaml, by).await?))
     }
 
     #[instrument(skip_all, fields(name = %req.get_ref().name))]
@@ -171,7 +181,7 @@ impl PolicyService for Policies {
         let by = self.admitted(&req)?;
         let name = req.into_inner().name;
         let _one = self.change.lock().await;
-        let revision = self.delete(&name, by)?;
+        let revision = self.delete(&name, by).await?;
         Ok(Response::new(pb::DeleteResponse { revision }))
     }
 
@@ -180,7 +190,7 @@ impl PolicyService for Policies {
         &self,
         _req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
-        let s = self.store.current().map_err(ServerError::from)?;
+        let s = self.store.current().await.map_err(ServerError::from)?;
         Ok(Response::new(pb::ListResponse {
             policies: s.policies.iter().map(doc).collect(),
             revision: s.revision,
@@ -190,16 +200,18 @@ impl PolicyService for Policies {
     #[instrument(skip_all, fields(name = %req.get_ref().name))]
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
         let r = req.into_inner();
-        let p =
-            self.store
-                .get(&r.name)
-                .map_err(ServerError::from)?
-                .ok_or(ServerError::NotFound {
-                    name: r.name.clone(),
-                })?;
+        let p = self
+            .store
+            .get(&r.name)
+            .await
+            .map_err(ServerError::from)?
+            .ok_or(ServerError::NotFound {
+                name: r.name.clone(),
+            })?;
         let history = if r.history {
             self.store
                 .history(&r.name)
+                .await
                 .map_err(ServerError::from)?
                 .iter()
                 .map(doc)
@@ -239,14 +251,17 @@ mod tests {
 
     use crate::auth::as_local_user as as_user;
 
-    fn policies(name: &str, admins: &[String]) -> anyhow::Result<(Policies, std::path::PathBuf)> {
+    async fn policies(
+        name: &str,
+        admins: &[String],
+    ) -> anyhow::Result<(Policies, std::path::PathBuf)> {
         let db = std::env::temp_dir().join(format!(
             "corral-policy-admins-{name}-{}-{}.db",
             std::process::id(),
             crate::store::now_unix_nano()
         ));
         let store: Arc<dyn PolicyStore> = Arc::new(SqliteStore::open(&db)?);
-        let fleet = Arc::new(Fleet::new(&store.current()?, 16));
+        let fleet = Arc::new(Fleet::new(&store.current().await?, 16));
         Ok((Policies::new(store, fleet, admins), db))
     }
 
@@ -262,7 +277,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_policy_admins_change_policies_when_admins_are_set() -> anyhow::Result<()> {
-        let (p, db) = policies("set", &["alice".into()])?;
+        let (p, db) = policies("set", &["alice".into()]).await?;
         let denied = PolicyService::apply(&p, apply_req("node-a"))
             .await
             .expect_err("not an admin");
@@ -293,7 +308,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_admins_every_caller_may_change_policies() -> anyhow::Result<()> {
-        let (p, db) = policies("unset", &[])?;
+        let (p, db) = policies("unset", &[]).await?;
         let r = PolicyService::apply(&p, apply_req("anyone"))
             .await?
             .into_inner();

@@ -24,8 +24,9 @@ use tracing::{debug, info, instrument, warn};
 use crate::fleet::{Current, Fleet, PrincipalKey};
 
 /// Told when principals' sessions end on the fleet.
+#[async_trait::async_trait]
 pub trait SessionObserver: Send + std::marker::Sync + 'static {
-    fn sessions_ended(&self, gone: &[PrincipalKey]);
+    async fn sessions_ended(&self, gone: &[PrincipalKey]);
 }
 
 pub struct Sync {
@@ -102,7 +103,7 @@ impl Stream1 {
     }
 
     /// A `Principals` report: the fleet keeps it; ended sessions go to the observer.
-    fn principals(&self, p: pb::Principals) {
+    async fn principals(&self, p: pb::Principals) {
         let set = p
             .principals
             .into_iter()
@@ -113,7 +114,7 @@ impl Stream1 {
         if !gone.is_empty()
             && let Some(o) = &self.sessions
         {
-            o.sessions_ended(&gone);
+            o.sessions_ended(&gone).await;
         }
     }
 
@@ -177,7 +178,7 @@ async fn serve_stream(
                         }
                     }
                     Some(Msg::Event(e)) => s.fleet.forward_event(&s.node, e),
-                    Some(Msg::Principals(p)) => s.principals(p),
+                    Some(Msg::Principals(p)) => s.principals(p).await,
                     Some(Msg::Hello(_)) | None => {
                         let _ = s.tx.send(Err(Status::invalid_argument("Hello may only be the first message"))).await;
                         break;

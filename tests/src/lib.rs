@@ -326,6 +326,7 @@ pub mod fleet;
 /// A real node (server + agent) and a prober in a principal, for latency benchmarks.
 pub mod harness;
 pub mod netns;
+pub mod postgres;
 
 /// Builds compiled policies for tests, without YAML.
 pub mod build {

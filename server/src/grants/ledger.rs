@@ -3,13 +3,11 @@
 //! of active grants changed, pushed to the fleet at once (grants version = that sequence).
 //! Changes run one at a time so versions and event sequence numbers go out in order.
 
-use std::{
-    collections::BTreeSet,
-    sync::{Arc, Mutex, PoisonError},
-};
+use std::{collections::BTreeSet, sync::Arc};
 
 use corral_policy::compiled::Approval;
 use corral_proto::v1::{self as pb, GrantState};
+use tokio::sync::{Mutex, MutexGuard};
 use tracing::{info, warn};
 
 use super::{
@@ -65,17 +63,17 @@ impl Grants {
     }
 
     /// At startup: expires what lapsed while the server was down and pushes the active set.
-    pub fn start(&self) -> Result<(), GrantError> {
-        self.sweep(now_unix_nano())?;
-        let _one = self.lock();
-        self.publish()
+    pub async fn start(&self) -> Result<(), GrantError> {
+        self.sweep(now_unix_nano()).await?;
+        let _one = self.lock().await;
+        self.publish().await
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.write.lock().unwrap_or_else(PoisonError::into_inner)
+    async fn lock(&self) -> MutexGuard<'_, ()> {
+        self.write.lock().await
     }
 
-    pub fn request(
+    pub async fn request(
         &self,
         caller: &Caller,
         r: &pb::GrantRequest,
@@ -109,40 +107,45 @@ impl Grants {
                 session: r.session.clone(),
             });
         }
-        let _one = self.lock();
-        let g = self.store.insert(&NewGrant {
-            identity: r.identity.clone(),
-            session: r.session.clone(),
-            template: r.grant.clone(),
-            policy: offer.policy,
-            ttl_seconds: ttl,
-            reason: r.reason.clone(),
-            requested_by: caller.display.clone(),
-            requester: caller.name.clone(),
-            requested_unix_nano: now_unix_nano(),
-        })?;
+        let _one = self.lock().await;
+        let g = self
+            .store
+            .insert(&NewGrant {
+                identity: r.identity.clone(),
+                session: r.session.clone(),
+                template: r.grant.clone(),
+                policy: offer.policy,
+                ttl_seconds: ttl,
+                reason: r.reason.clone(),
+                requested_by: caller.display.clone(),
+                requester: caller.name.clone(),
+                requested_unix_nano: now_unix_nano(),
+            })
+            .await?;
         info!(id = g.id, identity = %r.identity, session = %r.session, grant = %r.grant, ttl, by = %caller.display, "grant requested");
         self.emit(&g);
         if offer.approval != Approval::Auto {
             return Ok(g);
         }
-        let g = self.apply(
-            g.id,
-            &Op {
-                name: "approved",
-                from: PENDING,
-                allowed: "pending",
-                to: GrantState::Active,
-                decision: true,
-            },
-            "auto",
-            "approval: auto",
-        )?;
-        self.publish()?;
+        let g = self
+            .apply(
+                g.id,
+                &Op {
+                    name: "approved",
+                    from: PENDING,
+                    allowed: "pending",
+                    to: GrantState::Active,
+                    decision: true,
+                },
+                "auto",
+                "approval: auto",
+            )
+            .await?;
+        self.publish().await?;
         Ok(g)
     }
 
-    pub fn approve(
+    pub async fn approve(
         &self,
         caller: &Caller,
         id: &str,
@@ -150,7 +153,7 @@ impl Grants {
     ) -> Result<GrantRecord, GrantError> {
         let id = parse_id(id)?;
         self.must_be_approver(caller, "approve")?;
-        let g = self.get(id)?;
+        let g = self.get(id).await?;
         if g.request.requester == caller.name {
             return Err(GrantError::SelfApproval {
                 id,
@@ -181,7 +184,7 @@ impl Grants {
                 });
             }
         }
-        let _one = self.lock();
+        let _one = self.lock().await;
         let op = Op {
             name: "approved",
             from: PENDING,
@@ -189,15 +192,20 @@ impl Grants {
             to: GrantState::Active,
             decision: true,
         };
-        let g = self.apply(id, &op, &caller.display, reason)?;
-        self.publish()?;
+        let g = self.apply(id, &op, &caller.display, reason).await?;
+        self.publish().await?;
         Ok(g)
     }
 
-    pub fn deny(&self, caller: &Caller, id: &str, reason: &str) -> Result<GrantRecord, GrantError> {
+    pub async fn deny(
+        &self,
+        caller: &Caller,
+        id: &str,
+        reason: &str,
+    ) -> Result<GrantRecord, GrantError> {
         let id = parse_id(id)?;
         self.must_be_approver(caller, "deny")?;
-        let _one = self.lock();
+        let _one = self.lock().await;
         let op = Op {
             name: "denied",
             from: PENDING,
@@ -205,10 +213,10 @@ impl Grants {
             to: GrantState::Denied,
             decision: true,
         };
-        self.apply(id, &op, &caller.display, reason)
+        self.apply(id, &op, &caller.display, reason).await
     }
 
-    pub fn revoke(
+    pub async fn revoke(
         &self,
         caller: &Caller,
         id: &str,
@@ -216,7 +224,7 @@ impl Grants {
     ) -> Result<GrantRecord, GrantError> {
         let id = parse_id(id)?;
         if !self.approvers.is_empty() && !self.approvers.contains(&caller.name) {
-            let g = self.get(id)?;
+            let g = self.get(id).await?;
             if g.request.requester != caller.name {
                 return Err(GrantError::NotApproverOrRequester {
                     id,
@@ -224,7 +232,7 @@ impl Grants {
                 });
             }
         }
-        let _one = self.lock();
+        let _one = self.lock().await;
         let op = Op {
             name: "revoked",
             from: LIVE,
@@ -232,40 +240,46 @@ impl Grants {
             to: GrantState::Revoked,
             decision: false,
         };
-        let g = self.apply(id, &op, &caller.display, reason)?;
-        self.publish()?;
+        let g = self.apply(id, &op, &caller.display, reason).await?;
+        self.publish().await?;
         Ok(g)
     }
 
-    pub fn list(&self, r: &pb::ListGrantsRequest) -> Result<Vec<GrantRecord>, GrantError> {
+    pub async fn list(&self, r: &pb::ListGrantsRequest) -> Result<Vec<GrantRecord>, GrantError> {
         let id = if r.id.is_empty() {
             None
         } else {
             Some(parse_id(&r.id)?)
         };
-        Ok(self.store.list(&GrantFilter {
-            id,
-            identity: (!r.identity.is_empty()).then(|| r.identity.clone()),
-            states: if r.pending_only {
-                PENDING.to_vec()
-            } else {
-                Vec::new()
-            },
-            ..GrantFilter::default()
-        })?)
+        Ok(self
+            .store
+            .list(&GrantFilter {
+                id,
+                identity: (!r.identity.is_empty()).then(|| r.identity.clone()),
+                states: if r.pending_only {
+                    PENDING.to_vec()
+                } else {
+                    Vec::new()
+                },
+                ..GrantFilter::default()
+            })
+            .await?)
     }
 
     /// Marks active grants past their expiry `EXPIRED` (actor `expiry`). Returns how many.
-    pub fn sweep(&self, now: u64) -> Result<usize, GrantError> {
-        let due = self.store.list(&GrantFilter {
-            states: vec![GrantState::Active],
-            expired_by: Some(now),
-            ..GrantFilter::default()
-        })?;
+    pub async fn sweep(&self, now: u64) -> Result<usize, GrantError> {
+        let due = self
+            .store
+            .list(&GrantFilter {
+                states: vec![GrantState::Active],
+                expired_by: Some(now),
+                ..GrantFilter::default()
+            })
+            .await?;
         if due.is_empty() {
             return Ok(0);
         }
-        let _one = self.lock();
+        let _one = self.lock().await;
         let op = Op {
             name: "expired",
             from: &[GrantState::Active],
@@ -275,21 +289,21 @@ impl Grants {
         };
         let mut n = 0;
         for g in due {
-            match self.apply(g.id, &op, "expiry", "ttl elapsed") {
+            match self.apply(g.id, &op, "expiry", "ttl elapsed").await {
                 Ok(_) => n += 1,
                 // Revoked or ended meanwhile.
                 Err(GrantError::WrongState { .. }) => {}
                 Err(e) => return Err(e),
             }
         }
-        self.publish()?;
+        self.publish().await?;
         Ok(n)
     }
 
     /// Ends every pending or active grant bound to a session that ended (actor
     /// `session-end`). Grants for all sessions of an identity (empty session) never end so.
-    pub fn end_sessions(&self, gone: &[PrincipalKey]) -> Result<usize, GrantError> {
-        let _one = self.lock();
+    pub async fn end_sessions(&self, gone: &[PrincipalKey]) -> Result<usize, GrantError> {
+        let _one = self.lock().await;
         let op = Op {
             name: "ended",
             from: LIVE,
@@ -299,14 +313,20 @@ impl Grants {
         };
         let mut n = 0;
         for (identity, session) in gone.iter().filter(|(_, s)| !s.is_empty()) {
-            let bound = self.store.list(&GrantFilter {
-                identity: Some(identity.clone()),
-                session: Some(session.clone()),
-                states: LIVE.to_vec(),
-                ..GrantFilter::default()
-            })?;
+            let bound = self
+                .store
+                .list(&GrantFilter {
+                    identity: Some(identity.clone()),
+                    session: Some(session.clone()),
+                    states: LIVE.to_vec(),
+                    ..GrantFilter::default()
+                })
+                .await?;
             for g in bound {
-                match self.apply(g.id, &op, "session-end", "the session ended") {
+                match self
+                    .apply(g.id, &op, "session-end", "the session ended")
+                    .await
+                {
                     Ok(_) => n += 1,
                     Err(GrantError::WrongState { .. }) => {}
                     Err(e) => return Err(e),
@@ -314,7 +334,7 @@ impl Grants {
             }
         }
         if n > 0 {
-            self.publish()?;
+            self.publish().await?;
         }
         Ok(n)
     }
@@ -330,18 +350,19 @@ impl Grants {
         }
     }
 
-    fn get(&self, id: u64) -> Result<GrantRecord, GrantError> {
+    async fn get(&self, id: u64) -> Result<GrantRecord, GrantError> {
         self.store
             .list(&GrantFilter {
                 id: Some(id),
                 ..GrantFilter::default()
-            })?
+            })
+            .await?
             .pop()
             .ok_or(GrantError::NotFound { id })
     }
 
     /// One state change (the caller holds the write lock); emits its event.
-    fn apply(
+    async fn apply(
         &self,
         id: u64,
         op: &Op<'_>,
@@ -350,7 +371,7 @@ impl Grants {
     ) -> Result<GrantRecord, GrantError> {
         let now = now_unix_nano();
         let expires = if op.to == GrantState::Active {
-            let g = self.get(id)?;
+            let g = self.get(id).await?;
             Some(now.saturating_add(g.request.ttl_seconds.saturating_mul(NANOS)))
         } else {
             None
@@ -365,7 +386,7 @@ impl Grants {
             decision: op.decision,
             expires_unix_nano: expires,
         };
-        match self.store.transition(&t)? {
+        match self.store.transition(&t).await? {
             Transitioned::Done(g) => {
                 info!(id, state = state_name(op.to), actor, "grant {}", op.name);
                 self.emit(&g);
@@ -389,19 +410,20 @@ impl Grants {
     }
 
     /// Pushes the active, unexpired grants to the fleet (the caller holds the write lock).
-    fn publish(&self) -> Result<(), GrantError> {
+    async fn publish(&self) -> Result<(), GrantError> {
         let now = now_unix_nano();
         let active: Vec<pb::ActiveGrant> = self
             .store
             .list(&GrantFilter {
                 states: vec![GrantState::Active],
                 ..GrantFilter::default()
-            })?
+            })
+            .await?
             .into_iter()
             .filter(|g| g.expires_unix_nano > now)
             .map(|g| active(&g))
             .collect();
-        let version = self.store.last_seq()?;
+        let version = self.store.last_seq().await?;
         if self.fleet.publish_grants(version, active) {
             info!(grants_version = version, "grant set pushed");
         } else if version < self.fleet.current().grants_version {

@@ -40,7 +40,7 @@ impl GrantService for GrantApi {
     #[instrument(skip_all, fields(identity = %req.get_ref().identity, grant = %req.get_ref().grant))]
     async fn request(&self, req: Request<pb::GrantRequest>) -> Result<Response<pb::Grant>, Status> {
         let c = caller(&req);
-        done(self.grants.request(&c, req.get_ref()))
+        done(self.grants.request(&c, req.get_ref()).await)
     }
 
     #[instrument(skip_all, fields(id = %req.get_ref().id))]
@@ -50,7 +50,7 @@ impl GrantService for GrantApi {
     ) -> Result<Response<pb::Grant>, Status> {
         let c = caller(&req);
         let r = req.get_ref();
-        done(self.grants.approve(&c, &r.id, &r.reason))
+        done(self.grants.approve(&c, &r.id, &r.reason).await)
     }
 
     #[instrument(skip_all, fields(id = %req.get_ref().id))]
@@ -60,7 +60,7 @@ impl GrantService for GrantApi {
     ) -> Result<Response<pb::Grant>, Status> {
         let c = caller(&req);
         let r = req.get_ref();
-        done(self.grants.deny(&c, &r.id, &r.reason))
+        done(self.grants.deny(&c, &r.id, &r.reason).await)
     }
 
     #[instrument(skip_all, fields(id = %req.get_ref().id))]
@@ -70,7 +70,7 @@ impl GrantService for GrantApi {
     ) -> Result<Response<pb::Grant>, Status> {
         let c = caller(&req);
         let r = req.get_ref();
-        done(self.grants.revoke(&c, &r.id, &r.reason))
+        done(self.grants.revoke(&c, &r.id, &r.reason).await)
     }
 
     #[instrument(skip_all)]
@@ -78,16 +78,21 @@ impl GrantService for GrantApi {
         &self,
         req: Request<pb::ListGrantsRequest>,
     ) -> Result<Response<pb::ListGrantsResponse>, Status> {
-        let gs = self.grants.list(req.get_ref()).map_err(ServerError::from)?;
+        let gs = self
+            .grants
+            .list(req.get_ref())
+            .await
+            .map_err(ServerError::from)?;
         Ok(Response::new(pb::ListGrantsResponse {
             grants: gs.iter().map(to_pb).collect(),
         }))
     }
 }
 
+#[async_trait::async_trait]
 impl SessionObserver for Grants {
-    fn sessions_ended(&self, gone: &[PrincipalKey]) {
-        if let Err(e) = self.end_sessions(gone) {
+    async fn sessions_ended(&self, gone: &[PrincipalKey]) {
+        if let Err(e) = self.end_sessions(gone).await {
             warn!(error = %corral_runtime::error_chain(&e), "ending session-bound grants failed");
         }
     }
@@ -101,7 +106,7 @@ pub async fn sweep_task(grants: Arc<Grants>, mut stop: ShutdownSignal) {
         tokio::select! {
             _ = stop.wait() => return,
             _ = tick.tick() => {
-                if let Err(e) = grants.sweep(now_unix_nano()) {
+                if let Err(e) = grants.sweep(now_unix_nano()).await {
                     warn!(error = %corral_runtime::error_chain(&e), "grant expiry sweep failed");
                 }
             }

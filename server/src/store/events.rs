@@ -30,10 +30,11 @@ pub struct EventQuery {
 }
 
 /// Where the event history lives.
+#[async_trait::async_trait]
 pub trait EventLog: Send + Sync + 'static {
     /// Appends `events` (node, event time, encoding) in order, then keeps only the newest
     /// `keep` events of the history.
-    fn append(&self, events: &[(String, u64, Vec<u8>)], keep: u64) -> Result<(), StoreError>;
+    async fn append(&self, events: &[(String, u64, Vec<u8>)], keep: u64) -> Result<(), StoreError>;
     /// The events `q` selects, oldest first.
-    fn events(&self, q: &EventQuery) -> Result<Vec<StoredEvent>, StoreError>;
+    async fn events(&self, q: &EventQuery) -> Result<Vec<StoredEvent>, StoreError>;
 }

@@ -1,7 +1,7 @@
 //! Grant storage: every grant request with its whole history. [`GrantStore`] is the seam;
 //! [`super::sqlite::SqliteStore`] implements it in the same database as the policies.
 //!
-//! A grant's id is the store's (SQLite `AUTOINCREMENT`) row id: positive, never reused, and
+//! A grant's id is the store's (SQLite `AUTOINCREMENT`, PostgreSQL `BIGSERIAL`) row id: positive, never reused, and
 //! the same number the kernel's grant map and events carry. Every state change appends one
 //! history row whose id (`seq`) is global and monotonic; the server uses it as the grants
 //! version and as the sequence number of its grant events.
@@ -92,15 +92,16 @@ pub struct GrantFilter {
 }
 
 /// Where grants and their history live.
+#[async_trait::async_trait]
 pub trait GrantStore: Send + Sync + 'static {
     /// Records a new request (state pending, one history row by the requester).
-    fn insert(&self, g: &NewGrant) -> Result<GrantRecord, StoreError>;
+    async fn insert(&self, g: &NewGrant) -> Result<GrantRecord, StoreError>;
     /// Applies `t` atomically: checks the current state and appends the history row.
-    fn transition(&self, t: &Transition<'_>) -> Result<Transitioned, StoreError>;
+    async fn transition(&self, t: &Transition<'_>) -> Result<Transitioned, StoreError>;
     /// Matching grants, by id, with their history.
-    fn list(&self, f: &GrantFilter) -> Result<Vec<GrantRecord>, StoreError>;
+    async fn list(&self, f: &GrantFilter) -> Result<Vec<GrantRecord>, StoreError>;
     /// The newest history row's `seq` (0 if none): changes with every state change.
-    fn last_seq(&self) -> Result<u64, StoreError>;
+    async fn last_seq(&self) -> Result<u64, StoreError>;
 }
 
 /// The stored (text) form of a state.

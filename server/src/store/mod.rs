@@ -1,14 +1,52 @@
 //! Policy storage: every change is one new global, monotonic revision; history is kept.
 //!
-//! [`PolicyStore`] is the seam; [`sqlite::SqliteStore`] (embedded SQLite, WAL) is the default
-//! implementation. Grants live in the same database behind [`grants::GrantStore`].
+//! [`PolicyStore`] is the seam, with two implementations: [`sqlite::SqliteStore`] (embedded
+//! SQLite, WAL), the default, and [`postgres::PgStore`] (PostgreSQL, `--db postgres://...`).
+//! Grants live in the same database behind [`grants::GrantStore`], the fleet's event history
+//! behind [`events::EventLog`]. [`open`] picks the implementation from `--db`;
+//! [`conformance`] is the behaviour both must show, run against each.
 
+pub mod conformance;
 pub mod events;
 pub mod grants;
+pub mod postgres;
+mod postgres_grants;
+mod postgres_schema;
 pub mod sqlite;
 mod sqlite_events;
 mod sqlite_grants;
 mod sqlite_schema;
+
+use std::sync::Arc;
+
+/// Everything the server keeps, in one database.
+pub trait Store: PolicyStore + grants::GrantStore + events::EventLog {}
+impl<T: PolicyStore + grants::GrantStore + events::EventLog> Store for T {}
+
+/// Where `--db` points: a PostgreSQL URL (`postgres://` or `postgresql://`), else a SQLite
+/// file path.
+pub async fn open(db: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if is_postgres(db) {
+        Ok(Arc::new(postgres::PgStore::connect(db).await?))
+    } else {
+        Ok(Arc::new(sqlite::SqliteStore::open(std::path::Path::new(
+            db,
+        ))?))
+    }
+}
+
+/// `--db` for messages: a PostgreSQL URL without its password.
+pub fn describe(db: &str) -> String {
+    if is_postgres(db) {
+        postgres::redacted(db)
+    } else {
+        db.to_owned()
+    }
+}
+
+fn is_postgres(db: &str) -> bool {
+    db.starts_with("postgres://") || db.starts_with("postgresql://")
+}
 
 /// One version of one policy document.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,18 +94,41 @@ pub enum StoreError {
     },
     #[error("the policy set changed concurrently (now at revision {current}, expected {expected})")]
     Conflict { expected: u64, current: u64 },
+    #[error("connect to PostgreSQL at {url}")]
+    PgConnect {
+        /// The URL without its password.
+        url: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("PostgreSQL: {op}")]
+    Pg {
+        op: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("PostgreSQL: no connection from the pool")]
+    PgPool(#[source] deadpool_postgres::PoolError),
+    #[error("PostgreSQL: {op}: no such row")]
+    Missing { op: &'static str },
+    #[error(
+        "the database's schema is version {have}, newer than this server knows ({known}): \
+         upgrade the server"
+    )]
+    SchemaTooNew { have: i32, known: i32 },
 }
 
 /// Where policies and their history live.
+#[async_trait::async_trait]
 pub trait PolicyStore: Send + Sync + 'static {
     /// The current revision and the live policies.
-    fn current(&self) -> Result<StoreSnapshot, StoreError>;
+    async fn current(&self) -> Result<StoreSnapshot, StoreError>;
     /// The live version of `name`.
-    fn get(&self, name: &str) -> Result<Option<PolicyRecord>, StoreError>;
+    async fn get(&self, name: &str) -> Result<Option<PolicyRecord>, StoreError>;
     /// Every version of `name`, oldest first (deletions included).
-    fn history(&self, name: &str) -> Result<Vec<PolicyRecord>, StoreError>;
+    async fn history(&self, name: &str) -> Result<Vec<PolicyRecord>, StoreError>;
     /// Commits `change` as revision `base + 1`, if the store is still at `base`.
-    fn commit(&self, base: u64, change: &Change) -> Result<u64, StoreError>;
+    async fn commit(&self, base: u64, change: &Change) -> Result<u64, StoreError>;
 }
 
 /// Unix time now, in nanoseconds.

@@ -87,8 +87,9 @@ fn revision(conn: &Connection) -> Result<u64, StoreError> {
     Ok(u64::try_from(r).unwrap_or(0))
 }
 
+#[async_trait::async_trait]
 impl PolicyStore for SqliteStore {
-    fn current(&self) -> Result<StoreSnapshot, StoreError> {
+    async fn current(&self) -> Result<StoreSnapshot, StoreError> {
         let mut conn = self.conn();
         // One read transaction: the revision and the set agree.
         let tx = conn.transaction().map_err(db("begin a read"))?;
@@ -104,7 +105,7 @@ impl PolicyStore for SqliteStore {
         Ok(StoreSnapshot { revision, policies })
     }
 
-    fn get(&self, name: &str) -> Result<Option<PolicyRecord>, StoreError> {
+    async fn get(&self, name: &str) -> Result<Option<PolicyRecord>, StoreError> {
         let conn = self.conn();
         let r = conn
             .query_row(
@@ -118,7 +119,7 @@ impl PolicyStore for SqliteStore {
         Ok(r.filter(|r| !r.deleted))
     }
 
-    fn history(&self, name: &str) -> Result<Vec<PolicyRecord>, StoreError> {
+    async fn history(&self, name: &str) -> Result<Vec<PolicyRecord>, StoreError> {
         let conn = self.conn();
         let mut st = conn
             .prepare_cached(
@@ -132,7 +133,7 @@ impl PolicyStore for SqliteStore {
             .map_err(db("read history"))
     }
 
-    fn commit(&self, base: u64, change: &Change) -> Result<u64, StoreError> {
+    async fn commit(&self, base: u64, change: &Change) -> Result<u64, StoreError> {
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -175,66 +176,56 @@ impl PolicyStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{
+        conformance,
+        grants::{GrantFilter, GrantStore},
+    };
 
-    fn temp_db(name: &str) -> std::path::PathBuf {
-        let p = std::env::temp_dir().join(format!(
-            "corral-store-{name}-{}-{}.db",
-            std::process::id(),
-            now_unix_nano()
-        ));
-        let _ = std::fs::remove_file(&p);
-        p
-    }
+    /// A fresh database file (removed on drop).
+    struct TempDb(std::path::PathBuf);
 
-    fn change(by: &str, up: &[(&str, &str)], del: &[&str]) -> Change {
-        Change {
-            applied_by: by.into(),
-            upserts: up.iter().map(|(n, y)| ((*n).into(), (*y).into())).collect(),
-            deletes: del.iter().map(|n| (*n).into()).collect(),
-        }
-    }
-
-    #[test]
-    fn revisions_are_monotonic_history_is_kept_and_survives_reopen() -> Result<(), StoreError> {
-        let path = temp_db("hist");
-        {
-            let s = SqliteStore::open(&path)?;
-            assert_eq!(s.current()?, StoreSnapshot::default());
-            assert_eq!(
-                s.commit(0, &change("alice", &[("a", "A1"), ("b", "B1")], &[]))?,
-                1
-            );
-            assert_eq!(s.commit(1, &change("bob", &[("a", "A2")], &[]))?, 2);
-            assert_eq!(s.commit(2, &change("carol", &[], &["b"]))?, 3);
-            assert!(matches!(
-                s.commit(2, &change("late", &[("c", "C")], &[])),
-                Err(StoreError::Conflict {
-                    expected: 2,
-                    current: 3
-                })
+    impl TempDb {
+        fn new(name: &str) -> Self {
+            let p = std::env::temp_dir().join(format!(
+                "corral-store-{name}-{}-{}.db",
+                std::process::id(),
+                now_unix_nano()
             ));
+            let _ = std::fs::remove_file(&p);
+            Self(p)
         }
-        let s = SqliteStore::open(&path)?;
-        let cur = s.current()?;
-        assert_eq!(cur.revision, 3);
-        assert_eq!(cur.policies.len(), 1);
-        assert_eq!(
-            (cur.policies[0].name.as_str(), cur.policies[0].yaml.as_str()),
-            ("a", "A2")
-        );
-        assert_eq!(cur.policies[0].applied_by, "bob");
-        assert_eq!(s.get("b")?, None, "deleted");
-        let h = s.history("b")?;
-        assert_eq!(h.len(), 2);
-        assert!(!h[0].deleted && h[1].deleted);
-        assert_eq!((h[0].revision, h[1].revision), (1, 3));
-        assert_eq!(h[1].applied_by, "carol");
+    }
+
+    impl Drop for TempDb {
+        fn drop(&mut self) {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut p = self.0.clone().into_os_string();
+                p.push(suffix);
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_store_behaves_and_survives_reopen() -> anyhow::Result<()> {
+        let tmp = TempDb::new("conformance");
+        let (a, b) = {
+            let s = SqliteStore::open(&tmp.0)?;
+            conformance::policies(&s).await?;
+            conformance::grants(&s).await?;
+            conformance::events(&s).await?;
+            let all = s.list(&GrantFilter::default()).await?;
+            (all[0].id, all[1].id)
+        };
+        let s = SqliteStore::open(&tmp.0)?;
+        conformance::policies_after_three(&s).await?;
+        let all = s.list(&GrantFilter::default()).await?;
+        anyhow::ensure!(all.len() == 3 && (all[0].id, all[1].id) == (a, b));
         let mode: String = s
             .conn()
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .map_err(db("mode"))?;
-        assert_eq!(mode, "wal");
-        let _ = std::fs::remove_file(&path);
+        anyhow::ensure!(mode == "wal");
         Ok(())
     }
 }

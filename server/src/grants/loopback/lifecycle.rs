@@ -186,7 +186,7 @@ async fn grants_survive_a_restart_and_are_pushed_again() -> anyhow::Result<()> {
     assert_eq!(pending.grants.len(), 1);
     assert_eq!(pending.grants[0].reason, "still pending");
     // Past its expiry the sweep retires it and the fleet's set is empty again.
-    assert_eq!(s.grants.sweep(now_unix_nano() + 601_000_000_000)?, 1);
+    assert_eq!(s.grants.sweep(now_unix_nano() + 601_000_000_000).await?, 1);
     assert!(s.fleet.current().grants.is_empty());
     let _ = std::fs::remove_file(&db);
     Ok(())

@@ -78,15 +78,17 @@ async fn client(url: &str, pki: &Pki, id: Identity) -> anyhow::Result<GrantServi
 async fn the_certificate_name_is_the_caller_and_the_header_is_ignored() -> anyhow::Result<()> {
     let db = temp_db("mtls");
     let store = Arc::new(SqliteStore::open(&db)?);
-    store.commit(
-        0,
-        &Change {
-            applied_by: "test".into(),
-            upserts: vec![("agents".into(), POLICY.into())],
-            deletes: Vec::new(),
-        },
-    )?;
-    let fleet = Arc::new(Fleet::new(&store.current()?, 16));
+    store
+        .commit(
+            0,
+            &Change {
+                applied_by: "test".into(),
+                upserts: vec![("agents".into(), POLICY.into())],
+                deletes: Vec::new(),
+            },
+        )
+        .await?;
+    let fleet = Arc::new(Fleet::new(&store.current().await?, 16));
     let grants = Arc::new(Grants::new(
         store,
         fleet,
