@@ -77,14 +77,20 @@ fn to_json(s: &pb::AgentStatus) -> serde_json::Value {
             "capped": d.capped, "namespaces": d.namespaces,
         })),
         "server_state": s.server_state,
+        "server": s.server,
     })
 }
 
 fn human(s: &pb::AgentStatus) -> String {
     let mut out = format!(
-        "node:        {}\nmode:        {}\nexec:        {} (scripts: {})\nsock_addr:   {}\nguards:      {}\npolicy:      revision {} ({})\n",
+        "node:        {}\nmode:        {}{}\nexec:        {} (scripts: {})\nsock_addr:   {}\nguards:      {}\npolicy:      revision {} ({})\n",
         s.node,
         s.server_state,
+        if s.server.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", s.server)
+        },
         s.exec_enforcement,
         s.exec_scripts,
         s.sock_addr_hooks.join(", "),

@@ -69,6 +69,12 @@ pub struct Config {
     )]
     pub policy_admins: Vec<String>,
 
+    /// With a PostgreSQL `--db`: how often a replica checks the database for changes other
+    /// replicas made, besides being told at once (LISTEN/NOTIFY), whose notifications are lost
+    /// while its listening connection is down.
+    #[arg(long, env = "CORRAL_SERVER_RESYNC_SECS", default_value_t = 5)]
+    pub resync_secs: u64,
+
     /// Log format.
     #[arg(long, env = "CORRAL_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,

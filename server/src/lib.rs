@@ -1,8 +1,9 @@
 //! `corral-server`: the central policy server.
 //!
 //! - [`config`]: flags and `CORRAL_SERVER_*` environment overrides.
-//! - [`store`]: the [`store::PolicyStore`] trait and its SQLite implementation (WAL, full
-//!   history, one monotonic revision per change).
+//! - [`store`]: the storage traits ([`store::PolicyStore`], grants, event history) and their
+//!   SQLite (embedded, the default) and PostgreSQL (shared by replicas) implementations; full
+//!   history, one monotonic revision per change.
 //! - [`validate`]: a change is accepted only if the whole resulting policy set compiles with
 //!   the node's own compiler (`corral_policy`).
 //! - [`fleet`]: the current revision every node should converge to, and each node's state
@@ -13,6 +14,7 @@
 //!   server's own grant changes).
 //! - [`grants`]: `GrantService` (Request/Approve/Deny/Revoke/List), the grant state machine,
 //!   the expiry sweep; active grants travel to nodes in the sync snapshots.
+//! - [`replicas`]: replicas sharing a PostgreSQL database follow each other's changes.
 //! - [`auth`]: who is calling (client certificate name, or the user header on loopback).
 //! - [`error`]: the one mapping of errors to gRPC codes.
 #![forbid(unsafe_code)]
@@ -26,6 +28,7 @@ pub mod grants;
 pub mod history;
 pub mod local_peer;
 pub mod policy_service;
+pub mod replicas;
 pub mod store;
 pub mod sync;
 pub mod validate;
@@ -99,6 +102,23 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         grants.clone(),
         shutdown.subscribe(),
     ));
+    if store::is_postgres(&cfg.db) {
+        // Other replicas may share the database: follow their changes.
+        let wake = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(store::postgres_listen::listen_task(
+            cfg.db.clone(),
+            wake.clone(),
+            shutdown.subscribe(),
+        ));
+        tokio::spawn(replicas::converge_task(
+            store.clone(),
+            fleet.clone(),
+            grants.clone(),
+            wake,
+            Duration::from_secs(cfg.resync_secs.max(1)),
+            shutdown.subscribe(),
+        ));
+    }
     let grant_api = grants::service::GrantApi::new(grants);
     let log: Arc<dyn store::events::EventLog> = db_events;
     if cfg.event_history > 0 {

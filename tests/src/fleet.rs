@@ -8,7 +8,7 @@
 
 use std::{
     net::TcpListener,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -17,7 +17,11 @@ use anyhow::{Context as _, bail, ensure};
 use corral_agent::{cgroup, ebpf::PinDir, paths};
 use serde_json::Value;
 
-use crate::{e2e::bin, probe_bin};
+use crate::{
+    Outcome,
+    e2e::{Reaped, bin, wait_for},
+    probe_bin, probe_in,
+};
 
 pub fn unique(name: &str) -> String {
     let nanos = std::time::SystemTime::now()
@@ -127,13 +131,25 @@ impl Server {
         tls: Option<&std::path::Path>,
         extra: &[&str],
     ) -> anyhow::Result<Self> {
+        let db = dir.0.join("server.db").display().to_string();
+        Self::start_db(dir, port, &db, tls, extra)
+    }
+
+    /// A server on the database `db` (a SQLite path or a PostgreSQL URL).
+    pub fn start_db(
+        dir: &Dir,
+        port: u16,
+        db: &str,
+        tls: Option<&std::path::Path>,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let log = dir.0.join(format!("server-{}.log", unique("log")));
         let mut c = Command::new(bin("corral-server")?);
         c.args(extra)
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--db")
-            .arg(dir.0.join("server.db"));
+            .arg(db);
         let (url, cli_args) = match tls {
             None => {
                 c.arg("--plaintext");
@@ -215,6 +231,41 @@ impl Server {
             .and_then(|n| n.iter().find(|n| n["node"] == name).cloned()))
     }
 
+    /// `corral grant ARGS --json` as `user`; the grant object it printed last.
+    pub fn grant(&self, user: u32, args: &[&str]) -> anyhow::Result<Value> {
+        let mut a = vec!["grant"];
+        a.extend_from_slice(args);
+        a.push("--json");
+        let out = self.cli_as(user, &a)?;
+        ensure!(
+            out.status.success(),
+            "corral grant {args:?}: {}",
+            text(&out)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let last = stdout.lines().last().context("a grant printed")?;
+        Ok(serde_json::from_str(last)?)
+    }
+
+    /// `corral grant request ...` once this server knows the session: requests are checked
+    /// against the sessions its nodes reported (one refused as unknown is tried again).
+    pub fn request_when_known(&self, user: u32, args: &[&str]) -> anyhow::Result<Value> {
+        wait_for(10, "the server to know the session", || {
+            let mut a = vec!["grant"];
+            a.extend_from_slice(args);
+            a.push("--json");
+            let out = self.cli_as(user, &a)?;
+            if out.status.success() {
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                let last = stdout.lines().last().context("a grant printed")?;
+                return Ok(Some(serde_json::from_str(last)?));
+            }
+            let err = String::from_utf8_lossy(&out.stderr);
+            ensure!(err.contains("session"), "grant request: {}", text(&out));
+            Ok(None)
+        })
+    }
+
     /// `corral policy apply -f FILE --server URL [args]`.
     pub fn apply(&self, file: &std::path::Path, args: &[&str]) -> anyhow::Result<Output> {
         let f = file.display().to_string();
@@ -273,6 +324,33 @@ pub fn text(o: &Output) -> String {
     )
 }
 
+/// A principal kept alive by [`Node::hold`]; its cgroup directory.
+pub struct Held {
+    _sleep: Reaped,
+    pub cgroup: PathBuf,
+}
+
+/// Runs the probe inside `cgroup` (no agent involved); one result per operation (`ok`,
+/// `EPERM`, ...).
+pub fn probe_cgroup(cgroup: &Path, ops: &[&str]) -> anyhow::Result<Vec<String>> {
+    Ok(probe_in(cgroup, ops)?
+        .into_iter()
+        .map(|o| match o {
+            Outcome::Ok => "ok".to_owned(),
+            Outcome::Errno(e) => e,
+        })
+        .collect())
+}
+
+/// Probes `op` in `cgroup` until it gives `want`; the time it took.
+pub fn until(cgroup: &Path, op: &str, want: &str, secs: u64) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    wait_for(secs, &format!("{op} to give {want}"), || {
+        Ok((probe_cgroup(cgroup, &[op])?.first().map(String::as_str) == Some(want)).then_some(()))
+    })?;
+    Ok(t0.elapsed())
+}
+
 /// One node: its agent's paths (shared by the agents of a restart). Pins and cgroups are
 /// removed on drop whatever the agents left.
 pub struct Node {
@@ -316,6 +394,41 @@ impl Node {
         let out = self.local(&["status", "--json"])?;
         ensure!(out.status.success(), "corral status: {}", text(&out));
         Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// A principal (`identity`, `session`) kept alive by `corral run ... -- sleep` until the
+    /// result is dropped.
+    pub fn hold(&self, identity: &str, session: &str) -> anyhow::Result<Held> {
+        let child = Command::new(bin("corral")?)
+            .args(["run", "--socket"])
+            .arg(&self.socket)
+            .args(["--identity", identity, "--session", session])
+            .args(["--", "sleep", "600"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("corral run sleep")?;
+        let sleep = Reaped(Some(child));
+        let prefix = format!("{session}-");
+        let cgroup = wait_for(10, "the principal's cgroup", || {
+            Ok(std::fs::read_dir(&self.cgroups)
+                .ok()
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .find(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&prefix))
+                        && std::fs::read_to_string(p.join("cgroup.procs"))
+                            .is_ok_and(|s| !s.trim().is_empty())
+                }))
+        })?;
+        Ok(Held {
+            _sleep: sleep,
+            cgroup,
+        })
     }
 
     /// Runs the probe as a principal of `spiffe://e2e.corral/agent/srv`; one line per

@@ -9,17 +9,15 @@
 
 use std::{
     os::unix::process::CommandExt as _,
-    path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, ensure};
 use corral_tests::{
-    Outcome,
-    e2e::{Reaped, bin, wait_for},
-    fleet::{Agent, Dir, Follower, Node, Server, connected, free_port, text},
-    privileged, probe_in,
+    e2e::{bin, wait_for},
+    fleet::{Agent, Dir, Follower, Node, Server, connected, free_port, probe_cgroup, text, until},
+    privileged,
 };
 use serde_json::Value;
 
@@ -103,65 +101,6 @@ fn fleet(name: &str) -> anyhow::Result<Option<Fleet>> {
     }))
 }
 
-/// A principal kept alive by `corral run ... -- sleep`; its cgroup directory.
-struct Held {
-    _sleep: Reaped,
-    cgroup: PathBuf,
-}
-
-fn hold(node: &Node, session: &str) -> anyhow::Result<Held> {
-    let child = Command::new(bin("corral")?)
-        .args(["run", "--socket"])
-        .arg(&node.socket)
-        .args(["--identity", ID, "--session", session, "--", "sleep", "600"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("corral run sleep")?;
-    let sleep = Reaped(Some(child));
-    let prefix = format!("{session}-");
-    let cgroup = wait_for(10, "the principal's cgroup", || {
-        Ok(std::fs::read_dir(&node.cgroups)
-            .ok()
-            .into_iter()
-            .flatten()
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&prefix))
-                    && std::fs::read_to_string(p.join("cgroup.procs"))
-                        .is_ok_and(|s| !s.trim().is_empty())
-            }))
-    })?;
-    // The server knows the session once the node has reported it.
-    Ok(Held {
-        _sleep: sleep,
-        cgroup,
-    })
-}
-
-/// Runs the probe inside `cgroup` (no agent involved); one result per operation.
-fn probe(cgroup: &Path, ops: &[&str]) -> anyhow::Result<Vec<String>> {
-    Ok(probe_in(cgroup, ops)?
-        .into_iter()
-        .map(|o| match o {
-            Outcome::Ok => "ok".to_owned(),
-            Outcome::Errno(e) => e,
-        })
-        .collect())
-}
-
-/// Probes `op` until it gives `want`; the time it took.
-fn until(cgroup: &Path, op: &str, want: &str, secs: u64) -> anyhow::Result<Duration> {
-    let t0 = Instant::now();
-    wait_for(secs, &format!("{op} to give {want}"), || {
-        Ok((probe(cgroup, &[op])?.first().map(String::as_str) == Some(want)).then_some(()))
-    })?;
-    Ok(t0.elapsed())
-}
-
 /// `grant request` arguments (`session` "" and `ttl` None: left out).
 fn req<'a>(
     identity: &'a str,
@@ -186,22 +125,6 @@ fn req<'a>(
         a.extend(["--ttl", t]);
     }
     a
-}
-
-/// `corral grant ARGS --json` as `user`; the grant object it printed last.
-fn grant(server: &Server, user: u32, args: &[&str]) -> anyhow::Result<Value> {
-    let mut a = vec!["grant"];
-    a.extend_from_slice(args);
-    a.push("--json");
-    let out = server.cli_as(user, &a)?;
-    ensure!(
-        out.status.success(),
-        "corral grant {args:?}: {}",
-        text(&out)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().context("a grant printed")?;
-    Ok(serde_json::from_str(last)?)
 }
 
 /// `corral grant ARGS` expected to fail; its stderr.
@@ -229,25 +152,6 @@ fn state_of(server: &Server, id: &str) -> anyhow::Result<String> {
     anyhow::bail!("grant {id} not listed")
 }
 
-/// Requests are checked against the sessions the node reported; wait until the server knows
-/// this one (a request for it stops being refused as unknown).
-fn request_when_known(server: &Server, user: u32, args: &[&str]) -> anyhow::Result<Value> {
-    wait_for(10, "the server to know the session", || {
-        let mut a = vec!["grant"];
-        a.extend_from_slice(args);
-        a.push("--json");
-        let out = server.cli_as(user, &a)?;
-        if out.status.success() {
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let last = stdout.lines().last().context("a grant printed")?;
-            return Ok(Some(serde_json::from_str(last)?));
-        }
-        let err = String::from_utf8_lossy(&out.stderr);
-        ensure!(err.contains("session"), "grant request: {}", text(&out));
-        Ok(None)
-    })
-}
-
 fn is_connect(e: &Value, session: &str, port: u16, verdict: &str) -> bool {
     e["principal"]["session"] == session
         && e["connect"]["port"] == port
@@ -260,10 +164,10 @@ fn approved_grant_opens_the_path_the_kernel_expires_it_and_it_is_session_bound()
     let Some(f) = fleet("approve")? else {
         return Ok(());
     };
-    let (s1, s2) = (hold(&f.node, "s1")?, hold(&f.node, "s2")?);
+    let (s1, s2) = (f.node.hold(ID, "s1")?, f.node.hold(ID, "s2")?);
 
     // Denied by policy, and the event names the grant that would allow it.
-    assert_eq!(probe(&s1.cgroup, &[CRM_WRITE])?, ["EPERM"]);
+    assert_eq!(probe_cgroup(&s1.cgroup, &[CRM_WRITE])?, ["EPERM"]);
     let e = f
         .follower
         .find(10, "the deny event", |e| is_connect(e, "s1", 5433, "deny"))?;
@@ -271,26 +175,29 @@ fn approved_grant_opens_the_path_the_kernel_expires_it_and_it_is_session_bound()
     assert_eq!(e["decision"]["reason"], "default", "{e}");
 
     // Request → pending: still denied.
-    let g = request_when_known(
-        &f.server,
+    let g = f.server.request_when_known(
         AGENT_BOT,
         &req(ID, "s1", "crm-write", Some("5s"), "ticket 42"),
     )?;
     assert_eq!(g["state"], "pending", "{g}");
     let id = g["id"].as_str().context("grant id")?.to_owned();
-    assert_eq!(probe(&s1.cgroup, &[CRM_WRITE])?, ["EPERM"]);
+    assert_eq!(probe_cgroup(&s1.cgroup, &[CRM_WRITE])?, ["EPERM"]);
 
     // The requester cannot approve its own request.
     let err = refused(&f.server, AGENT_BOT, &["approve", &id])?;
     println!("self-approval refused: {err}");
 
     // Approve → the same connect succeeds within 1 s; session s2 stays denied.
-    let g = grant(&f.server, ALICE, &["approve", &id, "--reason", "ok"])?;
+    let g = f.server.grant(ALICE, &["approve", &id, "--reason", "ok"])?;
     assert_eq!(g["state"], "active", "{g}");
     let took = until(&s1.cgroup, CRM_WRITE, "ok", 1)?;
     println!("approve → enforced in {took:?}");
     assert!(took < Duration::from_secs(1), "{took:?}");
-    assert_eq!(probe(&s2.cgroup, &[CRM_WRITE])?, ["EPERM"], "session-bound");
+    assert_eq!(
+        probe_cgroup(&s2.cgroup, &[CRM_WRITE])?,
+        ["EPERM"],
+        "session-bound"
+    );
     let st = f.node.status()?;
     let shown = st["grants"].as_array().context("grants in status")?;
     assert!(
@@ -310,7 +217,7 @@ fn approved_grant_opens_the_path_the_kernel_expires_it_and_it_is_session_bound()
         std::thread::sleep(
             Duration::from_nanos(expires.saturating_sub(now)) + Duration::from_millis(300),
         );
-        probe(&s1.cgroup, &[CRM_WRITE])
+        probe_cgroup(&s1.cgroup, &[CRM_WRITE])
     })();
     let _ = Command::new("kill").args(["-CONT", &pid]).status();
     assert_eq!(
@@ -350,11 +257,10 @@ fn revoke_closes_the_path_chaining_beats_a_grant_bad_requests_are_refused_and_se
     let Some(f) = fleet("revoke")? else {
         return Ok(());
     };
-    let s1 = hold(&f.node, "s1")?;
+    let s1 = f.node.hold(ID, "s1")?;
 
     // approval: auto → issued at once.
-    let g = request_when_known(
-        &f.server,
+    let g = f.server.request_when_known(
         AGENT_BOT,
         &req(ID, "s1", "crm-read", Some("1m"), "read the CRM"),
     )?;
@@ -365,23 +271,26 @@ fn revoke_closes_the_path_chaining_beats_a_grant_bad_requests_are_refused_and_se
     println!("auto grant → enforced in {took:?}");
 
     // Revoke → denied within 1 s.
-    let g = grant(&f.server, ALICE, &["revoke", &id, "--reason", "done"])?;
+    let g = f
+        .server
+        .grant(ALICE, &["revoke", &id, "--reason", "done"])?;
     assert_eq!(g["state"], "revoked", "{g}");
     let took = until(&s1.cgroup, CRM_READ, "EPERM", 1)?;
     println!("revoke → enforced in {took:?}");
     assert!(took < Duration::from_secs(1), "{took:?}");
 
     // Chaining beats a grant: after `secrets`, `crm` is closed even with an active grant.
-    let g = grant(
-        &f.server,
-        AGENT_BOT,
-        &req(ID, "s1", "crm-read", None, "again"),
-    )?;
+    let g = f
+        .server
+        .grant(AGENT_BOT, &req(ID, "s1", "crm-read", None, "again"))?;
     assert_eq!(g["state"], "active", "{g}");
     assert_eq!(g["ttl_seconds"], 60, "no --ttl: the template's maxTtl");
     let id2 = g["id"].as_str().context("grant id")?.to_owned();
     until(&s1.cgroup, CRM_READ, "ok", 1)?;
-    assert_eq!(probe(&s1.cgroup, &[SECRETS, CRM_READ])?, ["ok", "EPERM"]);
+    assert_eq!(
+        probe_cgroup(&s1.cgroup, &[SECRETS, CRM_READ])?,
+        ["ok", "EPERM"]
+    );
     let e = f.follower.find(10, "the chaining deny", |e| {
         is_connect(e, "s1", 5434, "deny") && e["decision"]["reason"] == "chaining"
     })?;
@@ -448,7 +357,9 @@ fn revoke_closes_the_path_chaining_beats_a_grant_bad_requests_are_refused_and_se
             .find(|g| g["reason"] == "please"))
     })?;
     let id3 = pending["id"].as_str().context("grant id")?.to_owned();
-    let g = grant(&f.server, ALICE, &["deny", &id3, "--reason", "not now"])?;
+    let g = f
+        .server
+        .grant(ALICE, &["deny", &id3, "--reason", "not now"])?;
     assert_eq!(g["state"], "denied", "{g}");
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
@@ -473,7 +384,7 @@ fn revoke_closes_the_path_chaining_beats_a_grant_bad_requests_are_refused_and_se
         "{stdout}"
     );
     assert_eq!(
-        probe(&s1.cgroup, &[CRM_WRITE])?,
+        probe_cgroup(&s1.cgroup, &[CRM_WRITE])?,
         ["EPERM"],
         "a denied grant opens nothing"
     );

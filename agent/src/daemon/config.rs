@@ -27,8 +27,9 @@ pub struct Config {
     pub policy: Option<PathBuf>,
 
     /// Managed mode: take policy from this corral-server (NodeSync), e.g.
-    /// http://127.0.0.1:7443 (plaintext is accepted for loopback servers only).
-    #[arg(long, env = "CORRAL_SERVER")]
+    /// http://127.0.0.1:7443 (plaintext is accepted for loopback servers only). Replicas: a
+    /// comma-separated list; the agent syncs with one and moves to the next when it is lost.
+    #[arg(long, env = "CORRAL_SERVER", value_name = "URL[,URL...]")]
     pub server: Option<String>,
 
     /// Node limit: a policy set with more connect and exec rules than this is rejected on
@@ -169,11 +170,14 @@ impl Config {
         {
             return Err(ConfigError::MetricsNotLoopback { addr });
         }
-        if let Some(url) = &self.server
-            && !(corral_runtime::tls::plaintext_loopback(url)
-                || (url.starts_with("https://") && self.tls.is_set()))
-        {
-            return Err(ConfigError::ServerUrl { url: url.clone() });
+        if let Some(list) = &self.server {
+            for url in super::sync::server_urls(list) {
+                if !(corral_runtime::tls::plaintext_loopback(&url)
+                    || (url.starts_with("https://") && self.tls.is_set()))
+                {
+                    return Err(ConfigError::ServerUrl { url });
+                }
+            }
         }
         let cgroup_root = paths::cgroup2_root()?;
         let cgroup_dir = match &self.cgroup_dir {
@@ -250,6 +254,16 @@ mod tests {
         assert!(
             matches!(c.resolve(), Err(ConfigError::ServerUrl { .. })),
             "https needs the TLS files"
+        );
+        // Every replica's URL is checked, not only the first.
+        let c = Config::try_parse_from([
+            "corral-agent",
+            "--server",
+            "http://127.0.0.1:1, http://192.0.2.1:1",
+        ])
+        .expect("parse");
+        assert!(
+            matches!(c.resolve(), Err(ConfigError::ServerUrl { url }) if url == "http://192.0.2.1:1")
         );
     }
 

@@ -131,6 +131,7 @@ pub fn build(shared: &Shared) -> pb::AgentStatus {
         events_dropped_kernel: kernel_drops(shared),
         events_dropped_subscribers: shared.hub.subscriber_dropped.load(Ordering::Relaxed),
         events_suppressed: suppressed(shared),
+        server: shared.sync.server(),
         server_state: if shared.resolved.config.server.is_some() {
             shared.sync.describe(revision)
         } else {

@@ -71,10 +71,23 @@ async fn principal_change(changes: &mut Option<watch::Receiver<u64>>) -> bool {
     }
 }
 
+/// The URLs of a `--server` list (comma-separated; blanks ignored).
+pub fn server_urls(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// The link to the server, as `status` shows it.
 #[derive(Debug, Default)]
 pub struct SyncStatus {
     connected: Mutex<bool>,
+    /// The replica synced with, or last tried.
+    server: Mutex<String>,
+    /// Moves to another replica after losing one (or failing to reach it).
+    pub failovers: AtomicU64,
     /// Successful stream opens.
     pub connects: AtomicU64,
     pub snapshots_acked: AtomicU64,
@@ -89,6 +102,17 @@ impl SyncStatus {
             .connected
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn server(&self) -> String {
+        self.server
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_server(&self, url: &str) {
+        url.clone_into(&mut self.server.lock().unwrap_or_else(PoisonError::into_inner));
     }
 
     fn set_connected(&self, v: bool) {
@@ -114,7 +138,8 @@ impl SyncStatus {
 /// Where and as whom to sync.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    pub url: String,
+    /// The server's replicas; one is used at a time.
+    pub urls: Vec<String>,
     pub node: String,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
@@ -123,9 +148,10 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
-    pub fn new(url: &str, node: &str) -> Self {
+    /// `urls`: one URL or a comma-separated list of replicas.
+    pub fn new(urls: &str, node: &str) -> Self {
         Self {
-            url: url.into(),
+            urls: server_urls(urls),
             node: node.into(),
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_secs(15),
@@ -156,7 +182,10 @@ pub enum SyncError {
     Closed,
 }
 
-/// Runs the sync client until `stop`: connect, resync, apply, reconnect with backoff.
+/// Runs the sync client until `stop`: connect, resync, apply, reconnect with backoff. With
+/// several replicas, a node starts at one chosen by its name (so a fleet spreads over them) and
+/// moves to the next whenever it loses or cannot reach the one it is on; the `Hello` carries
+/// the last-known-good revision, so any replica resumes from there.
 pub async fn run(
     cfg: ClientConfig,
     sink: Arc<dyn SnapshotSink>,
@@ -165,8 +194,21 @@ pub async fn run(
     mut stop: ShutdownSignal,
 ) {
     let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
+    let n = cfg.urls.len().max(1);
+    let mut at = start_index(&cfg.node, n);
     loop {
-        let res = session(&cfg, &sink, &mut events, &status, &mut stop, &mut backoff).await;
+        let url = cfg.urls.get(at).cloned().unwrap_or_default();
+        status.set_server(&url);
+        let res = session(
+            &cfg,
+            &url,
+            &sink,
+            &mut events,
+            &status,
+            &mut stop,
+            &mut backoff,
+        )
+        .await;
         status.set_connected(false);
         if stop.is_set() {
             return;
@@ -174,9 +216,14 @@ pub async fn run(
         let delay = backoff.next_delay();
         match res {
             Err(e) => {
-                warn!(server = %cfg.url, error = %corral_runtime::error_chain(&e), retry_in = ?delay, "policy server unreachable; the last-known-good policy stays in force")
+                warn!(server = %url, error = %corral_runtime::error_chain(&e), retry_in = ?delay, "policy server unreachable; the last-known-good policy stays in force")
             }
             Ok(()) => return,
+        }
+        if n > 1 {
+            at = (at + 1) % n;
+            status.failovers.fetch_add(1, Ordering::Relaxed);
+            info!(next = %cfg.urls[at], "trying another server replica");
         }
         tokio::select! {
             _ = stop.wait() => return,
@@ -185,24 +232,34 @@ pub async fn run(
     }
 }
 
+/// Where a node starts in a list of `n` replicas: a hash of its name, so nodes spread over
+/// the replicas and a restarted node goes back to the same one.
+fn start_index(node: &str, n: usize) -> usize {
+    let h = node.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    usize::try_from(h % n as u64).unwrap_or(0)
+}
+
 /// One stream; `Ok` only when stopping.
 async fn session(
     cfg: &ClientConfig,
+    url: &str,
     sink: &Arc<dyn SnapshotSink>,
     events: &mut Option<mpsc::Receiver<Arc<HubEvent>>>,
     status: &SyncStatus,
     stop: &mut ShutdownSignal,
     backoff: &mut Backoff,
 ) -> Result<(), SyncError> {
-    let mut endpoint = Endpoint::from_shared(cfg.url.clone()).map_err(|source| SyncError::Url {
-        url: cfg.url.clone(),
+    let mut endpoint = Endpoint::from_shared(url.to_owned()).map_err(|source| SyncError::Url {
+        url: url.to_owned(),
         source,
     })?;
     if let Some(tls) = &cfg.tls {
         endpoint = endpoint
             .tls_config(tls.clone())
             .map_err(|source| SyncError::Url {
-                url: cfg.url.clone(),
+                url: url.to_owned(),
                 source,
             })?;
     }
@@ -213,7 +270,7 @@ async fn session(
         .keep_alive_timeout(Duration::from_secs(10));
     let channel = tokio::select! {
         _ = stop.wait() => return Ok(()),
-        c = endpoint.connect() => c.map_err(|source| SyncError::Connect { url: cfg.url.clone(), source })?,
+        c = endpoint.connect() => c.map_err(|source| SyncError::Connect { url: url.to_owned(), source })?,
     };
     let mut client = NodeSyncClient::new(channel);
     let (tx, rx) = mpsc::channel::<pb::NodeMessage>(256);
@@ -238,7 +295,7 @@ async fn session(
     status.set_connected(true);
     status.connects.fetch_add(1, Ordering::Relaxed);
     backoff.reset();
-    info!(server = %cfg.url, node = %cfg.node, "connected to the policy server");
+    info!(server = %url, node = %cfg.node, "connected to the policy server");
     loop {
         tokio::select! {
             _ = stop.wait() => return Ok(()),

@@ -266,6 +266,24 @@ impl Grants {
             .await?)
     }
 
+    /// Pushes the stored active set if the store has changes this replica has not published
+    /// (made by another replica sharing the database).
+    pub async fn refresh(&self) -> Result<(), GrantError> {
+        let _one = self.lock().await;
+        if self.store.last_seq().await? > self.fleet.current().grants_version {
+            self.publish().await?;
+        }
+        Ok(())
+    }
+
+    /// [`Grants::sweep`] if no other replica is sweeping now (`None` if one is).
+    pub async fn sweep_once(&self, now: u64) -> Result<Option<usize>, GrantError> {
+        let Some(_lock) = self.store.sweep_lock().await? else {
+            return Ok(None);
+        };
+        self.sweep(now).await.map(Some)
+    }
+
     /// Marks active grants past their expiry `EXPIRED` (actor `expiry`). Returns how many.
     pub async fn sweep(&self, now: u64) -> Result<usize, GrantError> {
         let due = self

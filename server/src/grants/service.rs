@@ -106,7 +106,7 @@ pub async fn sweep_task(grants: Arc<Grants>, mut stop: ShutdownSignal) {
         tokio::select! {
             _ = stop.wait() => return,
             _ = tick.tick() => {
-                if let Err(e) = grants.sweep(now_unix_nano()).await {
+                if let Err(e) = grants.sweep_once(now_unix_nano()).await {
                     warn!(error = %corral_runtime::error_chain(&e), "grant expiry sweep failed");
                 }
             }

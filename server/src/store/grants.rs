@@ -102,6 +102,11 @@ pub trait GrantStore: Send + Sync + 'static {
     async fn list(&self, f: &GrantFilter) -> Result<Vec<GrantRecord>, StoreError>;
     /// The newest history row's `seq` (0 if none): changes with every state change.
     async fn last_seq(&self) -> Result<u64, StoreError>;
+    /// The right to run the expiry sweep now, if no other replica is running it; held until
+    /// dropped. One process owns a SQLite database, so there it is always granted.
+    async fn sweep_lock(&self) -> Result<Option<super::JobLock>, StoreError> {
+        Ok(Some(super::JobLock::local()))
+    }
 }
 
 /// The stored (text) form of a state.

@@ -11,6 +11,7 @@ pub mod events;
 pub mod grants;
 pub mod postgres;
 mod postgres_grants;
+pub mod postgres_listen;
 mod postgres_schema;
 pub mod sqlite;
 mod sqlite_events;
@@ -44,8 +45,25 @@ pub fn describe(db: &str) -> String {
     }
 }
 
-fn is_postgres(db: &str) -> bool {
+pub fn is_postgres(db: &str) -> bool {
     db.starts_with("postgres://") || db.starts_with("postgresql://")
+}
+
+/// Held while a job that must run on one replica at a time runs (see
+/// [`grants::GrantStore::sweep_lock`]); released when dropped.
+pub struct JobLock {
+    _held: Option<Box<dyn Send + Sync>>,
+}
+
+impl JobLock {
+    /// Nothing to hold: this process is the only one.
+    pub fn local() -> Self {
+        Self { _held: None }
+    }
+
+    pub(crate) fn holding(what: Box<dyn Send + Sync>) -> Self {
+        Self { _held: Some(what) }
+    }
 }
 
 /// One version of one policy document.
@@ -109,6 +127,8 @@ pub enum StoreError {
     },
     #[error("PostgreSQL: no connection from the pool")]
     PgPool(#[source] deadpool_postgres::PoolError),
+    #[error("PostgreSQL: the notification connection ended")]
+    PgListenEnded,
     #[error("PostgreSQL: {op}: no such row")]
     Missing { op: &'static str },
     #[error(

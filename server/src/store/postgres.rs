@@ -19,7 +19,7 @@ use super::{
     Change, PolicyRecord, PolicyStore, StoreError, StoreSnapshot,
     events::{EventLog, EventQuery, StoredEvent},
     now_unix_nano,
-    postgres_schema::{POLICY_LOCK, migrate, pg, to_i64, to_u64},
+    postgres_schema::{CHANGES, POLICY_LOCK, migrate, pg, to_i64, to_u64},
 };
 
 /// Connections per replica.
@@ -206,6 +206,10 @@ impl PolicyStore for PgStore {
                 .await
                 .map_err(pg("record a deletion"))?;
         }
+        // Delivered at commit: the other replicas push the new revision to their nodes.
+        tx.execute("SELECT pg_notify($1, 'policies')", &[&CHANGES])
+            .await
+            .map_err(pg("notify the replicas"))?;
         tx.commit().await.map_err(pg("commit a change"))?;
         Ok(next)
     }

@@ -15,7 +15,7 @@ use super::{
         parse_state, state_name,
     },
     postgres::PgStore,
-    postgres_schema::{GRANT_LOCK, pg, to_i64, to_u64},
+    postgres_schema::{CHANGES, GRANT_LOCK, SWEEP_LOCK, pg, to_i64, to_u64},
 };
 
 const COLUMNS: &str = "id, identity, session, template, policy, ttl_seconds, reason, requested_by,
@@ -140,6 +140,10 @@ async fn append_history(
     )
     .await
     .map_err(pg("record a grant change"))?;
+    // Delivered at commit: the other replicas push the new grant set to their nodes.
+    c.execute("SELECT pg_notify($1, 'grants')", &[&CHANGES])
+        .await
+        .map_err(pg("notify the replicas"))?;
     Ok(())
 }
 
@@ -162,8 +166,53 @@ async fn lock(c: &impl GenericClient) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A session advisory lock on one pooled connection: unlocked on drop, and if that fails the
+/// connection is closed rather than returned to the pool, which releases it too.
+struct SessionLock {
+    client: Option<deadpool_postgres::Object>,
+    key: i64,
+}
+
+impl Drop for SessionLock {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        let key = self.key;
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    if client
+                        .execute("SELECT pg_advisory_unlock($1)", &[&key])
+                        .await
+                        .is_err()
+                    {
+                        drop(deadpool_postgres::Object::take(client));
+                    }
+                });
+            }
+            Err(_) => drop(deadpool_postgres::Object::take(client)),
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl GrantStore for PgStore {
+    async fn sweep_lock(&self) -> Result<Option<super::JobLock>, StoreError> {
+        let client = self.client().await?;
+        let got: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&SWEEP_LOCK])
+            .await
+            .map_err(pg("take the sweep lock"))?
+            .get(0);
+        Ok(got.then(|| {
+            super::JobLock::holding(Box::new(SessionLock {
+                client: Some(client),
+                key: SWEEP_LOCK,
+            }))
+        }))
+    }
+
     async fn insert(&self, g: &NewGrant) -> Result<GrantRecord, StoreError> {
         let mut client = self.client().await?;
         let tx = client

@@ -18,6 +18,13 @@ pub(super) const POLICY_LOCK: i64 = 0x636f_7272_616c_0002;
 /// N has seen every change before it.
 pub(super) const GRANT_LOCK: i64 = 0x636f_7272_616c_0003;
 
+/// Jobs that must run on one replica at a time (the grant expiry sweep): a session lock
+/// taken with `pg_try_advisory_lock`, so a replica that dies releases it with its connection.
+pub(super) const SWEEP_LOCK: i64 = 0x636f_7272_616c_0004;
+
+/// The channel a commit notifies (`policies` or `grants`) for the other replicas.
+pub(super) const CHANGES: &str = "corral_changes";
+
 /// Version 1: the tables of the SQLite store (`sqlite_schema.rs`), in PostgreSQL types.
 const V1: &str = "
 CREATE TABLE revisions (
