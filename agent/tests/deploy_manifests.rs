@@ -452,6 +452,49 @@ ociHook: { failOpen: true }
 }
 
 #[test]
+fn chart_renders_server_replicas_on_postgres_and_refuses_them_on_sqlite() -> anyhow::Result<()> {
+    let c = chart()?;
+    let objs = render(
+        &c,
+        "corral",
+        "corral-system",
+        "server: { replicas: 3, postgres: { urlSecret: corral-db } }",
+    )?;
+    assert!(
+        !objs
+            .iter()
+            .any(|o| o.0.starts_with("PersistentVolumeClaim/")),
+        "no SQLite volume with PostgreSQL"
+    );
+    let dep = get(&objs, "Deployment/corral-server");
+    assert_eq!(dep["spec"]["replicas"], 3);
+    assert_eq!(dep["spec"]["strategy"]["type"], "RollingUpdate");
+    let spec = &dep["spec"]["template"]["spec"];
+    let c0 = &spec["containers"][0];
+    let db = c0["env"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["name"] == "CORRAL_SERVER_DB"))
+        .context("CORRAL_SERVER_DB")?;
+    assert_eq!(
+        db["valueFrom"]["secretKeyRef"],
+        json!({ "name": "corral-db", "key": "url" })
+    );
+    let mounts: Vec<&Value> = c0["volumeMounts"]
+        .as_array()
+        .map(|m| m.iter().map(|m| &m["name"]).collect())
+        .unwrap_or_default();
+    assert_eq!(mounts, [&json!("tls")]);
+    // Several replicas without a shared database: refused, not silently one.
+    let err = render(&c, "corral", "corral-system", "server: { replicas: 2 }")
+        .expect_err("rendered replicas on SQLite");
+    assert!(
+        format!("{err:#}").contains("needs server.postgres.urlSecret"),
+        "{err:#}"
+    );
+    Ok(())
+}
+
+#[test]
 fn chart_mistakes_fail_the_render() -> anyhow::Result<()> {
     let c = chart()?;
     // A misspelt value (Helm would render nothing and carry on).

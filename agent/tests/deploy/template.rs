@@ -327,6 +327,11 @@ fn call(f: &str, a: &[Value]) -> anyhow::Result<Value> {
                 body
             })
         }
+        // Helm's `fail`: the render stops with the message.
+        "fail" => {
+            arity(1)?;
+            bail!("fail: {}", print(&a[0])?)
+        }
         "eq" | "ne" => {
             arity(2)?;
             Value::Bool((a[0] == a[1]) == (f == "eq"))
