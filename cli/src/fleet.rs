@@ -275,7 +275,7 @@ pub async fn status(a: &StatusArgs) -> Result<ExitCode, CliError> {
                     "node": n.node, "connected": n.connected,
                     "acked_revision": n.acked_revision, "nacked_revision": n.nacked_revision,
                     "nack_detail": n.nack_detail, "peer": n.peer,
-                    "events_forwarded": n.events_forwarded,
+                    "events_forwarded": n.events_forwarded, "replica": n.replica,
                 })
             })
             .collect();
@@ -300,6 +300,9 @@ pub async fn status(a: &StatusArgs) -> Result<ExitCode, CliError> {
                 },
                 n.acked_revision
             );
+            if !n.replica.is_empty() {
+                line.push_str(&format!("\ton {}", n.replica));
+            }
             if n.nacked_revision > 0 {
                 line.push_str(&format!(
                     "\tNACKed {}: {}",

@@ -75,6 +75,10 @@ pub struct Config {
     #[arg(long, env = "CORRAL_SERVER_RESYNC_SECS", default_value_t = 5)]
     pub resync_secs: u64,
 
+    /// This replica's name in node status [default: the host name and the listen port].
+    #[arg(long, env = "CORRAL_SERVER_REPLICA_NAME")]
+    pub replica_name: Option<String>,
+
     /// Log format.
     #[arg(long, env = "CORRAL_LOG_FORMAT", value_enum, default_value = "plain")]
     pub log_format: LogFormat,

@@ -15,7 +15,7 @@ use corral_events::hub::HubEvent;
 use corral_proto::v1 as pb;
 use tokio::sync::{broadcast, watch};
 
-use crate::store::{StoreSnapshot, now_unix_nano};
+use crate::store::{StoreSnapshot, nodes::NodeRecord, now_unix_nano};
 
 /// What nodes receive: the policy set at one revision and the issued, unexpired grants.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -72,6 +72,11 @@ pub struct NodeEntry {
 pub struct Fleet {
     current: watch::Sender<Arc<Current>>,
     nodes: Mutex<BTreeMap<String, NodeEntry>>,
+    /// This replica's name, in its nodes' status.
+    replica: String,
+    /// Nodes whose state changed since the registrar last recorded them (`replicas.rs`).
+    dirty: Mutex<BTreeSet<String>>,
+    pub nodes_changed: tokio::sync::Notify,
     next_conn: AtomicU64,
     nonce_keys: RandomState,
     nonce_counter: AtomicU64,
@@ -94,6 +99,9 @@ impl Fleet {
         Self {
             current,
             nodes: Mutex::new(BTreeMap::new()),
+            replica: String::new(),
+            dirty: Mutex::new(BTreeSet::new()),
+            nodes_changed: tokio::sync::Notify::new(),
             next_conn: AtomicU64::new(1),
             nonce_keys: RandomState::new(),
             nonce_counter: AtomicU64::new(0),
@@ -106,8 +114,59 @@ impl Fleet {
         }
     }
 
+    /// Names this replica (shown in its nodes' status).
+    #[must_use]
+    pub fn named(mut self, replica: &str) -> Self {
+        replica.clone_into(&mut self.replica);
+        self
+    }
+
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
     fn nodes(&self) -> MutexGuard<'_, BTreeMap<String, NodeEntry>> {
         self.nodes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `node`'s state changed: the registrar records it.
+    fn touched(&self, node: &str) {
+        self.dirty
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(node.to_owned());
+        self.nodes_changed.notify_one();
+    }
+
+    /// The nodes changed since the last call (every node if `all`), as records.
+    pub fn take_records(&self, all: bool) -> Vec<NodeRecord> {
+        let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(PoisonError::into_inner));
+        let nodes = self.nodes();
+        let pick = |name: &String| all || dirty.contains(name);
+        nodes
+            .iter()
+            .filter(|(n, _)| pick(n))
+            .map(|(name, e)| NodeRecord {
+                status: self.node_status(name, e),
+                principals: e.principals.iter().cloned().collect(),
+                heartbeat_unix_nano: 0,
+            })
+            .collect()
+    }
+
+    fn node_status(&self, name: &str, e: &NodeEntry) -> pb::NodeStatus {
+        pb::NodeStatus {
+            node: name.to_owned(),
+            connected: e.conn.is_some(),
+            acked_revision: e.acked_revision,
+            nacked_revision: e.nacked_revision,
+            nack_detail: e.nack_detail.clone(),
+            acked_unix_nano: e.acked_unix_nano,
+            nacked_unix_nano: e.nacked_unix_nano,
+            peer: e.peer.clone(),
+            events_forwarded: e.events_forwarded,
+            replica: self.replica.clone(),
+        }
     }
 
     /// A new revision: every connected node's stream is woken (older values are skipped).
@@ -166,6 +225,8 @@ impl Fleet {
         e.peer = peer;
         e.hello_revision = hello_revision;
         e.last_change_unix_nano = now_unix_nano();
+        drop(nodes);
+        self.touched(node);
         conn
     }
 
@@ -175,7 +236,10 @@ impl Fleet {
         {
             e.conn = None;
             e.last_change_unix_nano = now_unix_nano();
+        } else {
+            return;
         }
+        self.touched(node);
     }
 
     /// A node's full set of enrolled principals. Returns the principals that left this
@@ -191,6 +255,7 @@ impl Fleet {
         };
         let old = std::mem::replace(&mut e.principals, principals);
         let gone: Vec<PrincipalKey> = old.difference(&e.principals).cloned().collect();
+        self.touched(node);
         gone.into_iter()
             .filter(|p| {
                 !nodes
@@ -212,7 +277,10 @@ impl Fleet {
         if let Some(e) = self.nodes().get_mut(node) {
             e.acked_revision = e.acked_revision.max(revision);
             e.acked_unix_nano = now_unix_nano();
+        } else {
+            return;
         }
+        self.touched(node);
     }
 
     pub fn nack(&self, node: &str, revision: u64, detail: String) {
@@ -220,7 +288,10 @@ impl Fleet {
             e.nacked_revision = e.nacked_revision.max(revision);
             e.nacked_unix_nano = now_unix_nano();
             e.nack_detail = detail;
+        } else {
+            return;
         }
+        self.touched(node);
     }
 
     pub fn node(&self, node: &str) -> Option<NodeEntry> {
@@ -230,17 +301,7 @@ impl Fleet {
     pub fn status(&self) -> Vec<pb::NodeStatus> {
         self.nodes()
             .iter()
-            .map(|(name, e)| pb::NodeStatus {
-                node: name.clone(),
-                connected: e.conn.is_some(),
-                acked_revision: e.acked_revision,
-                nacked_revision: e.nacked_revision,
-                nack_detail: e.nack_detail.clone(),
-                acked_unix_nano: e.acked_unix_nano,
-                nacked_unix_nano: e.nacked_unix_nano,
-                peer: e.peer.clone(),
-                events_forwarded: e.events_forwarded,
-            })
+            .map(|(name, e)| self.node_status(name, e))
             .collect()
     }
 

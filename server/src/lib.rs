@@ -75,9 +75,21 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let db = store::open(&cfg.db).await?;
     let store: Arc<dyn PolicyStore> = db.clone();
     let current = store.current().await?;
-    let fleet = Arc::new(Fleet::new(&current, cfg.event_buffer));
+    let replica = cfg.replica_name.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}:{}", host.trim(), cfg.listen.port())
+    });
+    let fleet = Arc::new(Fleet::new(&current, cfg.event_buffer).named(&replica));
     let db_events = db.clone();
-    let grants = Arc::new(grants::Grants::new(db, fleet.clone(), &cfg.approvers));
+    let shared = store::is_postgres(&cfg.db);
+    // Replicas on PostgreSQL see each other's nodes.
+    let peers = shared.then(|| Arc::new(replicas::Peers::new(db.clone())));
+    let registry: Arc<dyn store::nodes::NodeRegistry> = db.clone();
+    let mut grants = grants::Grants::new(db, fleet.clone(), &cfg.approvers);
+    if let Some(p) = &peers {
+        grants = grants.with_peers(p.clone());
+    }
+    let grants = Arc::new(grants);
     grants.start().await?;
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -90,7 +102,11 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         source,
     })?;
     let shutdown = Shutdown::new();
-    let policy = policy_service::Policies::new(store.clone(), fleet.clone(), &cfg.policy_admins);
+    let mut policy =
+        policy_service::Policies::new(store.clone(), fleet.clone(), &cfg.policy_admins);
+    if let Some(p) = &peers {
+        policy = policy.with_peers(p.clone());
+    }
     if cfg.tls.is_set() && cfg.policy_admins.is_empty() {
         warn!(
             "no --policy-admin: every client certificate the CA signed (nodes' included) may \
@@ -102,7 +118,12 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         grants.clone(),
         shutdown.subscribe(),
     ));
-    if store::is_postgres(&cfg.db) {
+    if shared {
+        tokio::spawn(replicas::register_task(
+            registry,
+            fleet.clone(),
+            shutdown.subscribe(),
+        ));
         // Other replicas may share the database: follow their changes.
         let wake = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(store::postgres_listen::listen_task(
@@ -154,7 +175,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         // Plaintext: callers are named by the uid owning their socket (nodelay set there).
         tokio::spawn(router.serve_with_incoming_shutdown(local_peer::incoming(listener), stopped))
     };
-    info!(addr = %local, mtls = cfg.tls.is_set(), db = %store::describe(&cfg.db), revision = current.revision, policies = current.policies.len(), grants = fleet.current().grants.len(), approvers = ?cfg.approvers, policy_admins = ?cfg.policy_admins, "corral-server ready");
+    info!(addr = %local, %replica, mtls = cfg.tls.is_set(), db = %store::describe(&cfg.db), revision = current.revision, policies = current.policies.len(), grants = fleet.current().grants.len(), approvers = ?cfg.approvers, policy_admins = ?cfg.policy_admins, "corral-server ready");
     let signal = shutdown::signal();
     tokio::pin!(signal);
     tokio::select! {

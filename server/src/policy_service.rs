@@ -24,6 +24,8 @@ pub struct Policies {
     admins: BTreeSet<String>,
     /// Read-validate-commit runs one change at a time.
     change: tokio::sync::Mutex<()>,
+    /// Replicas on PostgreSQL: the other replicas' nodes.
+    peers: Option<Arc<crate::replicas::Peers>>,
 }
 
 fn doc(r: &PolicyRecord) -> pb::PolicyDocument {
@@ -57,7 +59,15 @@ impl Policies {
                 .filter(|a| !a.is_empty())
                 .collect(),
             change: tokio::sync::Mutex::new(()),
+            peers: None,
         }
+    }
+
+    /// Status shows the nodes of every replica sharing the database.
+    #[must_use]
+    pub fn with_peers(mut self, peers: Arc<crate::replicas::Peers>) -> Self {
+        self.peers = Some(peers);
+        self
     }
 
     /// Whether the caller of `req` may change policies; its name for the record if so.
@@ -231,9 +241,13 @@ impl PolicyService for Policies {
         _req: Request<pb::PolicyStatusRequest>,
     ) -> Result<Response<pb::PolicyStatusResponse>, Status> {
         use std::sync::atomic::Ordering::Relaxed;
+        let nodes = match &self.peers {
+            Some(p) => p.status(&self.fleet).await.map_err(ServerError::from)?,
+            None => self.fleet.status(),
+        };
         Ok(Response::new(pb::PolicyStatusResponse {
             revision: self.fleet.current().revision,
-            nodes: self.fleet.status(),
+            nodes,
             events_received: self.fleet.events_received.load(Relaxed),
             events_dropped: self.fleet.events_dropped.load(Relaxed),
             events_recorded: self.fleet.events_recorded.load(Relaxed),

@@ -4,9 +4,15 @@
 //! and every `--resync-secs` regardless (a notification sent while the listener was
 //! reconnecting is lost). Publishing is monotonic (revision, grants version), so a change seen
 //! twice, or late, is pushed once.
+//!
+//! Node registrations: [`register_task`] records this replica's nodes in the database, and
+//! [`Peers`] reads the others', so `Status` shows the whole fleet on any replica (and `corral
+//! policy apply` waits for every node) and a grant request is checked against the sessions
+//! of every replica's nodes.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
+use corral_proto::v1 as pb;
 use corral_runtime::shutdown::ShutdownSignal;
 use tokio::sync::Notify;
 use tracing::{info, warn};
@@ -14,7 +20,11 @@ use tracing::{info, warn};
 use crate::{
     fleet::Fleet,
     grants::Grants,
-    store::{PolicyStore, StoreError},
+    store::{
+        PolicyStore, StoreError,
+        nodes::{NodeRecord, NodeRegistry},
+        now_unix_nano,
+    },
 };
 
 /// Runs until `stop`.
@@ -55,4 +65,103 @@ async fn policies(store: &dyn PolicyStore, fleet: &Fleet) -> Result<(), StoreErr
         fleet.publish(&current);
     }
     Ok(())
+}
+
+/// How often a replica renews its nodes' records; a record older than [`STALE`] belongs to a
+/// replica that is gone and reads as disconnected.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+pub const STALE: Duration = Duration::from_secs(5);
+/// Changes within this window are recorded together.
+const BATCH: Duration = Duration::from_millis(10);
+
+/// Records this replica's nodes in the database when they change, and renews them every
+/// [`HEARTBEAT`], until `stop`.
+pub async fn register_task(
+    registry: Arc<dyn NodeRegistry>,
+    fleet: Arc<Fleet>,
+    mut stop: ShutdownSignal,
+) {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Everything once at start, then what changed.
+    let mut all = true;
+    loop {
+        let beat = tokio::select! {
+            () = stop.wait() => return,
+            () = fleet.nodes_changed.notified() => false,
+            _ = tick.tick() => true,
+        };
+        tokio::time::sleep(BATCH).await;
+        let now = now_unix_nano();
+        let records = fleet.take_records(std::mem::take(&mut all));
+        let mut res = registry.put_nodes(fleet.replica(), &records, now).await;
+        if beat && res.is_ok() {
+            res = registry.heartbeat(fleet.replica(), now).await;
+        }
+        if let Err(e) = res {
+            // Written again in full at the next heartbeat.
+            all = true;
+            warn!(error = %corral_runtime::error_chain(&e), "recording this replica's nodes failed");
+        }
+    }
+}
+
+/// The fleet as every replica sees it: this replica's nodes and, for the others, their
+/// records in the database.
+pub struct Peers {
+    registry: Arc<dyn NodeRegistry>,
+}
+
+impl Peers {
+    pub fn new(registry: Arc<dyn NodeRegistry>) -> Self {
+        Self { registry }
+    }
+
+    /// Records of other replicas' nodes, a stale one read as disconnected.
+    async fn others(&self, fleet: &Fleet) -> Result<Vec<NodeRecord>, StoreError> {
+        let fresh_after = now_unix_nano().saturating_sub(STALE.as_nanos() as u64);
+        let mut v = self.registry.nodes().await?;
+        v.retain(|r| r.status.replica != fleet.replica());
+        for r in &mut v {
+            r.status.connected &= r.heartbeat_unix_nano >= fresh_after;
+        }
+        Ok(v)
+    }
+
+    /// Every node: this replica's own view of a node it has connected wins, then a connected
+    /// record of another replica, then whichever view remains.
+    pub async fn status(&self, fleet: &Fleet) -> Result<Vec<pb::NodeStatus>, StoreError> {
+        let mut by_name: BTreeMap<String, pb::NodeStatus> = fleet
+            .status()
+            .into_iter()
+            .map(|n| (n.node.clone(), n))
+            .collect();
+        for r in self.others(fleet).await? {
+            match by_name.get(&r.status.node) {
+                Some(mine) if mine.connected || !r.status.connected => {}
+                _ => {
+                    by_name.insert(r.status.node.clone(), r.status);
+                }
+            }
+        }
+        Ok(by_name.into_values().collect())
+    }
+
+    /// Whether a connected node of any replica reports `identity`'s `session`.
+    pub async fn session_known(
+        &self,
+        fleet: &Fleet,
+        identity: &str,
+        session: &str,
+    ) -> Result<bool, StoreError> {
+        if fleet.session_known(identity, session) {
+            return Ok(true);
+        }
+        Ok(self.others(fleet).await?.iter().any(|r| {
+            r.status.connected
+                && r.principals
+                    .iter()
+                    .any(|(i, s)| i == identity && s == session)
+        }))
+    }
 }

@@ -1,8 +1,10 @@
 //! Several `corral-server` replicas on one real PostgreSQL (a throwaway cluster the test
 //! starts), real agents enforcing in the real kernel, `corral-simnode` nodes (the agent's own
 //! sync client, no kernel) on the other replicas:
-//! - a change made on one replica is acknowledged by the nodes of every replica;
-//! - a grant requested on one replica and approved on another is enforced by the node;
+//! - every replica shows every replica's nodes, and a change made on one is acknowledged by
+//!   the nodes of all (`corral policy apply` on one waits for them all);
+//! - a grant requested on one replica and approved on another is enforced by a node syncing
+//!   with a third, and revoked again;
 //! - a replica killed with SIGKILL: its nodes move to another within 5 s and keep enforcing;
 //! - PostgreSQL restarted: the replicas go on, revisions neither skipped nor repeated.
 
@@ -76,8 +78,20 @@ impl Drop for Sim {
     }
 }
 
-/// Nodes named `prefix*` connected to `server` and acknowledging `revision`.
+/// Nodes named `prefix*` connected (to any replica) and acknowledging `revision`, as
+/// `server` shows them.
 fn acked(server: &Server, prefix: &str, revision: u64) -> anyhow::Result<usize> {
+    count(server, prefix, revision, false)
+}
+
+/// [`acked`], counting only the nodes connected to `server` itself (not the records of other
+/// replicas, which a killed replica leaves behind until they go stale).
+fn acked_here(server: &Server, prefix: &str, revision: u64) -> anyhow::Result<usize> {
+    count(server, prefix, revision, true)
+}
+
+fn count(server: &Server, prefix: &str, revision: u64, here: bool) -> anyhow::Result<usize> {
+    let port = server.url.rsplit(':').next().unwrap_or_default();
     let s = server.status()?;
     Ok(s["nodes"].as_array().map_or(0, |n| {
         n.iter()
@@ -85,6 +99,10 @@ fn acked(server: &Server, prefix: &str, revision: u64) -> anyhow::Result<usize> 
                 n["node"].as_str().is_some_and(|x| x.starts_with(prefix))
                     && n["connected"] == true
                     && n["acked_revision"] == revision
+                    && (!here
+                        || n["replica"]
+                            .as_str()
+                            .is_some_and(|r| r.ends_with(&format!(":{port}"))))
             })
             .count()
     }))
@@ -116,20 +134,45 @@ fn three_replicas_serve_one_fleet_and_a_grant_crosses_replicas() -> anyhow::Resu
     let _sa = Sim::start(&a.url, 3, "ra")?;
     let _sc = Sim::start(&c.url, 3, "rc")?;
 
-    // Applied on A: the nodes of A, B and C acknowledge revision 1.
-    let t0 = Instant::now();
-    apply(&a, &dir, "p1.yaml", &policy(9)?)?;
-    wait_for(10, "every replica's nodes to ACK revision 1", || {
-        let all = acked(&a, "ra", 1)? == 3 && acked(&c, "rc", 1)? == 3;
-        Ok((all && acked(&b, &node.name, 1)? == 1).then_some(()))
-    })
-    .with_context(|| agent.log_text())?;
-    println!("apply on A → ACKed on A, B, C in {:?}", t0.elapsed());
+    // Every replica shows the whole fleet (node registrations in the database).
+    wait_for(10, "every replica to see all 7 nodes", || {
+        let mut all = true;
+        for s in [&a, &b, &c] {
+            all &= acked(s, "r", 0)? == 6 && acked(s, &node.name, 0)? == 1;
+        }
+        Ok(all.then_some(()))
+    })?;
+    let n1 = a.node(&node.name)?.context("A lists B's node")?;
+    let b_port = b.url.rsplit(':').next().unwrap_or_default();
+    assert!(
+        n1["replica"]
+            .as_str()
+            .is_some_and(|r| r.ends_with(&format!(":{b_port}"))),
+        "named by its replica: {n1}"
+    );
 
-    // A grant requested on B (the node's replica), approved on A: the node enforces it.
+    // Applied on A: `corral policy apply` waits for the nodes of A, B and C.
+    let t0 = Instant::now();
+    let file = dir.write("p1.yaml", &policy(9)?)?;
+    let out = a.apply(&file, &[])?;
+    let said = text(&out);
+    ensure!(out.status.success(), "apply: {said}\n{}", agent.log_text());
+    println!(
+        "apply on A → ACKed on A, B, C in {:?}:\n{said}",
+        t0.elapsed()
+    );
+    ensure!(said.contains("7 ACK, 0 NACK"), "{said}");
+    ensure!(
+        said.contains(&format!("{}: ACK revision 1", node.name)),
+        "{said}"
+    );
+    ensure!(acked(&b, &node.name, 1)? == 1 && acked(&c, "rc", 1)? == 3);
+
+    // A grant requested on C (which sees the session through B's registration), approved on
+    // A: the node, on B, enforces it.
     let held = node.hold(ID, "s1")?;
     assert_eq!(probe_cgroup(&held.cgroup, &[OK9, CRM])?, ["ok", "EPERM"]);
-    let g = b.request_when_known(
+    let g = c.request_when_known(
         AGENT_BOT,
         &[
             "request",
@@ -148,7 +191,7 @@ fn three_replicas_serve_one_fleet_and_a_grant_crosses_replicas() -> anyhow::Resu
     let g = a.grant(ALICE, &["approve", &id, "--reason", "ok"])?;
     assert_eq!(g["state"], "active", "{g}");
     let took = until(&held.cgroup, CRM, "ok", 5)?;
-    println!("approve on A → enforced on B's node in {took:?}");
+    println!("request on C, approve on A → enforced on B's node in {took:?}");
     // Revoked on C: closed again.
     let g = c.grant(ALICE, &["revoke", &id, "--reason", "done"])?;
     assert_eq!(g["state"], "revoked", "{g}");
@@ -195,7 +238,7 @@ fn a_killed_replica_s_nodes_move_to_another_within_5s_and_keep_enforcing() -> an
     let total = |rev: u64, servers: &[Server]| -> anyhow::Result<usize> {
         servers
             .iter()
-            .map(|s| acked(s, "fo", rev))
+            .map(|s| acked_here(s, "fo", rev))
             .sum::<anyhow::Result<usize>>()
     };
     wait_for(10, "the simulated nodes to ACK revision 1", || {
@@ -211,7 +254,7 @@ fn a_killed_replica_s_nodes_move_to_another_within_5s_and_keep_enforcing() -> an
         .to_owned();
     let (dead, alive) = if on == servers[0].url { (0, 1) } else { (1, 0) };
     ensure!(on == servers[dead].url, "{on} is one of the replicas");
-    let on_dead = acked(&servers[dead], "fo", 1)?;
+    let on_dead = acked_here(&servers[dead], "fo", 1)?;
     println!("node on {on}; {on_dead} simulated nodes there too");
     let t0 = Instant::now();
     let mut killed = servers[dead]
@@ -227,8 +270,8 @@ fn a_killed_replica_s_nodes_move_to_another_within_5s_and_keep_enforcing() -> an
         let st = node.status()?;
         let real = st["server"] == survivor.url.as_str()
             && st["server_state"] == "connected"
-            && acked(survivor, &node.name, 1)? == 1;
-        Ok((real && acked(survivor, "fo", 1)? == SIMS).then_some(()))
+            && acked_here(survivor, &node.name, 1)? == 1;
+        Ok((real && acked_here(survivor, "fo", 1)? == SIMS).then_some(()))
     })
     .with_context(|| agent.log_text())?;
     let took = t0.elapsed();
@@ -238,8 +281,8 @@ fn a_killed_replica_s_nodes_move_to_another_within_5s_and_keep_enforcing() -> an
     // Nothing lost: the survivor has the whole state and serves the next change.
     apply(survivor, &dir, "p2.yaml", &policy(10)?)?;
     wait_for(10, "revision 2 on every node", || {
-        let real = acked(survivor, &node.name, 2)? == 1;
-        Ok((real && acked(survivor, "fo", 2)? == SIMS).then_some(()))
+        let real = acked_here(survivor, &node.name, 2)? == 1;
+        Ok((real && acked_here(survivor, "fo", 2)? == SIMS).then_some(()))
     })?;
     assert_eq!(
         probe_cgroup(&held.cgroup, &[OK9, "udp:127.0.0.4:10"])?,

@@ -31,6 +31,7 @@ async fn the_store_behaves_as_sqlite_does_and_survives_reconnect() -> anyhow::Re
         conformance::policies(&s).await?;
         conformance::grants(&s).await?;
         conformance::events(&s).await?;
+        conformance::nodes(&s).await?;
         let all = s.list(&GrantFilter::default()).await?;
         (all[0].id, all[1].id)
     };
@@ -42,7 +43,10 @@ async fn the_store_behaves_as_sqlite_does_and_survives_reconnect() -> anyhow::Re
         all.len() == 3 && (all[0].id, all[1].id) == (a, b),
         "{all:?}"
     );
-    ensure!(pg.sql("SELECT version FROM corral_schema")? == "1");
+    ensure!(
+        pg.sql("SELECT string_agg(version::text, ',' ORDER BY version) FROM corral_schema")?
+            == "1,2"
+    );
     Ok(())
 }
 
@@ -61,12 +65,12 @@ async fn replicas_starting_together_migrate_once() -> anyhow::Result<()> {
     for s in starts {
         s.await?.context("a replica could not start")?;
     }
-    ensure!(pg.sql("SELECT count(*) FROM corral_schema")? == "1");
+    ensure!(pg.sql("SELECT count(*) FROM corral_schema")? == "2");
     ensure!(pg.sql("SELECT count(*) FROM revisions")? == "0");
     // A schema newer than this server knows is refused, not written into.
     pg.sql("INSERT INTO corral_schema VALUES (99, 0)")?;
     match PgStore::connect(&url).await {
-        Err(StoreError::SchemaTooNew { have: 99, known: 1 }) => Ok(()),
+        Err(StoreError::SchemaTooNew { have: 99, known: 2 }) => Ok(()),
         Err(e) => anyhow::bail!("unexpected error: {e}"),
         Ok(_) => anyhow::bail!("a newer schema was accepted"),
     }

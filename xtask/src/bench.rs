@@ -18,6 +18,10 @@ pub struct Args {
     /// Applies measured by the `apply` section.
     #[arg(long, default_value_t = 100)]
     apply_rounds: usize,
+    /// `fleet`: also run the server as N replicas on a real PostgreSQL (root), against one,
+    /// with 3000 simulated nodes: apply → all ACKed and failover after a replica is killed.
+    #[arg(long)]
+    replicas: Option<usize>,
     /// Passed to `corral-event-bench` (after `--`), e.g. `-- --procs 2 --grpc-only`.
     #[arg(last = true)]
     events_args: Vec<String>,
@@ -45,7 +49,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         events_bench(&args.events_args)?;
     }
     if all || args.sections.contains(&Section::Fleet) {
-        fleet_bench()?;
+        fleet_bench(args.replicas)?;
     }
     if all || args.sections.contains(&Section::Apply) {
         apply_bench(args.apply_rounds)?;
@@ -144,12 +148,19 @@ pub fn events_bench(extra: &[String]) -> anyhow::Result<()> {
 /// Policy distribution: apply → all nodes ACKed (p50/p99) with 1, 100 and 1000 simulated nodes
 /// (`corral-simnode`: the agent's sync client, compiling and ACKing, no kernel), and the
 /// server's RSS. Release binaries; no root needed.
-pub fn fleet_bench() -> anyhow::Result<()> {
+/// With `replicas`: then N replicas on PostgreSQL against one (`corral-fleet-bench --replicas`).
+pub fn fleet_bench(replicas: Option<usize>) -> anyhow::Result<()> {
     build_release(&["corral-server", "corral-simnode", "corral-fleet-bench"])?;
     crate::cmd::run(&mut std::process::Command::new(built(
         "release",
         "corral-fleet-bench",
-    )))
+    )))?;
+    if let Some(n) = replicas {
+        let mut c = std::process::Command::new(built("release", "corral-fleet-bench"));
+        c.args(["--replicas", &n.to_string()]);
+        crate::cmd::run(&mut c)?;
+    }
+    Ok(())
 }
 
 /// Apply → enforced on a real node: `corral-apply-bench` starts a real `corral-server` and a

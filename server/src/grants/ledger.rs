@@ -33,6 +33,8 @@ pub struct Grants {
     approvers: BTreeSet<String>,
     templates: Templates,
     write: Mutex<()>,
+    /// Replicas on PostgreSQL: sessions on the other replicas' nodes count too.
+    peers: Option<Arc<crate::replicas::Peers>>,
 }
 
 /// One operation on an existing grant.
@@ -59,7 +61,22 @@ impl Grants {
                 .collect(),
             templates: Templates::default(),
             write: Mutex::new(()),
+            peers: None,
         }
+    }
+
+    /// Requests are checked against the sessions of every replica's nodes.
+    #[must_use]
+    pub fn with_peers(mut self, peers: Arc<crate::replicas::Peers>) -> Self {
+        self.peers = Some(peers);
+        self
+    }
+
+    async fn session_known(&self, identity: &str, session: &str) -> Result<bool, GrantError> {
+        Ok(match &self.peers {
+            Some(p) => p.session_known(&self.fleet, identity, session).await?,
+            None => self.fleet.session_known(identity, session),
+        })
     }
 
     /// At startup: expires what lapsed while the server was down and pushes the active set.
@@ -101,7 +118,7 @@ impl Grants {
                 max: offer.max_ttl_seconds,
             });
         }
-        if !r.session.is_empty() && !self.fleet.session_known(&r.identity, &r.session) {
+        if !r.session.is_empty() && !self.session_known(&r.identity, &r.session).await? {
             return Err(GrantError::UnknownSession {
                 identity: r.identity.clone(),
                 session: r.session.clone(),

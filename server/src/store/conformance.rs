@@ -9,6 +9,7 @@ use super::{
     Change, PolicyStore, StoreError, StoreSnapshot,
     events::{EventLog, EventQuery},
     grants::{GrantFilter, GrantStore, NewGrant, Transition, Transitioned},
+    nodes::{NodeRecord, NodeRegistry},
 };
 
 fn change(by: &str, up: &[(&str, &str)], del: &[&str]) -> Change {
@@ -257,5 +258,64 @@ pub async fn events(s: &dyn EventLog) -> anyhow::Result<()> {
         .await?;
     ensure!(page.len() == 1);
     ensure!(page[0].encoded == 40u64.to_le_bytes() && page[0].node == "b");
+    Ok(())
+}
+
+fn node(name: &str, replica: &str, connected: bool, acked: u64) -> NodeRecord {
+    NodeRecord {
+        status: corral_proto::v1::NodeStatus {
+            node: name.into(),
+            replica: replica.into(),
+            connected,
+            acked_revision: acked,
+            ..Default::default()
+        },
+        principals: vec![("spiffe://t/a".into(), format!("{name}-s"))],
+        heartbeat_unix_nano: 0,
+    }
+}
+
+/// Node registrations: a replica's records read back whole; a node that moved is not taken
+/// back by the replica it left; a heartbeat renews only the replica's connected nodes.
+pub async fn nodes(s: &dyn NodeRegistry) -> anyhow::Result<()> {
+    ensure!(s.nodes().await?.is_empty());
+    s.put_nodes(
+        "r1",
+        &[node("n1", "r1", true, 3), node("n2", "r1", true, 3)],
+        100,
+    )
+    .await?;
+    let all = s.nodes().await?;
+    ensure!(
+        all == [
+            NodeRecord {
+                heartbeat_unix_nano: 100,
+                ..node("n1", "r1", true, 3)
+            },
+            NodeRecord {
+                heartbeat_unix_nano: 100,
+                ..node("n2", "r1", true, 3)
+            }
+        ],
+        "{all:?}"
+    );
+    // n1 moves to r2; r1's late view of it (disconnected) does not take it back.
+    s.put_nodes("r2", &[node("n1", "r2", true, 4)], 200).await?;
+    s.put_nodes("r1", &[node("n1", "r1", false, 3)], 210)
+        .await?;
+    let n1 = s.nodes().await?.remove(0);
+    ensure!(n1.status.replica == "r2" && n1.status.connected && n1.status.acked_revision == 4);
+    // r1's heartbeat renews n2 only; n2 leaving r1 is recorded.
+    s.heartbeat("r1", 300).await?;
+    let all = s.nodes().await?;
+    ensure!(all[0].heartbeat_unix_nano == 200 && all[1].heartbeat_unix_nano == 300);
+    s.put_nodes("r1", &[node("n2", "r1", false, 3)], 310)
+        .await?;
+    ensure!(!s.nodes().await?[1].status.connected);
+    s.heartbeat("r1", 400).await?;
+    ensure!(
+        s.nodes().await?[1].heartbeat_unix_nano == 310,
+        "a disconnected node's record ages"
+    );
     Ok(())
 }

@@ -9,20 +9,23 @@
 pub mod conformance;
 pub mod events;
 pub mod grants;
+pub mod nodes;
 pub mod postgres;
 mod postgres_grants;
 pub mod postgres_listen;
+mod postgres_nodes;
 mod postgres_schema;
 pub mod sqlite;
 mod sqlite_events;
 mod sqlite_grants;
+mod sqlite_nodes;
 mod sqlite_schema;
 
 use std::sync::Arc;
 
 /// Everything the server keeps, in one database.
-pub trait Store: PolicyStore + grants::GrantStore + events::EventLog {}
-impl<T: PolicyStore + grants::GrantStore + events::EventLog> Store for T {}
+pub trait Store: PolicyStore + grants::GrantStore + events::EventLog + nodes::NodeRegistry {}
+impl<T: PolicyStore + grants::GrantStore + events::EventLog + nodes::NodeRegistry> Store for T {}
 
 /// Where `--db` points: a PostgreSQL URL (`postgres://` or `postgresql://`), else a SQLite
 /// file path.

@@ -77,8 +77,20 @@ CREATE TABLE fleet_events (
 CREATE INDEX fleet_events_at ON fleet_events(at);
 ";
 
+/// Version 2: node registrations, so every replica sees the nodes of the others.
+const V2: &str = "
+CREATE TABLE nodes (
+    node       TEXT PRIMARY KEY,
+    replica    TEXT NOT NULL,
+    connected  BOOLEAN NOT NULL,
+    heartbeat  BIGINT NOT NULL,
+    status     BYTEA NOT NULL,
+    principals BYTEA NOT NULL
+);
+";
+
 /// Every migration, in order: (version, SQL). Append only; never edit a released one.
-const MIGRATIONS: [(i32, &str); 1] = [(1, V1)];
+const MIGRATIONS: [(i32, &str); 2] = [(1, V1), (2, V2)];
 
 /// Brings the database to the newest schema this server knows.
 pub(super) async fn migrate(client: &mut Object) -> Result<(), StoreError> {

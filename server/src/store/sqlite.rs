@@ -214,6 +214,7 @@ mod tests {
             conformance::policies(&s).await?;
             conformance::grants(&s).await?;
             conformance::events(&s).await?;
+            conformance::nodes(&s).await?;
             let all = s.list(&GrantFilter::default()).await?;
             (all[0].id, all[1].id)
         };

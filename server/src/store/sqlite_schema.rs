@@ -64,7 +64,18 @@ CREATE INDEX IF NOT EXISTS fleet_events_at ON fleet_events(at);
 ";
 
 /// Every table, in creation order.
-pub(super) const SCHEMAS: [&str; 3] = [POLICY_SCHEMA, GRANT_SCHEMA, EVENT_SCHEMA];
+const NODE_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS nodes (
+    node      TEXT PRIMARY KEY,
+    replica   TEXT NOT NULL,
+    connected INTEGER NOT NULL,
+    heartbeat INTEGER NOT NULL,
+    status    BLOB NOT NULL,
+    principals BLOB NOT NULL
+);
+";
+
+pub(super) const SCHEMAS: [&str; 4] = [POLICY_SCHEMA, GRANT_SCHEMA, EVENT_SCHEMA, NODE_SCHEMA];
 
 /// Names the failed database operation in the error.
 pub(super) fn db(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {

@@ -9,7 +9,13 @@
 //!
 //! `corral-fleet-bench [--nodes 1,100,1000] [--rounds 30]`. Goal (issue 6): 1000 nodes ACKed
 //! p99 ≤ 1 s.
+//!
+//! `corral-fleet-bench --replicas 3 [--nodes 3000] [--rounds 30]`: replicas on PostgreSQL
+//! ([`replicas`]); goal (issue 18): apply p99 ≤ 1 s, failover ≤ 5 s.
 #![forbid(unsafe_code)]
+
+#[path = "fleet_bench/replicas.rs"]
+mod replicas;
 
 use std::{
     net::TcpListener,
@@ -189,6 +195,18 @@ fn main() -> anyhow::Result<()> {
     let rounds: usize = arg(&args, "--rounds")
         .map_or(Ok(30), |r| r.parse())
         .context("--rounds N")?;
+    if let Some(n) = arg(&args, "--replicas") {
+        let n: usize = n.parse().context("--replicas N")?;
+        let nodes = match sizes.as_slice() {
+            [n] if arg(&args, "--nodes").is_some() => *n,
+            _ => 3000,
+        };
+        return tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(replicas::run(n, nodes, rounds));
+    }
     let dir = std::env::temp_dir().join(format!("corral-fleet-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
