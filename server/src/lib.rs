@@ -29,6 +29,7 @@ pub mod history;
 pub mod local_peer;
 pub mod policy_service;
 pub mod replicas;
+mod sock_diag;
 pub mod store;
 pub mod sync;
 pub mod validate;

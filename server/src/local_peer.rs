@@ -145,8 +145,21 @@ pub fn incoming(listener: TcpListener) -> ReceiverStream<io::Result<PeerStream>>
     ReceiverStream::new(rx)
 }
 
-/// The uid owning the socket bound to `peer` and connected to `local`.
+/// The uid owning the socket bound to `peer` and connected to `local`: asked of the kernel for
+/// that one socket (`sock_diag`), else found in `/proc/net/tcp{,6}`. The table lists every
+/// socket of the namespace, so reading it per connection grows with the sockets open: with a
+/// few thousand nodes reconnecting at once it took seconds.
 pub fn owner_uid(peer: SocketAddr, local: SocketAddr) -> io::Result<Option<u32>> {
+    match crate::sock_diag::owner_uid(peer, local) {
+        Ok(uid) => Ok(uid),
+        Err(e) => {
+            tracing::debug!(error = %e, "sock_diag lookup failed; reading /proc/net/tcp");
+            owner_uid_proc(peer, local)
+        }
+    }
+}
+
+fn owner_uid_proc(peer: SocketAddr, local: SocketAddr) -> io::Result<Option<u32>> {
     let file = match peer.ip() {
         IpAddr::V4(_) => "/proc/net/tcp",
         IpAddr::V6(_) => "/proc/net/tcp6",
