@@ -59,6 +59,10 @@ pub enum CliError {
     #[error("cannot configure TLS: {}", root_cause(.source))]
     TlsConfig { source: tonic::transport::Error },
 
+    /// `--server` named no URL.
+    #[error("--server names no server URL")]
+    NoServer,
+
     /// Connecting to the server failed.
     #[error(
         "cannot reach the corral server at {url}: {} (is `corral-server` running?)",

@@ -324,18 +324,49 @@ pub async fn watch_events(
     node: Option<String>,
     json: bool,
 ) -> Result<(), CliError> {
-    let mut c = server_client::events(server).await?;
-    let mut stream = c
-        .watch_events(pb::FleetWatchRequest {
-            filter: Some(filter),
-            node: node.unwrap_or_default(),
-        })
-        .await
-        .map_err(CliError::server)?
-        .into_inner();
+    // Each replica streams the events of the nodes syncing with it (and its own grant
+    // changes): with a replica list, every replica is followed and the streams merged.
+    let urls = server.urls();
+    let mut streams = tokio_stream::StreamMap::new();
+    let mut last_err = None;
+    for url in &urls {
+        let opened = async {
+            let mut c = server_client::events(&server.one(url)).await?;
+            c.watch_events(pb::FleetWatchRequest {
+                filter: Some(filter.clone()),
+                node: node.clone().unwrap_or_default(),
+            })
+            .await
+            .map_err(CliError::server)
+        };
+        match opened.await {
+            Ok(r) => {
+                streams.insert(url.clone(), r.into_inner());
+            }
+            Err(e) if urls.len() > 1 => {
+                eprintln!("corral events: {url}: {e}; following the other replicas");
+                last_err = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if streams.is_empty() {
+        return Err(last_err.unwrap_or(CliError::NoServer));
+    }
     let mut out = std::io::stdout().lock();
-    while let Some(e) = stream.next().await {
-        let e = e.map_err(CliError::server)?;
+    while let Some((url, e)) = streams.next().await {
+        let e = match e {
+            Ok(e) => e,
+            Err(status) if urls.len() > 1 => {
+                eprintln!("corral events: {url}: {status}; following the other replicas");
+                streams.remove(&url);
+                if streams.is_empty() {
+                    return Err(CliError::server(status));
+                }
+                continue;
+            }
+            Err(status) => return Err(CliError::server(status)),
+        };
         let res = if json {
             serde_json::to_writer(&mut out, &render::event_json(&e, None))
                 .map_err(std::io::Error::from)

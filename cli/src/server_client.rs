@@ -11,15 +11,54 @@ use crate::error::CliError;
 /// `--server` for every fleet command.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServerArgs {
-    /// The corral-server URL, e.g. http://127.0.0.1:7443.
-    #[arg(long, env = "CORRAL_SERVER")]
+    /// The corral-server URL, e.g. http://127.0.0.1:7443; replicas: a comma-separated list
+    /// (the first that answers is used; `events --server` follows them all).
+    #[arg(long, env = "CORRAL_SERVER", value_name = "URL[,URL...]")]
     pub server: String,
     /// mTLS to the server (needed for an `https://` --server).
     #[command(flatten)]
     pub tls: corral_runtime::tls::TlsFiles,
 }
 
+impl ServerArgs {
+    /// The URLs of a replica list.
+    pub fn urls(&self) -> Vec<String> {
+        self.server
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// These arguments for one of the replicas.
+    pub fn one(&self, url: &str) -> Self {
+        Self {
+            server: url.to_owned(),
+            tls: self.tls.clone(),
+        }
+    }
+}
+
+/// A channel to the first replica of `--server` that answers.
 async fn channel(s: &ServerArgs) -> Result<Channel, CliError> {
+    let urls = s.urls();
+    let Some((last, first)) = urls.split_last() else {
+        return Err(CliError::NoServer);
+    };
+    for url in first {
+        match connect(&s.one(url)).await {
+            Ok(c) => return Ok(c),
+            Err(e @ CliError::ServerUnreachable { .. }) => {
+                eprintln!("corral: {e}; trying the next replica");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    connect(&s.one(last)).await
+}
+
+async fn connect(s: &ServerArgs) -> Result<Channel, CliError> {
     let url = s.server.as_str();
     let mut ep =
         Endpoint::from_shared(url.to_owned()).map_err(|source| CliError::BadServerUrl {

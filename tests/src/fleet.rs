@@ -559,14 +559,19 @@ pub struct Follower {
 
 impl Follower {
     pub fn start(server: &Server) -> anyhow::Result<Self> {
+        Self::start_url(&server.url, &server.cli_args)
+    }
+
+    /// `corral events --server URLS`: one URL, or a comma-separated list of replicas.
+    pub fn start_url(urls: &str, cli_args: &[String]) -> anyhow::Result<Self> {
         let mut args = vec![
             "events".to_owned(),
             "--server".into(),
-            server.url.clone(),
+            urls.to_owned(),
             "--json".into(),
             "--follow".into(),
         ];
-        args.extend(server.cli_args.iter().cloned());
+        args.extend(cli_args.iter().cloned());
         let mut child = Command::new(bin("corral")?)
             .args(&args)
             .stdout(Stdio::piped())

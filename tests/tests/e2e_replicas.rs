@@ -4,7 +4,7 @@
 //! - every replica shows every replica's nodes, and a change made on one is acknowledged by
 //!   the nodes of all (`corral policy apply` on one waits for them all);
 //! - a grant requested on one replica and approved on another is enforced by a node syncing
-//!   with a third, and revoked again;
+//!   with a third, and revoked again; `corral events` over the replica list sees it all;
 //! - a replica killed with SIGKILL: its nodes move to another within 5 s and keep enforcing;
 //! - PostgreSQL restarted: the replicas go on, revisions neither skipped nor repeated.
 
@@ -17,7 +17,8 @@ use anyhow::{Context as _, ensure};
 use corral_tests::{
     e2e::{bin, wait_for},
     fleet::{
-        Agent, Dir, Node, Server, connected, free_port, probe_cgroup, stop_child, text, until,
+        Agent, Dir, Follower, Node, Server, cli, connected, free_port, probe_cgroup, stop_child,
+        text, until,
     },
     postgres::Postgres,
     privileged,
@@ -133,6 +134,8 @@ fn three_replicas_serve_one_fleet_and_a_grant_crosses_replicas() -> anyhow::Resu
     wait_for(10, "the agent to connect", || connected(&node))?;
     let _sa = Sim::start(&a.url, 3, "ra")?;
     let _sc = Sim::start(&c.url, 3, "rc")?;
+    // The fleet's events, merged from every replica's stream by `corral events`.
+    let follower = Follower::start_url(&format!("{},{},{}", a.url, b.url, c.url), &[])?;
 
     // Every replica shows the whole fleet (node registrations in the database).
     wait_for(10, "every replica to see all 7 nodes", || {
@@ -197,6 +200,19 @@ fn three_replicas_serve_one_fleet_and_a_grant_crosses_replicas() -> anyhow::Resu
     assert_eq!(g["state"], "revoked", "{g}");
     let took = until(&held.cgroup, CRM, "EPERM", 5)?;
     println!("revoke on C → enforced on B's node in {took:?}");
+    // One follower of the replica list sees B's node's decisions and the grant's changes made
+    // on C (request, revoke) and A (approve).
+    let allowed = follower.find(10, "the node's grant-allowed connect", |e| {
+        e["node"] == node.name.as_str()
+            && e["connect"]["port"] == 5433
+            && e["decision"]["verdict"] == "allow"
+    })?;
+    assert_eq!(allowed["decision"]["grant_id"], id.as_str(), "{allowed}");
+    for state in ["pending", "active", "revoked"] {
+        follower.find(10, &format!("grant {state}"), |e| {
+            e["kind"] == "grant" && e["grant"]["id"] == id.as_str() && e["grant"]["state"] == state
+        })?;
+    }
 
     // Applied on C this time: revision 2 everywhere, one sequence.
     apply(&c, &dir, "p2.yaml", &policy(10)?)?;
@@ -277,6 +293,15 @@ fn a_killed_replica_s_nodes_move_to_another_within_5s_and_keep_enforcing() -> an
     let took = t0.elapsed();
     println!("replica killed → its nodes resynced on the other in {took:?}");
     ensure!(took < Duration::from_secs(5), "{took:?}");
+
+    // The CLI given both replicas goes on with the one that answers.
+    let both = format!("{},{}", servers[dead].url, survivor.url);
+    let out = cli(&["policy", "list", "--server", &both])?;
+    ensure!(
+        out.status.success(),
+        "policy list over both: {}",
+        text(&out)
+    );
 
     // Nothing lost: the survivor has the whole state and serves the next change.
     apply(survivor, &dir, "p2.yaml", &policy(10)?)?;

@@ -19,7 +19,7 @@ use super::{
     Change, PolicyRecord, PolicyStore, StoreError, StoreSnapshot,
     events::{EventLog, EventQuery, StoredEvent},
     now_unix_nano,
-    postgres_schema::{CHANGES, POLICY_LOCK, migrate, pg, to_i64, to_u64},
+    postgres_schema::{CHANGES, COMPACT_LOCK, POLICY_LOCK, migrate, pg, to_i64, to_u64},
 };
 
 /// Connections per replica.
@@ -232,12 +232,21 @@ impl EventLog for PgStore {
                 .await
                 .map_err(pg("record an event"))?;
         }
-        tx.execute(
-            "DELETE FROM fleet_events WHERE id <= (SELECT MAX(id) FROM fleet_events) - $1",
-            &[&to_i64(keep)],
-        )
-        .await
-        .map_err(pg("trim the event history"))?;
+        // Compaction runs on one replica at a time: the others' appends skip it (the next
+        // append trims what they left).
+        let compact: bool = tx
+            .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&COMPACT_LOCK])
+            .await
+            .map_err(pg("take the compaction lock"))?
+            .get(0);
+        if compact {
+            tx.execute(
+                "DELETE FROM fleet_events WHERE id <= (SELECT MAX(id) FROM fleet_events) - $1",
+                &[&to_i64(keep)],
+            )
+            .await
+            .map_err(pg("trim the event history"))?;
+        }
         tx.commit().await.map_err(pg("commit recorded events"))
     }
 

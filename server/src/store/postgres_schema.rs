@@ -22,6 +22,10 @@ pub(super) const GRANT_LOCK: i64 = 0x636f_7272_616c_0003;
 /// taken with `pg_try_advisory_lock`, so a replica that dies releases it with its connection.
 pub(super) const SWEEP_LOCK: i64 = 0x636f_7272_616c_0004;
 
+/// Trimming the event history to `--event-history` (a transaction lock, tried: a replica that
+/// does not get it leaves the trim to the next append).
+pub(super) const COMPACT_LOCK: i64 = 0x636f_7272_616c_0005;
+
 /// The channel a commit notifies (`policies` or `grants`) for the other replicas.
 pub(super) const CHANGES: &str = "corral_changes";
 
