@@ -10,6 +10,8 @@ fn main() -> anyhow::Result<()> {
         "proto/corral/v1/sync.proto",
         "proto/corral/v1/grant.proto",
         "proto/corral/v1/events.proto",
+        // The SPIFFE Workload API, vendored (proto/spiffe/README.md).
+        "proto/spiffe/workload.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

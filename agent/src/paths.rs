@@ -110,7 +110,7 @@ pub fn bpffs_pin_dir(bpffs: &Path) -> PathBuf {
     bpffs.join("corral")
 }
 
-pub use corral_runtime::paths::AGENT_SOCKET;
+pub use corral_runtime::paths::{AGENT_SOCKET, WORKLOAD_SOCKET};
 /// Last-known-good policy and other state.
 pub const STATE_DIR: &str = "/var/lib/corral";
 

@@ -89,8 +89,14 @@ pub async fn run(a: &Args) -> Result<ExitCode, CliError> {
     }
     let (cmd, args) = a.command.split_first().ok_or(CliError::NoCommand)?;
     contain.apply()?;
+    let mut command = std::process::Command::new(cmd);
+    command.args(args);
+    // The principal's credentials: the agent's SPIFFE Workload API.
+    if !r.workload_endpoint.is_empty() {
+        command.env("SPIFFE_ENDPOINT_SOCKET", &r.workload_endpoint);
+    }
     // The runtime's descriptors (epoll, the agent's socket) are close-on-exec.
-    let source = std::process::Command::new(cmd).args(args).exec();
+    let source = command.exec();
     Err(CliError::Exec {
         command: cmd.clone(),
         source,

@@ -10,4 +10,10 @@ pub mod v1 {
     pub use crate::shared::WatchEventsResponse;
 }
 
+/// The SPIFFE Workload API (`SpiffeWorkloadAPI`; the standard's file has no package).
+pub mod spiffe {
+    #![allow(clippy::all, missing_docs, reason = "generated code")]
+    tonic::include_proto!("_");
+}
+
 mod shared;

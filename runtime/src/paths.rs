@@ -3,3 +3,5 @@
 
 /// The agent's local API socket (`corral-agent --socket`, `corral --socket`).
 pub const AGENT_SOCKET: &str = "/run/corral/agent.sock";
+/// The SPIFFE Workload API's socket (`corral-agent --workload-socket`).
+pub const WORKLOAD_SOCKET: &str = "/run/corral/workload.sock";

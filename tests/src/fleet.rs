@@ -357,6 +357,8 @@ pub struct Node {
     pub name: String,
     pub dir: PathBuf,
     pub socket: PathBuf,
+    /// The agent's SPIFFE Workload API socket.
+    pub workload: PathBuf,
     pub pins: PathBuf,
     pub cgroups: PathBuf,
 }
@@ -373,6 +375,7 @@ impl Node {
         Ok(Some(Self {
             name: id.clone(),
             socket: dir.join("agent.sock"),
+            workload: dir.join("workload.sock"),
             pins: bpffs.join(format!("corral-{id}")),
             cgroups: paths::cgroup2_root()?.join("corral-test").join(&id),
             dir,
@@ -503,6 +506,8 @@ impl Agent {
             .arg(&node.name)
             .arg("--socket")
             .arg(&node.socket)
+            .arg("--workload-socket")
+            .arg(&node.workload)
             .arg("--pin-dir")
             .arg(&node.pins)
             .arg("--state-dir")

@@ -83,7 +83,7 @@ fn peer<T>(req: &Request<T>) -> Result<Peer, ApiError> {
 }
 
 /// Where a caller stands.
-enum Standing {
+pub(super) enum Standing {
     /// Outside every principal: its pid.
     Outside(i32),
     /// Inside a principal (its record, if it is still enrolled), with the reason.
@@ -135,7 +135,7 @@ impl Api {
     /// below, or attributed to it stickily after leaving the cgroup). The caller's process
     /// must still be alive once this is read (its pidfd says so), so a pid reused by another
     /// process in between is never taken for the caller.
-    fn standing(&self, p: &Peer) -> Result<Standing, ApiError> {
+    pub(super) fn standing(&self, p: &Peer) -> Result<Standing, ApiError> {
         let pid = p
             .pid
             .ok_or_else(|| ApiError::Denied("the caller's pid is unknown".into()))?;
@@ -177,6 +177,14 @@ impl Api {
             )));
         }
         Ok(standing)
+    }
+
+    /// `SPIFFE_ENDPOINT_SOCKET` for the agent's Workload API socket, if it serves one.
+    fn workload_endpoint(&self) -> String {
+        match self.shared.resolved.config.workload_socket.as_deref() {
+            Some(p) if !p.as_os_str().is_empty() => format!("unix://{}", p.display()),
+            _ => String::new(),
+        }
     }
 
     /// The caller's pid, if the caller is outside every principal. `what` names the refused
@@ -403,6 +411,7 @@ impl AgentService for Api {
         Ok(Response::new(pb::EnrollResponse {
             principal: Some(rec.to_pb()),
             cgroup_path: rec.cgroup.display().to_string(),
+            workload_endpoint: self.workload_endpoint(),
         }))
     }
 

@@ -41,6 +41,15 @@ pub struct Config {
     #[command(flatten)]
     pub tls: corral_runtime::tls::TlsFiles,
 
+    /// The SPIFFE Workload API's socket, served to enrolled principals' processes (`corral
+    /// run` points them at it with SPIFFE_ENDPOINT_SOCKET); empty: not served.
+    #[arg(long, env = "CORRAL_WORKLOAD_SOCKET", default_value = paths::WORKLOAD_SOCKET)]
+    pub workload_socket: Option<PathBuf>,
+
+    /// Lifetime of the X.509-SVIDs the Workload API issues (rotated at half of it).
+    #[arg(long, env = "CORRAL_SVID_TTL_SECS", default_value_t = 3600)]
+    pub svid_ttl_secs: u64,
+
     /// Local API socket (gRPC over a unix socket).
     #[arg(long, env = "CORRAL_SOCKET", default_value = paths::AGENT_SOCKET)]
     pub socket: PathBuf,

@@ -37,6 +37,7 @@ pub mod policy;
 pub mod registry;
 pub mod status;
 pub mod sync;
+pub mod workload;
 
 use std::{
     os::unix::fs::PermissionsExt as _,
@@ -326,6 +327,18 @@ impl Shared {
             }
         }
     }
+}
+
+/// The Workload API's socket: any process may connect (attestation decides what it gets).
+fn workload_api(_shared: &Arc<Shared>, path: &Path) -> Result<UnixListener, DaemonError> {
+    let l = bind_socket(path, None)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(|source| {
+        DaemonError::Bind {
+            path: path.into(),
+            source,
+        }
+    })?;
+    Ok(l)
 }
 
 fn bind_socket(path: &Path, gid: Option<u32>) -> Result<UnixListener, DaemonError> {
@@ -629,6 +642,45 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
         }))
         .serve_with_incoming_shutdown(incoming, async move { api_stop.wait().await });
     let server = tokio::spawn(server);
+    if let Some(path) = cfg
+        .workload_socket
+        .as_deref()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
+        match workload_api(&shared, path) {
+            Ok(listener) => {
+                let mut stop = shutdown.subscribe();
+                let incoming = tokio_stream::StreamExt::map(
+                    tokio_stream::wrappers::UnixListenerStream::new(listener),
+                    |s| s.and_then(peer::PeerStream::new),
+                );
+                let ttl = Duration::from_secs(cfg.svid_ttl_secs.max(60));
+                let ca = workload::ca::Ca::open(&cfg.state_dir, &resolved.node);
+                match ca {
+                    Ok(ca) => {
+                        let svc = workload::Workload::new(shared.clone(), ca, ttl);
+                        tokio::spawn(
+                            tonic::transport::Server::builder()
+                                .add_service(
+                                    corral_proto::spiffe::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(svc),
+                                )
+                                .serve_with_incoming_shutdown(incoming, async move {
+                                    stop.wait().await;
+                                }),
+                        );
+                        info!(socket = %path.display(), "SPIFFE Workload API served");
+                    }
+                    // Fail closed: no credentials without the CA; enforcement goes on.
+                    Err(e) => {
+                        warn!(error = %corral_runtime::error_chain(&e), "the SPIFFE Workload API is not served")
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %corral_runtime::error_chain(&e), "the SPIFFE Workload API is not served")
+            }
+        }
+    }
     info!(socket = %cfg.socket.display(), policy = ?cfg.policy, server = ?cfg.server, node = %resolved.node, "corral-agent ready");
 
     let sig = tokio::select! {

@@ -1,0 +1,335 @@
+//! The SPIFFE Workload API of a real agent, asked by a real workload in a real principal
+//! through an independent SPIFFE client library (the `spiffe` crate, in `corral-spiffe-probe`):
+//! - a process gets exactly its own principal's X.509-SVID (URI SAN = its SPIFFE ID, its
+//!   session in Corral's extension) and the trust bundle that verifies it;
+//! - two sessions of one identity get different credentials that cannot be mixed;
+//! - an mTLS server configured with the bundle accepts the SVID and refuses one from another
+//!   trust domain;
+//! - a process outside every principal gets `PermissionDenied`; a call without the
+//!   `workload.spiffe.io` header gets `InvalidArgument`.
+
+use std::{
+    net::{TcpListener, TcpStream},
+    path::Path,
+    sync::Arc,
+};
+
+use anyhow::{Context as _, ensure};
+use corral_tests::{
+    e2e::bin,
+    fleet::{Agent, Dir, Node},
+    privileged,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use serde_json::Value;
+
+const ID: &str = "spiffe://e2e.corral/agent/spiffe";
+/// `1.3.6.1.4.1.59999.1.1`, DER content bytes of the OID.
+const SESSION_OID_DER: &[u8] = &[0x2b, 0x06, 0x01, 0x04, 0x01, 0x83, 0xd4, 0x5f, 0x01, 0x01];
+
+fn policy(workload: &Path) -> anyhow::Result<String> {
+    let bindir = corral_tests::harness::bin_dir()?.display().to_string();
+    Ok(format!(
+        "apiVersion: corral.dev/v1alpha1
+kind: AgentPolicy
+metadata:
+  name: spiffe
+spec:
+  identities: [\"spiffe://e2e.corral/agent/**\"]
+  mode: enforce
+  defaultAction: deny
+  zones:
+    workload-api: {{ unix: [\"{}\"] }}
+  connect:
+    - {{ action: allow, zones: [workload-api] }}
+  exec:
+    - {{ action: allow, paths: [\"{bindir}/**\", \"/usr/bin/**\", \"/bin/**\"] }}
+",
+        workload.display()
+    ))
+}
+
+struct Setup {
+    _agent: Agent,
+    node: Node,
+    _dir: Dir,
+}
+
+fn setup(name: &str) -> anyhow::Result<Option<Setup>> {
+    if !privileged() {
+        return Ok(None);
+    }
+    let dir = Dir::new(name)?;
+    let Some(node) = Node::new(&dir, "n1")? else {
+        return Ok(None);
+    };
+    let file = dir.write("spiffe.yaml", &policy(&node.workload)?)?;
+    let agent = Agent::standalone(&node, &file, &[])?;
+    Ok(Some(Setup {
+        _agent: agent,
+        node,
+        _dir: dir,
+    }))
+}
+
+/// The probe's last JSON line, run inside (`identity`, `session`) by `corral run`.
+fn probe_in_session(node: &Node, session: &str, mode: &str) -> anyhow::Result<Value> {
+    let probe = bin("corral-spiffe-probe")?.display().to_string();
+    let out = node.local(&[
+        "run",
+        "--identity",
+        ID,
+        "--session",
+        session,
+        "--",
+        &probe,
+        mode,
+    ])?;
+    last_json(&out.stdout).with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn last_json(stdout: &[u8]) -> anyhow::Result<Value> {
+    let s = String::from_utf8_lossy(stdout);
+    let line = s.lines().last().context("the probe printed nothing")?;
+    Ok(serde_json::from_str(line)?)
+}
+
+fn bytes(v: &Value) -> anyhow::Result<Vec<u8>> {
+    v.as_array()
+        .context("bytes")?
+        .iter()
+        .map(|b| {
+            b.as_u64()
+                .and_then(|b| u8::try_from(b).ok())
+                .context("a byte")
+        })
+        .collect()
+}
+
+/// The session a leaf carries in Corral's extension (the DER UTF8String after its OID).
+fn session_of(leaf: &[u8]) -> Option<String> {
+    let at = leaf
+        .windows(SESSION_OID_DER.len())
+        .position(|w| w == SESSION_OID_DER)?;
+    // OID, then the extnValue OCTET STRING (04 len) wrapping the UTF8String (0c len ...).
+    let rest = &leaf[at + SESSION_OID_DER.len()..];
+    let utf8 = rest.iter().position(|b| *b == 0x0c)?;
+    let len = usize::from(*rest.get(utf8 + 1)?);
+    String::from_utf8(rest.get(utf8 + 2..utf8 + 2 + len)?.to_vec()).ok()
+}
+
+/// A client that always presents one certificate and key.
+#[derive(Debug)]
+struct Presented(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for Presented {
+    fn resolve(
+        &self,
+        _issuers: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A TLS server requiring client certificates that chain to `client_roots`, with a
+/// certificate of its own from a throwaway CA; the client's result of one handshake.
+fn mtls(
+    client_roots: &[Vec<u8>],
+    client_chain: Vec<Vec<u8>>,
+    client_key: Vec<u8>,
+) -> anyhow::Result<Result<(), String>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // The server's own certificate (what it is, not what is tested).
+    let server_ca_key = rcgen::KeyPair::generate()?;
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&server_ca_key)?;
+    let server_key = rcgen::KeyPair::generate()?;
+    let server_cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])?
+        .signed_by(&server_key, &rcgen::Issuer::new(ca, server_ca_key))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for r in client_roots {
+        roots.add(CertificateDer::from(r.clone()))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()?;
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![server_cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der())),
+        )?;
+    let mut client_roots_store = rustls::RootCertStore::empty();
+    client_roots_store.add(ca_cert.der().clone())?;
+    // The certificate and key as given, unchecked on this side (rustls would refuse a key
+    // that does not match): what the server makes of them is what is tested.
+    let key = provider
+        .key_provider
+        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(client_key)))?;
+    let presented = rustls::sign::CertifiedKey::new(
+        client_chain.into_iter().map(CertificateDer::from).collect(),
+        key,
+    );
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(client_roots_store)
+        .with_client_cert_resolver(Arc::new(Presented(Arc::new(presented))));
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let server_side = std::thread::spawn(move || -> Result<(), String> {
+        let (mut sock, _) = listener.accept().map_err(|e| e.to_string())?;
+        let mut conn =
+            rustls::ServerConnection::new(Arc::new(server)).map_err(|e| e.to_string())?;
+        while conn.is_handshaking() {
+            conn.complete_io(&mut sock).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    });
+    let mut sock = TcpStream::connect(addr)?;
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(client), ServerName::try_from("localhost")?)?;
+    let mut client_res = Ok(());
+    while conn.is_handshaking() {
+        if let Err(e) = conn.complete_io(&mut sock) {
+            client_res = Err(e.to_string());
+            break;
+        }
+    }
+    // TLS 1.3: the client finishes before the server has checked its certificate; the
+    // server's verdict is the one that counts.
+    drop(sock);
+    let server_res = server_side
+        .join()
+        .map_err(|_| anyhow::anyhow!("server thread"))?;
+    Ok(server_res.and(client_res))
+}
+
+#[test]
+fn a_principal_gets_its_own_svid_and_an_mtls_server_with_the_bundle_accepts_it_alone()
+-> anyhow::Result<()> {
+    let Some(s) = setup("spiffe-svid")? else {
+        return Ok(());
+    };
+    let a = probe_in_session(&s.node, "s1", "svid")?;
+    ensure!(a["error"].is_null(), "{a}");
+    assert_eq!(a["spiffe_id"], ID, "{a}");
+    assert_eq!(a["chain"], 1, "{a}");
+    let leaf = bytes(&a["leaf"])?;
+    assert_eq!(
+        session_of(&leaf).as_deref(),
+        Some("s1"),
+        "session in the SVID"
+    );
+    let bundles = a["bundles"].as_object().context("bundles")?;
+    let bundle = bundles
+        .iter()
+        .find(|(td, _)| td.contains("e2e.corral"))
+        .map(|(_, b)| b)
+        .context("a bundle for the principal's trust domain")?;
+    let roots: Vec<Vec<u8>> = bundle
+        .as_array()
+        .context("authorities")?
+        .iter()
+        .map(bytes)
+        .collect::<anyhow::Result<_>>()?;
+    ensure!(!roots.is_empty(), "{a}");
+
+    // Another session of the same identity: another credential.
+    let b = probe_in_session(&s.node, "s2", "svid")?;
+    ensure!(b["error"].is_null(), "{b}");
+    assert_eq!(b["spiffe_id"], ID);
+    let leaf_b = bytes(&b["leaf"])?;
+    assert_ne!(leaf, leaf_b);
+    assert_ne!(a["key"], b["key"]);
+    assert_eq!(session_of(&leaf_b).as_deref(), Some("s2"));
+
+    // mTLS with the bundle: each SVID with its own key is accepted; mixed, refused.
+    let key_a = bytes(&a["key"])?;
+    let key_b = bytes(&b["key"])?;
+    assert_eq!(mtls(&roots, vec![leaf.clone()], key_a.clone())?, Ok(()));
+    assert_eq!(mtls(&roots, vec![leaf_b.clone()], key_b)?, Ok(()));
+    let mixed = mtls(&roots, vec![leaf.clone()], bytes(&b["key"])?)?;
+    ensure!(
+        mixed.is_err(),
+        "s1's certificate with s2's key was accepted"
+    );
+    println!("s1's certificate with s2's key: {mixed:?}");
+
+    // An SVID of another trust domain (its own CA) is refused by the same server.
+    let other_ca_key = rcgen::KeyPair::generate()?;
+    let mut other_ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    other_ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let other_issuer = rcgen::Issuer::new(other_ca, other_ca_key);
+    let other_key = rcgen::KeyPair::generate()?;
+    let mut other = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    other.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://other.example/agent/spiffe".try_into()?,
+    )];
+    let other_cert = other.signed_by(&other_key, &other_issuer)?;
+    let foreign = mtls(
+        &roots,
+        vec![other_cert.der().to_vec()],
+        other_key.serialize_der(),
+    )?;
+    ensure!(foreign.is_err(), "another trust domain's SVID was accepted");
+    println!("another trust domain's SVID: {foreign:?}");
+    Ok(())
+}
+
+#[test]
+fn outside_every_principal_is_denied_and_the_security_header_is_required() -> anyhow::Result<()> {
+    let Some(s) = setup("spiffe-outside")? else {
+        return Ok(());
+    };
+    // The same client, run by this test process: no principal.
+    let out = std::process::Command::new(bin("corral-spiffe-probe")?)
+        .arg("svid")
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix://{}", s.node.workload.display()),
+        )
+        .output()?;
+    ensure!(!out.status.success());
+    let v = last_json(&out.stdout)?;
+    let err = v["error"].as_str().context("an error")?;
+    ensure!(err.contains("PermissionDenied"), "{err}");
+    println!("outside every principal: {err}");
+
+    // Without the header (a raw client that does not add it): InvalidArgument, before
+    // anything is looked at.
+    let path = s.node.workload.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let status = rt.block_on(async move {
+        let channel = tonic::transport::Endpoint::try_from("http://[::1]:1")?
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await?;
+        let mut c =
+            corral_proto::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
+        anyhow::Ok(
+            c.fetch_x509svid(corral_proto::spiffe::X509svidRequest {})
+                .await
+                .err(),
+        )
+    })?;
+    let status = status.context("a call without the header was answered")?;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    Ok(())
+}
