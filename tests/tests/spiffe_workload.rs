@@ -5,6 +5,9 @@
 //! - two sessions of one identity get different credentials that cannot be mixed;
 //! - an mTLS server configured with the bundle accepts the SVID and refuses one from another
 //!   trust domain;
+//! - a JWT-SVID carries the identity, session and audience, verifies against the JWT bundle
+//!   the API serves (checked by the library), validates for its audience only, and stops
+//!   validating when its session ends;
 //! - a process outside every principal gets `PermissionDenied`; a call without the
 //!   `workload.spiffe.io` header gets `InvalidArgument`.
 
@@ -74,17 +77,14 @@ fn setup(name: &str) -> anyhow::Result<Option<Setup>> {
 
 /// The probe's last JSON line, run inside (`identity`, `session`) by `corral run`.
 fn probe_in_session(node: &Node, session: &str, mode: &str) -> anyhow::Result<Value> {
+    probe_args(node, session, &[mode])
+}
+
+fn probe_args(node: &Node, session: &str, args: &[&str]) -> anyhow::Result<Value> {
     let probe = bin("corral-spiffe-probe")?.display().to_string();
-    let out = node.local(&[
-        "run",
-        "--identity",
-        ID,
-        "--session",
-        session,
-        "--",
-        &probe,
-        mode,
-    ])?;
+    let mut a = vec!["run", "--identity", ID, "--session", session, "--", &probe];
+    a.extend_from_slice(args);
+    let out = node.local(&a)?;
     last_json(&out.stdout).with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -331,5 +331,81 @@ fn outside_every_principal_is_denied_and_the_security_header_is_required() -> an
     })?;
     let status = status.context("a call without the header was answered")?;
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    Ok(())
+}
+
+/// The claims of a JWT (its payload, base64url JSON; no verification: the probe verified it).
+fn claims(token: &str) -> anyhow::Result<Value> {
+    let payload = token.split('.').nth(1).context("a JWT")?;
+    let val = |c: u8| -> anyhow::Result<u32> {
+        Ok(match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => anyhow::bail!("not base64url"),
+        })
+    };
+    let (mut out, mut acc, mut bits) = (Vec::new(), 0u32, 0);
+    for c in payload.bytes() {
+        acc = (acc << 6) | val(c)?;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Ok(serde_json::from_slice(&out)?)
+}
+
+fn session_enrolled(node: &Node, session: &str) -> anyhow::Result<bool> {
+    Ok(node.status()?["principals"]
+        .as_array()
+        .is_some_and(|p| p.iter().any(|p| p["session"] == session)))
+}
+
+#[test]
+fn a_jwt_svid_carries_the_session_and_stops_validating_when_the_session_ends() -> anyhow::Result<()>
+{
+    let Some(s) = setup("spiffe-jwt")? else {
+        return Ok(());
+    };
+    // Session s1 lives while this holds it.
+    let held = s.node.hold(ID, "s1")?;
+    let a = probe_args(&s.node, "s1", &["jwt", "svc-a"])?;
+    ensure!(a["error"].is_null(), "{a}");
+    assert_eq!(
+        a["spiffe_id"], ID,
+        "verified by the library against the bundle: {a}"
+    );
+    let token = a["token"].as_str().context("token")?.to_owned();
+    let c = claims(&token)?;
+    assert_eq!(c["sub"], ID, "{c}");
+    assert_eq!(c["corral_session"], "s1", "{c}");
+    assert_eq!(c["aud"], serde_json::json!(["svc-a"]), "{c}");
+    let ttl = c["exp"].as_u64().unwrap_or(0) - c["iat"].as_u64().unwrap_or(0);
+    assert_eq!(ttl, 300, "5 minutes by default: {c}");
+
+    // Another workload (session s2) validates it for its audience, and only that.
+    let v = probe_args(&s.node, "s2", &["validate", "svc-a", &token])?;
+    ensure!(v["error"].is_null(), "{v}");
+    assert_eq!(v["spiffe_id"], ID);
+    let w = probe_args(&s.node, "s2", &["validate", "svc-b", &token])?;
+    let err = w["error"].as_str().context("another audience must fail")?;
+    ensure!(err.contains("InvalidArgument"), "{err}");
+
+    // The session ends: its token no longer validates, though unexpired.
+    drop(held);
+    corral_tests::e2e::wait_for(15, "session s1 to end", || {
+        Ok((!session_enrolled(&s.node, "s1")?).then_some(()))
+    })?;
+    let x = probe_args(&s.node, "s2", &["validate", "svc-a", &token])?;
+    let err = x["error"]
+        .as_str()
+        .context("an ended session's token must fail")?;
+    ensure!(err.contains("ended"), "{err}");
+    println!("after the session ended: {err}");
     Ok(())
 }

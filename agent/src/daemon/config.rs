@@ -50,6 +50,10 @@ pub struct Config {
     #[arg(long, env = "CORRAL_SVID_TTL_SECS", default_value_t = 3600)]
     pub svid_ttl_secs: u64,
 
+    /// Lifetime of the JWT-SVIDs the Workload API issues.
+    #[arg(long, env = "CORRAL_JWT_TTL_SECS", default_value_t = 300)]
+    pub jwt_ttl_secs: u64,
+
     /// Local API socket (gRPC over a unix socket).
     #[arg(long, env = "CORRAL_SOCKET", default_value = paths::AGENT_SOCKET)]
     pub socket: PathBuf,

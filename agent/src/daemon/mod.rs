@@ -655,10 +655,17 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
                     |s| s.and_then(peer::PeerStream::new),
                 );
                 let ttl = Duration::from_secs(cfg.svid_ttl_secs.max(60));
-                let ca = workload::ca::Ca::open(&cfg.state_dir, &resolved.node);
-                match ca {
-                    Ok(ca) => {
-                        let svc = workload::Workload::new(shared.clone(), ca, ttl);
+                let keys = workload::ca::Ca::open(&cfg.state_dir, &resolved.node)
+                    .map_err(|e| corral_runtime::error_chain(&e))
+                    .and_then(|ca| {
+                        workload::jwt::JwtKey::open(&cfg.state_dir)
+                            .map(|jwt| (ca, jwt))
+                            .map_err(|e| corral_runtime::error_chain(&e))
+                    });
+                match keys {
+                    Ok((ca, jwt)) => {
+                        let jwt_ttl = Duration::from_secs(cfg.jwt_ttl_secs.max(10));
+                        let svc = workload::Workload::new(shared.clone(), ca, ttl, jwt, jwt_ttl);
                         tokio::spawn(
                             tonic::transport::Server::builder()
                                 .add_service(
@@ -670,10 +677,8 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
                         );
                         info!(socket = %path.display(), "SPIFFE Workload API served");
                     }
-                    // Fail closed: no credentials without the CA; enforcement goes on.
-                    Err(e) => {
-                        warn!(error = %corral_runtime::error_chain(&e), "the SPIFFE Workload API is not served")
-                    }
+                    // Fail closed: no credentials without the keys; enforcement goes on.
+                    Err(error) => warn!(%error, "the SPIFFE Workload API is not served"),
                 }
             }
             Err(e) => {

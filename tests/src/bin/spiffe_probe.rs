@@ -4,6 +4,11 @@
 //!
 //! - `corral-spiffe-probe svid`: one JSON line, `{"spiffe_id", "leaf", "key", "bundles"}`
 //!   (DER as byte arrays; `bundles` by trust domain), or `{"error"}` (exit 1).
+//! - `corral-spiffe-probe jwt AUD`: a JWT-SVID for AUD, checked by the library itself against
+//!   the JWT bundle (JWKS) the API serves: `{"token", "spiffe_id"}`.
+//! - `corral-spiffe-probe validate AUD TOKEN`: the API's `ValidateJWTSVID`: `{"spiffe_id"}`.
+//! - `corral-spiffe-probe bench N`: N X.509-SVID and N JWT-SVID fetches in a row, one
+//!   connection; `{"x509_p50_us", "x509_p99_us", "jwt_p50_us", "jwt_p99_us"}`.
 //! - `corral-spiffe-probe watch`: one JSON line per X.509-SVID the stream sends
 //!   (`{"spiffe_id", "leaf"}`), then `{"error"}` or `{"end": true}` when the stream ends.
 #![forbid(unsafe_code)]
@@ -34,6 +39,60 @@ async fn svid() -> Result<serde_json::Value, String> {
     }))
 }
 
+async fn jwt(aud: &str) -> Result<serde_json::Value, String> {
+    let c = WorkloadApiClient::connect_env()
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let svid = c
+        .fetch_jwt_svid([aud], None)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let bundles = c.fetch_jwt_bundles().await.map_err(|e| format!("{e:?}"))?;
+    // The library's own verification: signature by a key of the bundle, audience, expiry.
+    let checked = spiffe::JwtSvid::parse_and_validate(svid.token(), &bundles, &[aud])
+        .map_err(|e| format!("verify: {e:?}"))?;
+    Ok(json!({ "token": svid.token(), "spiffe_id": checked.spiffe_id().to_string() }))
+}
+
+async fn validate(aud: &str, token: &str) -> Result<serde_json::Value, String> {
+    let c = WorkloadApiClient::connect_env()
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let svid = c
+        .validate_jwt_token(aud, token)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(json!({ "spiffe_id": svid.spiffe_id().to_string() }))
+}
+
+async fn bench(n: usize) -> Result<serde_json::Value, String> {
+    let c = WorkloadApiClient::connect_env()
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let pct = |v: &mut Vec<u128>, p: f64| {
+        v.sort_unstable();
+        v.get(((v.len().max(1) - 1) as f64 * p).round() as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    let (mut x, mut j) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        c.fetch_x509_svid().await.map_err(|e| format!("{e:?}"))?;
+        x.push(t.elapsed().as_micros());
+        let t = std::time::Instant::now();
+        c.fetch_jwt_svid(["bench"], None)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        j.push(t.elapsed().as_micros());
+    }
+    Ok(json!({
+        "n": n,
+        "x509_p50_us": pct(&mut x, 0.5), "x509_p99_us": pct(&mut x, 0.99),
+        "jwt_p50_us": pct(&mut j, 0.5), "jwt_p99_us": pct(&mut j, 0.99),
+    }))
+}
+
 async fn watch() -> Result<(), String> {
     let c = WorkloadApiClient::connect_env()
         .await
@@ -61,12 +120,21 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let mode = std::env::args().nth(1).unwrap_or_default();
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
+    let mode = arg(1);
     let res = rt.block_on(async {
         match mode.as_str() {
             "svid" => svid().await.map(|v| println!("{v}")),
+            "jwt" => jwt(&arg(2)).await.map(|v| println!("{v}")),
+            "validate" => validate(&arg(2), &arg(3)).await.map(|v| println!("{v}")),
+            "bench" => bench(arg(2).parse().unwrap_or(200))
+                .await
+                .map(|v| println!("{v}")),
             "watch" => watch().await,
-            other => Err(format!("unknown mode {other:?}: svid | watch")),
+            other => Err(format!(
+                "unknown mode {other:?}: svid | jwt AUD | validate AUD TOKEN | watch"
+            )),
         }
     });
     match res {

@@ -186,7 +186,7 @@ fn der_utf8(s: &str) -> Vec<u8> {
 }
 
 /// Writes `text` readable by root only.
-fn write_private(path: &Path, text: &str) -> Result<(), CaError> {
+pub(super) fn write_private(path: &Path, text: &str) -> Result<(), CaError> {
     use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
     let mut f = std::fs::OpenOptions::new()
         .write(true)

@@ -14,9 +14,13 @@
 //!   nothing more is issued for it.
 //! - `FetchX509Bundles` streams the trust bundle (the node CA, `ca.rs`), keyed by the SPIFFE
 //!   ID of the principal's trust domain.
-//! - The JWT-SVID profile is not served yet: those calls answer `Unimplemented`.
+//! - `FetchJWTSVID` signs a JWT-SVID for the requested audience (`jwt.rs`), `FetchJWTBundles`
+//!   streams the JWKS keyed by the trust domain's SPIFFE ID, and `ValidateJWTSVID` checks a
+//!   token's signature, audience and expiry, and that its session still exists: a session's
+//!   tokens stop validating when it ends.
 
 pub mod ca;
+pub mod jwt;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -36,15 +40,43 @@ pub struct Workload {
     shared: Arc<Shared>,
     ca: Arc<ca::Ca>,
     ttl: Duration,
+    jwt: Arc<jwt::JwtKey>,
+    jwt_ttl: Duration,
 }
 
 impl Workload {
-    pub fn new(shared: Arc<Shared>, ca: ca::Ca, ttl: Duration) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        ca: ca::Ca,
+        ttl: Duration,
+        jwt: jwt::JwtKey,
+        jwt_ttl: Duration,
+    ) -> Self {
         Self {
             shared,
             ca: Arc::new(ca),
             ttl,
+            jwt: Arc::new(jwt),
+            jwt_ttl,
         }
+    }
+
+    /// The ids of the grants active now for `rec`'s session (or all its identity's sessions).
+    fn grants_of(&self, rec: &PrincipalRecord) -> Vec<String> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        self.shared
+            .grants
+            .grants()
+            .into_iter()
+            .filter(|g| {
+                g.identity == rec.identity
+                    && (g.session.is_empty() || g.session == rec.session)
+                    && g.expires_unix_ns > now
+            })
+            .map(|g| g.id.to_string())
+            .collect()
     }
 
     /// The caller's principal, after the header check.
@@ -135,6 +167,21 @@ impl Workload {
     }
 }
 
+impl Workload {
+    /// A stream of `msg` once, held open until the client goes or the session ends: the
+    /// bundles do not change while the agent runs.
+    fn held<T: Send + 'static>(&self, rec: Arc<PrincipalRecord>, msg: T) -> Stream<T> {
+        let (tx, rx) = mpsc::channel(2);
+        let me = self.clone();
+        tokio::spawn(async move {
+            if tx.send(Ok(msg)).await.is_ok() {
+                while me.wait(&rec, &tx, Duration::from_secs(3600)).await {}
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
 /// `spiffe://td/...` → `spiffe://td`.
 fn trust_domain_id(id: &str) -> String {
     let rest = id.strip_prefix("spiffe://").unwrap_or(id);
@@ -179,40 +226,60 @@ impl SpiffeWorkloadApi for Workload {
         req: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let rec = self.principal(&req)?;
-        let (tx, rx) = mpsc::channel(2);
         let msg = pb::X509BundlesResponse {
             crl: Vec::new(),
             bundles: HashMap::from([(trust_domain_id(&rec.identity), self.ca.bundle.clone())]),
         };
-        let me = self.clone();
-        tokio::spawn(async move {
-            if tx.send(Ok(msg)).await.is_ok() {
-                // The bundle does not change while the agent runs: held open until the
-                // client goes or the session ends.
-                while me.wait(&rec, &tx, Duration::from_secs(3600)).await {}
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(self.held(rec, msg)))
     }
 
     async fn fetch_jwtsvid(
         &self,
         req: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
-        self.principal(&req)?;
-        Err(Status::unimplemented(
-            "JWT-SVIDs are not issued by this agent yet",
-        ))
+        let rec = self.principal(&req)?;
+        let r = req.into_inner();
+        if r.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if !r.spiffe_id.is_empty() && r.spiffe_id != rec.identity {
+            return Err(Status::permission_denied(format!(
+                "{} is not this workload's identity",
+                r.spiffe_id
+            )));
+        }
+        let iat = jwt::now_secs();
+        let claims = jwt::Claims {
+            sub: rec.identity.clone(),
+            aud: r.audience,
+            iat,
+            exp: iat + self.jwt_ttl.as_secs(),
+            corral_session: rec.session.clone(),
+            corral_grants: self.grants_of(&rec),
+        };
+        let token = self
+            .jwt
+            .sign(&claims)
+            .map_err(|e| Status::internal(corral_runtime::error_chain(&e)))?;
+        info!(identity = %rec.identity, session = %rec.session, aud = ?claims.aud, grants = ?claims.corral_grants, "JWT-SVID issued");
+        Ok(Response::new(pb::JwtsvidResponse {
+            svids: vec![pb::Jwtsvid {
+                spiffe_id: rec.identity.clone(),
+                svid: token,
+                hint: String::new(),
+            }],
+        }))
     }
 
     async fn fetch_jwt_bundles(
         &self,
         req: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        self.principal(&req)?;
-        Err(Status::unimplemented(
-            "JWT bundles are not served by this agent yet",
-        ))
+        let rec = self.principal(&req)?;
+        let msg = pb::JwtBundlesResponse {
+            bundles: HashMap::from([(trust_domain_id(&rec.identity), self.jwt.jwks.clone())]),
+        };
+        Ok(Response::new(self.held(rec, msg)))
     }
 
     async fn validate_jwtsvid(
@@ -220,9 +287,66 @@ impl SpiffeWorkloadApi for Workload {
         req: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
         self.principal(&req)?;
-        Err(Status::unimplemented(
-            "JWT-SVIDs are not validated by this agent yet",
-        ))
+        let r = req.into_inner();
+        if r.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        let claims = self
+            .jwt
+            .validate(&r.svid, &r.audience)
+            .map_err(|e| Status::invalid_argument(format!("the JWT-SVID is not valid: {e}")))?;
+        let alive = self
+            .shared
+            .registry
+            .list()
+            .iter()
+            .any(|p| p.identity == claims.sub && p.session == claims.corral_session);
+        if !alive {
+            return Err(Status::invalid_argument(format!(
+                "the JWT-SVID's session {} of {} has ended",
+                claims.corral_session, claims.sub
+            )));
+        }
+        let json = serde_json::to_value(&claims).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::ValidateJwtsvidResponse {
+            spiffe_id: claims.sub,
+            claims: match to_struct(json) {
+                prost_types::value::Kind::StructValue(s) => Some(s),
+                _ => None,
+            },
+        }))
+    }
+}
+
+/// JSON as protobuf's `Struct`/`Value`.
+fn to_struct(v: serde_json::Value) -> prost_types::value::Kind {
+    use prost_types::value::Kind;
+    match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a
+                .into_iter()
+                .map(|v| prost_types::Value {
+                    kind: Some(to_struct(v)),
+                })
+                .collect(),
+        }),
+        serde_json::Value::Object(o) => Kind::StructValue(prost_types::Struct {
+            fields: o
+                .into_iter()
+                .map(|(k, v)| {
+                    (
+                        k,
+                        prost_types::Value {
+                            kind: Some(to_struct(v)),
+                        },
+                    )
+                })
+                .collect(),
+        }),
     }
 }
 
