@@ -75,6 +75,29 @@ pub struct Config {
     #[arg(long, env = "CORRAL_SERVER_RESYNC_SECS", default_value_t = 5)]
     pub resync_secs: u64,
 
+    /// The trust domain's CA (PEM certificate and key) that certifies each node's SPIFFE
+    /// Workload API signing key as an intermediate; unset: nodes use their own CAs.
+    #[arg(
+        long,
+        env = "CORRAL_SERVER_WORKLOAD_CA_CERT",
+        requires = "workload_ca_key"
+    )]
+    pub workload_ca_cert: Option<std::path::PathBuf>,
+    #[arg(
+        long,
+        env = "CORRAL_SERVER_WORKLOAD_CA_KEY",
+        requires = "workload_ca_cert"
+    )]
+    pub workload_ca_key: Option<std::path::PathBuf>,
+
+    /// Lifetime of a node's intermediate (renewed at half of it, and on every reconnect).
+    #[arg(
+        long,
+        env = "CORRAL_SERVER_INTERMEDIATE_TTL_SECS",
+        default_value_t = 86_400
+    )]
+    pub intermediate_ttl_secs: u64,
+
     /// This replica's name in node status [default: the host name and the listen port].
     #[arg(long, env = "CORRAL_SERVER_REPLICA_NAME")]
     pub replica_name: Option<String>,

@@ -33,6 +33,7 @@ mod sock_diag;
 pub mod store;
 pub mod sync;
 pub mod validate;
+pub mod workload_ca;
 
 use std::{sync::Arc, time::Duration};
 
@@ -66,6 +67,8 @@ pub enum RunError {
     TlsConfig(#[source] tonic::transport::Error),
     #[error("install signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error("load the workload CA")]
+    WorkloadCa(#[from] workload_ca::WorkloadCaError),
     #[error("serve gRPC")]
     Serve(#[source] tonic::transport::Error),
 }
@@ -114,7 +117,13 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
              apply and delete policies"
         );
     }
-    let sync = sync::Sync::new(fleet.clone(), shutdown.subscribe()).with_sessions(grants.clone());
+    let mut sync =
+        sync::Sync::new(fleet.clone(), shutdown.subscribe()).with_sessions(grants.clone());
+    if let (Some(cert), Some(key)) = (&cfg.workload_ca_cert, &cfg.workload_ca_key) {
+        let ttl = Duration::from_secs(cfg.intermediate_ttl_secs.max(600));
+        sync = sync.with_workload_ca(Arc::new(workload_ca::WorkloadCa::open(cert, key, ttl)?));
+        info!(cert = %cert.display(), "nodes' workload intermediates are signed by this CA");
+    }
     tokio::spawn(grants::service::sweep_task(
         grants.clone(),
         shutdown.subscribe(),

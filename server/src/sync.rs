@@ -33,6 +33,7 @@ pub struct Sync {
     fleet: Arc<Fleet>,
     stop: ShutdownSignal,
     sessions: Option<Arc<dyn SessionObserver>>,
+    ca: Option<Arc<crate::workload_ca::WorkloadCa>>,
 }
 
 impl Sync {
@@ -41,7 +42,15 @@ impl Sync {
             fleet,
             stop,
             sessions: None,
+            ca: None,
         }
+    }
+
+    /// Nodes' intermediate requests are certified by `ca`.
+    #[must_use]
+    pub fn with_workload_ca(mut self, ca: Arc<crate::workload_ca::WorkloadCa>) -> Self {
+        self.ca = Some(ca);
+        self
     }
 
     /// Ended sessions are reported to `observer`.
@@ -67,6 +76,7 @@ struct Stream1 {
     /// The newest (revision, grants version) sent on this stream.
     sent: Option<(u64, u64)>,
     sessions: Option<Arc<dyn SessionObserver>>,
+    ca: Option<Arc<crate::workload_ca::WorkloadCa>>,
 }
 
 impl Stream1 {
@@ -115,6 +125,34 @@ impl Stream1 {
             && let Some(o) = &self.sessions
         {
             o.sessions_ended(&gone).await;
+        }
+    }
+
+    /// An intermediate for the node's workload key, if this server has the trust domain's
+    /// CA; `false` if the stream is gone.
+    async fn intermediate(&self, r: &pb::IntermediateRequest) -> bool {
+        let Some(ca) = &self.ca else {
+            debug!(node = %self.node, "intermediate asked for; no workload CA configured");
+            return true;
+        };
+        match ca.certify(&self.node, &r.public_key) {
+            Ok((cert, not_after_unix)) => {
+                info!(node = %self.node, not_after_unix, "workload intermediate issued");
+                self.tx
+                    .send(Ok(pb::ServerMessage {
+                        msg: Some(pb::server_message::Msg::Intermediate(pb::Intermediate {
+                            cert,
+                            root: ca.root().to_vec(),
+                            not_after_unix,
+                        })),
+                    }))
+                    .await
+                    .is_ok()
+            }
+            Err(e) => {
+                warn!(node = %self.node, error = %corral_runtime::error_chain(&e), "workload intermediate refused");
+                true
+            }
         }
     }
 
@@ -179,6 +217,11 @@ async fn serve_stream(
                     }
                     Some(Msg::Event(e)) => s.fleet.forward_event(&s.node, e),
                     Some(Msg::Principals(p)) => s.principals(p).await,
+                    Some(Msg::IntermediateRequest(r)) => {
+                        if !s.intermediate(&r).await {
+                            break;
+                        }
+                    }
                     Some(Msg::Hello(_)) | None => {
                         let _ = s.tx.send(Err(Status::invalid_argument("Hello may only be the first message"))).await;
                         break;
@@ -254,6 +297,7 @@ impl NodeSync for Sync {
             in_flight: None,
             sent: None,
             sessions: self.sessions.clone(),
+            ca: self.ca.clone(),
         };
         tokio::spawn(serve_stream(s, inbound, self.stop.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -307,7 +351,7 @@ mod tests {
             .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
         match m.msg {
             Some(pb::server_message::Msg::Snapshot(s)) => Ok(s),
-            None => anyhow::bail!("empty message"),
+            Some(pb::server_message::Msg::Intermediate(_)) | None => anyhow::bail!("empty message"),
         }
     }
 

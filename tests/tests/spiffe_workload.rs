@@ -8,6 +8,8 @@
 //! - a JWT-SVID carries the identity, session and audience, verifies against the JWT bundle
 //!   the API serves (checked by the library), validates for its audience only, and stops
 //!   validating when its session ends;
+//! - managed mode: the server's trust-domain CA certifies the node's key as an intermediate;
+//!   SVIDs chain to the server's root, also while the server is down;
 //! - a process outside every principal gets `PermissionDenied`; a call without the
 //!   `workload.spiffe.io` header gets `InvalidArgument`.
 
@@ -19,8 +21,8 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 use corral_tests::{
-    e2e::bin,
-    fleet::{Agent, Dir, Node},
+    e2e::{bin, wait_for},
+    fleet::{Agent, Dir, Node, Server, connected, free_port, text},
     privileged,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
@@ -407,5 +409,85 @@ fn a_jwt_svid_carries_the_session_and_stops_validating_when_the_session_ends() -
         .context("an ended session's token must fail")?;
     ensure!(err.contains("ended"), "{err}");
     println!("after the session ended: {err}");
+    Ok(())
+}
+
+#[test]
+fn managed_nodes_sign_with_a_server_certified_intermediate_also_while_the_server_is_down()
+-> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let dir = Dir::new("spiffe-managed")?;
+    let Some(node) = Node::new(&dir, "n1")? else {
+        return Ok(());
+    };
+    // The trust domain's root CA, held by the server.
+    let root_key = rcgen::KeyPair::generate()?;
+    let mut root = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    root.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    root.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    root.distinguished_name
+        .push(rcgen::DnType::CommonName, "e2e.corral root");
+    let root_cert = root.self_signed(&root_key)?;
+    let cert_file = dir.write("td-ca.pem", &root_cert.pem())?;
+    let key_file = dir.write("td-ca-key.pem", &root_key.serialize_pem())?;
+    let (c, k) = (
+        cert_file.display().to_string(),
+        key_file.display().to_string(),
+    );
+    let mut server = Server::start_args(
+        &dir,
+        free_port()?,
+        None,
+        &["--workload-ca-cert", &c, "--workload-ca-key", &k],
+    )?;
+    let _agent = Agent::start(&node, &server.url, &[])?;
+    wait_for(10, "the agent to connect", || connected(&node))?;
+    let file = dir.write("spiffe.yaml", &policy(&node.workload)?)?;
+    let out = server.apply(&file, &[])?;
+    ensure!(out.status.success(), "apply: {}", text(&out));
+
+    let check = |session: &str| -> anyhow::Result<()> {
+        let v = probe_in_session(&node, session, "svid")?;
+        ensure!(v["error"].is_null(), "{v}");
+        assert_eq!(v["spiffe_id"], ID, "{v}");
+        let certs: Vec<Vec<u8>> = v["certs"]
+            .as_array()
+            .context("certs")?
+            .iter()
+            .map(bytes)
+            .collect::<anyhow::Result<_>>()?;
+        assert_eq!(certs.len(), 2, "leaf and the node's intermediate");
+        let bundles = v["bundles"].as_object().context("bundles")?;
+        let served: Vec<Vec<u8>> = bundles
+            .values()
+            .next()
+            .and_then(Value::as_array)
+            .context("a bundle")?
+            .iter()
+            .map(bytes)
+            .collect::<anyhow::Result<_>>()?;
+        assert_eq!(
+            served,
+            [root_cert.der().to_vec()],
+            "the bundle is the server's root"
+        );
+        // A service trusting only the trust domain's root accepts the chain.
+        assert_eq!(mtls(&served, certs, bytes(&v["key"])?)?, Ok(()));
+        Ok(())
+    };
+    // The intermediate arrives right after connecting.
+    wait_for(10, "SVIDs chained to the server's root", || {
+        let v = probe_in_session(&node, "s0", "svid")?;
+        Ok((v["chain"] == 2).then_some(()))
+    })?;
+    check("s1")?;
+    // The server goes: the node goes on issuing under its intermediate.
+    server.stop()?;
+    check("s2")?;
     Ok(())
 }

@@ -583,6 +583,24 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
     if cfg.policy.is_some() {
         tasks.spawn(watch_policy(shared.clone(), shutdown.subscribe()));
     }
+    // The Workload API's keys, made before the sync task: in managed mode the server
+    // certifies the CA's signing key. Fail closed: without them no credentials are served;
+    // enforcement goes on.
+    let workload_socket = cfg
+        .workload_socket
+        .as_deref()
+        .filter(|p| !p.as_os_str().is_empty());
+    let workload_keys = workload_socket.and_then(|_| {
+        let keys = workload::ca::Ca::open(&cfg.state_dir, &resolved.node)
+            .map_err(|e| corral_runtime::error_chain(&e))
+            .and_then(|ca| {
+                workload::jwt::JwtKey::open(&cfg.state_dir)
+                    .map(|jwt| (Arc::new(ca), jwt))
+                    .map_err(|e| corral_runtime::error_chain(&e))
+            });
+        keys.map_err(|error| warn!(%error, "the SPIFFE Workload API is not served"))
+            .ok()
+    });
     if let Some(url) = &cfg.server {
         // Subscribed before the sync task starts, so no event is missed while connecting;
         // the hub's bounded queue is the forwarding buffer (its drops are counted).
@@ -595,6 +613,7 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
             client,
             Arc::new(sync::AgentSink {
                 shared: shared.clone(),
+                workload_ca: workload_keys.as_ref().map(|(ca, _)| ca.clone()),
             }),
             events,
             shared.sync.clone(),
@@ -642,11 +661,7 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
         }))
         .serve_with_incoming_shutdown(incoming, async move { api_stop.wait().await });
     let server = tokio::spawn(server);
-    if let Some(path) = cfg
-        .workload_socket
-        .as_deref()
-        .filter(|p| !p.as_os_str().is_empty())
-    {
+    if let (Some(path), Some((ca, jwt))) = (workload_socket, workload_keys) {
         match workload_api(&shared, path) {
             Ok(listener) => {
                 let mut stop = shutdown.subscribe();
@@ -655,31 +670,18 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
                     |s| s.and_then(peer::PeerStream::new),
                 );
                 let ttl = Duration::from_secs(cfg.svid_ttl_secs.max(60));
-                let keys = workload::ca::Ca::open(&cfg.state_dir, &resolved.node)
-                    .map_err(|e| corral_runtime::error_chain(&e))
-                    .and_then(|ca| {
-                        workload::jwt::JwtKey::open(&cfg.state_dir)
-                            .map(|jwt| (ca, jwt))
-                            .map_err(|e| corral_runtime::error_chain(&e))
-                    });
-                match keys {
-                    Ok((ca, jwt)) => {
-                        let jwt_ttl = Duration::from_secs(cfg.jwt_ttl_secs.max(10));
-                        let svc = workload::Workload::new(shared.clone(), ca, ttl, jwt, jwt_ttl);
-                        tokio::spawn(
-                            tonic::transport::Server::builder()
-                                .add_service(
-                                    corral_proto::spiffe::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(svc),
-                                )
-                                .serve_with_incoming_shutdown(incoming, async move {
-                                    stop.wait().await;
-                                }),
-                        );
-                        info!(socket = %path.display(), "SPIFFE Workload API served");
-                    }
-                    // Fail closed: no credentials without the keys; enforcement goes on.
-                    Err(error) => warn!(%error, "the SPIFFE Workload API is not served"),
-                }
+                let jwt_ttl = Duration::from_secs(cfg.jwt_ttl_secs.max(10));
+                let svc = workload::Workload::new(shared.clone(), ca, ttl, jwt, jwt_ttl);
+                tokio::spawn(
+                    tonic::transport::Server::builder()
+                        .add_service(
+                            corral_proto::spiffe::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(svc),
+                        )
+                        .serve_with_incoming_shutdown(incoming, async move {
+                            stop.wait().await;
+                        }),
+                );
+                info!(socket = %path.display(), "SPIFFE Workload API served");
             }
             Err(e) => {
                 warn!(error = %corral_runtime::error_chain(&e), "the SPIFFE Workload API is not served")

@@ -54,6 +54,24 @@ pub trait SnapshotSink: Send + Sync + 'static {
     fn principal_changes(&self) -> Option<watch::Receiver<u64>> {
         None
     }
+    /// The workload-signing key to have certified as an intermediate (P-256 point); `None`:
+    /// none asked for.
+    fn intermediate_key(&self) -> Option<Vec<u8>> {
+        None
+    }
+    /// The server certified the key.
+    fn intermediate(&self, _: &pb::Intermediate) {}
+}
+
+/// How often a connected node renews its intermediate (well inside the server's 24 h).
+const INTERMEDIATE_RENEW: Duration = Duration::from_secs(6 * 3600);
+
+fn intermediate_request(sink: &Arc<dyn SnapshotSink>) -> Option<pb::NodeMessage> {
+    sink.intermediate_key().map(|public_key| pb::NodeMessage {
+        msg: Some(Msg::IntermediateRequest(pb::IntermediateRequest {
+            public_key,
+        })),
+    })
 }
 
 fn principals_msg(sink: &Arc<dyn SnapshotSink>) -> pb::NodeMessage {
@@ -288,6 +306,13 @@ async fn session(
     // Cannot fail: the receiver is alive and the queue empty.
     let _ = tx.try_send(hello);
     let _ = tx.try_send(principals_msg(sink));
+    if let Some(r) = intermediate_request(sink) {
+        let _ = tx.try_send(r);
+    }
+    let mut renew = tokio::time::interval_at(
+        tokio::time::Instant::now() + INTERMEDIATE_RENEW,
+        INTERMEDIATE_RENEW,
+    );
     let mut inbound = tokio::select! {
         _ = stop.wait() => return Ok(()),
         r = client.sync(ReceiverStream::new(rx)) => r.map_err(SyncError::Open)?.into_inner(),
@@ -304,9 +329,23 @@ async fn session(
                     None => return Err(SyncError::Closed),
                     Some(m) => m.map_err(SyncError::Stream)?,
                 };
-                let Some(pb::server_message::Msg::Snapshot(snap)) = m.msg else { continue };
+                let snap = match m.msg {
+                    Some(pb::server_message::Msg::Snapshot(snap)) => snap,
+                    Some(pb::server_message::Msg::Intermediate(i)) => {
+                        sink.intermediate(&i);
+                        continue;
+                    }
+                    None => continue,
+                };
                 let reply = handle_snapshot(sink, snap, status).await;
                 if tx.send(reply).await.is_err() {
+                    return Err(SyncError::Closed);
+                }
+            }
+            _ = renew.tick() => {
+                if let Some(r) = intermediate_request(sink)
+                    && tx.send(r).await.is_err()
+                {
                     return Err(SyncError::Closed);
                 }
             }
@@ -385,6 +424,8 @@ async fn handle_snapshot(
 /// The real node: snapshots go into the kernel maps through the standalone apply path.
 pub struct AgentSink {
     pub shared: Arc<Shared>,
+    /// The Workload API's CA, when the agent serves it: its key is certified by the server.
+    pub workload_ca: Option<Arc<super::workload::ca::Ca>>,
 }
 
 impl SnapshotSink for AgentSink {
@@ -403,6 +444,24 @@ impl SnapshotSink for AgentSink {
 
     fn principal_changes(&self) -> Option<watch::Receiver<u64>> {
         Some(self.shared.registry.subscribe())
+    }
+
+    fn intermediate_key(&self) -> Option<Vec<u8>> {
+        self.workload_ca.as_ref().map(|ca| ca.intermediate_key())
+    }
+
+    fn intermediate(&self, i: &pb::Intermediate) {
+        if let Some(ca) = &self.workload_ca {
+            match ca.set_intermediate(&i.cert, &i.root) {
+                Ok(()) => info!(
+                    not_after_unix = i.not_after_unix,
+                    "workload intermediate from the server in use"
+                ),
+                Err(e) => {
+                    warn!(error = %corral_runtime::error_chain(&e), "the server's workload intermediate cannot be used; SVIDs stay signed by the node's own CA")
+                }
+            }
+        }
     }
 
     /// The grants are taken first, whatever becomes of the policy: a revocation must reach

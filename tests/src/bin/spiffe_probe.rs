@@ -2,7 +2,8 @@
 //! `spiffe` crate's Workload API client (an independent SPIFFE client library, not Corral's
 //! code), at `SPIFFE_ENDPOINT_SOCKET`, as `corral run` sets it. Run inside a principal.
 //!
-//! - `corral-spiffe-probe svid`: one JSON line, `{"spiffe_id", "leaf", "key", "bundles"}`
+//! - `corral-spiffe-probe svid`: one JSON line, `{"spiffe_id", "leaf", "key", "certs",
+//!   "bundles"}`
 //!   (DER as byte arrays; `bundles` by trust domain), or `{"error"}` (exit 1).
 //! - `corral-spiffe-probe jwt AUD`: a JWT-SVID for AUD, checked by the library itself against
 //!   the JWT bundle (JWKS) the API serves: `{"token", "spiffe_id"}`.
@@ -35,6 +36,7 @@ async fn svid() -> Result<serde_json::Value, String> {
         "leaf": svid.leaf().as_bytes(),
         "key": svid.private_key().as_bytes(),
         "chain": svid.cert_chain().len(),
+        "certs": svid.cert_chain().iter().map(|c| c.as_bytes()).collect::<Vec<_>>(),
         "bundles": bundles,
     }))
 }

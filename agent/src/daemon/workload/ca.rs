@@ -4,11 +4,16 @@
 //! verifiable. It signs short-lived X.509-SVIDs (rcgen; no crypto written here):
 //! - the leaf has exactly one URI SAN, the principal's SPIFFE ID, as the X.509-SVID standard
 //!   requires, no DNS names, `digitalSignature` and client/server auth usages;
+//! - in managed mode the server certifies a signing key of this node as an intermediate of the
+//!   trust domain's CA ([`Ca::set_intermediate`]); from then on leaves are signed with it, the
+//!   chain is (leaf, intermediate) and the bundle is the trust domain's root. Until it comes,
+//!   or once it has expired, the node's own CA signs (the standalone behaviour);
 //! - the session is in a non-critical extension of its own, [`SESSION_OID`], holding the
 //!   session id as a DER UTF8String: a second URI SAN would make it no SVID at all.
 
 use std::{
     path::{Path, PathBuf},
+    sync::{PoisonError, RwLock},
     time::{Duration, SystemTime},
 };
 
@@ -43,6 +48,8 @@ pub enum CaError {
     },
     #[error("issue a certificate")]
     Issue(#[source] rcgen::Error),
+    #[error("the intermediate from the server")]
+    Intermediate(#[source] rcgen::Error),
     #[error("{id:?} is not a SPIFFE ID usable in a certificate")]
     BadId { id: String },
 }
@@ -50,12 +57,25 @@ pub enum CaError {
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     /// The CA certificate, DER: the trust bundle.
-    pub bundle: Vec<u8>,
+    own_bundle: Vec<u8>,
+    /// The key the server certifies (managed mode), PKCS#8 DER; made at start.
+    inter_key: Vec<u8>,
+    inter_public: Vec<u8>,
+    intermediate: RwLock<Option<Intermediate>>,
+}
+
+/// A server-certified intermediate in use.
+struct Intermediate {
+    issuer: Issuer<'static, KeyPair>,
+    cert: Vec<u8>,
+    root: Vec<u8>,
+    not_after: SystemTime,
 }
 
 /// One issued X.509-SVID.
 pub struct Svid {
-    /// The leaf, DER (the chain: the CA signs leaves directly).
+    /// The chain, DER certificates one after another, the leaf first (then the intermediate,
+    /// in managed mode).
     pub cert: Vec<u8>,
     /// Its private key, PKCS#8 DER.
     pub key: Vec<u8>,
@@ -103,10 +123,7 @@ impl Ca {
                     })?
                     .to_vec()
             };
-            return Ok(Self {
-                issuer: Issuer::new(params, key),
-                bundle,
-            });
+            return Self::with(Issuer::new(params, key), bundle);
         }
         std::fs::create_dir_all(dir).map_err(io("create", dir))?;
         let key = KeyPair::generate().map_err(CaError::Issue)?;
@@ -118,10 +135,54 @@ impl Ca {
         write_private(&key_path, &key.serialize_pem())?;
         std::fs::write(&cert_path, cert.pem()).map_err(io("write", &cert_path))?;
         tracing::info!(path = %cert_path.display(), "workload CA created");
+        Self::with(Issuer::new(params, key), cert.der().to_vec())
+    }
+
+    fn with(issuer: Issuer<'static, KeyPair>, own_bundle: Vec<u8>) -> Result<Self, CaError> {
+        let k = KeyPair::generate().map_err(CaError::Issue)?;
         Ok(Self {
-            bundle: cert.der().to_vec(),
-            issuer: Issuer::new(params, key),
+            issuer,
+            own_bundle,
+            inter_public: k.public_key_raw().to_vec(),
+            inter_key: k.serialize_der(),
+            intermediate: RwLock::new(None),
         })
+    }
+
+    /// The public key the server is asked to certify (P-256 point).
+    pub fn intermediate_key(&self) -> Vec<u8> {
+        self.inter_public.clone()
+    }
+
+    /// Signs with `cert` (the server's certificate for [`Ca::intermediate_key`]) from now on;
+    /// `root` becomes the bundle.
+    pub fn set_intermediate(&self, cert: &[u8], root: &[u8]) -> Result<(), CaError> {
+        let key = KeyPair::try_from(self.inter_key.as_slice()).map_err(CaError::Intermediate)?;
+        let issuer = Issuer::from_ca_cert_der(&cert.into(), key).map_err(CaError::Intermediate)?;
+        let not_after = not_after_of(cert).unwrap_or(SystemTime::UNIX_EPOCH);
+        *self
+            .intermediate
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Intermediate {
+            issuer,
+            cert: cert.to_vec(),
+            root: root.to_vec(),
+            not_after,
+        });
+        Ok(())
+    }
+
+    /// The trust bundle workloads get: the trust domain's root with an intermediate in use,
+    /// else the node's own CA.
+    pub fn bundle(&self) -> Vec<u8> {
+        match &*self
+            .intermediate
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            Some(i) if i.not_after > SystemTime::now() => i.root.clone(),
+            _ => self.own_bundle.clone(),
+        }
     }
 
     /// An X.509-SVID for `spiffe_id` in `session`, valid for `ttl`.
@@ -156,12 +217,30 @@ impl Ca {
             der_utf8(session),
         )];
         let now = SystemTime::now();
-        let not_after = now + ttl;
         p.not_before = (now - BACKDATE).into();
-        p.not_after = not_after.into();
-        let cert = p.signed_by(&key, &self.issuer).map_err(CaError::Issue)?;
+        let guard = self
+            .intermediate
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (cert, chain_rest, not_after) = match &*guard {
+            Some(i) if i.not_after > now => {
+                // Never outliving the intermediate that signs it.
+                let not_after = (now + ttl).min(i.not_after);
+                p.not_after = not_after.into();
+                let c = p.signed_by(&key, &i.issuer).map_err(CaError::Issue)?;
+                (c, i.cert.clone(), not_after)
+            }
+            _ => {
+                let not_after = now + ttl;
+                p.not_after = not_after.into();
+                let c = p.signed_by(&key, &self.issuer).map_err(CaError::Issue)?;
+                (c, Vec::new(), not_after)
+            }
+        };
+        let mut chain = cert.der().to_vec();
+        chain.extend_from_slice(&chain_rest);
         Ok(Svid {
-            cert: cert.der().to_vec(),
+            cert: chain,
             key: key.serialize_der(),
             not_after,
         })
@@ -196,4 +275,11 @@ pub(super) fn write_private(path: &Path, text: &str) -> Result<(), CaError> {
         .open(path)
         .map_err(io("write", path))?;
     f.write_all(text.as_bytes()).map_err(io("write", path))
+}
+
+/// A certificate's expiry.
+fn not_after_of(der: &[u8]) -> Option<SystemTime> {
+    let (_, c) = x509_parser::parse_x509_certificate(der).ok()?;
+    let secs = u64::try_from(c.validity().not_after.timestamp()).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
 }

@@ -47,14 +47,14 @@ pub struct Workload {
 impl Workload {
     pub fn new(
         shared: Arc<Shared>,
-        ca: ca::Ca,
+        ca: Arc<ca::Ca>,
         ttl: Duration,
         jwt: jwt::JwtKey,
         jwt_ttl: Duration,
     ) -> Self {
         Self {
             shared,
-            ca: Arc::new(ca),
+            ca,
             ttl,
             jwt: Arc::new(jwt),
             jwt_ttl,
@@ -132,7 +132,7 @@ impl Workload {
                 spiffe_id: rec.identity.clone(),
                 x509_svid: svid.cert,
                 x509_svid_key: svid.key,
-                bundle: self.ca.bundle.clone(),
+                bundle: self.ca.bundle(),
                 hint: String::new(),
             }],
             crl: Vec::new(),
@@ -228,7 +228,7 @@ impl SpiffeWorkloadApi for Workload {
         let rec = self.principal(&req)?;
         let msg = pb::X509BundlesResponse {
             crl: Vec::new(),
-            bundles: HashMap::from([(trust_domain_id(&rec.identity), self.ca.bundle.clone())]),
+            bundles: HashMap::from([(trust_domain_id(&rec.identity), self.ca.bundle())]),
         };
         Ok(Response::new(self.held(rec, msg)))
     }

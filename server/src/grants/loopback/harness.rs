@@ -202,7 +202,9 @@ impl Node {
             .ok_or_else(|| anyhow::anyhow!("sync stream ended"))??;
         match m.msg {
             Some(pb::server_message::Msg::Snapshot(s)) => Ok(s),
-            None => anyhow::bail!("empty server message"),
+            Some(pb::server_message::Msg::Intermediate(_)) | None => {
+                anyhow::bail!("empty server message")
+            }
         }
     }
 
