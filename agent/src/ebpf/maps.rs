@@ -344,8 +344,12 @@ impl PolicyMaps {
             generation: new,
             ..cfg
         })?;
-        self.bump_epoch()?;
-        self.clear_generation(old)
+        // The old generation stays until the next apply clears it before writing: a program
+        // that read the configuration just before the flip may still be looking its entries
+        // up. Clearing them here let such a call see no policy and deny an allowed connect
+        // (seen once in 46k connects over 200 back-to-back swaps, accounting.rs). Both
+        // generations fit: every apply holds them together while it writes.
+        self.bump_epoch()
     }
 
     /// Writes one policy slot's connect entries and, last, its meta with `flags` (`POLICY_F_*`).
