@@ -498,6 +498,13 @@ impl ExecMaps {
         Ok(())
     }
 
+    /// Stops re-statting the rules of generation `generation` (no longer in force); its
+    /// kernel entries stay until the generation is cleared.
+    pub fn forget_generation(&mut self, generation: u32) {
+        self.installed
+            .retain(|k, _| agent_common::policy_key_generation(*k) != generation);
+    }
+
     /// Deletes every exec entry of generation `generation`.
     pub fn clear_generation(&mut self, generation: u32) {
         self.installed

@@ -348,7 +348,9 @@ impl PolicyMaps {
         // that read the configuration just before the flip may still be looking its entries
         // up. Clearing them here let such a call see no policy and deny an allowed connect
         // (seen once in 46k connects over 200 back-to-back swaps, accounting.rs). Both
-        // generations fit: every apply holds them together while it writes.
+        // generations fit: every apply holds them together while it writes. Its exec rules
+        // are no longer re-statted.
+        self.exec.forget_generation(old);
         self.bump_epoch()
     }
 
