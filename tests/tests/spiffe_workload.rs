@@ -11,7 +11,11 @@
 //! - managed mode: the server's trust-domain CA certifies the node's key as an intermediate;
 //!   SVIDs chain to the server's root, also while the server is down;
 //! - a process outside every principal gets `PermissionDenied`; a call without the
-//!   `workload.spiffe.io` header gets `InvalidArgument`.
+//!   `workload.spiffe.io` header gets `InvalidArgument`;
+//! - an X.509-SVID stream ends (`PermissionDenied`) when its session ends, also for a process
+//!   that left the session's cgroup and outlives it.
+//!
+//! `corral_grants` in JWT-SVIDs is asserted in `example_spiffe_mtls.rs` (it needs a server).
 
 use std::{
     net::{TcpListener, TcpStream},
@@ -29,8 +33,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use serde_json::Value;
 
 const ID: &str = "spiffe://e2e.corral/agent/spiffe";
-/// `1.3.6.1.4.1.59999.1.1`, DER content bytes of the OID.
-const SESSION_OID_DER: &[u8] = &[0x2b, 0x06, 0x01, 0x04, 0x01, 0x83, 0xd4, 0x5f, 0x01, 0x01];
+/// Corral's X.509 extension holding the session.
+const SESSION_OID: &str = "1.3.6.1.4.1.59999.1.1";
 
 fn policy(workload: &Path) -> anyhow::Result<String> {
     let bindir = corral_tests::harness::bin_dir()?.display().to_string();
@@ -108,16 +112,15 @@ fn bytes(v: &Value) -> anyhow::Result<Vec<u8>> {
         .collect()
 }
 
-/// The session a leaf carries in Corral's extension (the DER UTF8String after its OID).
+/// The session a leaf carries in Corral's extension (a DER UTF8String).
 fn session_of(leaf: &[u8]) -> Option<String> {
-    let at = leaf
-        .windows(SESSION_OID_DER.len())
-        .position(|w| w == SESSION_OID_DER)?;
-    // OID, then the extnValue OCTET STRING (04 len) wrapping the UTF8String (0c len ...).
-    let rest = &leaf[at + SESSION_OID_DER.len()..];
-    let utf8 = rest.iter().position(|b| *b == 0x0c)?;
-    let len = usize::from(*rest.get(utf8 + 1)?);
-    String::from_utf8(rest.get(utf8 + 2..utf8 + 2 + len)?.to_vec()).ok()
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let ext = cert
+        .extensions()
+        .iter()
+        .find(|e| e.oid.to_id_string() == SESSION_OID)?;
+    let (_, v) = x509_parser::der_parser::parse_der(ext.value).ok()?;
+    v.as_str().ok().map(str::to_owned)
 }
 
 /// A client that always presents one certificate and key.
@@ -338,28 +341,10 @@ fn outside_every_principal_is_denied_and_the_security_header_is_required() -> an
 
 /// The claims of a JWT (its payload, base64url JSON; no verification: the probe verified it).
 fn claims(token: &str) -> anyhow::Result<Value> {
+    use base64::Engine as _;
     let payload = token.split('.').nth(1).context("a JWT")?;
-    let val = |c: u8| -> anyhow::Result<u32> {
-        Ok(match c {
-            b'A'..=b'Z' => u32::from(c - b'A'),
-            b'a'..=b'z' => u32::from(c - b'a') + 26,
-            b'0'..=b'9' => u32::from(c - b'0') + 52,
-            b'-' => 62,
-            b'_' => 63,
-            _ => anyhow::bail!("not base64url"),
-        })
-    };
-    let (mut out, mut acc, mut bits) = (Vec::new(), 0u32, 0);
-    for c in payload.bytes() {
-        acc = (acc << 6) | val(c)?;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Ok(serde_json::from_slice(&out)?)
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?;
+    Ok(serde_json::from_slice(&raw)?)
 }
 
 fn session_enrolled(node: &Node, session: &str) -> anyhow::Result<bool> {
@@ -489,5 +474,107 @@ fn managed_nodes_sign_with_a_server_certified_intermediate_also_while_the_server
     // The server goes: the node goes on issuing under its intermediate.
     server.stop()?;
     check("s2")?;
+    Ok(())
+}
+
+#[test]
+fn an_x509_stream_ends_when_its_session_does_for_a_process_that_outlives_it() -> anyhow::Result<()>
+{
+    let Some(s) = setup("spiffe-stream-end")? else {
+        return Ok(());
+    };
+    // A container's cgroup, made by the test and enrolled the way an OCI runtime's hook
+    // enrols one (`corral oci-hook`, the state on stdin): it is the runtime's, so the
+    // principal ends when the cgroup goes.
+    let base = corral_agent::paths::cgroup2_root()?.join("corral-test");
+    let (ctr, out) = (
+        base.join(format!("{}-ctr", s.node.name)),
+        base.join(format!("{}-out", s.node.name)),
+    );
+    std::fs::create_dir_all(&ctr)?;
+    std::fs::create_dir_all(&out)?;
+    struct Rmdir(Vec<std::path::PathBuf>);
+    impl Drop for Rmdir {
+        fn drop(&mut self) {
+            for d in &self.0 {
+                let _ = std::fs::remove_dir(d);
+            }
+        }
+    }
+    let _dirs = Rmdir(vec![ctr.clone(), out.clone()]);
+    let holder = std::process::Command::new("sleep").arg("600").spawn()?;
+    let holder_pid = holder.id();
+    let mut holder = corral_tests::e2e::Reaped(Some(holder));
+    std::fs::write(ctr.join("cgroup.procs"), holder_pid.to_string())?;
+    let state = serde_json::json!({
+        "ociVersion": "1.0.2", "id": "w1", "status": "creating", "pid": holder_pid,
+        "annotations": { "corral.dev/identity": ID, "corral.dev/session": "w1" },
+    });
+    let mut hook = std::process::Command::new(bin("corral")?)
+        .args(["oci-hook", "--socket"])
+        .arg(&s.node.socket)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::Write as _;
+        hook.stdin
+            .take()
+            .context("stdin")?
+            .write_all(state.to_string().as_bytes())?;
+    }
+    let hooked = hook.wait_with_output()?;
+    ensure!(hooked.status.success(), "oci-hook: {}", text(&hooked));
+
+    // The watcher joins the container, opens its stream, then leaves for another cgroup.
+    let mut watcher = std::process::Command::new(bin("corral-spiffe-probe")?)
+        .arg("watch")
+        .arg(&ctr)
+        .arg(&out)
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix://{}", s.node.workload.display()),
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = watcher.stdout.take().context("stdout")?;
+    let _watcher = corral_tests::e2e::Reaped(Some(watcher));
+    let lines = corral_tests::e2e::json_lines(stdout);
+    let wait = std::time::Duration::from_secs(15);
+    let first = lines.recv_timeout(wait).context("no SVID")?;
+    ensure!(first["error"].is_null(), "{first}");
+    assert_eq!(first["spiffe_id"], ID, "{first}");
+    assert_eq!(session_of(&bytes(&first["leaf"])?).as_deref(), Some("w1"));
+    let left = lines.recv_timeout(wait).context("did not leave")?;
+    ensure!(left["left"].is_string(), "{left}");
+    // While the container's principal lives, the stream stays open.
+    let quiet = lines.recv_timeout(std::time::Duration::from_millis(1500));
+    ensure!(
+        quiet.is_err(),
+        "the stream sent {quiet:?} while the session lived"
+    );
+
+    // The container ends: its processes exit and the runtime removes its cgroup.
+    drop(holder.0.take().map(|mut h| {
+        let _ = h.kill();
+        h.wait()
+    }));
+    wait_for(10, "the container's cgroup to go", || {
+        Ok(std::fs::remove_dir(&ctr).is_ok().then_some(()))
+    })?;
+    let t = std::time::Instant::now();
+    let end = lines
+        .recv_timeout(wait)
+        .context("the stream did not end with the session")?;
+    let err = end["error"].as_str().context("an error ends it")?;
+    ensure!(
+        err.contains("PermissionDenied") && err.contains("session ended"),
+        "{end}"
+    );
+    println!(
+        "stream ended {:?} after the cgroup went: {err}",
+        t.elapsed()
+    );
     Ok(())
 }

@@ -330,7 +330,8 @@ impl Shared {
 }
 
 /// The Workload API's socket: any process may connect (attestation decides what it gets).
-fn workload_api(_shared: &Arc<Shared>, path: &Path) -> Result<UnixListener, DaemonError> {
+/// The Workload API's socket: every local process may connect (callers are attested per call).
+fn workload_api(path: &Path) -> Result<UnixListener, DaemonError> {
     let l = bind_socket(path, None)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(|source| {
         DaemonError::Bind {
@@ -662,7 +663,7 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
         .serve_with_incoming_shutdown(incoming, async move { api_stop.wait().await });
     let server = tokio::spawn(server);
     if let (Some(path), Some((ca, jwt))) = (workload_socket, workload_keys) {
-        match workload_api(&shared, path) {
+        match workload_api(path) {
             Ok(listener) => {
                 let mut stop = shutdown.subscribe();
                 let incoming = tokio_stream::StreamExt::map(

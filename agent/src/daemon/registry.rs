@@ -352,6 +352,11 @@ impl Registry {
         self.retired().by_index.get(&index).cloned()
     }
 
+    /// The enrolled principal with kernel index `index` (not a removed one).
+    pub fn live(&self, index: u32) -> Option<Arc<PrincipalRecord>> {
+        self.lock().get(&index).map(|e| e.rec.clone())
+    }
+
     pub fn list(&self) -> Vec<Arc<PrincipalRecord>> {
         self.lock().values().map(|e| e.rec.clone()).collect()
     }

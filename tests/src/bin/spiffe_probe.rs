@@ -10,8 +10,10 @@
 //! - `corral-spiffe-probe validate AUD TOKEN`: the API's `ValidateJWTSVID`: `{"spiffe_id"}`.
 //! - `corral-spiffe-probe bench N`: N X.509-SVID and N JWT-SVID fetches in a row, one
 //!   connection; `{"x509_p50_us", "x509_p99_us", "jwt_p50_us", "jwt_p99_us"}`.
-//! - `corral-spiffe-probe watch`: one JSON line per X.509-SVID the stream sends
-//!   (`{"spiffe_id", "leaf"}`), then `{"error"}` or `{"end": true}` when the stream ends.
+//! - `corral-spiffe-probe watch [JOIN LEAVE]`: one JSON line per X.509-SVID the stream sends
+//!   (`{"spiffe_id", "leaf"}`), then `{"error"}` or `{"end": true}` when the stream ends. With
+//!   JOIN and LEAVE (cgroup directories), it joins JOIN before asking and moves itself into
+//!   LEAVE after the first SVID (`{"left": LEAVE}`), so it outlives its principal's cgroup.
 #![forbid(unsafe_code)]
 
 use serde_json::json;
@@ -95,17 +97,29 @@ async fn bench(n: usize) -> Result<serde_json::Value, String> {
     }))
 }
 
-async fn watch() -> Result<(), String> {
+fn join(cgroup: &str) -> Result<(), String> {
+    std::fs::write(format!("{cgroup}/cgroup.procs"), "0").map_err(|e| format!("join {cgroup}: {e}"))
+}
+
+async fn watch(cgroups: Option<(String, String)>) -> Result<(), String> {
+    if let Some((into, _)) = &cgroups {
+        join(into)?;
+    }
     let c = WorkloadApiClient::connect_env()
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let mut s = c.stream_x509_svids().await.map_err(|e| format!("{e:?}"))?;
+    let mut leave = cgroups.map(|(_, leave)| leave);
     while let Some(item) = s.next().await {
         let svid = item.map_err(|e| format!("{e:?}"))?;
         println!(
             "{}",
             json!({ "spiffe_id": svid.spiffe_id().to_string(), "leaf": svid.leaf().as_bytes() })
         );
+        if let Some(dir) = leave.take() {
+            join(&dir)?;
+            println!("{}", json!({ "left": dir }));
+        }
     }
     println!("{}", json!({ "end": true }));
     Ok(())
@@ -133,9 +147,9 @@ fn main() -> std::process::ExitCode {
             "bench" => bench(arg(2).parse().unwrap_or(200))
                 .await
                 .map(|v| println!("{v}")),
-            "watch" => watch().await,
+            "watch" => watch((args.len() > 3).then(|| (arg(2), arg(3)))).await,
             other => Err(format!(
-                "unknown mode {other:?}: svid | jwt AUD | validate AUD TOKEN | watch"
+                "unknown mode {other:?}: svid | jwt AUD | validate AUD TOKEN | bench N | watch [JOIN LEAVE]"
             )),
         }
     });

@@ -25,15 +25,12 @@ pub mod jwt;
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use corral_proto::spiffe::{self as pb, spiffe_workload_api_server::SpiffeWorkloadApi};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info};
 
 use super::{Shared, api, registry::PrincipalRecord};
-
-/// How often a stream checks that its session still exists.
-const SESSION_CHECK: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 pub struct Workload {
@@ -112,13 +109,12 @@ impl Workload {
         }
     }
 
-    /// Whether `rec`'s session is still enrolled.
+    /// Whether `rec`'s session is still enrolled (not removed, and its index not reused).
     fn enrolled(&self, rec: &PrincipalRecord) -> bool {
         self.shared
             .registry
-            .list()
-            .iter()
-            .any(|r| r.cgroup_id == rec.cgroup_id && r.session == rec.session)
+            .live(rec.index)
+            .is_some_and(|r| r.cgroup_id == rec.cgroup_id && r.session == rec.session)
     }
 
     fn svid_response(&self, rec: &PrincipalRecord) -> Result<pb::X509svidResponse, Status> {
@@ -140,28 +136,32 @@ impl Workload {
         })
     }
 
-    /// Waits `d`, or until the stream is closed (`false`) or the session ends (an error sent,
-    /// `false`).
+    /// Waits `d` (`true`), or until the stream is closed (`false`) or the session ends (an
+    /// error sent, `false`). The session is looked at again on every change of the registry
+    /// (`changes`, subscribed before the stream's first message), not polled.
     async fn wait<T>(
         &self,
         rec: &PrincipalRecord,
         tx: &mpsc::Sender<Result<T, Status>>,
+        changes: &mut watch::Receiver<u64>,
         d: Duration,
     ) -> bool {
         let until = tokio::time::Instant::now() + d;
         loop {
+            if !self.enrolled(rec) {
+                info!(identity = %rec.identity, session = %rec.session, "session ended: nothing more is issued for it");
+                let _ = tx
+                    .send(Err(Status::permission_denied("the session ended")))
+                    .await;
+                return false;
+            }
             tokio::select! {
                 () = tx.closed() => return false,
                 () = tokio::time::sleep_until(until) => return true,
-                () = tokio::time::sleep(SESSION_CHECK) => {
-                    if !self.enrolled(rec) {
-                        info!(identity = %rec.identity, session = %rec.session, "session ended: nothing more is issued for it");
-                        let _ = tx
-                            .send(Err(Status::permission_denied("the session ended")))
-                            .await;
-                        return false;
-                    }
-                }
+                r = changes.changed() => if r.is_err() {
+                    // The registry is gone: the agent is stopping.
+                    return false;
+                },
             }
         }
     }
@@ -173,9 +173,13 @@ impl Workload {
     fn held<T: Send + 'static>(&self, rec: Arc<PrincipalRecord>, msg: T) -> Stream<T> {
         let (tx, rx) = mpsc::channel(2);
         let me = self.clone();
+        let mut changes = self.shared.registry.subscribe();
         tokio::spawn(async move {
             if tx.send(Ok(msg)).await.is_ok() {
-                while me.wait(&rec, &tx, Duration::from_secs(3600)).await {}
+                while me
+                    .wait(&rec, &tx, &mut changes, Duration::from_secs(3600))
+                    .await
+                {}
             }
         });
         ReceiverStream::new(rx)
@@ -200,6 +204,7 @@ impl SpiffeWorkloadApi for Workload {
         &self,
         req: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let mut changes = self.shared.registry.subscribe();
         let rec = self.principal(&req)?;
         let first = self.svid_response(&rec)?;
         let (tx, rx) = mpsc::channel(2);
@@ -212,7 +217,7 @@ impl SpiffeWorkloadApi for Workload {
                     return;
                 }
                 // Rotation at half-life.
-                if !me.wait(&rec, &tx, me.ttl / 2).await {
+                if !me.wait(&rec, &tx, &mut changes, me.ttl / 2).await {
                     return;
                 }
                 next = me.svid_response(&rec);
