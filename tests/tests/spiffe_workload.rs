@@ -12,8 +12,8 @@
 //!   SVIDs chain to the server's root, also while the server is down;
 //! - a process outside every principal gets `PermissionDenied`; a call without the
 //!   `workload.spiffe.io` header gets `InvalidArgument`;
-//! - an X.509-SVID stream ends (`PermissionDenied`) when its session ends, also for a process
-//!   that left the session's cgroup and outlives it.
+//! - an X.509-SVID stream sends a new SVID at half-life, and ends (`PermissionDenied`) when its
+//!   session ends, also for a process that left the session's cgroup and outlives it.
 //!
 //! `corral_grants` in JWT-SVIDs is asserted in `example_spiffe_mtls.rs` (it needs a server).
 
@@ -65,6 +65,10 @@ struct Setup {
 }
 
 fn setup(name: &str) -> anyhow::Result<Option<Setup>> {
+    setup_args(name, &[])
+}
+
+fn setup_args(name: &str, args: &[&str]) -> anyhow::Result<Option<Setup>> {
     if !privileged() {
         return Ok(None);
     }
@@ -73,7 +77,7 @@ fn setup(name: &str) -> anyhow::Result<Option<Setup>> {
         return Ok(None);
     };
     let file = dir.write("spiffe.yaml", &policy(&node.workload)?)?;
-    let agent = Agent::standalone(&node, &file, &[])?;
+    let agent = Agent::standalone(&node, &file, args)?;
     Ok(Some(Setup {
         _agent: agent,
         node,
@@ -478,9 +482,10 @@ fn managed_nodes_sign_with_a_server_certified_intermediate_also_while_the_server
 }
 
 #[test]
-fn an_x509_stream_ends_when_its_session_does_for_a_process_that_outlives_it() -> anyhow::Result<()>
-{
-    let Some(s) = setup("spiffe-stream-end")? else {
+fn an_x509_stream_rotates_at_half_life_and_ends_when_its_session_does_for_a_process_that_outlives_it()
+-> anyhow::Result<()> {
+    // 10 s SVIDs: the stream sends a new one after 5 s.
+    let Some(s) = setup_args("spiffe-stream-end", &["--svid-ttl-secs", "10"])? else {
         return Ok(());
     };
     // A container's cgroup, made by the test and enrolled the way an OCI runtime's hook
@@ -543,17 +548,23 @@ fn an_x509_stream_ends_when_its_session_does_for_a_process_that_outlives_it() ->
     let lines = corral_tests::e2e::json_lines(stdout);
     let wait = std::time::Duration::from_secs(15);
     let first = lines.recv_timeout(wait).context("no SVID")?;
+    let t0 = std::time::Instant::now();
     ensure!(first["error"].is_null(), "{first}");
     assert_eq!(first["spiffe_id"], ID, "{first}");
     assert_eq!(session_of(&bytes(&first["leaf"])?).as_deref(), Some("w1"));
     let left = lines.recv_timeout(wait).context("did not leave")?;
     ensure!(left["left"].is_string(), "{left}");
-    // While the container's principal lives, the stream stays open.
-    let quiet = lines.recv_timeout(std::time::Duration::from_millis(1500));
+    // While the container's principal lives, the stream goes on: rotated at half-life.
+    let rotated = lines.recv_timeout(wait).context("no rotation")?;
+    let after = t0.elapsed();
+    ensure!(rotated["error"].is_null(), "{rotated}");
     ensure!(
-        quiet.is_err(),
-        "the stream sent {quiet:?} while the session lived"
+        after >= std::time::Duration::from_millis(4500),
+        "rotated after {after:?}, before half-life"
     );
+    assert_ne!(rotated["leaf"], first["leaf"], "a new certificate");
+    assert_eq!(session_of(&bytes(&rotated["leaf"])?).as_deref(), Some("w1"));
+    println!("rotated after {after:?}");
 
     // The container ends: its processes exit and the runtime removes its cgroup.
     drop(holder.0.take().map(|mut h| {

@@ -46,12 +46,14 @@ pub struct Config {
     #[arg(long, env = "CORRAL_WORKLOAD_SOCKET", default_value = paths::WORKLOAD_SOCKET)]
     pub workload_socket: Option<PathBuf>,
 
-    /// Lifetime of the X.509-SVIDs the Workload API issues (rotated at half of it).
-    #[arg(long, env = "CORRAL_SVID_TTL_SECS", default_value_t = 3600)]
+    /// Lifetime of the X.509-SVIDs the Workload API issues (rotated at half of it); at least 10.
+    #[arg(long, env = "CORRAL_SVID_TTL_SECS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(10..))]
     pub svid_ttl_secs: u64,
 
-    /// Lifetime of the JWT-SVIDs the Workload API issues.
-    #[arg(long, env = "CORRAL_JWT_TTL_SECS", default_value_t = 300)]
+    /// Lifetime of the JWT-SVIDs the Workload API issues; at least 10.
+    #[arg(long, env = "CORRAL_JWT_TTL_SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(10..))]
     pub jwt_ttl_secs: u64,
 
     /// Local API socket (gRPC over a unix socket).

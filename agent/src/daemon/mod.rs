@@ -670,8 +670,8 @@ pub async fn run(resolved: Resolved) -> Result<(), DaemonError> {
                     tokio_stream::wrappers::UnixListenerStream::new(listener),
                     |s| s.and_then(peer::PeerStream::new),
                 );
-                let ttl = Duration::from_secs(cfg.svid_ttl_secs.max(60));
-                let jwt_ttl = Duration::from_secs(cfg.jwt_ttl_secs.max(10));
+                let ttl = Duration::from_secs(cfg.svid_ttl_secs);
+                let jwt_ttl = Duration::from_secs(cfg.jwt_ttl_secs);
                 let svc = workload::Workload::new(shared.clone(), ca, ttl, jwt, jwt_ttl);
                 tokio::spawn(
                     tonic::transport::Server::builder()
