@@ -110,18 +110,48 @@ pub async fn register_task(
 /// records in the database.
 pub struct Peers {
     registry: Arc<dyn NodeRegistry>,
+    /// The last read of the node records and when it was made. `corral policy apply` asks
+    /// for the status every 10 ms while it waits, and any number of clients may: they share
+    /// one database read per [`FRESH`] (the lock makes concurrent callers wait for one read).
+    cache: tokio::sync::Mutex<Option<(tokio::time::Instant, Arc<Vec<NodeRecord>>)>>,
 }
+
+/// How long one read of the node records answers status calls: below the registrar's own
+/// batching delay plus the poll interval, so an ACK recorded by another replica shows at most
+/// this much later.
+const FRESH: Duration = Duration::from_millis(20);
 
 impl Peers {
     pub fn new(registry: Arc<dyn NodeRegistry>) -> Self {
-        Self { registry }
+        Self {
+            registry,
+            cache: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Every node record, read at most once per [`FRESH`].
+    async fn records(&self) -> Result<Arc<Vec<NodeRecord>>, StoreError> {
+        let mut cache = self.cache.lock().await;
+        if let Some((at, v)) = cache.as_ref()
+            && at.elapsed() < FRESH
+        {
+            return Ok(v.clone());
+        }
+        let v = Arc::new(self.registry.nodes().await?);
+        *cache = Some((tokio::time::Instant::now(), v.clone()));
+        Ok(v)
     }
 
     /// Records of other replicas' nodes, a stale one read as disconnected.
     async fn others(&self, fleet: &Fleet) -> Result<Vec<NodeRecord>, StoreError> {
         let fresh_after = now_unix_nano().saturating_sub(STALE.as_nanos() as u64);
-        let mut v = self.registry.nodes().await?;
-        v.retain(|r| r.status.replica != fleet.replica());
+        let mut v: Vec<NodeRecord> = self
+            .records()
+            .await?
+            .iter()
+            .filter(|r| r.status.replica != fleet.replica())
+            .cloned()
+            .collect();
         for r in &mut v {
             r.status.connected &= r.heartbeat_unix_nano >= fresh_after;
         }
@@ -163,5 +193,59 @@ impl Peers {
                     .iter()
                     .any(|(i, s)| i == identity && s == session)
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A registry that counts its reads.
+    #[derive(Default)]
+    struct Counting(AtomicUsize);
+
+    #[async_trait::async_trait]
+    impl NodeRegistry for Counting {
+        async fn put_nodes(&self, _: &str, _: &[NodeRecord], _: u64) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn heartbeat(&self, _: &str, _: u64) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(Vec::new())
+        }
+    }
+
+    #[tokio::test]
+    async fn status_polls_share_one_read_of_the_node_records_per_fresh_period() {
+        let reg = Arc::new(Counting::default());
+        let peers = Arc::new(Peers::new(reg.clone()));
+        // Twenty callers at once, then again right after: one read (or, on a machine so slow
+        // that this took longer than a period, one per period).
+        let t = tokio::time::Instant::now();
+        let calls: Vec<_> = (0..20)
+            .map(|_| {
+                let p = peers.clone();
+                tokio::spawn(async move { p.records().await.map(|v| v.len()) })
+            })
+            .collect();
+        for c in calls {
+            assert_eq!(c.await.ok().and_then(Result::ok), Some(0));
+        }
+        assert!(peers.records().await.is_ok());
+        let periods = (t.elapsed().as_millis() / FRESH.as_millis()) as usize;
+        let reads = reg.0.load(Ordering::SeqCst);
+        assert!(
+            (1..=1 + periods).contains(&reads),
+            "{reads} reads in {periods} periods"
+        );
+        // Once the period is over, the next call reads again.
+        tokio::time::sleep(FRESH + Duration::from_millis(5)).await;
+        assert!(peers.records().await.is_ok());
+        assert_eq!(reg.0.load(Ordering::SeqCst), reads + 1);
     }
 }

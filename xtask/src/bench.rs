@@ -7,7 +7,8 @@
 //! with drop accounting, agent RSS), `fleet` (policy server: apply → every simulated node
 //! ACKed, p50/p99 with 1, 100 and 1000 nodes; server RSS), `apply` (policy server + a real
 //! agent: apply → enforced in the real kernel, p50/p99 as seen by a process in a principal),
-//! `dns` (zones by host name: DNS proxy latency and lookups/s against dnsmasq asked directly,
+//! `spiffe` (the SPIFFE Workload API: X.509/JWT-SVID issuance p50/p99 against a bundle fetch,
+//! and the agent's memory per principal holding credentials), `dns` (zones by host name: DNS proxy latency and lookups/s against dnsmasq asked directly,
 //! connect overhead with 10k learned addresses against CIDR-only, memory with 100k).
 
 #[derive(Debug, clap::Args)]
@@ -35,6 +36,7 @@ enum Section {
     Fleet,
     Apply,
     Dns,
+    Spiffe,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
@@ -56,6 +58,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     if all || args.sections.contains(&Section::Dns) {
         dns_bench()?;
+    }
+    if all || args.sections.contains(&Section::Spiffe) {
+        spiffe_bench()?;
     }
     Ok(())
 }
@@ -180,6 +185,19 @@ pub fn apply_bench(rounds: usize) -> anyhow::Result<()> {
             .arg("--rounds")
             .arg(rounds.to_string()),
     )
+}
+
+/// SPIFFE Workload API: issuance latency against a bundle fetch, and the agent's memory per
+/// principal holding credentials (`tests/src/bin/spiffe_bench.rs`), as root.
+pub fn spiffe_bench() -> anyhow::Result<()> {
+    build_release(&[
+        "corral-agent",
+        "corral",
+        "corral-spawn",
+        "corral-spiffe-probe",
+        "corral-spiffe-bench",
+    ])?;
+    crate::cmd::run(&mut as_root(&built("release", "corral-spiffe-bench")))
 }
 
 /// Zones by host name (`corral-dns-bench`): a real agent's DNS proxy against a real dnsmasq,

@@ -8,8 +8,10 @@
 //! - `corral-spiffe-probe jwt AUD`: a JWT-SVID for AUD, checked by the library itself against
 //!   the JWT bundle (JWKS) the API serves: `{"token", "spiffe_id"}`.
 //! - `corral-spiffe-probe validate AUD TOKEN`: the API's `ValidateJWTSVID`: `{"spiffe_id"}`.
-//! - `corral-spiffe-probe bench N`: N X.509-SVID and N JWT-SVID fetches in a row, one
-//!   connection; `{"x509_p50_us", "x509_p99_us", "jwt_p50_us", "jwt_p99_us"}`.
+//! - `corral-spiffe-probe bench N`: N X.509-SVID, N JWT-SVID and N X.509 bundle fetches
+//!   (the baseline: a round trip that signs nothing) in a row, one connection;
+//!   `{"x509_p50_us", "x509_p99_us", "jwt_p50_us", "jwt_p99_us", "bundle_p50_us",
+//!   "bundle_p99_us"}`.
 //! - `corral-spiffe-probe watch [JOIN LEAVE]`: one JSON line per X.509-SVID the stream sends
 //!   (`{"spiffe_id", "leaf"}`), then `{"error"}` or `{"end": true}` when the stream ends. With
 //!   JOIN and LEAVE (cgroup directories), it joins JOIN before asking and moves itself into
@@ -79,8 +81,15 @@ async fn bench(n: usize) -> Result<serde_json::Value, String> {
             .copied()
             .unwrap_or(0)
     };
-    let (mut x, mut j) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut x, mut j, mut b) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
     for _ in 0..n {
+        let t = std::time::Instant::now();
+        c.fetch_x509_bundles().await.map_err(|e| format!("{e:?}"))?;
+        b.push(t.elapsed().as_micros());
         let t = std::time::Instant::now();
         c.fetch_x509_svid().await.map_err(|e| format!("{e:?}"))?;
         x.push(t.elapsed().as_micros());
@@ -94,6 +103,7 @@ async fn bench(n: usize) -> Result<serde_json::Value, String> {
         "n": n,
         "x509_p50_us": pct(&mut x, 0.5), "x509_p99_us": pct(&mut x, 0.99),
         "jwt_p50_us": pct(&mut j, 0.5), "jwt_p99_us": pct(&mut j, 0.99),
+        "bundle_p50_us": pct(&mut b, 0.5), "bundle_p99_us": pct(&mut b, 0.99),
     }))
 }
 
