@@ -628,3 +628,28 @@ impl Follower {
         }
     }
 }
+
+/// A policy for `identities` (an identity pattern) that lets its principals reach the SPIFFE
+/// Workload API at `workload` and nothing else, and run the workspace's binaries and the
+/// system's: what a workload asking for its credentials needs.
+pub fn workload_api_policy(identities: &str, workload: &std::path::Path) -> anyhow::Result<String> {
+    let bindir = crate::harness::bin_dir()?.display().to_string();
+    Ok(format!(
+        "apiVersion: corral.dev/v1alpha1
+kind: AgentPolicy
+metadata:
+  name: spiffe
+spec:
+  identities: [\"{identities}\"]
+  mode: enforce
+  defaultAction: deny
+  zones:
+    workload-api: {{ unix: [\"{}\"] }}
+  connect:
+    - {{ action: allow, zones: [workload-api] }}
+  exec:
+    - {{ action: allow, paths: [\"{bindir}/**\", \"/usr/bin/**\", \"/bin/**\"] }}
+",
+        workload.display()
+    ))
+}

@@ -37,25 +37,7 @@ const ID: &str = "spiffe://e2e.corral/agent/spiffe";
 const SESSION_OID: &str = "1.3.6.1.4.1.59999.1.1";
 
 fn policy(workload: &Path) -> anyhow::Result<String> {
-    let bindir = corral_tests::harness::bin_dir()?.display().to_string();
-    Ok(format!(
-        "apiVersion: corral.dev/v1alpha1
-kind: AgentPolicy
-metadata:
-  name: spiffe
-spec:
-  identities: [\"spiffe://e2e.corral/agent/**\"]
-  mode: enforce
-  defaultAction: deny
-  zones:
-    workload-api: {{ unix: [\"{}\"] }}
-  connect:
-    - {{ action: allow, zones: [workload-api] }}
-  exec:
-    - {{ action: allow, paths: [\"{bindir}/**\", \"/usr/bin/**\", \"/bin/**\"] }}
-",
-        workload.display()
-    ))
+    corral_tests::fleet::workload_api_policy("spiffe://e2e.corral/agent/**", workload)
 }
 
 struct Setup {

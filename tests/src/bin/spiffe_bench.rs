@@ -9,7 +9,7 @@
 //!   (the baseline), then with each also holding an open X.509-SVID stream (its credentials
 //!   issued and kept for rotation); the difference per principal.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use corral_tests::{
@@ -23,26 +23,6 @@ const ID: &str = "spiffe://bench.corral/agent/spiffe";
 const ROUNDS: usize = 5;
 const FETCHES: usize = 500;
 const PRINCIPALS: usize = 100;
-
-fn policy(workload: &Path) -> anyhow::Result<String> {
-    Ok(format!(
-        "apiVersion: corral.dev/v1alpha1
-kind: AgentPolicy
-metadata: {{ name: spiffe-bench }}
-spec:
-  identities: [\"spiffe://bench.corral/agent/**\"]
-  defaultAction: deny
-  zones:
-    workload-api: {{ unix: [\"{}\"] }}
-  connect:
-    - {{ action: allow, zones: [workload-api] }}
-  exec:
-    - {{ action: allow, paths: [\"{}/**\", \"/usr/bin/**\", \"/bin/**\"] }}
-",
-        workload.display(),
-        corral_tests::harness::bin_dir()?.display()
-    ))
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -156,7 +136,13 @@ fn main() -> anyhow::Result<()> {
     );
     let dir = Dir::new("spiffe-bench")?;
     let node = Node::new(&dir, "n1")?.context("bpffs")?;
-    let file = dir.write("policy.yaml", &policy(&node.workload)?)?;
+    let file = dir.write(
+        "policy.yaml",
+        &corral_tests::fleet::workload_api_policy(
+            "spiffe://bench.corral/agent/**",
+            &node.workload,
+        )?,
+    )?;
     let agent = Agent::standalone(&node, &file, &[])?;
     let pid = agent
         .child
