@@ -330,7 +330,6 @@ impl Shared {
 }
 
 /// The Workload API's socket: any process may connect (attestation decides what it gets).
-/// The Workload API's socket: every local process may connect (callers are attested per call).
 fn workload_api(path: &Path) -> Result<UnixListener, DaemonError> {
     let l = bind_socket(path, None)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(|source| {
