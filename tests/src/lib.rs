@@ -194,8 +194,9 @@ impl Session {
     /// Runs one command; its outcome line (`ok`, `EPERM`, `EAGAIN`, ...).
     pub fn cmd(&mut self, line: &str) -> anyhow::Result<String> {
         use std::io::{BufRead as _, Write as _};
-        writeln!(self.stdin, "{line}")?;
-        self.stdin.flush()?;
+        writeln!(self.stdin, "{line}")
+            .and_then(|()| self.stdin.flush())
+            .with_context(|| format!("the probe session is gone at `{line}`"))?;
         let mut out = String::new();
         self.stdout.read_line(&mut out)?;
         anyhow::ensure!(!out.is_empty(), "the probe session ended at `{line}`");

@@ -162,6 +162,74 @@ fn revoking_a_grant_ends_the_tcp_and_udp_connections_it_allowed() -> anyhow::Res
     Ok(())
 }
 
+/// Every cgroup program runs by the cgroup a socket was created in, not by its caller's. A
+/// principal's process that moved to the cgroup root before opening a connection owns a
+/// socket of the root cgroup: revoking the grant that let it through must still end it, both
+/// ways (the guard for hooks attached anywhere but the root).
+#[test]
+fn a_connection_opened_after_leaving_the_cgroup_is_still_ended_by_revocation() -> anyhow::Result<()>
+{
+    if !privileged() {
+        return Ok(());
+    }
+    let tcp = Sink::tcp("127.0.0.1:0")?;
+    let p = policy("revoke-out")
+        .zone("local", &["127.0.0.0/8"])
+        .allow_all_exec()
+        .build();
+    let mut n = node("revoke-out", p)?;
+    let key = grant_key(0, tcp.port, TCP);
+    n.enforcer.maps().add_grant(
+        key,
+        GrantValue {
+            expires_ns: boottime_ns()? + 3_600_000_000_000,
+            grant_id: 300,
+        },
+    )?;
+    let mut s = Session::start(&n.cg.path)?;
+    // Seen as the principal's once (as `corral run`'s exec, or any hooked call, marks it),
+    // then out of its cgroup.
+    assert_eq!(
+        s.cmd(&format!("open first tcp 127.0.0.1:{}", tcp.port))?,
+        "ok"
+    );
+    let root = n.cg.root.display().to_string();
+    assert_eq!(s.cmd(&format!("movecg {root}"))?, "ok", "left the cgroup");
+    // Opened from the root cgroup, by the principal's (sticky) process: under the grant.
+    assert_eq!(s.cmd(&format!("open t tcp 127.0.0.1:{}", tcp.port))?, "ok");
+    assert!(delivered(&mut s, "t", &tcp, 0)?, "TCP under the grant");
+    tcp.answer()?;
+    assert_eq!(s.cmd("recv t")?, "ok");
+    // Out here it is still the principal: where no grant lets it, it is denied.
+    assert_eq!(
+        s.cmd("open x tcp 127.0.0.1:9")?,
+        "EPERM",
+        "still the principal's"
+    );
+
+    n.enforcer.maps().remove_grant(&key)?;
+    let before = tcp.received();
+    assert_eq!(s.cmd("send t")?, "ok", "buffered; its packets are dropped");
+    std::thread::sleep(SETTLE);
+    assert_eq!(tcp.received(), before, "data after the revocation");
+    tcp.answer()?;
+    assert_eq!(
+        s.cmd("recv t")?,
+        "EAGAIN",
+        "data towards the ended connection"
+    );
+    let ended = cuts(&events(&mut n.reader));
+    // `t`, and `first` too once the sink's answer made it send an ACK.
+    assert!(
+        (1..=2).contains(&ended.len())
+            && ended
+                .iter()
+                .all(|c| c.grant_id == 300 && c.port == tcp.port),
+        "{ended:?}"
+    );
+    Ok(())
+}
+
 /// The pid of the (single) process in the test cgroup: the session's probe.
 fn s_pid(cg: &TestCgroup) -> anyhow::Result<u32> {
     let procs = std::fs::read_to_string(cg.path.join("cgroup.procs"))?;

@@ -13,6 +13,7 @@
 //! - `fd NAME`: the file descriptor number of UDP socket NAME;
 //! - `steal NAME PID FD`: a duplicate of process PID's file descriptor FD (a UDP socket), taken
 //!   with `pidfd_getfd` and kept as NAME (another process using a socket it did not open);
+//! - `movecg DIR`: move this process into the cgroup DIR (e.g. the cgroup v2 root);
 //! - `exit`: end the session (so does the end of stdin).
 
 use std::{
@@ -130,6 +131,10 @@ fn command(line: &str, held: &mut HashMap<String, Held>) -> Option<String> {
             },
             _ => format!("bad command: {line}"),
         },
+        ["movecg", dir] => outcome(std::fs::write(
+            std::path::Path::new(dir).join("cgroup.procs"),
+            "0",
+        )),
         ["close", name] => match held.remove(*name) {
             Some(_) => "ok".into(),
             None => return missing(),
