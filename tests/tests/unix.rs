@@ -381,6 +381,60 @@ fn a_grant_for_a_unix_zone_allows_a_denied_socket_until_it_expires() -> anyhow::
     Ok(())
 }
 
+/// The unix hooks run by the cgroup a socket is created in, and are attached at the cgroup v2
+/// root: a principal's process that moved itself to the root cgroup (after it was seen as the
+/// principal's once) is still decided on every unix socket it opens there.
+#[test]
+fn a_process_that_left_its_cgroup_is_still_decided_on_unix_sockets() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    // The enforcer is bound: dropping it would detach the programs.
+    let Some(Node {
+        s,
+        cg,
+        enforcer: _enforcer,
+        ..
+    }) = node("left", "unix-left")?
+    else {
+        return Ok(());
+    };
+    let ok = format!("unix:{}", s.path("ok.sock"));
+    let out = probe_in(
+        &cg.path,
+        &[
+            &ok,
+            &format!("movecg:{}", cg.root.display()),
+            &format!("unix:{}", s.path("no.sock")),
+            &format!("unixdgram:{}", s.path("no.dgram")),
+            &format!("unix:{}", s.abstract_no),
+            &ok,
+        ],
+    )?;
+    let eperm = || Outcome::Errno("EPERM".into());
+    assert_eq!(
+        out,
+        vec![
+            Outcome::Ok,
+            Outcome::Ok,
+            eperm(),
+            eperm(),
+            eperm(),
+            Outcome::Ok
+        ]
+    );
+    // The same calls from a process that never was the principal's: all through.
+    let outside = probe_in(
+        &cg.root,
+        &[
+            &format!("unix:{}", s.path("no.sock")),
+            &format!("unixdgram:{}", s.path("no.dgram")),
+        ],
+    )?;
+    assert_eq!(outside, vec![Outcome::Ok, Outcome::Ok]);
+    Ok(())
+}
+
 fn bpffs_dir() -> Option<PathBuf> {
     let mounted = std::fs::read_to_string("/proc/self/mountinfo")
         .ok()?
