@@ -23,6 +23,32 @@ pub const SOCK_F_AUDITED: u8 = 8;
 pub const SOCK_F_ROUTE_SEEN: u8 = 16;
 /// A ping socket (allowed by `POLICY_F_ICMP`): every echo it sends is decided by destination.
 pub const SOCK_F_PING: u8 = 32;
+/// The socket was created in a principal's cgroup (or below one), where the cgroup_skb
+/// programs are attached: checked once per socket by the connect/sendmsg hooks
+/// ([`SockCgroupConfig`]), which refuse a principal the use of any other socket.
+pub const SOCK_F_COVERED: u8 = 64;
+
+/// [`SockCgroupConfig::valid`] when the offsets are filled.
+pub const SOCK_CGROUP_CONFIG_VALID: u32 = 0x5343_4731;
+
+/// Kernel structure offsets (bytes, from the kernel's BTF at load time) that lead from a
+/// socket to the ids of its cgroup's ancestors: `sock.sk_cgrp_data.cgroup`, then
+/// `cgroup.level`, `cgroup.ancestors[]`, `cgroup.kn` and `kernfs_node.id`. The cgroup_skb
+/// programs are attached at the principals' cgroups, and run for a socket by the cgroup it was
+/// created in: the connect/sendmsg hooks (at the root) use these to check that a principal's
+/// socket is one of them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockCgroupConfig {
+    /// [`SOCK_CGROUP_CONFIG_VALID`] when filled; otherwise every principal's socket is refused
+    /// (closed).
+    pub valid: u32,
+    pub sk_cgroup: u32,
+    pub cgroup_level: u32,
+    pub cgroup_ancestors: u32,
+    pub cgroup_kn: u32,
+    pub kn_id: u32,
+}
 
 /// `valid_until` of a decision that no grant expiry limits.
 pub const VALID_FOREVER: u64 = u64::MAX;

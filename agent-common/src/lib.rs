@@ -157,6 +157,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for ExecConfig {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for SockCgroupConfig {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for ScriptConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ExecKey {}

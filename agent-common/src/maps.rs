@@ -64,6 +64,9 @@ pub const EXIT_CFG: &str = "CORRAL_EXITCFG";
 
 /// `SkStorage<SockState>` (a BTF map): per-socket decision state of principals' sockets.
 pub const SOCKS: &str = "CORRAL_SOCKS";
+/// `Array<SockCgroupConfig>` (one entry): the kernel offsets that lead from a socket to its
+/// cgroup's ancestors (see `conn`), written by the agent at load time.
+pub const SOCK_CG_CFG: &str = "CORRAL_SKCGCFG";
 /// `Array<u64>`, one entry: moved on by the agent whenever a decision may have become a deny
 /// (policy swap, grant revocation, principal removal); the egress program re-decides
 /// connections decided under an older value.
@@ -120,6 +123,7 @@ pub const ALL: &[&str] = &[
     FORK_CFG,
     EXIT_CFG,
     SOCKS,
+    SOCK_CG_CFG,
     EPOCH,
     LOCAL_ADDRS,
     LOADERS,

@@ -2,8 +2,10 @@
 //! programs on the principals' packets.
 //!
 //! The connect/sendmsg hooks record what they let through on the socket ([`record`], the
-//! `SOCKS` socket-local storage, see `agent_common::conn`). The egress program runs for every
-//! packet a socket sends, and leaves at once for sockets with no state (the node's own). For
+//! `SOCKS` socket-local storage, see `agent_common::conn`). Both programs are attached at each
+//! principal's cgroup, not at the root, so they run only for sockets created there (see
+//! scope.rs for what keeps a principal on such sockets). The egress program runs for every
+//! packet such a socket sends, and leaves at once for sockets with no state. For
 //! a principal's connected socket it re-decides, with the hooks' own [`evaluate`], when the
 //! decision may have changed:
 //! - `EPOCH` moved on (the agent bumps it on a policy swap, a grant revocation, a principal's
@@ -116,6 +118,10 @@ pub(crate) fn record(
     let Some(st) = principal_state(sk, caller) else {
         return false;
     };
+    // A socket of a cgroup where the packet programs do not run: refused (see scope.rs).
+    if !crate::scope::covered(sk, st) {
+        return false;
+    }
     let connects = hook == HOOK_CONNECT4 || hook == HOOK_CONNECT6 || d.proto == IPPROTO_TCP;
     if !connects {
         return true;

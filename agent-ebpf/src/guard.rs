@@ -23,6 +23,10 @@
 //!   family a policy can allow (`protocols: [vsock]`, `POLICY_F_VSOCK`): then its creation is
 //!   let through and recorded as an allow event; its destinations cannot be decided.
 //!
+//! - `socket()` of an IP socket by a process attributed to a principal stickily while it is in
+//!   no principal's cgroup: refused, as the packet programs would not run for the socket (see
+//!   scope.rs).
+//!
 //! The cgroup guards are attached at the cgroup v2 root and leave at once for sockets of processes that are
 //! not enrolled (the option check comes before the principal lookup). A refusal returns 0
 //! (the call fails with EPERM) and records a [`SocketEvent`] with reason containment; under
@@ -192,6 +196,18 @@ fn try_sock_create(ctx: &SockContext) -> Result<i32, i32> {
     // SAFETY: the program's context pointer; family, type and protocol are readable in
     // cgroup sock programs (checked by the verifier).
     let (family, sock_type, protocol) = unsafe { ((*sk).family, (*sk).type_, (*sk).protocol) };
+    let event = SocketEvent {
+        family: family as u16,
+        sock_type: sock_type as u16,
+        protocol: protocol as u16,
+        hook: HOOK_SOCK_CREATE,
+        ..SocketEvent::default()
+    };
+    if !crate::scope::created_in_scope() {
+        // A principal's process outside every principal's cgroup (see scope.rs): this socket
+        // would run no cgroup_skb program.
+        return Ok(refuse_principal(event));
+    }
     if policed_socket(family, sock_type, protocol) {
         return Ok(ALLOW);
     }
@@ -200,13 +216,7 @@ fn try_sock_create(ctx: &SockContext) -> Result<i32, i32> {
     {
         return Ok(ret);
     }
-    Ok(refuse_principal(SocketEvent {
-        family: family as u16,
-        sock_type: sock_type as u16,
-        protocol: protocol as u16,
-        hook: HOOK_SOCK_CREATE,
-        ..SocketEvent::default()
-    }))
+    Ok(refuse_principal(event))
 }
 
 #[inline(always)]

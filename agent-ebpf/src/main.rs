@@ -18,6 +18,7 @@ mod guard;
 mod maps;
 mod principal;
 mod repeat;
+mod scope;
 mod unix;
 
 #[cfg(not(test))]

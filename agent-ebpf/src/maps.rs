@@ -3,7 +3,7 @@
 use agent_common::{
     Addr, ChainKey, Config, DnsConfig, DnsOrig, ExecConfig, ExecKey, GrantKey, GrantValue,
     LearnedKey, LearnedValue, PolicyMeta, Principal, RateState, RuleKey, RuleValue, ScriptConfig,
-    SockState, TaskInfo, Unenrolled, UnixKey, ZoneKey, ZoneValue, maps::limits,
+    SockCgroupConfig, SockState, TaskInfo, Unenrolled, UnixKey, ZoneKey, ZoneValue, maps::limits,
 };
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -93,6 +93,9 @@ pub static EXIT_CFG: Array<u32> = Array::with_max_entries(1, 0);
 
 #[btf_map(name = "CORRAL_SOCKS")]
 pub static SOCKS: SkStorage<SockState> = SkStorage::new();
+
+#[map(name = "CORRAL_SKCGCFG")]
+pub static SOCK_CG_CFG: Array<SockCgroupConfig> = Array::with_max_entries(1, 0);
 
 #[map(name = "CORRAL_EPOCH")]
 pub static EPOCH: Array<u64> = Array::with_max_entries(1, 0);

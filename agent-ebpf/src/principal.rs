@@ -151,7 +151,7 @@ fn unmark(pid: u32) {
 /// Looks up the current task's ancestors at the levels where principals exist (deepest first),
 /// so children, daemonised grandchildren and nested sub-cgroups stay attributed.
 #[inline(always)]
-fn walk(cfg: &Config) -> Option<Caller> {
+pub(crate) fn walk(cfg: &Config) -> Option<Caller> {
     let mut level = MAX_CGROUP_LEVEL;
     // Bounded: at most MAX_CGROUP_LEVEL + 1 iterations.
     loop {

@@ -10,7 +10,9 @@
 
 use std::time::Duration;
 
-use agent_common::{ANY_PROTO, GrantKey, GrantValue, HOOK_CUT4, HOOK_ROUTE_EGRESS};
+use agent_common::{
+    ANY_PROTO, GrantKey, GrantValue, HOOK_CUT4, HOOK_ROUTE_EGRESS, HOOK_SOCK_CREATE,
+};
 use corral_agent::{
     clock::boottime_ns,
     ebpf::{
@@ -64,6 +66,18 @@ fn cuts(all: &[Event]) -> Vec<ConnectDecision> {
             _ => None,
         })
         .collect()
+}
+
+/// `socket()` refusals of the principal (hook sock_create, reason containment, denied).
+fn socket_refusals(all: &[Event]) -> usize {
+    all.iter()
+        .filter(|e| {
+            matches!(e, Event::Socket(s) if s.hook == HOOK_SOCK_CREATE
+                && s.header.principal == PRINCIPAL
+                && s.header.reason == Reason::Containment
+                && s.header.verdict == Verdict::Deny)
+        })
+        .count()
 }
 
 fn grant_key(zone: u32, port: u16, proto: u8) -> GrantKey {
@@ -162,13 +176,13 @@ fn revoking_a_grant_ends_the_tcp_and_udp_connections_it_allowed() -> anyhow::Res
     Ok(())
 }
 
-/// Every cgroup program runs by the cgroup a socket was created in, not by its caller's. A
-/// principal's process that moved to the cgroup root before opening a connection owns a
-/// socket of the root cgroup: revoking the grant that let it through must still end it, both
-/// ways (the guard for hooks attached anywhere but the root).
+/// Every cgroup program runs by the cgroup a socket was created in, and the packet programs
+/// are attached at the principals' cgroups only. A principal's process that moved to the
+/// cgroup root gets no socket there (it would escape revocation), and the connection it opened
+/// inside before it left is still ended, both ways, when the grant that allowed it is revoked.
 #[test]
-fn a_connection_opened_after_leaving_the_cgroup_is_still_ended_by_revocation() -> anyhow::Result<()>
-{
+fn a_principal_outside_its_cgroup_gets_no_socket_and_its_connections_still_end()
+-> anyhow::Result<()> {
     if !privileged() {
         return Ok(());
     }
@@ -187,44 +201,55 @@ fn a_connection_opened_after_leaving_the_cgroup_is_still_ended_by_revocation() -
         },
     )?;
     let mut s = Session::start(&n.cg.path)?;
-    // Seen as the principal's once (as `corral run`'s exec, or any hooked call, marks it),
-    // then out of its cgroup.
     assert_eq!(
         s.cmd(&format!("open first tcp 127.0.0.1:{}", tcp.port))?,
         "ok"
     );
+    let mut before = tcp.received();
+    assert!(
+        delivered(&mut s, "first", &tcp, before)?,
+        "TCP under the grant"
+    );
     let root = n.cg.root.display().to_string();
     assert_eq!(s.cmd(&format!("movecg {root}"))?, "ok", "left the cgroup");
-    // Opened from the root cgroup, by the principal's (sticky) process: under the grant.
-    assert_eq!(s.cmd(&format!("open t tcp 127.0.0.1:{}", tcp.port))?, "ok");
-    assert!(delivered(&mut s, "t", &tcp, 0)?, "TCP under the grant");
-    tcp.answer()?;
-    assert_eq!(s.cmd("recv t")?, "ok");
-    // Out here it is still the principal: where no grant lets it, it is denied.
+    // From the root cgroup, the principal's (sticky) process opens no socket at all, even
+    // where its grant would let the connect through.
     assert_eq!(
-        s.cmd("open x tcp 127.0.0.1:9")?,
-        "EPERM",
-        "still the principal's"
+        s.cmd(&format!("open t tcp 127.0.0.1:{}", tcp.port))?,
+        "EPERM"
     );
+    assert_eq!(
+        s.cmd(&format!("open u udp 127.0.0.1:{}", tcp.port))?,
+        "EPERM"
+    );
+    assert_eq!(s.cmd("udp v")?, "EPERM", "an unconnected socket either");
+    let refused = socket_refusals(&events(&mut n.reader));
+    assert_eq!(refused, 3, "each socket() refused and recorded");
 
+    // The connection it opened inside still runs the packet programs.
+    before = tcp.received();
+    assert!(
+        delivered(&mut s, "first", &tcp, before)?,
+        "still under the grant"
+    );
     n.enforcer.maps().remove_grant(&key)?;
-    let before = tcp.received();
-    assert_eq!(s.cmd("send t")?, "ok", "buffered; its packets are dropped");
+    before = tcp.received();
+    assert_eq!(
+        s.cmd("send first")?,
+        "ok",
+        "buffered; its packets are dropped"
+    );
     std::thread::sleep(SETTLE);
     assert_eq!(tcp.received(), before, "data after the revocation");
     tcp.answer()?;
     assert_eq!(
-        s.cmd("recv t")?,
+        s.cmd("recv first")?,
         "EAGAIN",
         "data towards the ended connection"
     );
     let ended = cuts(&events(&mut n.reader));
-    // `t`, and `first` too once the sink's answer made it send an ACK.
     assert!(
-        (1..=2).contains(&ended.len())
-            && ended
-                .iter()
-                .all(|c| c.grant_id == 300 && c.port == tcp.port),
+        ended.len() == 1 && ended[0].grant_id == 300 && ended[0].port == tcp.port,
         "{ended:?}"
     );
     Ok(())

@@ -8,7 +8,10 @@
 
 use std::path::{Path, PathBuf};
 
-use agent_common::{EXEC_CONFIG_VALID, ExecConfig, SCRIPT_CONFIG_VALID, ScriptConfig};
+use agent_common::{
+    EXEC_CONFIG_VALID, ExecConfig, SCRIPT_CONFIG_VALID, SOCK_CGROUP_CONFIG_VALID, ScriptConfig,
+    SockCgroupConfig,
+};
 
 /// Where the kernel publishes its own BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -325,6 +328,28 @@ impl KernelBtf {
 }
 
 impl KernelBtf {
+    /// The offsets that lead from a socket to its cgroup's ancestors' ids
+    /// ([`SockCgroupConfig`], see `agent-ebpf/src/scope.rs`).
+    pub fn sock_cgroup_config(&self) -> Result<SockCgroupConfig, BtfError> {
+        for (s, m) in [("sock_cgroup_data", "cgroup"), ("cgroup", "kn")] {
+            if !self.is_ptr_member(s, m) {
+                return Err(BtfError::NoMember {
+                    strukt: s.into(),
+                    member: format!("{m} (as a pointer)"),
+                });
+            }
+        }
+        Ok(SockCgroupConfig {
+            valid: SOCK_CGROUP_CONFIG_VALID,
+            sk_cgroup: self.offset("sock", "sk_cgrp_data.cgroup")?,
+            cgroup_level: self.offset("cgroup", "level")?,
+            // A flexible array of `struct cgroup *` (kernel 6.0+).
+            cgroup_ancestors: self.offset("cgroup", "ancestors")?,
+            cgroup_kn: self.offset("cgroup", "kn")?,
+            kn_id: self.offset("kernfs_node", "id")?,
+        })
+    }
+
     /// The offsets of [`ScriptConfig`]; `fput_fn` is the address of `____fput`
     /// ([`kernel_symbol`]).
     pub fn script_config(&self, fput_fn: u64) -> Result<ScriptConfig, BtfError> {

@@ -4,7 +4,8 @@
 //! 5.7 or later). Cgroup links always coexist with other programs on the same hook (the kernel treats
 //! them as `BPF_F_ALLOW_MULTI`, and rejects explicit flags), so an upgrading agent can attach
 //! its programs before the old ones go away, and other cgroup programs on the node keep
-//! working.
+//! working. The cgroup_skb programs are the exception: they are linked at each principal's
+//! cgroup instead of the root ([`super::coverage`]).
 
 use std::{
     fs::File,
@@ -15,8 +16,8 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
-        CgroupSockopt, TracePoint, links::FdLink,
+        CgroupAttachMode, CgroupSkb, CgroupSock, CgroupSockAddr, CgroupSockopt, TracePoint,
+        links::FdLink,
     },
 };
 use aya_obj::generated::bpf_attach_type;
@@ -52,11 +53,9 @@ pub const GUARD_PROGRAMS: [&str; 2] = ["sock_create", "setsockopt"];
 pub const RELEASE_PROGRAM: &str = "sock_release";
 
 /// Revocation of established connections and per-message source routes
-/// (`agent-ebpf/src/egress.rs`): cgroup_skb programs, attached like the sock_addr programs.
-pub const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
-    ("egress", CgroupSkbAttachType::Egress),
-    ("ingress", CgroupSkbAttachType::Ingress),
-];
+/// (`agent-ebpf/src/egress.rs`): cgroup_skb programs, attached at each principal's cgroup, not
+/// at the root ([`super::coverage`]).
+pub use super::coverage::PROGRAMS as SKB_PROGRAMS;
 
 /// The guard for the families `sock_create` does not see: the `syscalls:sys_enter_socket`
 /// tracepoint (a deny kills the process).
@@ -111,6 +110,8 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the socket-to-cgroup offsets from the kernel's BTF")]
+    SockCgroup(#[source] super::btf::BtfError),
     #[error("find or mount tracefs")]
     Tracefs(#[source] crate::paths::PathError),
     #[error("read the sched_process_fork record layout from {path}")]
@@ -218,14 +219,14 @@ impl Enforcer {
             }
             info!(program = name, cgroup = %cgroup.display(), pinned = pins.is_some(), "attached");
         }
+        let mut skb = Vec::new();
         for (name, attach_type) in SKB_PROGRAMS {
-            let link = attach_skb(&mut ebpf, name, attach_type, &cg, cgroup)?;
-            match pins {
-                Some(p) => p.install_link(name, link)?,
-                None => links.push(link),
-            }
-            info!(program = name, cgroup = %cgroup.display(), pinned = pins.is_some(), "attached");
+            skb.push((name, attach_type as u32, load_skb(&mut ebpf, name)?));
         }
+        let sock_cg = super::btf::KernelBtf::from_sys_fs()
+            .and_then(|b| b.sock_cgroup_config())
+            .map_err(LoadError::SockCgroup)?;
+        write_sock_cgroup_config(&mut ebpf, sock_cg)?;
         let mut guard_links = Vec::new();
         for name in GUARD_PROGRAMS.into_iter().chain([RELEASE_PROGRAM]) {
             let link = attach_guard(&mut ebpf, name, &cg, cgroup)?;
@@ -250,6 +251,20 @@ impl Enforcer {
         // Before the maps are taken out of `ebpf`: the unix programs are relocated against them.
         let unix = super::unix_hooks::attach(&ebpf, object, &cg, pins);
         let mut maps = PolicyMaps::take(&mut ebpf)?;
+        let coverage =
+            super::coverage::Coverage::new(skb, cgroup, pins.cloned()).map_err(|source| {
+                LoadError::Cgroup {
+                    path: cgroup.into(),
+                    source,
+                }
+            })?;
+        let covered = maps.set_coverage(coverage)?;
+        info!(
+            programs = "egress, ingress",
+            principals = covered,
+            pinned = pins.is_some(),
+            "packet programs attached at the principals' cgroups"
+        );
         match super::local_addrs::node_addresses() {
             Ok(addrs) => {
                 maps.set_local_addrs(&addrs)?;
@@ -349,14 +364,22 @@ impl Enforcer {
     }
 }
 
-/// Loads cgroup_skb program `name` and attaches it to `cg` as a bpf_link.
-fn attach_skb(
+/// Writes the socket-to-cgroup offsets where the hooks read them (`SOCK_CG_CFG`).
+fn write_sock_cgroup_config(
     ebpf: &mut Ebpf,
-    name: &'static str,
-    attach_type: CgroupSkbAttachType,
-    cg: &File,
-    path: &Path,
-) -> Result<FdLink, LoadError> {
+    cfg: agent_common::SockCgroupConfig,
+) -> Result<(), MapError> {
+    let name = agent_common::maps::SOCK_CG_CFG;
+    let map = ebpf.map_mut(name).ok_or(MapError::Missing { name })?;
+    let mut array: aya::maps::Array<_, agent_common::SockCgroupConfig> =
+        aya::maps::Array::try_from(map).map_err(|source| MapError::Type { name, source })?;
+    array
+        .set(0, cfg, 0)
+        .map_err(super::map_access::op("write", name))
+}
+
+/// Loads cgroup_skb program `name`; its fd, to link at the principals' cgroups.
+fn load_skb(ebpf: &mut Ebpf, name: &'static str) -> Result<OwnedFd, LoadError> {
     let program = |source| LoadError::Program { name, source };
     let prog: &mut CgroupSkb = ebpf
         .program_mut(name)
@@ -364,15 +387,15 @@ fn attach_skb(
         .try_into()
         .map_err(program)?;
     prog.load().map_err(program)?;
-    let id = prog
-        .attach(cg, attach_type, CgroupAttachMode::Single)
-        .map_err(|source| LoadError::Attach {
+    prog.fd()
+        .map_err(program)?
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| LoadError::Guard {
             name,
-            path: path.into(),
+            path: PathBuf::new(),
             source,
-        })?;
-    let link = prog.take_link(id).map_err(program)?;
-    FdLink::try_from(link).map_err(|source| LoadError::Link { name, source })
+        })
 }
 
 /// Loads guard program `name` (a cgroup `sock_create`, `sock_release` or `setsockopt`

@@ -21,6 +21,8 @@ pub enum MapError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("attach the packet programs to a principal's cgroup")]
+    Coverage(#[from] super::coverage::CoverageError),
     #[error("policy key {policy}: unix socket {path} does not fit sun_path")]
     UnixPath { policy: u32, path: String },
     #[error("policy {policy}: zone index {zone} out of range (at most {max} zones per policy)")]

@@ -46,6 +46,9 @@ pub struct PolicyMaps {
     pub(super) events: Option<aya::maps::Map>,
     exec: ExecMaps,
     dns: DnsMaps,
+    /// The packet programs' attachments at the principals' cgroups (`None`: not attached
+    /// anywhere, for tools that load the object without the programs).
+    coverage: Option<super::coverage::Coverage>,
 }
 
 impl PolicyMaps {
@@ -68,10 +71,50 @@ impl PolicyMaps {
             local_addrs: take(ebpf, names::LOCAL_ADDRS)?,
             exec: ExecMaps::take(ebpf)?,
             dns: DnsMaps::take(ebpf)?,
+            coverage: None,
             events: Some(ebpf.take_map(names::EVENTS).ok_or(MapError::Missing {
                 name: names::EVENTS,
             })?),
         })
+    }
+
+    /// Hands over the packet programs' attachments: from now on each principal added gets
+    /// them at its cgroup, and each removed loses them. The principals already enrolled
+    /// (pinned state of an earlier agent) are covered now. Returns how many were.
+    pub(super) fn set_coverage(
+        &mut self,
+        mut coverage: super::coverage::Coverage,
+    ) -> Result<usize, MapError> {
+        let ids: Vec<u64> = self.principals.keys().filter_map(Result::ok).collect();
+        let n = coverage.adopt(&ids)?;
+        self.coverage = Some(coverage);
+        Ok(n)
+    }
+
+    /// The principals' cgroup ids where the packet programs are attached.
+    pub fn covered(&self) -> Vec<u64> {
+        self.coverage
+            .as_ref()
+            .map(super::coverage::Coverage::covered)
+            .unwrap_or_default()
+    }
+
+    /// Attaches the packet programs at one more cgroup that is no principal's (the enforce
+    /// benchmark attaches them at the root, as before they were scoped, to measure both in one
+    /// run). They stay until the programs are unloaded.
+    pub fn attach_packet_programs_at(&mut self, cgroup_id: u64) -> Result<(), MapError> {
+        if let Some(c) = &mut self.coverage {
+            c.cover(cgroup_id)?;
+        }
+        Ok(())
+    }
+
+    /// Cgroup ids of removed principals where they stay attached while the cgroup exists.
+    pub fn covered_retired(&self) -> Vec<u64> {
+        self.coverage
+            .as_ref()
+            .map(super::coverage::Coverage::retired)
+            .unwrap_or_default()
     }
 
     pub fn config(&self) -> Result<Config, MapError> {
@@ -138,6 +181,11 @@ impl PolicyMaps {
         slot: Option<u32>,
     ) -> Result<(), MapError> {
         let slot = slot.unwrap_or(NONE);
+        // Before the principal exists for the hooks: a socket they find covered runs the
+        // packet programs.
+        if let Some(c) = &mut self.coverage {
+            c.cover(cgroup_id)?;
+        }
         // A fresh rate budget and no suppressed count left from an earlier holder of the index,
         // and none of its grants: a new principal never inherits an old one's access.
         let _ = self.rate.remove(&index);
@@ -188,7 +236,17 @@ impl PolicyMaps {
     }
 
     /// Removes a principal and its chaining state and grants.
+    /// Its cgroup's packet programs stay attached while the cgroup exists, so its connections
+    /// end at their next packet (see `coverage`).
     pub fn remove_principal(&mut self, cgroup_id: u64) -> Result<(), MapError> {
+        let removed = self.remove_principal_entry(cgroup_id);
+        if let Some(c) = &mut self.coverage {
+            c.uncover(cgroup_id);
+        }
+        removed
+    }
+
+    fn remove_principal_entry(&mut self, cgroup_id: u64) -> Result<(), MapError> {
         let Ok(p) = self.principals.get(&cgroup_id, 0) else {
             return Ok(());
         };

@@ -2,6 +2,7 @@
 //! map layer and the event reader. No module outside this one touches raw aya maps.
 
 pub mod btf;
+pub mod coverage;
 pub mod dns_maps;
 pub mod events;
 pub mod exec;

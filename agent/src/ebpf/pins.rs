@@ -77,6 +77,7 @@ pub const REBUILDABLE: &[&str] = &[
     agent_common::maps::DNS_ORIG,
     agent_common::maps::WAKE,
     agent_common::maps::UNENROLLED,
+    agent_common::maps::SOCK_CG_CFG,
 ];
 
 /// Checks every pinned map against the object's definition before the object is loaded:
@@ -214,6 +215,22 @@ impl PinDir {
             path: path.clone(),
             source,
         })
+    }
+
+    /// Names of the pinned links.
+    pub fn link_names(&self) -> Vec<String> {
+        std::fs::read_dir(self.links_dir())
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Removes the pinned link of `program` (detaching it, if nothing else holds it).
+    pub fn remove_link(&self, program: &str) -> Result<(), PinError> {
+        remove_pin(&self.link_path(program))
     }
 
     /// Removes every pin: links first (detaching the programs), then maps.

@@ -205,3 +205,40 @@ pub fn constant_sock_addr(name: &str, attach_type: u32, ret: i32) -> Result<Owne
     let license = CString::new("GPL").map_err(|e| e.to_string())?;
     load_sock_addr(name, attach_type, &[mov, exit], &license)
 }
+
+/// `FILEID_KERNFS`: a kernfs (cgroupfs) file handle, whose 8 bytes are the node's id.
+const FILEID_KERNFS: i32 = 0xfe;
+
+/// `struct file_handle` with room for a kernfs id.
+#[repr(C)]
+struct KernfsHandle {
+    handle_bytes: u32,
+    handle_type: i32,
+    id: u64,
+}
+
+/// Opens the cgroup whose id is `id` (as `bpf_get_current_cgroup_id` gives it) through any
+/// directory `mount` of the same cgroup v2 mount (`open_by_handle_at`, needs
+/// CAP_DAC_READ_SEARCH).
+pub fn open_cgroup_by_id(mount: &File, id: u64) -> std::io::Result<File> {
+    let mut handle = KernfsHandle {
+        handle_bytes: 8,
+        handle_type: FILEID_KERNFS,
+        id,
+    };
+    // SAFETY: `handle` is a valid `struct file_handle` with `handle_bytes` bytes of handle
+    // after its header; a non-negative result is a new fd this call owns.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount.as_raw_fd(),
+            std::ptr::from_mut(&mut handle),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: just returned by the kernel, owned by nobody else.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+}

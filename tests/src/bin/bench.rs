@@ -99,6 +99,9 @@ const NONE: usize = 0;
 const UNENROLLED: usize = 1;
 const SMALL: usize = 2;
 const BIG: usize = 3;
+/// `unenrolled` with the packet programs also at the cgroup root, as before they were scoped to
+/// the principals' cgroups.
+const ROOT_SKB: usize = 4;
 
 /// An enforcer loaded as the agent would have it: programs attached at the root, two
 /// principals enrolled, the 10- and 10k-rule policies applied.
@@ -198,13 +201,19 @@ fn time_loaded(
     setup: &Setup,
     loaded: &mut Loaded,
     workloads: &[Workload],
-    cells: &mut [[Vec<f64>; 4]],
+    cells: &mut [[Vec<f64>; 5]],
 ) -> anyhow::Result<(usize, u64)> {
     let drainer = Drainer::start(EventReader::take(loaded.enforcer.maps())?);
     for (w, wl) in workloads.iter().enumerate() {
         for config in [UNENROLLED, SMALL, BIG] {
             cells[w][config].push(time(Some(setup.cgroup(config)), &wl.op, wl.iters)?);
         }
+    }
+    let root = corral_agent::cgroup::id(&setup.plain.root)?;
+    loaded.enforcer.maps().attach_packet_programs_at(root)?;
+    for (w, wl) in workloads.iter().enumerate() {
+        let cg = setup.cgroup(UNENROLLED);
+        cells[w][ROOT_SKB].push(time(Some(cg), &wl.op, wl.iters)?);
     }
     let events = drainer.stop()?;
     Ok((events, loaded.enforcer.maps().kernel_drops()?))
@@ -353,7 +362,7 @@ fn main() -> anyhow::Result<()> {
     };
 
     // cells[workload][config]: one measurement per round.
-    let mut cells: Vec<[Vec<f64>; 4]> = workloads.iter().map(|_| Default::default()).collect();
+    let mut cells: Vec<[Vec<f64>; 5]> = workloads.iter().map(|_| Default::default()).collect();
     let mut apply_ms = Vec::new();
     let rounds = std::env::var("CORRAL_BENCH_ROUNDS")
         .ok()
@@ -362,7 +371,7 @@ fn main() -> anyhow::Result<()> {
         .max(1);
     for round in 0..rounds {
         let none_first = round % 2 == 0;
-        let time_none = |cells: &mut [[Vec<f64>; 4]]| -> anyhow::Result<()> {
+        let time_none = |cells: &mut [[Vec<f64>; 5]]| -> anyhow::Result<()> {
             for (w, wl) in workloads.iter().enumerate() {
                 cells[w][NONE].push(time(Some(&setup.plain.path), &wl.op, wl.iters)?);
             }
@@ -390,15 +399,17 @@ fn main() -> anyhow::Result<()> {
 
     println!();
     println!(
-        "{:<22} {:>10} {:>12} {:>10} {:>10} | {:>12} {:>12} {:>12}  goal",
+        "{:<22} {:>10} {:>12} {:>10} {:>10} {:>12} | {:>12} {:>12} {:>12} {:>12}  goal",
         "workload (ns/op)",
         "none",
         "unenrolled",
         "10 rules",
         "10k rules",
+        "unenr@root",
         "unenr/none",
         "10/unenr",
-        "10k/unenr"
+        "10k/unenr",
+        "@root/none"
     );
     for (w, wl) in workloads.iter().enumerate() {
         let c = &cells[w];
@@ -407,15 +418,17 @@ fn main() -> anyhow::Result<()> {
             median(c[num].iter().zip(&c[den]).map(|(a, b)| a / b).collect())
         };
         println!(
-            "{:<22} {:>10.0} {:>12.0} {:>10.0} {:>10.0} | {:>12.3} {:>12.3} {:>12.3}  enrolled <= {:.2}x, unenrolled <= 1.01x",
+            "{:<22} {:>10.0} {:>12.0} {:>10.0} {:>10.0} {:>12.0} | {:>12.3} {:>12.3} {:>12.3} {:>12.3}  enrolled <= {:.2}x, unenrolled <= 1.01x",
             wl.name,
             m[NONE],
             m[UNENROLLED],
             m[SMALL],
             m[BIG],
+            m[ROOT_SKB],
             ratio(UNENROLLED, NONE),
             ratio(SMALL, UNENROLLED),
             ratio(BIG, UNENROLLED),
+            ratio(ROOT_SKB, NONE),
             wl.goal_vs_unenrolled
         );
     }

@@ -14,7 +14,9 @@
 //! - `allow 10`, `allow 10k`: enrolled, the call allowed (an event each, drained as the agent
 //!   does), under the 10- and 10k-rule policies;
 //! - `allow 1kP`: `allow 10` with 1,000 principals enrolled instead of 2;
-//! - `deny 10k`: enrolled, the call denied (EPERM) by default under the 10k-rule policy.
+//! - `deny 10k`: enrolled, the call denied (EPERM) by default under the 10k-rule policy;
+//! - `unenr@root`: `unenr` with the packet programs also attached at the cgroup root, as they
+//!   were before they were scoped to the principals' cgroups (the before of that change).
 //!
 //! Reported: medians of ns per call; per-round differences net of `empty` (medians), checked
 //! against the targets; and, from the kernel's BPF run-time statistics in a separate pass,
@@ -35,7 +37,8 @@ const ALLOW10: usize = 4;
 const ALLOW10K: usize = 5;
 const ALLOW_1KP: usize = 6;
 const DENY10K: usize = 7;
-const NAMES: [&str; 8] = [
+const UNENR_ROOT: usize = 8;
+const NAMES: [&str; 9] = [
     "none",
     "empty",
     "sys tp",
@@ -44,6 +47,7 @@ const NAMES: [&str; 8] = [
     "allow 10k",
     "allow 1kP",
     "deny 10k",
+    "unenr@root",
 ];
 
 /// Principals in the `allow 1kP` configuration.
@@ -98,7 +102,7 @@ fn workloads(port: u16, udp_port: u16) -> [Marginal; 3] {
 /// needs them are in place); `None` for a deny column the workload has not.
 fn measure(setup: &Setup, w: &Marginal, config: usize) -> anyhow::Result<Option<f64>> {
     let (cg, arg, expect) = match config {
-        NONE | EMPTY | SYS_TP | UNENR => (&setup.plain.path, &w.allow, "ok"),
+        NONE | EMPTY | SYS_TP | UNENR | UNENR_ROOT => (&setup.plain.path, &w.allow, "ok"),
         ALLOW10 | ALLOW_1KP => (&setup.small.path, &w.allow, "ok"),
         ALLOW10K => (&setup.big.path, &w.allow, "ok"),
         _ => match &w.deny {
@@ -152,7 +156,7 @@ fn enrol_many(maps: &mut corral_agent::ebpf::PolicyMaps, level: u32) -> anyhow::
 }
 
 /// cells[workload][config]: one value per round.
-type Cells = Vec<[Vec<f64>; 8]>;
+type Cells = Vec<[Vec<f64>; 9]>;
 
 pub fn run(setup: &Setup, port: u16, udp_port: u16, rounds: usize) -> anyhow::Result<()> {
     let ws = workloads(port, udp_port);
@@ -194,6 +198,11 @@ pub fn run(setup: &Setup, port: u16, udp_port: u16, rounds: usize) -> anyhow::Re
         for (i, w) in ws.iter().enumerate() {
             push(&mut cells, i, ALLOW_1KP, measure(setup, w, ALLOW_1KP)?);
         }
+        let root = corral_agent::cgroup::id(&setup.plain.root)?;
+        loaded.enforcer.maps().attach_packet_programs_at(root)?;
+        for (i, w) in ws.iter().enumerate() {
+            push(&mut cells, i, UNENR_ROOT, measure(setup, w, UNENR_ROOT)?);
+        }
         let events = drainer.stop()?;
         let drops = loaded.enforcer.maps().kernel_drops()?;
         drop(loaded);
@@ -210,11 +219,11 @@ pub fn run(setup: &Setup, port: u16, udp_port: u16, rounds: usize) -> anyhow::Re
 }
 
 /// Median of the per-round `a - b` (rounds where both were measured).
-fn diff(c: &[Vec<f64>; 8], a: usize, b: usize) -> Option<f64> {
+fn diff(c: &[Vec<f64>; 9], a: usize, b: usize) -> Option<f64> {
     (!c[a].is_empty()).then(|| median(c[a].iter().zip(&c[b]).map(|(x, y)| x - y).collect()))
 }
 
-fn ratio(c: &[Vec<f64>; 8], a: usize, b: usize) -> Option<f64> {
+fn ratio(c: &[Vec<f64>; 9], a: usize, b: usize) -> Option<f64> {
     (!c[a].is_empty()).then(|| median(c[a].iter().zip(&c[b]).map(|(x, y)| x / y).collect()))
 }
 
