@@ -501,9 +501,11 @@ fn a_container_that_did_not_opt_in_joins_its_enrolled_pod_and_its_files_count() 
     let _ = pause.wait();
     ensure!(
         out.status.success(),
-        "runc run: {}\n{}",
+        "runc run: {}\n{}\nevents: {:#?}",
         text(&out),
-        agent.log_text()
+        agent.log_text(),
+        // What the agent decided meanwhile (an exec or socket refusal would show here).
+        events(&spec, &[])
     );
     assert_eq!(lines(&out), ["allowed-ran", "uname=137"], "{}", text(&out));
     let evs = events(&spec, &["--identity", ID])?;

@@ -60,6 +60,18 @@ fn kill_9_keeps_enforcing_and_a_new_agent_adopts_without_a_window() -> anyhow::R
 
     let (mut a, ready) = start_fixture(&pins, Some(&cg.path))?;
     assert_eq!(ready, "ready adopted=false");
+    // The packet programs are linked at the principal's cgroup, each link pinned by its id.
+    let id = cg.id()?;
+    let packet_pins = || -> anyhow::Result<Vec<String>> {
+        let mut v: Vec<String> = std::fs::read_dir(pins.join("links"))?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("egress") || n.starts_with("ingress"))
+            .collect();
+        v.sort();
+        Ok(v)
+    };
+    let expected = vec![format!("egress-cg{id}"), format!("ingress-cg{id}")];
+    assert_eq!(packet_pins()?, expected);
     assert_eq!(
         probe_in(&cg.path, &[denied])?,
         vec![Outcome::Errno("EPERM".into())]
@@ -90,6 +102,11 @@ fn kill_9_keeps_enforcing_and_a_new_agent_adopts_without_a_window() -> anyhow::R
         ready, "ready adopted=true",
         "the new process must adopt the pinned state"
     );
+    assert_eq!(
+        packet_pins()?,
+        expected,
+        "replaced in place, nothing left staged"
+    );
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         probe_in(&cg.path, &[denied])?,
@@ -111,7 +128,10 @@ fn kill_9_keeps_enforcing_and_a_new_agent_adopts_without_a_window() -> anyhow::R
     // Uninstall removes the pins and with them the enforcement.
     uninstall(&pins)?;
     assert!(!pins.exists(), "pins removed");
-    assert_eq!(probe_in(&cg.path, &[denied])?, vec![Outcome::Ok]);
+    assert_eq!(
+        outcome_after_uninstall(&cg.path, denied)?,
+        vec![Outcome::Ok]
+    );
     Ok(())
 }
 
@@ -129,6 +149,20 @@ fn pin_foreign_map(
     let _ = std::fs::remove_file(path);
     raw::pin_fd(map.as_fd(), path).context("BPF_OBJ_PIN")?;
     Ok(())
+}
+
+/// What the probe in `cg` gets for `op` once enforcement is gone: the kernel frees a link whose
+/// last pin was removed from a work queue, so the programs may run for a moment after
+/// `--uninstall` returns. Tries for up to 3 s.
+fn outcome_after_uninstall(cg: &Path, op: &str) -> anyhow::Result<Vec<Outcome>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let got = probe_in(cg, &[op])?;
+        if got == vec![Outcome::Ok] || std::time::Instant::now() > deadline {
+            return Ok(got);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// `fixture --pins PINS --uninstall`: removes the pins and with them the enforcement.
@@ -191,6 +225,9 @@ fn pins_of_another_layout_are_rebuilt_or_refused_by_name() -> anyhow::Result<()>
     );
 
     uninstall(&pins)?;
-    assert_eq!(probe_in(&cg.path, &[denied])?, vec![Outcome::Ok]);
+    assert_eq!(
+        outcome_after_uninstall(&cg.path, denied)?,
+        vec![Outcome::Ok]
+    );
     Ok(())
 }

@@ -289,23 +289,29 @@ impl KernelBtf {
             .is_some_and(|t| t.kind == KIND_PTR)
     }
 
+    /// Each `(struct, member)` is a pointer member: the programs dereference it.
+    fn check_pointers(&self, members: &[(&str, &str)]) -> Result<(), BtfError> {
+        for (s, m) in members {
+            if !self.is_ptr_member(s, m) {
+                return Err(BtfError::NoMember {
+                    strukt: (*s).into(),
+                    member: format!("{m} (as a pointer)"),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Every offset the exec programs need.
     pub fn exec_config(&self) -> Result<ExecConfig, BtfError> {
-        for (s, m) in [
+        self.check_pointers(&[
             ("linux_binprm", "file"),
             ("file", "f_inode"),
             ("inode", "i_sb"),
             ("dentry", "d_parent"),
             ("dentry", "d_inode"),
             ("task_struct", "mm"),
-        ] {
-            if !self.is_ptr_member(s, m) {
-                return Err(BtfError::NoMember {
-                    strukt: s.into(),
-                    member: format!("{m} (as a pointer)"),
-                });
-            }
-        }
+        ])?;
         Ok(ExecConfig {
             valid: EXEC_CONFIG_VALID,
             bprm_file: self.offset("linux_binprm", "file")?,
@@ -331,14 +337,7 @@ impl KernelBtf {
     /// The offsets that lead from a socket to its cgroup's ancestors' ids
     /// ([`SockCgroupConfig`], see `agent-ebpf/src/scope.rs`).
     pub fn sock_cgroup_config(&self) -> Result<SockCgroupConfig, BtfError> {
-        for (s, m) in [("sock_cgroup_data", "cgroup"), ("cgroup", "kn")] {
-            if !self.is_ptr_member(s, m) {
-                return Err(BtfError::NoMember {
-                    strukt: s.into(),
-                    member: format!("{m} (as a pointer)"),
-                });
-            }
-        }
+        self.check_pointers(&[("sock_cgroup_data", "cgroup"), ("cgroup", "kn")])?;
         Ok(SockCgroupConfig {
             valid: SOCK_CGROUP_CONFIG_VALID,
             sk_cgroup: self.offset("sock", "sk_cgrp_data.cgroup")?,
@@ -474,6 +473,24 @@ mod tests {
     #[test]
     fn rejects_non_btf() {
         assert!(KernelBtf::parse(b"\x7fELF....").is_err());
+    }
+
+    /// The socket-to-cgroup offsets resolve on a kernel with BTF, and are distinct fields.
+    #[test]
+    fn kernel_btf_has_the_socket_cgroup_offsets() {
+        if !Path::new(VMLINUX_BTF).exists() {
+            println!("SKIP: no {VMLINUX_BTF} on this kernel");
+            return;
+        }
+        let btf = KernelBtf::from_sys_fs().expect("read vmlinux BTF");
+        let c = btf.sock_cgroup_config().expect("socket cgroup offsets");
+        assert_eq!(c.valid, SOCK_CGROUP_CONFIG_VALID);
+        assert!(c.sk_cgroup > 0 && c.kn_id > 0);
+        assert!(
+            c.cgroup_ancestors > c.cgroup_level && c.cgroup_ancestors > c.cgroup_kn,
+            "ancestors[] is the flexible array at the end of struct cgroup: {c:?}"
+        );
+        assert_eq!(c.cgroup_ancestors % 8, 0, "an array of pointers");
     }
 
     /// On a kernel that publishes BTF, the exec offsets resolve (unprivileged: the file is
