@@ -23,11 +23,6 @@ pub const SOCK_F_AUDITED: u8 = 8;
 pub const SOCK_F_ROUTE_SEEN: u8 = 16;
 /// A ping socket (allowed by `POLICY_F_ICMP`): every echo it sends is decided by destination.
 pub const SOCK_F_PING: u8 = 32;
-/// The socket was created in a principal's cgroup (or below one), where the cgroup_skb
-/// programs are attached: checked once per socket by the connect/sendmsg hooks
-/// ([`SockCgroupConfig`]), which refuse a principal the use of any other socket.
-pub const SOCK_F_COVERED: u8 = 64;
-
 /// [`SockCgroupConfig::valid`] when the offsets are filled.
 pub const SOCK_CGROUP_CONFIG_VALID: u32 = 0x5343_4731;
 
@@ -87,10 +82,15 @@ pub struct SockState {
     /// `SOCK_F_*`.
     pub flags: u8,
     pub _pad: [u8; 2],
+    /// The principal's cgroup the socket was created in (or below), where the cgroup_skb
+    /// programs run for it; 0 until the connect/sendmsg hooks checked it
+    /// ([`SockCgroupConfig`]). Checked again against `PRINCIPALS` at every recorded call, so a
+    /// principal removed meanwhile (its programs detached) no longer covers it.
+    pub cover: u64,
     /// The socket's last allowed call and the identical calls since its last event.
     pub repeat: Repeat,
 }
-const _: () = assert!(core::mem::size_of::<SockState>() == 80 + 96);
+const _: () = assert!(core::mem::size_of::<SockState>() == 80 + 96 + 8);
 
 /// How long identical allowed calls on one socket are reported together: the first call's
 /// event goes out at once; the identical calls after it, within this window, are counted on the

@@ -212,8 +212,11 @@ fn try_decide(ctx: &SockAddrContext, hook: u8) -> Result<i32, i32> {
     }
     // What lets the call through is recorded on the socket, so the egress program can end the
     // connection when the decision no longer holds; no room for that: fail closed.
+    // A socket of a cgroup where the packet programs do not run is refused the same way
+    // (see scope.rs); under an audit-mode policy, recorded and let through.
     if out.ret() == ALLOW && !egress::record(ctx, &caller, &d, &out, hook) {
         out.decision = containment();
+        out.decision.verdict = crate::guard::containment_verdict(&cfg, &caller).0;
     }
     repeat::remember(sk, &caller, &d, hook, &out, plain, tgid);
     if let Some(header) = event_header(&cfg, &caller, &out, KIND_CONNECT) {

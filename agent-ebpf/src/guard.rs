@@ -185,6 +185,11 @@ fn allow_ping(sk: *mut bpf_sock) -> Option<i32> {
     if policy_flags(&cfg, &caller) & POLICY_F_ICMP == 0 {
         return None;
     }
+    // Its echoes are decided only by the packet programs: the socket itself must be of a
+    // principal's cgroup (the task may have been moved since the socket took its cgroup).
+    if !crate::scope::socket_in_a_principal(sk) {
+        return None;
+    }
     // SAFETY: the program's context pointer.
     let family = unsafe { (*sk).family } as u16;
     egress::record_ping(sk, &caller, family).then_some(ALLOW)

@@ -13,14 +13,17 @@
 //!   opened before the process joined). It follows the socket's cgroup and its ancestors with
 //!   `bpf_probe_read_kernel` at offsets the agent took from the kernel's BTF
 //!   ([`SockCgroupConfig`]): a socket created in the cgroup before it was enrolled is covered.
-//!   Once known, the answer is kept on the socket ([`SOCK_F_COVERED`]).
+//!   The principal's cgroup found is kept on the socket (`SockState::cover`) and checked
+//!   against `PRINCIPALS` at each recorded call (a principal removed no longer covers it).
+//! - a ping socket (decided only by the packet programs) must itself be of a principal's
+//!   cgroup ([`socket_in_a_principal`], from guard.rs).
 //!
 //! Minimum kernel: 6.0 (`cgroup.ancestors[]`); the agent checks the offsets at load.
 
 use core::ptr;
 
 use agent_common::{
-    Config, MAX_CGROUP_LEVEL, SOCK_CGROUP_CONFIG_VALID, SOCK_F_COVERED, SockCgroupConfig, SockState,
+    Config, MAX_CGROUP_LEVEL, SOCK_CGROUP_CONFIG_VALID, SockCgroupConfig, SockState,
 };
 use aya_ebpf::{
     bindings::bpf_sock,
@@ -32,27 +35,40 @@ use crate::{
     principal,
 };
 
-/// Whether the socket `sk` was created in a principal's cgroup or below one; the answer is
-/// kept on its state `st`. Unknown offsets, or a read that fails: not covered (closed).
+/// Whether the socket `sk` was created in a principal's cgroup or below one, and that
+/// principal is still enrolled; the cgroup is kept on its state `st` (`cover`), so later calls
+/// cost one lookup. Unknown offsets, or a read that fails: not covered (closed).
 #[inline(always)]
 pub(crate) fn covered(sk: *mut bpf_sock, st: &mut SockState) -> bool {
-    if st.flags & SOCK_F_COVERED != 0 {
+    if st.cover != 0 && PRINCIPALS.get_ptr(st.cover).is_some() {
         return true;
-    }
-    let Some(off) = SOCK_CG_CFG.get(0).copied() else {
-        return false;
-    };
-    if off.valid != SOCK_CGROUP_CONFIG_VALID {
-        return false;
     }
     let Some(sk) = address(sk) else {
         return false;
     };
-    if !in_a_principal(&principal::config(), sk, &off) {
-        return false;
+    match principal_of_socket(&principal::config(), sk) {
+        Some(id) => {
+            st.cover = id;
+            true
+        }
+        None => false,
     }
-    st.flags |= SOCK_F_COVERED;
-    true
+}
+
+/// The principal cgroup the socket at kernel address `sk` was created in (or below), if any.
+#[inline(always)]
+pub(crate) fn principal_of_socket(cfg: &Config, sk: u64) -> Option<u64> {
+    let off = SOCK_CG_CFG.get(0).copied()?;
+    if off.valid != SOCK_CGROUP_CONFIG_VALID {
+        return None;
+    }
+    in_a_principal(cfg, sk, &off)
+}
+
+/// [`principal_of_socket`] for a socket pointer.
+#[inline(always)]
+pub(crate) fn socket_in_a_principal(sk: *mut bpf_sock) -> bool {
+    address(sk).is_some_and(|a| principal_of_socket(&principal::config(), a).is_some())
 }
 
 /// Whether a socket the current task creates now will run the packet programs: false only
@@ -94,9 +110,9 @@ fn address(sk: *mut bpf_sock) -> Option<u64> {
 /// first), as `principal::walk` does for the calling task. Reads that fail give 0 (no
 /// principal has id 0); no branch depends on them, which keeps the verifier's work small.
 #[inline(always)]
-fn in_a_principal(cfg: &Config, sk: u64, off: &SockCgroupConfig) -> bool {
+fn in_a_principal(cfg: &Config, sk: u64, off: &SockCgroupConfig) -> Option<u64> {
     let cgrp = read0(sk + u64::from(off.sk_cgroup));
-    let own = read0(cgrp + u64::from(off.cgroup_level)) as u32;
+    let own = read0_u32(cgrp + u64::from(off.cgroup_level));
     let own = if own > MAX_CGROUP_LEVEL {
         MAX_CGROUP_LEVEL
     } else {
@@ -112,14 +128,30 @@ fn in_a_principal(cfg: &Config, sk: u64, off: &SockCgroupConfig) -> bool {
             let kn = read0(anc + u64::from(off.cgroup_kn));
             let id = read0(kn + u64::from(off.kn_id));
             if PRINCIPALS.get_ptr(id).is_some() {
-                return true;
+                return Some(id);
             }
         }
         if level == 0 || mask & ((1u32 << level) - 1) == 0 {
-            return false;
+            return None;
         }
         level -= 1;
     }
+}
+
+/// The 4 bytes at kernel address `addr`, or 0 if they cannot be read.
+#[inline(always)]
+fn read0_u32(addr: u64) -> u32 {
+    let mut v = 0u32;
+    // SAFETY: the helper writes at most 4 bytes into `v` (zeroed on failure) and tolerates any
+    // source address.
+    unsafe {
+        generated::bpf_probe_read_kernel(
+            ptr::from_mut(&mut v).cast(),
+            4,
+            addr as *const core::ffi::c_void,
+        )
+    };
+    v
 }
 
 /// The 8 bytes at kernel address `addr`, or 0 if they cannot be read.

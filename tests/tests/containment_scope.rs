@@ -244,3 +244,57 @@ fn a_principal_whose_cgroup_does_not_exist_is_enrolled_without_an_attachment() -
     assert_eq!(e.maps().covered(), vec![cg.id()?]);
     Ok(())
 }
+
+/// A socket of principal A's cgroup, used by principal B, is covered only while A is enrolled:
+/// once A is removed (and its cgroup's programs may go with it), B's next call through it is
+/// refused.
+#[test]
+fn a_socket_of_a_removed_principal_no_longer_covers_another() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let (_sink, port) = sink()?;
+    let dest = format!("127.0.0.1:{port}");
+    let a = TestCgroup::new("scope-owner-a")?;
+    let b = TestCgroup::new("scope-user-b")?;
+    let mut e = Enforcer::load_and_attach(&a.root)?;
+    e.maps().add_principal(a.id()?, a.level(), 68, Some(0))?;
+    e.maps().add_principal(b.id()?, b.level(), 69, Some(0))?;
+    e.maps().apply(&udp_to(port), |_, _| Some(0))?;
+
+    let mut owner = Session::start(&a.path)?;
+    assert_eq!(owner.cmd("udp a")?, "ok");
+    let fd = owner.cmd("fd a")?;
+    let mut user = Session::start(&b.path)?;
+    assert_eq!(user.cmd(&format!("steal s {} {fd}", owner.pid()))?, "ok");
+    assert_eq!(
+        user.cmd(&format!("calls s sendto {dest} 3"))?,
+        "ok=3",
+        "A's socket, A enrolled"
+    );
+    e.maps().remove_principal(a.id()?)?;
+    assert_eq!(
+        user.cmd(&format!("calls s sendto {dest} 3"))?,
+        "ok=0 EPERM=3",
+        "A removed: its socket covers nobody"
+    );
+    Ok(())
+}
+
+/// Where opening a cgroup by handle is refused (no CAP_DAC_READ_SEARCH, as in the DaemonSet),
+/// the agent finds it by inode number: a cgroup v2 directory's inode number is its id.
+#[test]
+fn a_cgroup_is_found_by_its_id() -> anyhow::Result<()> {
+    if !privileged() {
+        return Ok(());
+    }
+    let cg = TestCgroup::new("scope-find")?;
+    let mount = std::fs::File::open(&cg.root)?;
+    let found = corral_agent::ebpf::coverage::find_cgroup_by_id(&mount, cg.id()?)?;
+    assert_eq!(found.as_deref(), Some(cg.path.as_path()));
+    assert_eq!(
+        corral_agent::ebpf::coverage::find_cgroup_by_id(&mount, 0x7fff_0000_0000)?,
+        None
+    );
+    Ok(())
+}

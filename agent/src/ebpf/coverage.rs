@@ -5,7 +5,8 @@
 //!
 //! [`Coverage::cover`] links both programs to a principal's cgroup before the principal is
 //! written to `PRINCIPALS` (a socket the hooks see as covered always runs them), by cgroup id
-//! (opened with `open_by_handle_at`). When the principal is removed they stay attached for as
+//! (opened with `open_by_handle_at`, or found by inode number where that is refused:
+//! [`open_cgroup`]). When the principal is removed they stay attached for as
 //! long as its cgroup exists ([`Coverage::uncover`]), so its connections still end at their
 //! next packet (`redecide` in egress.rs: the principal has ended, so has its connection); they
 //! are detached once the cgroup is gone (checked at every later cover and uncover). With pins, each link is pinned as `egress-cg<ID>` / `ingress-cg<ID>`, so the
@@ -112,10 +113,10 @@ impl Coverage {
             self.links.insert(id, links);
             return Ok(());
         }
-        let cg = match super::raw::open_cgroup_by_id(&self.mount, id) {
-            Ok(cg) => cg,
+        let cg = match open_cgroup(&self.mount, id) {
+            Ok(Some(cg)) => cg,
             // No such cgroup (ids are never reused): no socket can ever be created in it.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ESTALE | libc::ENOENT)) => {
+            Ok(None) => {
                 debug!(cgroup_id = id, "no such cgroup: nothing to attach to");
                 return Ok(());
             }
@@ -124,26 +125,45 @@ impl Coverage {
         let mut links = Vec::with_capacity(self.programs.len());
         for (program, attach_type, fd) in &self.programs {
             let program = *program;
-            let link = super::raw::link_cgroup(fd, &cg, *attach_type).map_err(|source| {
-                CoverageError::Link {
+            let linked = super::raw::link_cgroup(fd, &cg, *attach_type)
+                .map_err(|source| CoverageError::Link {
                     program,
                     id,
                     source,
+                })
+                .and_then(|link| match &self.pins {
+                    Some(p) => p
+                        .install_link_fd(&pin_name(program, id), link.as_fd())
+                        .map(|()| link)
+                        .map_err(|source| CoverageError::Pin {
+                            program,
+                            id,
+                            source: Box::new(source),
+                        }),
+                    None => Ok(link),
+                });
+            match linked {
+                Ok(link) => links.push(link),
+                Err(e) => {
+                    // None of this cgroup's links stay half made.
+                    self.remove_pins(id);
+                    return Err(e);
                 }
-            })?;
-            if let Some(p) = &self.pins {
-                p.install_link_fd(&pin_name(program, id), link.as_fd())
-                    .map_err(|source| CoverageError::Pin {
-                        program,
-                        id,
-                        source: Box::new(source),
-                    })?;
             }
-            links.push(link);
         }
         debug!(cgroup_id = id, "packet programs attached");
         self.links.insert(id, links);
         Ok(())
+    }
+
+    fn remove_pins(&self, id: u64) {
+        if let Some(p) = &self.pins {
+            for (program, ..) in &self.programs {
+                if let Err(e) = p.remove_link(&pin_name(program, id)) {
+                    warn!(cgroup_id = id, error = %e, "remove a packet program's pin");
+                }
+            }
+        }
     }
 
     /// Cgroup `id` is no longer a principal's: its links are kept while the cgroup exists
@@ -161,17 +181,12 @@ impl Coverage {
             .retired
             .keys()
             .copied()
-            .filter(|id| super::raw::open_cgroup_by_id(&self.mount, *id).is_err())
+            // Only a cgroup known to be gone: any other error keeps the links (closed).
+            .filter(|id| matches!(open_cgroup(&self.mount, *id), Ok(None)))
             .collect();
         for id in gone {
             self.retired.remove(&id);
-            if let Some(p) = &self.pins {
-                for (program, ..) in &self.programs {
-                    if let Err(e) = p.remove_link(&pin_name(program, id)) {
-                        warn!(cgroup_id = id, error = %e, "remove a packet program's pin");
-                    }
-                }
-            }
+            self.remove_pins(id);
             debug!(cgroup_id = id, "packet programs detached");
         }
     }
@@ -194,15 +209,27 @@ impl Coverage {
     /// each (replacing the previous agent's pinned link only once the new one is attached),
     /// then removes pins of cgroups no longer enrolled and the root links an earlier version
     /// pinned under the programs' own names. Returns how many were covered.
-    pub fn adopt(&mut self, ids: &[u64]) -> Result<usize, CoverageError> {
+    pub fn adopt(&mut self, ids: &[u64]) -> usize {
+        let mut covered = 0;
         for id in ids {
-            self.cover(*id)?;
+            // One cgroup that cannot be linked (reported) does not stop the others.
+            match self.cover(*id) {
+                Ok(()) => covered += 1,
+                Err(e) => warn!(cgroup_id = id, error = %e, "packet programs not attached"),
+            }
         }
         if let Some(p) = &self.pins {
             for name in p.link_names() {
                 let stale = match pinned_id(&name) {
                     Some(id) => !self.links.contains_key(&id),
-                    None => PROGRAMS.iter().any(|(prog, _)| name == *prog),
+                    // The root links of an earlier version, and staged pins left by an
+                    // interrupted start.
+                    None => PROGRAMS.iter().any(|(prog, _)| {
+                        name == *prog
+                            || name
+                                .strip_prefix(prog)
+                                .is_some_and(|r| r.starts_with("-cg"))
+                    }),
                 };
                 if stale {
                     match p.remove_link(&name) {
@@ -212,8 +239,57 @@ impl Coverage {
                 }
             }
         }
-        Ok(ids.len())
+        covered
     }
+}
+
+/// Opens cgroup `id` through the mount `mount`: by handle (`open_by_handle_at`, which needs
+/// CAP_DAC_READ_SEARCH), else, where that is refused (the DaemonSet does not add that
+/// capability), by finding the directory whose inode number is the id (cgroup v2 directories
+/// have their kernfs id as inode number). `None`: no such cgroup.
+pub fn open_cgroup(mount: &File, id: u64) -> std::io::Result<Option<File>> {
+    match super::raw::open_cgroup_by_id(mount, id) {
+        Ok(cg) => Ok(Some(cg)),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ESTALE | libc::ENOENT)) => Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => find_cgroup_by_id(mount, id)
+            .map(|found| found.map(File::open).transpose())
+            .and_then(|r| r),
+        Err(e) => Err(e),
+    }
+}
+
+/// The directory under the cgroup v2 mount `mount` whose inode number is `id` (breadth
+/// first, at most [`agent_common::MAX_CGROUP_LEVEL`] levels down).
+pub fn find_cgroup_by_id(mount: &File, id: u64) -> std::io::Result<Option<std::path::PathBuf>> {
+    use std::os::unix::fs::MetadataExt as _;
+    let root = std::fs::read_link(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(mount)
+    ))?;
+    let mut level = vec![root];
+    for _ in 0..=agent_common::MAX_CGROUP_LEVEL {
+        let mut next = Vec::new();
+        for dir in level {
+            if std::fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
+                return Ok(Some(dir));
+            }
+            // A cgroup removed meanwhile, or unreadable: skipped.
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            next.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+        if next.is_empty() {
+            break;
+        }
+        level = next;
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -189,6 +189,12 @@ impl Enforcer {
                 info!(seeded, "marked the sticky entries of the previous agent");
             }
         }
+        // Before any program is attached: a hook that ran without the offsets would refuse
+        // every principal's call (see agent-ebpf/src/scope.rs).
+        let sock_cg = super::btf::KernelBtf::from_sys_fs()
+            .and_then(|b| b.sock_cgroup_config())
+            .map_err(LoadError::SockCgroup)?;
+        write_sock_cgroup_config(&mut ebpf, sock_cg)?;
         let cg = File::open(cgroup).map_err(|source| LoadError::Cgroup {
             path: cgroup.into(),
             source,
@@ -223,10 +229,6 @@ impl Enforcer {
         for (name, attach_type) in SKB_PROGRAMS {
             skb.push((name, attach_type as u32, load_skb(&mut ebpf, name)?));
         }
-        let sock_cg = super::btf::KernelBtf::from_sys_fs()
-            .and_then(|b| b.sock_cgroup_config())
-            .map_err(LoadError::SockCgroup)?;
-        write_sock_cgroup_config(&mut ebpf, sock_cg)?;
         let mut guard_links = Vec::new();
         for name in GUARD_PROGRAMS.into_iter().chain([RELEASE_PROGRAM]) {
             let link = attach_guard(&mut ebpf, name, &cg, cgroup)?;

@@ -86,7 +86,7 @@ impl PolicyMaps {
         mut coverage: super::coverage::Coverage,
     ) -> Result<usize, MapError> {
         let ids: Vec<u64> = self.principals.keys().filter_map(Result::ok).collect();
-        let n = coverage.adopt(&ids)?;
+        let n = coverage.adopt(&ids);
         self.coverage = Some(coverage);
         Ok(n)
     }
@@ -186,6 +186,22 @@ impl PolicyMaps {
         if let Some(c) = &mut self.coverage {
             c.cover(cgroup_id)?;
         }
+        let added = self.add_principal_entry(cgroup_id, level, index, slot);
+        if added.is_err()
+            && let Some(c) = &mut self.coverage
+        {
+            c.uncover(cgroup_id);
+        }
+        added
+    }
+
+    fn add_principal_entry(
+        &mut self,
+        cgroup_id: u64,
+        level: u32,
+        index: u32,
+        slot: u32,
+    ) -> Result<(), MapError> {
         // A fresh rate budget and no suppressed count left from an earlier holder of the index,
         // and none of its grants: a new principal never inherits an old one's access.
         let _ = self.rate.remove(&index);
