@@ -83,17 +83,8 @@ pub fn resolve_marked(cfg: &Config, tgid: u32, sticky: bool) -> Option<Caller> {
     if cfg.level_mask == 0 {
         return None;
     }
-    if sticky
-        // SAFETY: map value read, valid for this program run.
-        && let Some(cg) = unsafe { STICKY.get(tgid) }.copied()
-        && let Some(p) = PRINCIPALS.get_ptr(cg)
-    {
-        // SAFETY: pointer returned by a map lookup, valid for this program run.
-        let principal = unsafe { *p };
-        return Some(Caller {
-            principal,
-            cgroup_id: cg,
-        });
+    if sticky && let Some(caller) = sticky_caller(tgid) {
+        return Some(caller);
     }
     // Read before the walk: an entry stored under it is stale once a principal is added
     // after (the agent inserts the principal, then bumps the generation).
@@ -118,6 +109,20 @@ pub fn resolve_marked(cfg: &Config, tgid: u32, sticky: bool) -> Option<Caller> {
     mark(tgid);
     let _ = STICKY.insert(tgid, caller.cgroup_id, 0);
     Some(caller)
+}
+
+/// The principal `tgid` is stickily attributed to, if it has an entry and that principal is
+/// still enrolled.
+#[inline(always)]
+pub(crate) fn sticky_caller(tgid: u32) -> Option<Caller> {
+    // SAFETY: map value read, valid for this program run.
+    let cg = unsafe { STICKY.get(tgid) }.copied()?;
+    let p = PRINCIPALS.get_ptr(cg)?;
+    Some(Caller {
+        // SAFETY: pointer returned by a map lookup, valid for this program run.
+        principal: unsafe { *p },
+        cgroup_id: cg,
+    })
 }
 
 /// Whether `STICKY` may hold an entry for `pid` (its mark is set, or it is beyond the bitmap).

@@ -31,7 +31,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{PRINCIPALS, SOCK_CG_CFG, STICKY},
+    maps::{PRINCIPALS, SOCK_CG_CFG},
     principal,
 };
 
@@ -82,14 +82,7 @@ pub(crate) fn created_in_scope() -> bool {
         return true;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if !principal::may_be_sticky(tgid) {
-        return true;
-    }
-    // SAFETY: map value read, valid for this program run.
-    let Some(cg) = unsafe { STICKY.get(tgid) }.copied() else {
-        return true;
-    };
-    if PRINCIPALS.get_ptr(cg).is_none() {
+    if !principal::may_be_sticky(tgid) || principal::sticky_caller(tgid).is_none() {
         return true;
     }
     principal::walk(&cfg).is_some()

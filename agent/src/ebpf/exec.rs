@@ -160,10 +160,10 @@ fn try_lsm(ebpf: &mut Ebpf, pins: Option<&PinDir>, links: &mut Vec<FdLink>) -> R
 /// Writes the kernel offsets, probes the LSM, and attaches the tracepoint programs.
 pub fn attach(
     ebpf: &mut Ebpf,
+    btf: &KernelBtf,
     maps: &mut ExecMaps,
     pins: Option<&PinDir>,
 ) -> Result<ExecAttach, ExecError> {
-    let btf = KernelBtf::from_sys_fs()?;
     let cfg = btf.exec_config()?;
     maps.set_config(cfg)?;
     let script = kernel_symbol(FPUT_TASK_WORK).and_then(|f| btf.script_config(f));

@@ -110,7 +110,7 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the socket-to-cgroup offsets from the kernel's BTF")]
+    #[error("read the kernel's BTF, or the socket-to-cgroup offsets in it")]
     SockCgroup(#[source] super::btf::BtfError),
     #[error("find or mount tracefs")]
     Tracefs(#[source] crate::paths::PathError),
@@ -191,9 +191,9 @@ impl Enforcer {
         }
         // Before any program is attached: a hook that ran without the offsets would refuse
         // every principal's call (see agent-ebpf/src/scope.rs).
-        let sock_cg = super::btf::KernelBtf::from_sys_fs()
-            .and_then(|b| b.sock_cgroup_config())
-            .map_err(LoadError::SockCgroup)?;
+        // Parsed once: the exec programs' offsets come from it too.
+        let btf = super::btf::KernelBtf::from_sys_fs().map_err(LoadError::SockCgroup)?;
+        let sock_cg = btf.sock_cgroup_config().map_err(LoadError::SockCgroup)?;
         write_sock_cgroup_config(&mut ebpf, sock_cg)?;
         let cg = File::open(cgroup).map_err(|source| LoadError::Cgroup {
             path: cgroup.into(),
@@ -277,7 +277,7 @@ impl Enforcer {
         maps.exec()
             .set_loaders(&super::loaders::loader_identities())?;
         // Exec: offsets first, then the LSM probe and the tracepoints.
-        let exec = super::exec::attach(&mut ebpf, maps.exec(), pins)
+        let exec = super::exec::attach(&mut ebpf, &btf, maps.exec(), pins)
             .map_err(|e| LoadError::Exec(Box::new(e)))?;
         links.extend(exec.links);
         if adopted {
